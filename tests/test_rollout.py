@@ -1,0 +1,134 @@
+"""Rollout against a naive reference written here: loops, full matrix products, sorting for the discard."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from vitviz.errors import ParameterError
+from vitviz.rollout import (
+    cls_attention,
+    discard_lowest,
+    fuse_heads,
+    rollout_all,
+    rollout_matrices,
+    rollout_row,
+    tokens_to_grid,
+)
+
+
+def random_attention(L=4, H=3, T=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(L, H, T, T, generator=g, dtype=torch.float64).mul(2).softmax(-1)
+
+
+def naive_rollout(attn, *, start, end, fusion, ratio, source=0):
+    """Abnar & Zuidema by the book: fuse, discard the lowest non-CLS-column entries, +I, row-normalise, multiply."""
+    A = attn.numpy()
+    L, H, T, _ = A.shape
+    result = np.eye(T)
+    for layer in range(start, end + 1):
+        if isinstance(fusion, int):
+            m = A[layer, fusion].copy()
+        else:
+            m = {"mean": np.mean, "max": np.max, "min": np.min}[fusion](A[layer], axis=0)
+        cand = sorted((m[i, j], i, j) for i in range(T) for j in range(T) if j != 0)
+        for _v, i, j in cand[: int(ratio * T * (T - 1))]:
+            m[i, j] = 0.0
+        m = m + np.eye(T)
+        for i in range(T):
+            m[i] = m[i] / m[i].sum()
+        result = result @ m  # full matrix product
+    return result[source]
+
+
+CASES = list(itertools.product(["mean", "max", "min", 1], [0.0, 0.5, 0.9], [(0, 3), (1, 3), (2, 2), (0, 0)]))
+
+
+@pytest.mark.parametrize("fusion,ratio,layers", CASES)
+def test_rollout_row_equals_naive(fusion, ratio, layers):
+    attn = random_attention()
+    mats = rollout_matrices(attn, head_fusion=fusion, discard_ratio=ratio)
+    got = rollout_row(mats, start=layers[0], end=layers[1])
+    want = naive_rollout(attn, start=layers[0], end=layers[1], fusion=fusion, ratio=ratio)
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-10)
+    assert abs(got.sum().item() - 1.0) < 1e-10  # a row-stochastic product keeps the row a distribution
+
+
+@pytest.mark.parametrize("fusion,ratio", [("mean", 0.0), ("max", 0.9), (2, 0.3)])
+def test_rollout_all_ranges_in_one_sweep(fusion, ratio):
+    attn = random_attention(L=5, T=6, seed=3)
+    mats = rollout_matrices(attn, head_fusion=fusion, discard_ratio=ratio)
+    table = rollout_all(mats)
+    for a in range(5):
+        for b in range(5):
+            if a > b:
+                assert torch.isnan(table[a, b]).all()
+            else:
+                want = naive_rollout(attn, start=a, end=b, fusion=fusion, ratio=ratio)
+                np.testing.assert_allclose(table[a, b].numpy(), want, atol=1e-10)
+
+
+def test_rows_are_normalised_on_the_right_axis():
+    """vit-explain issue #16: a / a.sum(-1) without keepdim normalises columns. Rows must sum to 1."""
+    attn = random_attention(T=5)
+    mats = rollout_matrices(attn, head_fusion="max", discard_ratio=0.3)
+    torch.testing.assert_close(mats.sum(-1), torch.ones(4, 5, dtype=torch.float64))
+    assert not torch.allclose(mats.sum(-2), torch.ones(4, 5, dtype=torch.float64))
+
+
+def test_discard_counts_and_never_touches_cls_column():
+    T = 6
+    a = torch.arange(T * T, dtype=torch.float64).reshape(1, T, T) / 100 + 1  # distinct, CLS column is the lowest
+    out = discard_lowest(a, 0.5)
+    assert torch.equal(out[0, :, 0], a[0, :, 0])  # column 0 kept although it holds the smallest values
+    zeroed = (out == 0).sum().item()
+    assert zeroed == int(0.5 * T * (T - 1)) == 15
+    # the zeroed ones are exactly the 15 smallest non-CLS entries
+    vals = sorted(a[0, i, j].item() for i in range(T) for j in range(1, T))
+    kept = out[0, :, 1:]
+    assert kept[kept > 0].min().item() == vals[15]
+    with pytest.raises(ParameterError, match=r"\[0, 1\)"):
+        discard_lowest(a, 1.0)
+
+
+def test_discard_is_per_matrix():
+    a = torch.stack([torch.full((4, 4), 1.0), torch.full((4, 4), 100.0)])
+    a[0, 1, 1], a[1, 2, 2] = 0.5, 50.0
+    out = discard_lowest(a, 1 / 12)  # one entry per matrix
+    assert out[0, 1, 1] == 0 and out[1, 2, 2] == 0 and (out == 0).sum() == 2
+
+
+def test_fusion_and_single_head_and_raw_cls_attention():
+    attn = random_attention(L=2, H=3, T=4)
+    torch.testing.assert_close(fuse_heads(attn, "mean"), (attn[:, 0] + attn[:, 1] + attn[:, 2]) / 3)
+    assert torch.equal(fuse_heads(attn, 2), attn[:, 2])
+    raw = cls_attention(attn, head_fusion="max")
+    for layer in range(2):
+        for j in range(4):
+            assert raw[layer, j] == max(attn[layer, h, 0, j] for h in range(3))
+    with pytest.raises(ParameterError, match="0 to 2"):
+        fuse_heads(attn, 3)
+    with pytest.raises(ParameterError, match="mean, max, min"):
+        fuse_heads(attn, "median")
+
+
+def test_layer_range_checks():
+    mats = rollout_matrices(random_attention(L=3))
+    with pytest.raises(ParameterError, match="reversed"):
+        rollout_row(mats, start=2, end=1)
+    with pytest.raises(ParameterError, match="0 to 2"):
+        rollout_row(mats, start=0, end=3)
+
+
+@pytest.mark.parametrize("prefix,grid", [(1, (2, 3)), (5, (3, 2)), (2, (1, 4))])
+def test_tokens_to_grid_drops_prefix_and_keeps_row_major_order(prefix, grid):
+    gh, gw = grid
+    values = torch.arange(prefix + gh * gw, dtype=torch.float32)
+    g = tokens_to_grid(values, num_prefix_tokens=prefix, grid=grid)
+    for r in range(gh):
+        for c in range(gw):
+            assert g[r, c] == prefix + r * gw + c

@@ -1,0 +1,127 @@
+"""Attention rollout from the CLS token (Abnar & Zuidema, 2020) and raw per-layer CLS attention.
+
+Per layer l the heads are fused (mean / max / min, or one head), the weakest entries may be discarded, the
+identity is added for the residual path and rows are re-normalised:
+
+    Â_l = norm_rows(discard(fuse(A_l)) + I)
+
+and rollout over layers a..b is the CLS row of Â_a · Â_{a+1} ··· Â_b. Only that row is needed, so it is computed as
+vector–matrix products (O(L·T²)) — and every (a, b) range the layer control can reach comes from one sweep.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from .errors import ParameterError
+
+__all__ = [
+    "HeadFusion",
+    "fuse_heads",
+    "discard_lowest",
+    "rollout_matrices",
+    "rollout_row",
+    "rollout_all",
+    "cls_attention",
+    "tokens_to_grid",
+    "check_layer_range",
+]
+
+HeadFusion = Literal["mean", "max", "min"]
+FUSIONS = ("mean", "max", "min")
+
+
+def fuse_heads(attn: torch.Tensor, head_fusion: HeadFusion | int = "mean") -> torch.Tensor:
+    """(..., H, T, T) -> (..., T, T): mean, max or min over heads, or one head by index."""
+    if isinstance(head_fusion, int) and not isinstance(head_fusion, bool):
+        num_heads = attn.shape[-3]
+        if not 0 <= head_fusion < num_heads:
+            raise ParameterError(f"head {head_fusion} does not exist: choose 0 to {num_heads - 1}")
+        return attn[..., head_fusion, :, :]
+    if head_fusion == "mean":
+        return attn.mean(dim=-3)
+    if head_fusion == "max":
+        return attn.amax(dim=-3)
+    if head_fusion == "min":
+        return attn.amin(dim=-3)
+    raise ParameterError(f"unknown head fusion {head_fusion!r}: choose mean, max, min or a head index")
+
+
+def discard_lowest(a: torch.Tensor, ratio: float, *, keep_column: int = 0) -> torch.Tensor:
+    """Zero the lowest ``ratio`` of each (T, T) matrix's entries, never touching column ``keep_column`` (CLS).
+
+    The count is ``int(ratio * T * (T - 1))`` of the T·(T-1) candidate entries, per matrix (per sample, per layer).
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise ParameterError(f"discard ratio must be in [0, 1), got {ratio}")
+    T = a.shape[-1]
+    num = int(ratio * T * (T - 1))
+    if num == 0:
+        return a
+    flat = a.reshape(-1, T * T).clone()  # (M, T²)
+    cand = flat.clone()
+    cand.view(-1, T, T)[:, :, keep_column] = float("inf")  # protected: never among the lowest
+    idx = cand.topk(num, dim=-1, largest=False).indices
+    flat.scatter_(-1, idx, 0.0)
+    return flat.view(a.shape)
+
+
+def rollout_matrices(
+        attn: torch.Tensor,
+        *,
+        head_fusion: HeadFusion | int = "mean",
+        discard_ratio: float = 0.0,
+        keep_column: int = 0,
+) -> torch.Tensor:
+    """(L, H, T, T) attention -> (L, T, T) row-stochastic Â_l = norm_rows(discard(fuse(A_l)) + I)."""
+    a = fuse_heads(attn.to(torch.promote_types(attn.dtype, torch.float32)), head_fusion)  # fp16 storage -> fp32
+    a = discard_lowest(a, discard_ratio, keep_column=keep_column)
+    a = a + torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    return a / a.sum(dim=-1, keepdim=True)
+
+
+def check_layer_range(start: int, end: int, num_layers: int) -> None:
+    if not (0 <= start < num_layers and 0 <= end < num_layers):
+        raise ParameterError(f"layers must be in 0 to {num_layers - 1} (got {start} to {end})")
+    if start > end:
+        raise ParameterError(f"the layer range is reversed: start {start} is after end {end}")
+
+
+def rollout_row(mats: torch.Tensor, *, start: int, end: int, source: int = 0) -> torch.Tensor:
+    """Row ``source`` of Â_start ··· Â_end (inclusive), from (L, T, T) rollout matrices: (T,)."""
+    check_layer_range(start, end, mats.shape[0])
+    r = mats[start, source]
+    for layer in range(start + 1, end + 1):
+        r = r @ mats[layer]
+    return r
+
+
+def rollout_all(mats: torch.Tensor, *, source: int = 0) -> torch.Tensor:
+    """Every range at once: (L, T, T) -> (L, L, T) with [a, b] = rollout over a..b for a <= b, NaN for a > b.
+
+    Sweeping b upward, the rows of all starts a <= b advance together: one (b+1, T)·(T, T) product per layer.
+    """
+    L, T, _ = mats.shape
+    out = torch.full((L, L, T), float("nan"), dtype=mats.dtype, device=mats.device)
+    rows = mats[:, source, :].clone()  # rows[a] = rollout a..(a) so far; starts at each layer's own row
+    for b in range(L):
+        if b > 0:
+            rows[:b] = rows[:b] @ mats[b]
+        out[: b + 1, b] = rows[: b + 1]
+    return out
+
+
+def cls_attention(attn: torch.Tensor, *, head_fusion: HeadFusion | int = "mean", source: int = 0) -> torch.Tensor:
+    """Raw attention of the ``source`` token per layer: (L, H, T, T) -> (L, T), no identity, no rollout."""
+    rows = attn[..., source, :].unsqueeze(-2)  # (L, H, 1, T)
+    return fuse_heads(rows.to(torch.promote_types(rows.dtype, torch.float32)), head_fusion)[..., 0, :]
+
+
+def tokens_to_grid(values: torch.Tensor, *, num_prefix_tokens: int, grid: tuple[int, int]) -> torch.Tensor:
+    """(..., T) token values -> (..., gh, gw) over the patch tokens, prefix tokens (CLS, registers, ...) left out."""
+    gh, gw = grid
+    patches = values[..., num_prefix_tokens:]
+    assert patches.shape[-1] == gh * gw, f"{patches.shape[-1]} patch tokens do not fill a {gh}x{gw} grid"
+    return patches.reshape(*values.shape[:-1], gh, gw)
