@@ -97,7 +97,7 @@ def test_capture_is_thread_safe_on_one_shared_model():
     alone = [capture_attention(model, x) for x in xs]
     with ThreadPoolExecutor(max_workers=4) as pool:
         together = list(pool.map(lambda x: capture_attention(model, x), xs))
-    for a, b in zip(alone, together):
+    for a, b in zip(alone, together, strict=True):
         torch.testing.assert_close(a, b)
 
 

