@@ -1,0 +1,329 @@
+"""Tests of vitviz.figures against hand-computed geometry and naive-loop references."""
+
+import base64
+import io
+import re
+
+import numpy as np
+import plotly.colors as pcolors
+import pytest
+from PIL import Image
+
+from vitviz import ImageError, ParameterError
+from vitviz import figures as F
+
+GRID = (2, 3)  # non-square on purpose: gh != gw
+P = 4
+BW = [[0.0, "rgb(0, 0, 0)"], [1.0, "rgb(255, 255, 255)"]]  # black -> white, easy to compute by hand
+
+
+@pytest.fixture
+def pixels() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(GRID[0] * P, GRID[1] * P, 3), dtype=np.uint8)
+
+
+def _decode_uri(uri: str) -> np.ndarray:
+    head, data = uri.split(",", 1)
+    assert head == "data:image/png;base64"
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
+
+
+def _hover(template: str, customdata, z: float) -> str:
+    """Render a plotly hovertemplate the way plotly.js would for the fields we use."""
+    text = re.sub(r"%\{customdata\[(\d)\]\}", lambda m: str(int(customdata[int(m.group(1))])), template)
+    text = re.sub(r"%\{z:\.(\d)[gf]\}", lambda m: f"{z:.{m.group(1)}g}", text)
+    return text.replace("<extra></extra>", "")
+
+
+def _trace(fig, kind: str):
+    return next(t for t in fig.data if t.type == kind)
+
+
+# --------------------------------------------------------------------------------------------------- geometry
+
+
+def test_heat_cells_sit_on_their_patches(pixels):
+    heat = np.arange(6, dtype=np.float32).reshape(GRID)
+    fig = F.overlay_figure(pixels, heat, patch_size=P)
+    hm = _trace(fig, "heatmap")
+    # cell (r, c) centre = (x0 + c*dx, y0 + r*dy) must be ((c + .5) P, (r + .5) P): x 2, 6, 10; y 2, 6 for P = 4
+    assert [hm.x0 + c * hm.dx for c in range(3)] == [2, 6, 10]
+    assert [hm.y0 + r * hm.dy for r in range(2)] == [2, 6]
+    assert hm.dx == hm.dy == P
+    np.testing.assert_array_equal(hm.z, heat)
+    assert hm.x is None and hm.y is None  # grid placement, no upsampled coordinates
+
+
+def test_image_trace_spans_the_image_exactly(pixels):
+    fig = F.overlay_figure(pixels, np.zeros(GRID), patch_size=P)
+    img = _trace(fig, "image")
+    np.testing.assert_array_equal(_decode_uri(img.source), pixels)
+    h, w = pixels.shape[:2]
+    # image pixel j is centred at x0 + j*dx: left edge 0, right edge W
+    assert (img.x0 - img.dx / 2, img.x0 + (w - 0.5) * img.dx) == (0, w)
+    assert (img.y0 - img.dy / 2, img.y0 + (h - 0.5) * img.dy) == (0, h)
+    assert fig.layout.yaxis.autorange == "reversed"
+    assert fig.layout.yaxis.scaleanchor == "x" and fig.layout.yaxis.scaleratio == 1
+    assert len([t for t in fig.data if t.type == "image"]) == 1
+
+
+def test_pixels_must_match_grid(pixels):
+    with pytest.raises(ParameterError, match="needs 8x12"):
+        F.overlay_figure(pixels[:4], np.zeros(GRID), patch_size=P)
+    with pytest.raises(ImageError):
+        F.overlay_figure(pixels.astype(np.float32), np.zeros(GRID), patch_size=P)
+    with pytest.raises(ParameterError, match="patch_size"):
+        F.patch_grid_figure(pixels, patch_size=0, grid=GRID)
+
+
+# ------------------------------------------------------------------------------------------------------ hover
+
+
+@pytest.mark.parametrize(("grid", "cell", "index"), [((2, 3), (1, 0), 3), ((3, 5), (1, 4), 9), ((5, 2), (4, 1), 9)])
+def test_hover_names_row_major_index(grid, cell, index):
+    p = 2
+    px = np.zeros((grid[0] * p, grid[1] * p, 3), np.uint8)
+    heat = np.full(grid, 0.25, np.float32)
+    r, c = cell
+    for fig in (F.overlay_figure(px, heat, patch_size=p), F.patch_grid_figure(px, patch_size=p, grid=grid)):
+        hm = _trace(fig, "heatmap")
+        text = _hover(hm.hovertemplate, hm.customdata[r][c], float(hm.z[r][c]))
+        assert text.startswith(f"patch {index} · row {r}, col {c}"), text
+
+
+def test_overlay_hover_shows_value(pixels):
+    heat = np.array([[0.1, 0.2, 0.3], [0.4, 0.5, 0.625]], np.float32)
+    hm = _trace(F.overlay_figure(pixels, heat, patch_size=P), "heatmap")
+    assert _hover(hm.hovertemplate, hm.customdata[1][2], float(hm.z[1][2])) == "patch 5 · row 1, col 2<br>value 0.625"
+
+
+# ------------------------------------------------------------------------------------------------- patch grid
+
+
+def test_patch_grid_lines_title_and_highlight(pixels):
+    fig = F.patch_grid_figure(pixels, patch_size=P, grid=GRID, highlight=4)
+    assert "N = H·W / P² = 8·12 / 4² = 6" in fig.layout.title.text
+    lines = _trace(fig, "scatter")
+    pts = list(zip(lines.x, lines.y, strict=True))
+    for x in (0, 4, 8, 12):  # vertical lines, top to bottom
+        assert (x, 0) in pts and (x, 8) in pts
+    for y in (0, 4, 8):  # horizontal lines, left to right
+        assert (0, y) in pts and (12, y) in pts
+    (rect,) = fig.layout.shapes  # patch 4 = row 1, col 1
+    assert (rect.x0, rect.x1, rect.y0, rect.y1) == (4, 8, 4, 8)
+    assert F.patch_grid_figure(pixels, patch_size=P, grid=GRID, title="197 tokens").layout.title.text == "197 tokens"
+    with pytest.raises(ParameterError, match=r"\[0, 5\]"):
+        F.patch_grid_figure(pixels, patch_size=P, grid=GRID, highlight=6)
+
+
+# ----------------------------------------------------------------------------------------------------- mosaic
+
+
+def test_mosaic_tiles_match_naive_loop():
+    gh, gw = GRID
+    n = gh * gw
+    sim = np.random.default_rng(1).standard_normal((n, n)).astype(np.float32)
+    hm = F.similarity_mosaic_figure(sim, grid=GRID).data[0]
+    z = np.asarray(hm.z)
+    assert z.shape == (gh * (gh + 1) - 1, gw * (gw + 1) - 1) == (5, 11)
+    for r in range(gh):
+        for c in range(gw):
+            for i in range(gh):
+                for j in range(gw):
+                    y, x = r * (gh + 1) + i, c * (gw + 1) + j
+                    assert z[y, x] == sim[r * gw + c, i * gw + j]
+                    hover = _hover(hm.hovertemplate, hm.customdata[y][x], float(z[y, x]))
+                    assert hover.startswith(f"query patch row {r}, col {c}<br>key patch row {i}, col {j}<br>"), hover
+    assert np.isnan(z[2]).all() and np.isnan(z[:, 3]).all() and np.isnan(z[:, 7]).all()  # 1-cell gaps
+    assert np.isfinite(z).sum() == n * n
+
+
+def test_mosaic_rejects_wrong_shape_and_huge_grids():
+    with pytest.raises(ParameterError, match=r"\(6, 6\)"):
+        F.similarity_mosaic_figure(np.zeros((5, 5)), grid=GRID)
+    with pytest.raises(ParameterError, match="similarity_map_figure"):
+        F.similarity_mosaic_figure(np.zeros((625, 625)), grid=(25, 25))
+
+
+@pytest.mark.parametrize(
+    ("x", "y", "expected"),
+    [
+        (0, 0, 0),
+        (5, 0, 1),  # tile column 1 spans X 4..6
+        (9.4, 3.6, 5),  # X 9 -> col 2, Y 4 -> row 1
+        (10.49, 4.49, 5),  # last cell, near its far edge
+        (2.49, 0, 0),
+        (4, 3, 4),
+        (3, 0, None),  # gap column
+        (7, 4, None),  # gap column
+        (2.5, 0, None),  # X rounds to 3: gap
+        (0, 2, None),  # gap row
+        (-0.6, 0, None),  # outside
+        (10.5, 0, None),  # X 11: outside
+        (0, 5, None),  # Y 5: outside
+        (float("nan"), 0, None),
+    ],
+)
+def test_mosaic_point_to_patch(x, y, expected):
+    # 2 x 3 grid -> 5 x 11 mosaic: X 0-2 col 0, 3 gap, 4-6 col 1, 7 gap, 8-10 col 2; Y 0-1 row 0, 2 gap, 3-4 row 1
+    assert F.mosaic_point_to_patch(x, y, grid=GRID) == expected
+
+
+# ------------------------------------------------------------------------------------------- similarity map
+
+
+def test_similarity_map_row_and_outline(pixels):
+    n = 6
+    sim = np.random.default_rng(2).random((n, n)).astype(np.float32)
+    fig = F.similarity_map_figure(sim, grid=GRID, index=5, pixels=pixels)
+    hm = _trace(fig, "heatmap")
+    np.testing.assert_array_equal(hm.z, sim[5].reshape(GRID))
+    assert hm.dx == P  # patch size inferred from the image
+    (rect,) = fig.layout.shapes  # patch 5 = row 1, col 2
+    assert (rect.x0, rect.x1, rect.y0, rect.y1) == (8, 12, 4, 8)
+    bare = F.similarity_map_figure(sim, grid=GRID, index=1)
+    assert [t.type for t in bare.data] == ["heatmap"] and bare.layout.shapes[0].x0 == 1
+    with pytest.raises(ParameterError):
+        F.similarity_map_figure(sim, grid=GRID, index=6)
+
+
+# ----------------------------------------------------------------------------------------------- layer scrub
+
+
+@pytest.mark.parametrize("normalize", ["per_layer", "global"])
+def test_layer_scrub_frames(pixels, normalize):
+    maps = (np.random.default_rng(3).random((4, *GRID)) * np.array([1, 2, 5, 10])[:, None, None]).astype(np.float32)
+    labels = [f"block {k}" for k in range(4)]
+    fig = F.layer_scrub_figure(pixels, maps, patch_size=P, labels=labels, active=2, normalize=normalize)
+    assert len(fig.frames) == 4
+    for k, frame in enumerate(fig.frames):
+        assert list(frame.traces) == [1] and [t.type for t in frame.data] == ["heatmap"]  # image never resent
+        (hm,) = frame.data
+        np.testing.assert_array_equal(hm.z, maps[k])
+        ref = maps[k] if normalize == "per_layer" else maps
+        assert (hm.zmin, hm.zmax) == pytest.approx((ref.min(), ref.max()))
+    base = fig.data[1]
+    np.testing.assert_array_equal(base.z, maps[2])
+    assert (base.zmin, base.zmax) == (fig.frames[2].data[0].zmin, fig.frames[2].data[0].zmax)
+    (slider,) = fig.layout.sliders
+    assert slider.active == 2 and [s.label for s in slider.steps] == labels
+    assert [list(s.args[0]) for s in slider.steps] == [[f.name] for f in fig.frames]
+    assert {b.method for b in fig.layout.updatemenus[0].buttons} == {"animate"}
+
+
+def test_layer_scrub_checks_inputs(pixels):
+    maps = np.zeros((3, *GRID))
+    with pytest.raises(ParameterError, match="3 layers"):
+        F.layer_scrub_figure(pixels, maps, patch_size=P, labels=["a"])
+    with pytest.raises(ParameterError, match=r"\[0, 2\]"):
+        F.layer_scrub_figure(pixels, maps, patch_size=P, labels=list("abc"), active=3)
+    with pytest.raises(ParameterError, match="normalize"):
+        F.layer_scrub_figure(pixels, maps, patch_size=P, labels=list("abc"), normalize="per_head")
+
+
+# --------------------------------------------------------------------------------------------- heads, distance
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_head_grid(pixels, shared):
+    maps = np.random.default_rng(4).random((5, *GRID)).astype(np.float32)
+    fig = F.head_grid_figure(maps, patch_size=P, pixels=pixels, cols=2, shared_scale=shared)
+    assert len(fig.data) == 5 and all(t.type == "heatmap" for t in fig.data)
+    axes = [(t.xaxis, t.yaxis) for t in fig.data]
+    assert len(set(axes)) == 5
+    for k, t in enumerate(fig.data):
+        np.testing.assert_array_equal(t.z, maps[k])
+        assert (t.x0, t.dx, t.y0, t.dy) == (2, 4, 2, 4)
+        yaxis = fig.layout["yaxis" + t.yaxis[1:]]
+        assert yaxis.autorange == "reversed" and yaxis.scaleanchor == t.xaxis
+    assert [(im.xref, im.yref) for im in fig.layout.images] == axes  # the image once per subplot, under its map
+    assert all((im.sizex, im.sizey, im.x, im.y) == (12, 8, 0, 0) for im in fig.layout.images)
+    assert [a.text for a in fig.layout.annotations] == [f"head {k}" for k in range(5)]
+    if shared:
+        assert {t.coloraxis for t in fig.data} == {"coloraxis"}
+        assert (fig.layout.coloraxis.cmin, fig.layout.coloraxis.cmax) == pytest.approx((maps.min(), maps.max()))
+
+
+def test_attention_distance():
+    dist = np.arange(12, dtype=float).reshape(4, 3) * 10  # 4 layers, 3 heads
+    fig = F.attention_distance_figure(dist)
+    assert len(fig.data) == 3
+    for k, t in enumerate(fig.data):
+        assert list(t.x) == [1, 2, 3, 4] and list(t.y) == list(dist[:, k])
+        assert f"head {k}" in t.hovertemplate and "layer %{x}" in t.hovertemplate
+    assert len({t.marker.color for t in fig.data}) == 3
+
+
+# ------------------------------------------------------------------------------------------- rasters, export
+
+
+@pytest.mark.parametrize("scale", ["Inferno", "Viridis", "Inferno_r"])
+def test_heat_to_rgba_endpoints(scale):
+    rgba = F.heat_to_rgba(np.array([[0.0, 0.5, 1.0, np.nan]]), colorscale=scale)
+    stops = pcolors.get_colorscale(scale)
+    first, last = (tuple(int(v) for v in pcolors.hex_to_rgb(stops[i][1])) for i in (0, -1))
+    assert rgba.shape == (1, 4, 4) and rgba.dtype == np.uint8
+    assert tuple(rgba[0, 0, :3]) == first and tuple(rgba[0, 2, :3]) == last
+    assert list(rgba[0, :, 3]) == [255, 255, 255, 0]
+
+
+def test_heat_to_rgba_linear_scale_and_limits():
+    heat = np.linspace(0.0, 1.0, 11).reshape(1, 11)
+    grey = F.heat_to_rgba(heat, colorscale=BW)[0, :, 0].astype(int)
+    assert np.abs(grey - heat[0] * 255).max() <= 1  # black -> white ramp, by hand
+    clipped = F.heat_to_rgba(np.array([[-5.0, 0.0, 10.0, 20.0]]), colorscale=BW, vmin=0, vmax=10)
+    assert list(clipped[0, :, 0]) == [0, 0, 255, 255]
+    with pytest.raises(ParameterError, match="colorscale"):
+        F.heat_to_rgba(heat, colorscale="NoSuchScale")
+
+
+def test_overlay_png_size_and_zero_opacity(pixels):
+    heat = np.random.default_rng(5).random(GRID)
+    for smooth in (True, False):
+        png = F.overlay_png(pixels, heat, patch_size=P, opacity=0.0, smooth=smooth)
+        out = np.asarray(Image.open(io.BytesIO(png)))
+        assert out.shape == pixels.shape
+        np.testing.assert_array_equal(out, pixels)
+
+
+def test_overlay_png_blocks_by_hand(pixels):
+    heat = np.array([[0.0, 1.0, 0.0], [1.0, np.nan, 1.0]])
+    out = np.asarray(Image.open(io.BytesIO(F.overlay_png(pixels, heat, patch_size=P, opacity=1.0, colorscale=BW,
+                                                         smooth=False))))
+    for r in range(2):
+        for c in range(3):
+            block = out[r * P:(r + 1) * P, c * P:(c + 1) * P]
+            if np.isnan(heat[r, c]):  # no value: the image shows through untouched
+                np.testing.assert_array_equal(block, pixels[r * P:(r + 1) * P, c * P:(c + 1) * P])
+            else:
+                assert (block == 255 * heat[r, c]).all()
+    heat = np.ones(GRID)
+    heat[0, 0] = 0.0
+    half = np.asarray(Image.open(io.BytesIO(F.overlay_png(pixels, heat, patch_size=P, opacity=0.5, colorscale=BW,
+                                                          smooth=False)))).astype(int)
+    expected = pixels * 0.5 + 255 * 0.5 * np.kron(heat, np.ones((P, P)))[..., None]  # white at 1, black at 0
+    assert np.abs(half - expected).max() <= 0.5
+
+
+def test_overlay_png_smooth_orientation_and_nan(pixels):
+    ramp = np.array([[0.0, 0.5, 1.0], [0.0, 0.5, 1.0]])  # dark left, bright right, same on both rows
+    out = np.asarray(Image.open(io.BytesIO(F.overlay_png(pixels, ramp, patch_size=P, opacity=1.0, colorscale=BW))))
+    grey = out[..., 0].astype(int)
+    assert (np.diff(grey, axis=1) >= 0).all() and (grey == grey[:1]).all()
+    assert grey[0, 0] == 0 and grey[0, -1] == 255
+    # next to a NaN cell the overlay fades out but keeps its colour. On a black image, top row, pixel x = 7 (centre
+    # 7.5 px = 1.875 cells): bilinear weights .625 on cell (0, 1) = 1 and .375 on cell (0, 2) = NaN, so the colour is
+    # white and the coverage .625: 255 * .625 = 159 (a NaN read as 0 would give white * .625 * .625 = 100).
+    heat = np.array([[1.0, 1.0, np.nan], [0.0, 1.0, 1.0]])
+    black = np.zeros_like(pixels)
+    out = np.asarray(Image.open(io.BytesIO(F.overlay_png(black, heat, patch_size=P, opacity=1.0, colorscale=BW))))
+    assert tuple(out[0, 2 * P - 1]) == (159, 159, 159)
+    assert (out[: P // 2, 3 * P - P // 2 :] == 0).all()  # the NaN cell's outer corner: no overlay at all
+
+
+def test_figure_html_is_self_contained(pixels):
+    html = F.figure_html(F.overlay_figure(pixels, np.zeros(GRID), patch_size=P))
+    assert html.lstrip().lower().startswith(("<!doctype html>", "<html")) and html.rstrip().endswith("</html>")
+    assert "plotly.js v" in html  # the library itself is inlined
+    assert not re.search(r"<script[^>]*\bsrc\s*=\s*[\"']?(https?:)?//", html, flags=re.IGNORECASE)
