@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import json
 import math
 import os
 from collections.abc import Callable
@@ -165,7 +166,7 @@ def resolve_sizes(
     for side in (h, w):
         if not p <= side <= max_img_size:
             raise ParameterError(f"image size {side} is out of range: choose {p} to {max_img_size} px (patch size {p})")
-    h, w = max(MIN_GRID, round(h / p)) * p, max(MIN_GRID, round(w / p)) * p
+    h, w = (max(MIN_GRID, math.floor(side / p + 0.5)) * p for side in (h, w))  # nearest whole patch, halves up
     return p, (h, w)
 
 
@@ -221,7 +222,8 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
 
         try:
             with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict), dict(f.metadata() or {})
+                names = list(f.keys())  # safe_open is no dict: keys() is its API
+                return {k: f.get_tensor(k) for k in names}, dict(f.metadata() or {})
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path.name!r} is not a readable safetensors file: {exc}") from exc
     try:
@@ -253,20 +255,26 @@ def _file_source(path: Path, arch: str | None) -> tuple[ModelSource, dict[str, t
             raise CheckpointError(
                 f"{path.name!r} has no {key!r}: not a ViT checkpoint with absolute position embeddings"
             )
+    try:
+        extra = json.loads(meta.get("kwargs") or "{}")  # create_model kwargs recorded by whoever saved the file
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path.name!r}: its 'kwargs' metadata is not JSON ({exc})") from exc
     p = int(state["patch_embed.proj.weight"].shape[-1])
     head = state.get("head.weight")
-    probe = timm.create_model(arch, pretrained=False, num_classes=0, patch_size=p, img_size=p * 2)
+    kwargs = {"num_classes": int(head.shape[0]) if head is not None else 0, **extra, "patch_size": p}
+    with torch.device("meta"):
+        probe = timm.create_model(arch, pretrained=False, **{**kwargs, "img_size": p * 2})
     check_capturable(probe)
     num_pos_prefix = 0 if probe.no_embed_class else probe.num_prefix_tokens
-    n = state["pos_embed"].shape[1] - num_pos_prefix
-    g = math.isqrt(max(n, 0))
-    if g * g != n:
-        raise CheckpointError(f"{path.name!r}: its position embedding has {n} patch rows, not a square grid")
-    kwargs = dict(num_classes=int(head.shape[0]) if head is not None else 0, patch_size=p, img_size=g * p)
-    if meta.get("kwargs"):
-        import json
-
-        kwargs.update(json.loads(meta["kwargs"]))
+    if "img_size" not in extra:  # square grid from the position embedding's length
+        n = state["pos_embed"].shape[1] - num_pos_prefix
+        g = math.isqrt(max(n, 0))
+        if g * g != n:
+            raise CheckpointError(
+                f"{path.name!r}: its position embedding has {n} patch rows, not a square grid; "
+                "record img_size in the file's 'kwargs' metadata"
+            )
+        kwargs["img_size"] = g * p
     return ModelSource(name=path.name, arch=arch, kind="file", kwargs=kwargs), state
 
 
@@ -311,43 +319,38 @@ def build_model(
     At the native patch size and grid the weights are loaded unchanged (bit-exact).
     """
     p0 = int(state["patch_embed.proj.weight"].shape[-1])
-    p, (h, w) = resolve_sizes(native_patch_size=p0, patch_size=patch_size, img_size=img_size)
-    kwargs = {**source.kwargs, "patch_size": p, "img_size": (h, w)}
+    with torch.device("meta"):  # the native architecture, for its own geometry; costs no memory
+        native = timm.create_model(source.arch, pretrained=False, **source.kwargs)
+    old_grid = tuple(int(v) for v in native.patch_embed.grid_size)
+    native_img = tuple(int(v) for v in native.patch_embed.img_size)
+    num_pos_prefix = 0 if native.no_embed_class else native.num_prefix_tokens
+    if state["pos_embed"].shape[1] != old_grid[0] * old_grid[1] + num_pos_prefix:
+        raise CheckpointError(
+            f"the position embedding of {source.name!r} has {state['pos_embed'].shape[1]} rows, "
+            f"not the {old_grid[0]}x{old_grid[1]} grid (+{num_pos_prefix}) of {source.arch!r} as configured"
+        )
+    p, (h, w) = resolve_sizes(native_patch_size=p0, patch_size=patch_size, img_size=img_size or native_img)
     with torch.device("meta"):
+        kwargs = {**source.kwargs, "patch_size": p, "img_size": (h, w)}
         model = timm.create_model(source.arch, pretrained=False, **kwargs)
     state = dict(state)
     if p != p0:
         state["patch_embed.proj.weight"] = resample_patch_embed(
             state["patch_embed.proj.weight"].float(), new_size=[p, p], verbose=False
         )
-    pos = state["pos_embed"]
-    gh, gw = h // p, w // p
-    num_pos_prefix = 0 if model.no_embed_class else model.num_prefix_tokens
-    n_old = pos.shape[1] - num_pos_prefix
-    old_grid = _old_grid(source, n_old)
-    if old_grid != (gh, gw):
+    if old_grid != (h // p, w // p):
         state["pos_embed"] = resample_pos_embed(
-            pos, new_grid=(gh, gw), old_grid=old_grid, num_prefix=num_pos_prefix, antialias=source.pos_antialias
+            state["pos_embed"], new_grid=(h // p, w // p), old_grid=old_grid, num_prefix=num_pos_prefix,
+            antialias=source.pos_antialias,
         )
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise CheckpointError(_mismatch_message(source, model, state, exc)) from exc
-    model._vitviz_native = (p0, (old_grid[0] * p0, old_grid[1] * p0))  # read by describe_model; set before sharing
+    model._vitviz_native = (p0, native_img)  # read by describe_model; set before the model is shared
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     check_capturable(model)
     return model
-
-
-def _old_grid(source: ModelSource, n_old: int) -> tuple[int, int]:
-    size = source.kwargs.get("img_size")
-    p = source.kwargs.get("patch_size")
-    if isinstance(size, (tuple, list)) and p:
-        return int(size[0]) // int(p), int(size[1]) // int(p)
-    g = math.isqrt(n_old)
-    if g * g != n_old:
-        raise CheckpointError(f"position embedding with {n_old} patch rows is not a square grid; give img_size")
-    return g, g
 
 
 def _mismatch_message(source: ModelSource, model: torch.nn.Module, state: dict, exc: Exception) -> str:
