@@ -68,8 +68,11 @@ def test_analyze_folder_writes_outputs_and_reports_the_bad_file(tmp_path, ckpt, 
     # the box is in original pixels after EXIF rotation: a 30x50 (w x h) image, centre-cropped to a square
     box = np.load(out / "rotated.npz")["box"]
     left, top, right, bottom = box
-    assert right - left == pytest.approx(bottom - top, abs=1e-6) and right <= 30 + 1e-6 and bottom <= 50 + 1e-6
-    assert right - left == pytest.approx(30, abs=0.5)
+    # timm eval with crop_pct 0.9: shorter side 30 -> floor(32 / 0.9) = 35 px, then a 32 px centre crop,
+    # i.e. 32 * 30 / 35 = 27.43 original px wide, centred in the 30 x 50 image (heights round to whole pixels)
+    assert right - left == pytest.approx(32 * 30 / 35, abs=1e-6)
+    assert bottom - top == pytest.approx(32 * 30 / 35, abs=0.3)
+    assert (left + right) / 2 == pytest.approx(15, abs=0.01) and (top + bottom) / 2 == pytest.approx(25, abs=0.3)
 
 
 def test_bad_arguments_exit_2_with_a_message(tmp_path, ckpt, capsys):
