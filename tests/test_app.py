@@ -1,0 +1,232 @@
+"""The Streamlit app through streamlit.testing.v1.AppTest: offline, on a small random ViT saved by the fixture.
+
+Plotly charts are UnknownElements in AppTest; their JSON spec (``proto.spec``) is read back to check that a control
+reached the figure. The figures themselves are tested in test_figures.py.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import streamlit as st
+import timm
+import torch
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+import vitviz.analysis
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+ARCH = "vit_tiny_patch16_224"  # 12 layers x 3 heads, P = 16: fast at the app's image sizes
+DEPTH, HEADS, P = 12, 3, 16
+TIMEOUT = 60
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A random vit_tiny state dict as a plain-tensor .pth (architecture passed beside it, as a user would)."""
+    torch.manual_seed(0)
+    model = timm.create_model(ARCH, pretrained=False, num_classes=0, img_size=64)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def calls(monkeypatch, tiny_checkpoint) -> list[int]:
+    """Fresh caches, the tiny model as the app's default, and a count of forward passes (vitviz.analysis.analyze)."""
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    monkeypatch.setenv("VITVIZ_APP_MODEL", str(tiny_checkpoint))
+    monkeypatch.setenv("VITVIZ_APP_ARCH", ARCH)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: set it where it is used
+    monkeypatch.delenv("VITVIZ_CHECKPOINT_DIR", raising=False)
+    seen: list[int] = []
+    real = vitviz.analysis.analyze
+
+    def counting(*args, **kwargs):
+        seen.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vitviz.analysis, "analyze", counting)
+    return seen
+
+
+def started(example: str | None = "cat.jpg") -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    if example:
+        at.selectbox(key="example").set_value(example).run()
+    return at
+
+
+def ok(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def status(at: AppTest) -> str:
+    return next(c.value for c in at.caption if "forward pass" in c.value)
+
+
+def spec(at: AppTest, key: str) -> dict:
+    return json.loads(next(el for el in at.get("plotly_chart") if el.key == key).proto.spec)
+
+
+def jpeg_bytes(size=(90, 60)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------------- pages
+
+
+def test_no_image_shows_info(calls):
+    at = started(example=None)
+    ok(at)
+    assert "Upload an image" in at.info[0].value
+    assert not at.tabs and not calls
+
+
+def test_example_renders_every_tab(calls):
+    at = started()
+    ok(at)
+    assert len(at.tabs) == 6
+    keys = {el.key for el in at.get("plotly_chart")}
+    assert keys == {"fig_grid", "fig_mosaic", "fig_simmap", "fig_rollout", "fig_heads", "fig_query",
+                    "fig_query_heads", "fig_distance"}
+    n = (224 // P) ** 2  # N = HW / P^2 at the default 224 px centre crop
+    text = status(at)
+    assert f"grid {224 // P}x{224 // P}" in text and f"{n + 1} tokens = {n} patches + 1 prefix (1 CLS)" in text
+    assert "centre crop" in text and "tiny.pth" in text
+    assert f"**{n} patches**" in at.tabs[0].markdown[0].value
+    # the rollout slider opens at the end layer: DEFAULTS give layers 1..last, so position last - 1
+    assert spec(at, "fig_rollout")["layout"]["sliders"][0]["active"] == DEPTH - 1 - 1
+    assert len(spec(at, "fig_heads")["data"]) == HEADS
+    assert len(spec(at, "fig_distance")["data"]) == HEADS
+    assert {b.key for b in at.get("download_button")} >= {"dl_png", "dl_npz", "dl_fig_grid", "dl_fig_rollout"}
+    assert len(calls) == 1
+
+
+def test_model_geometry_controls(calls):
+    at = started()
+    at.slider(key="patch_size").set_value(32).run()
+    ok(at)
+    assert "grid 7x7" in status(at) and "50 tokens = 49 patches" in status(at)  # 224 / 32 = 7
+    at.slider(key="img_size").set_value(128).run()
+    ok(at)
+    assert "grid 4x4" in status(at)  # 128 / 32 = 4
+    at.slider(key="patch_size").set_value(16).run()  # one control per run, as in a browser
+    at.slider(key="img_size").set_value(112).run()
+    assert "grid 7x7" in status(at)  # 112 / 16
+    at.radio(key="fit").set_value("whole").run()
+    ok(at)
+    gh, gw = (int(v) for v in status(at).split("grid ")[1].split(" ")[0].split("x"))
+    assert gh * gw <= 49 and math.isclose(gw / gh, 451 / 300, rel_tol=0.2)  # the cat photo is 451 x 300
+    assert "whole image" in status(at)
+    assert at.selectbox(key="device").options[0] == "auto" and "cpu" in at.selectbox(key="device").options
+    assert len(calls) == 6  # every geometry change above (5 runs after the first) is a new forward pass
+
+
+def test_attention_controls_reach_the_views_without_a_forward_pass(calls):
+    at = started()
+    assert len(calls) == 1
+    at.slider(key="layers").set_value((3, 7)).run()
+    ok(at)
+    rollout = spec(at, "fig_rollout")
+    assert rollout["layout"]["sliders"][0]["active"] == 7 - 3
+    assert [s["label"] for s in rollout["layout"]["sliders"][0]["steps"]] == [f"layers 3-{b}" for b in range(3, DEPTH)]
+    at.radio(key="view").set_value("raw").run()
+    raw = spec(at, "fig_rollout")
+    assert raw["layout"]["sliders"][0]["active"] == 7 and len(raw["frames"]) == DEPTH
+    at.selectbox(key="head").set_value(2).run()
+    assert "head 2" in at.tabs[2].markdown[0].value
+    assert at.selectbox(key="head_fusion").disabled  # fusion means nothing for one head
+    at.selectbox(key="head").set_value("all heads (fused)").run()
+    at.selectbox(key="head_fusion").set_value("max").run()
+    assert "(max)" in at.tabs[2].markdown[0].value
+    at.radio(key="view").set_value("rollout")
+    at.slider(key="discard_ratio").set_value(0.5).run()
+    assert "discard 0.50" in at.tabs[2].markdown[0].value
+    at.selectbox(key="colorscale").set_value("Viridis")
+    at.slider(key="opacity").set_value(0.3).run()
+    heat = spec(at, "fig_rollout")["data"][1]
+    assert heat["colorscale"][0][1] == "#440154" and heat["opacity"] == pytest.approx(0.3)  # Viridis starts #440154
+    at.number_input(key="query_patch").set_value(5).run()
+    assert at.session_state["query_patch"] == 5
+    assert "Patch 5 (row 0, col 5)" in at.tabs[4].markdown[0].value
+    at.radio(key="heads_source").set_value("query patch")
+    at.selectbox(key="heads_layer").set_value(4).run()
+    assert "Layer 4: where patch 5 attends" in at.tabs[3].markdown[0].value
+    ok(at)
+    assert len(calls) == 1  # nothing above re-ran the model
+
+
+# ---------------------------------------------------------------------------------------------------------- errors
+
+
+def test_invalid_upload_then_valid_inputs_work(calls):
+    at = started(example=None)
+    at.file_uploader(key="upload").set_value(("photo.jpg", b"<!DOCTYPE html><html><body>hi</body></html>",
+                                               "image/jpeg")).run()
+    assert not at.exception
+    assert len(at.error) == 1 and "HTML page, not an image" in at.error[0].value and "photo.jpg" in at.error[0].value
+    at.file_uploader(key="upload").set_value(("red.jpg", jpeg_bytes(), "image/jpeg")).run()
+    ok(at)
+    assert "resized 90x60" in status(at)
+    at.file_uploader(key="upload").set_value(None)
+    at.selectbox(key="example").set_value("coffee.jpg").run()
+    ok(at)
+    assert "resized 600x400" in status(at)
+
+
+def test_offline_hub_model_shows_error_and_app_recovers(calls):
+    at = started()
+    at.selectbox(key="model").set_value("deit_small_patch16_224").run()
+    assert not at.exception
+    assert len(at.error) == 1 and "Hugging Face Hub" in at.error[0].value
+    at.selectbox(key="model").set_value("default").run()
+    ok(at)
+    assert "tiny.pth" in status(at)
+
+
+def test_uploaded_checkpoint_with_architecture(calls, tiny_checkpoint):
+    at = started()
+    at.selectbox(key="model").set_value("upload").run()
+    ok(at)
+    assert "Upload a checkpoint" in at.info[0].value
+    at.text_input(key="arch").set_value("vit_tinny_patch16_224").run()
+    assert "not a timm architecture" in at.error[0].value and ARCH in at.error[0].value  # suggests the real name
+    at.text_input(key="arch").set_value(ARCH)
+    at.file_uploader(key="ckpt_upload").set_value(("../../evil name.pth", tiny_checkpoint.read_bytes(),
+                                                   "application/octet-stream")).run()
+    ok(at)
+    text = status(at)
+    assert "checkpoint-" in text and "evil" not in text and ARCH in text
+
+
+def test_checkpoint_directory_is_listed(calls, tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv("VITVIZ_CHECKPOINT_DIR", str(tiny_checkpoint.parent))
+    at = started()
+    assert "Checkpoint: tiny.pth" in at.selectbox(key="model").options  # options as labelled
+    at.selectbox(key="model").set_value("dir:tiny.pth").run()
+    ok(at)
+    assert "tiny.pth" in status(at) and "grid 14x14" in status(at)
+
+
+@pytest.mark.slow
+def test_embedded_default_model(monkeypatch):
+    """The real DINOv2 ViT-S/14 (converted once, then cached): 16 x 16 patches of 14 px at 224, one CLS token."""
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    monkeypatch.delenv("VITVIZ_APP_MODEL", raising=False)
+    monkeypatch.delenv("VITVIZ_APP_ARCH", raising=False)
+    at = started()
+    ok(at)
+    assert "vit_small_patch14_dinov2" in status(at) and "257 tokens = 256 patches + 1 prefix" in status(at)
