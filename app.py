@@ -243,14 +243,29 @@ st.write("How a Vision Transformer reads an image: its patch grid, what its posi
          "and where the CLS token's attention flows layer by layer.")
 
 d = va.DEFAULTS
+PERSISTENT = ["example", "model", "arch", "patch_size", "img_size", "fit", "device", "precision", "layers", "view",
+              "head", "head_fusion", "discard_ratio", "opacity", "colorscale", "query_patch", "heads_layer",
+              "heads_source", "query_layer"]
 INITIAL = dict(model="default", arch=APP_ARCH or "", device="auto", precision="auto", img_size=d.img_size, fit=d.fit,
                view="rollout", head=ALL_HEADS, head_fusion=d.head_fusion, discard_ratio=d.discard_ratio, opacity=0.6,
                colorscale="Inferno", heads_source="CLS token")
+for key in PERSISTENT:  # keep values of widgets a run does not draw (the architecture box, while a hub model is on)
+    if key in st.session_state:
+        st.session_state[key] = st.session_state[key]
 for key, value in INITIAL.items():
     st.session_state.setdefault(key, value)
 
-# ---- sidebar: model
+# ---- sidebar: image (first, so a model that fails to load never drops the upload)
 sb = st.sidebar
+sb.header("Image")
+upload = sb.file_uploader("Upload an image", type=IMAGE_TYPES, key="upload",
+                          help=f"JPEG, PNG, WebP, BMP, GIF or TIFF, up to {MAX_UPLOAD_BYTES // 2**20} MB.")
+examples = sorted(p.name for p in ASSETS.glob("*.jpg"))
+example = sb.selectbox("...or an example", examples, key="example", index=None, placeholder="Choose an example",
+                       help="Public-domain photos from scikit-image (see assets/README.md). An upload takes "
+                            "precedence.")
+
+# ---- sidebar: model
 sb.header("Model")
 choices = ["default", *HUB_MODELS, *(DIR_PREFIX + f for f in checkpoint_files()), UPLOAD]
 keep("model", lambda v: v in choices, "default")
@@ -316,14 +331,6 @@ keep("precision", lambda v: v in precisions, "auto")
 precision = sb.selectbox("Precision", precisions, key="precision", help="Half precision only on a GPU.")
 sb.caption(f"Running on **{dev.type}** ({str(pick_dtype(dev, precision)).removeprefix('torch.')}).")
 
-# ---- input image
-sb.header("Image")
-upload = sb.file_uploader("Upload an image", type=IMAGE_TYPES, key="upload",
-                          help=f"JPEG, PNG, WebP, BMP, GIF or TIFF, up to {MAX_UPLOAD_BYTES // 2**20} MB.")
-examples = sorted(p.name for p in ASSETS.glob("*.jpg"))
-example = sb.selectbox("...or an example", examples, key="example", index=None, placeholder="Choose an example",
-                       help="Public-domain photos from scikit-image (see assets/README.md). An upload takes "
-                            "precedence.")
 if upload is not None:
     data, image_name = upload.getvalue(), upload.name
 elif example is not None:

@@ -78,6 +78,18 @@ def spec(at: AppTest, key: str) -> dict:
     return json.loads(next(el for el in at.get("plotly_chart") if el.key == key).proto.spec)
 
 
+def click(at: AppTest, key: str, x: float, y: float) -> AppTest:
+    """A click on chart ``key`` at plot point (x, y), as the browser reports it (AppTest has no public way to do it:
+    this sends the chart's widget state, a JSON string, through AppTest's internal run)."""
+    chart = next(el for el in at.get("plotly_chart") if el.key == key)
+    states = at._tree.get_widget_states()
+    state = states.widgets.add()
+    state.id = chart.proto.id
+    state.string_value = json.dumps({"selection": {"points": [{"x": x, "y": y, "curve_number": 1}],
+                                                   "point_indices": [0], "box": [], "lasso": []}})
+    return at._run(widget_state=states)
+
+
 def jpeg_bytes(size=(90, 60)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, (200, 30, 30)).save(buf, format="JPEG")
@@ -168,6 +180,24 @@ def test_attention_controls_reach_the_views_without_a_forward_pass(calls):
     assert len(calls) == 1  # nothing above re-ran the model
 
 
+def test_clicks_pick_the_query_patch(calls):
+    at = started()
+    gw = 224 // P  # 14 x 14 patches
+    at = click(at, "fig_grid", 3.5 * P, 2.5 * P)  # centre of row 2, col 3
+    ok(at)
+    assert at.session_state["query_patch"] == 2 * gw + 3
+    assert "Patch 31 (row 2, col 3)" in at.tabs[4].markdown[0].value
+    at = click(at, "fig_rollout", 13 * P + 1, 0.2 * P)  # top-right patch, off centre
+    assert at.session_state["query_patch"] == gw - 1
+    # mosaic: tile (r, c) spans cells [r (gh+1), r (gh+1) + gh) x [c (gw+1), ...]; a tile cell of row 5, col 1
+    at = click(at, "fig_mosaic", 1 * (gw + 1) + 4, 5 * (gw + 1) + 2)
+    assert at.session_state["query_patch"] == 5 * gw + 1
+    at = click(at, "fig_mosaic", 1 * (gw + 1) - 1, 0)  # the blank column between tiles: no change
+    ok(at)
+    assert at.session_state["query_patch"] == 5 * gw + 1
+    assert len(calls) == 1
+
+
 # ---------------------------------------------------------------------------------------------------------- errors
 
 
@@ -187,13 +217,18 @@ def test_invalid_upload_then_valid_inputs_work(calls):
 
 
 def test_offline_hub_model_shows_error_and_app_recovers(calls):
-    at = started()
+    at = started(example=None)
+    at.file_uploader(key="upload").set_value(("red.jpg", jpeg_bytes(), "image/jpeg")).run()
+    at.slider(key="layers").set_value((3, 7)).run()
     at.selectbox(key="model").set_value("deit_small_patch16_224").run()
     assert not at.exception
     assert len(at.error) == 1 and "Hugging Face Hub" in at.error[0].value
     at.selectbox(key="model").set_value("default").run()
     ok(at)
-    assert "tiny.pth" in status(at)
+    # back where the user was: same image, same layer range, no new forward pass
+    assert "tiny.pth" in status(at) and "resized 90x60" in status(at)
+    assert at.slider(key="layers").value == (3, 7)
+    assert len(calls) == 1
 
 
 def test_uploaded_checkpoint_with_architecture(calls, tiny_checkpoint):
@@ -209,6 +244,12 @@ def test_uploaded_checkpoint_with_architecture(calls, tiny_checkpoint):
     ok(at)
     text = status(at)
     assert "checkpoint-" in text and "evil" not in text and ARCH in text
+    at.text_input(key="arch").set_value("vit_small_patch16_224").run()  # a real name, but not these weights
+    assert "do not fit architecture 'vit_small_patch16_224'" in at.error[0].value
+    at.selectbox(key="model").set_value("default").run()
+    ok(at)
+    at.selectbox(key="model").set_value("upload").run()
+    assert at.text_input(key="arch").value == "vit_small_patch16_224"  # kept while the box was hidden
 
 
 def test_checkpoint_directory_is_listed(calls, tiny_checkpoint, monkeypatch):
