@@ -1,0 +1,494 @@
+"""Image loading and fitting an image to a ViT's input.
+
+``load_image`` turns whatever a user hands over (bytes, a path, an uploaded file, a PIL image) into an RGB PIL image
+with EXIF orientation applied, or refuses it with an :class:`~vitviz.errors.ImageError` whose message says why:
+empty, not an image, truncated or corrupt, too many bytes or pixels. The pixel limit is checked from the header,
+before anything is decoded. ``fit_image`` reproduces timm's eval preprocessing (resize, centre crop) exactly and
+also says which region of the original the model saw; ``to_tensor`` normalises it.
+
+The preprocessing numbers (input size, crop_pct, interpolation, mean, std) come from the caller, who reads them from
+``timm.data.resolve_model_data_config(model)``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+import unicodedata
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+import numpy as np
+import torch
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageError, ParameterError, VitvizError
+
+__all__ = [
+    "MAX_UPLOAD_BYTES",
+    "MAX_PIXELS",
+    "SUPPORTED_FORMATS",
+    "LoadedImage",
+    "FittedImage",
+    "load_image",
+    "fit_image",
+    "whole_image_size",
+    "to_tensor",
+    "patch_box",
+]
+
+MAX_UPLOAD_BYTES = 50 * 2**20
+MAX_PIXELS = 64_000_000
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # JPEG also opens MPO (phone multi-picture JPEG)
+
+Fit = Literal["crop", "whole"]
+Interpolation = Literal["bicubic", "bilinear", "nearest"]
+ImageSource = bytes | bytearray | memoryview | str | os.PathLike | BinaryIO | Image.Image
+
+_RESAMPLE = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+}
+_HIGH_DEPTH = {"I;16": "16-bit", "I;16L": "16-bit", "I;16B": "16-bit", "I;16N": "16-bit", "I": "32-bit integer",
+               "F": "floating-point"}
+_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+_FORMATS_TEXT = "JPEG, PNG, WebP, BMP, GIF or TIFF"
+_FULL_RESIZE_PIXELS = 16_000_000  # crop fit: above this, resample only the crop instead of timm's full resize
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    """An image ready for a model: RGB, EXIF orientation applied, first frame only."""
+
+    image: Image.Image  # RGB
+    source_name: str  # sanitised, for display only
+    original_size: tuple[int, int]  # (w, h) after EXIF rotation
+    original_mode: str
+    format: str | None
+    n_frames: int
+    notes: tuple[str, ...]  # what was changed on the way, for a person
+
+
+@dataclass(frozen=True)
+class FittedImage:
+    """What the model sees (before normalisation) and where that region lies in the original image."""
+
+    pixels: np.ndarray  # (H, W, 3) uint8
+    box: tuple[float, float, float, float]  # (left, top, right, bottom) in original pixels (after EXIF rotation)
+    input_size: tuple[int, int]  # (H, W)
+    fit: str
+    description: str
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# names, bytes
+
+
+def _display_name(name: str | None) -> str:
+    """The last path component, without control/format characters, collapsed whitespace, at most 80 characters."""
+    base = re.split(r"[\\/]", name or "")[-1]
+    base = " ".join("".join(ch for ch in base if unicodedata.category(ch)[0] != "C").split())
+    if base in ("", ".", ".."):
+        return "image"
+    return base if len(base) <= 80 else base[:77] + "..."
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.1f} kB" if n >= 2**10 else f"{n} bytes"
+
+
+def _too_big(name: str, size: int | None, max_bytes: int) -> ImageError:
+    have, limit = (_megabytes(size) if size is not None else None), _megabytes(max_bytes)
+    if have == limit:  # rounded to the same text: show exact byte counts
+        have, limit = f"{size:,} bytes", f"{max_bytes:,} bytes"
+    have = f"is {have}" if size is not None else "is larger than that"
+    return ImageError(f"'{name}' {have}; the limit is {limit}. Save it smaller (e.g. as JPEG) first.")
+
+
+def _read_bytes(source, *, name: str, max_bytes: int) -> bytes:
+    """All bytes of ``source``, refusing more than ``max_bytes`` before reading them where the source tells its size."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        if len(data) > max_bytes:
+            raise _too_big(name, len(data), max_bytes)
+        return data
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        try:
+            if not path.is_file():
+                raise ImageError(f"'{name}' is not a file that can be read; check the path.")
+            size = path.stat().st_size
+            if size > max_bytes:
+                raise _too_big(name, size, max_bytes)
+            return path.read_bytes()
+        except OSError as e:
+            raise ImageError(f"'{name}' cannot be read: {e.strerror or e}") from e
+    if not hasattr(source, "read"):
+        raise TypeError(f"cannot read an image from a {type(source).__name__}; pass bytes, a path or a binary file")
+    try:
+        size = getattr(source, "size", None)  # Streamlit's UploadedFile knows its size
+        if getattr(source, "seekable", lambda: False)():
+            if not isinstance(size, int):
+                size = source.seek(0, io.SEEK_END)
+            source.seek(0)
+        if isinstance(size, int) and size > max_bytes:
+            raise _too_big(name, size, max_bytes)
+        data = source.read(max_bytes + 1)
+    except OSError as e:
+        raise ImageError(f"'{name}' cannot be read: {e}") from e
+    if not isinstance(data, (bytes, bytearray)):
+        raise TypeError("the file object must be opened in binary mode ('rb')")
+    if len(data) > max_bytes:
+        raise _too_big(name, None, max_bytes)
+    return bytes(data)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# structure checks that do not depend on PIL's global LOAD_TRUNCATED_IMAGES
+
+
+def _png_problem(data: bytes) -> str | None:
+    """Walk the PNG chunks: a bad CRC or a chunk cut off by the end of the file is a problem; None if fine."""
+    view, pos = memoryview(data), 8
+    while pos < len(data):
+        if pos + 12 > len(data):
+            return "the file ends in the middle of a chunk (truncated)"
+        length, cid = int.from_bytes(data[pos:pos + 4], "big"), bytes(data[pos + 4:pos + 8])
+        end = pos + 12 + length
+        if end > len(data):
+            return f"the file ends inside its {cid.decode('latin-1')!r} chunk (truncated)"
+        if zlib.crc32(view[pos + 4:end - 4]) != int.from_bytes(data[end - 4:end], "big"):
+            return f"the checksum of its {cid.decode('latin-1')!r} chunk is wrong (corrupt)"
+        if cid == b"IEND":
+            return None
+        pos = end
+    return None
+
+
+def _jpeg_complete(data: bytes) -> bool:
+    """True if the JPEG's marker stream reaches an end-of-image marker (segments skipped by their lengths)."""
+    pos = 2
+    while True:
+        pos = data.find(b"\xff", pos)
+        if pos < 0 or pos + 1 >= len(data):
+            return False
+        marker = data[pos + 1]
+        if marker == 0xD9:  # EOI
+            return True
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker in (0x00, 0x01) or 0xD0 <= marker <= 0xD7:  # stuffed 0xFF, TEM, RSTn: no length field
+            pos += 2
+        else:  # a segment with a length; after SOS the entropy-coded data is scanned by find()
+            pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+
+
+def _check_structure(data: bytes, name: str) -> None:
+    if data.startswith(b"\x89PNG\r\n\x1a\n") and (problem := _png_problem(data)):
+        raise ImageError(f"'{name}' is a damaged PNG: {problem}. Re-save or re-download it.")
+    if data.startswith(b"\xff\xd8\xff") and not _jpeg_complete(data):
+        raise ImageError(f"'{name}' is an incomplete JPEG: the file stops before the image ends (truncated upload "
+                         "or download?). Re-save or re-download it.")
+
+
+def _not_an_image(data: bytes, name: str) -> ImageError:
+    head = data[:4096].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if b"<svg" in head or head.startswith(b"<?xml") and b"svg" in head:
+        return ImageError(f"'{name}' is an SVG (vector) image; SVG is not supported. Convert it to PNG first.")
+    if head.startswith((b"<!doctype html", b"<html")) or b"<html" in head[:512]:
+        return ImageError(f"'{name}' is an HTML page, not an image (a web page saved under an image name?). "
+                          f"Save the picture itself as {_FORMATS_TEXT}.")
+    if data[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypavif", b"ftyphevc"):
+        return ImageError(f"'{name}' is a HEIC/AVIF image, which is not supported. Convert it to JPEG or PNG first.")
+    return ImageError(f"'{name}' is not an image that can be read; use {_FORMATS_TEXT}.")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# decoding and conversion
+
+
+def _check_pixels(size: tuple[int, int], name: str, max_pixels: int) -> None:
+    w, h = size
+    if w < 1 or h < 1:
+        raise ImageError(f"'{name}' has no pixels ({w}x{h}).")
+    if w * h > max_pixels:
+        raise ImageError(f"'{name}' is {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,} pixels "
+                         f"(e.g. {math.isqrt(max_pixels)}x{math.isqrt(max_pixels)}). Downscale it first.")
+
+
+def _scale_to_8bit(im: Image.Image) -> tuple[Image.Image, str]:
+    """Map the finite range [lo, hi] of a 16/32-bit or float image linearly onto 0..255 (no clipping)."""
+    arr = np.asarray(im).astype(np.float64)  # (h, w)
+    finite = np.isfinite(arr)
+    lo, hi = (arr[finite].min(), arr[finite].max()) if finite.any() else (0.0, 0.0)
+    scaled = np.where(finite, (arr - lo) / (hi - lo) * 255, 0) if hi > lo else np.zeros_like(arr)
+    grey = np.rint(scaled).astype(np.uint8)
+    note = f"{_HIGH_DEPTH[im.mode]} image scaled to 8-bit (values {lo:g}..{hi:g} mapped to 0..255)"
+    return Image.fromarray(np.repeat(grey[..., None], 3, axis=-1), mode="RGB"), note
+
+
+def _to_rgb(im: Image.Image) -> tuple[Image.Image, list[str]]:
+    if im.mode in _HIGH_DEPTH:
+        rgb, note = _scale_to_8bit(im)
+        return rgb, [note]
+    if im.mode == "CMYK":
+        return im.convert("RGB"), ["CMYK converted to RGB"]
+    if im.mode in _ALPHA_MODES or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        alpha = rgba.getchannel("A")
+        out = Image.new("RGB", rgba.size, (255, 255, 255))
+        out.paste(rgba, mask=alpha)
+        transparent = alpha.getextrema()[0] < 255
+        return out, ["transparency composited on white"] if transparent else []
+    if im.mode == "RGB":
+        return im, []
+    try:
+        return im.convert("RGB"), []
+    except ValueError as e:
+        raise ImageError(f"colour mode {im.mode} cannot be converted to RGB; save the image as RGB first.") from e
+
+
+def _frames_note(fmt: str | None, n_frames: int) -> list[str]:
+    if n_frames <= 1:
+        return []
+    if fmt == "TIFF":
+        return [f"multi-page TIFF: using page 1 of {n_frames}"]
+    if fmt == "MPO":
+        return [f"multi-picture JPEG (MPO): using image 1 of {n_frames}"]
+    kind = "APNG" if fmt == "PNG" else fmt or "image"
+    return [f"animated {kind}: using frame 1 of {n_frames}"]
+
+
+def _from_pil(im: Image.Image, *, name: str, max_pixels: int) -> LoadedImage:
+    """Decode (first frame), check, orient and convert an opened PIL image; PIL exceptions pass through."""
+    _check_pixels(im.size, name, max_pixels)  # from the header: nothing is decoded yet
+    n_frames = int(getattr(im, "n_frames", 1) or 1)
+    if n_frames > 1:
+        im.seek(0)
+    im.load()
+    mode, fmt = im.mode, im.format
+    notes = _frames_note(fmt, n_frames)
+    try:
+        orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
+        oriented = ImageOps.exif_transpose(im)  # always a new image, never the caller's
+    except Exception:  # broken EXIF block: the pixels are fine, the orientation is unknown
+        orientation, oriented = 1, im.copy()
+        notes.append("EXIF data unreadable: orientation ignored")
+    if orientation in range(2, 9):
+        notes.append(f"EXIF orientation {orientation} applied")
+    rgb, conversion = _to_rgb(oriented)
+    return LoadedImage(image=rgb, source_name=name, original_size=rgb.size, original_mode=mode, format=fmt,
+                       n_frames=n_frames, notes=tuple(notes + conversion))
+
+
+def _decode(data: bytes | None, pil: Image.Image | None, *, name: str, max_pixels: int) -> LoadedImage:
+    with warnings.catch_warnings(record=True):  # PIL warnings (decompression bomb, corrupt EXIF) never escape
+        warnings.simplefilter("always")
+        try:
+            if pil is not None:
+                return _from_pil(pil, name=name, max_pixels=max_pixels)
+            with Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS) as im:
+                return _from_pil(im, name=name, max_pixels=max_pixels)
+        except VitvizError:
+            raise
+        except UnidentifiedImageError as e:
+            raise _not_an_image(data or b"", name) from e
+        except Image.DecompressionBombError as e:  # PIL's own hard limit, hit while reading the header
+            found = re.search(r"\((\d+) pixels\)", str(e))
+            have = f" ({int(found[1]):,} pixels)" if found else ""
+            raise ImageError(f"'{name}' has too many pixels to decode safely{have}; the limit is {max_pixels:,} "
+                             "pixels. Downscale it first.") from e
+        except MemoryError as e:
+            raise ImageError(f"'{name}' needs more memory to decode than is available; downscale it first.") from e
+        except Exception as e:  # any decoder failure on untrusted input is the file's fault
+            raise ImageError(f"'{name}' could not be decoded ({type(e).__name__}: {e}); the file is probably "
+                             "truncated or corrupt. Re-save or re-download it.") from e
+
+
+def load_image(
+        source: ImageSource,
+        *,
+        name: str | None = None,
+        max_bytes: int = MAX_UPLOAD_BYTES,
+        max_pixels: int = MAX_PIXELS,
+) -> LoadedImage:
+    """Load an image as RGB (EXIF orientation applied, first frame), or raise ImageError saying why not.
+
+    Args:
+        source: bytes, a path, a binary file-like object (read from its start, e.g. Streamlit's UploadedFile),
+            or a PIL image.
+        name: file name for messages only (never opened); defaults to the source's own name. Shown sanitised.
+        max_bytes: refuse larger files, checked before reading where the source tells its size.
+        max_pixels: refuse images with more pixels, checked from the header before decoding.
+    """
+    for arg, value in (("max_bytes", max_bytes), ("max_pixels", max_pixels)):
+        if not isinstance(value, int) or value < 1:
+            raise ParameterError(f"{arg} must be a positive integer, got {value!r}")
+    if name is None:
+        if isinstance(source, (str, os.PathLike)):
+            name = os.fspath(source)
+        elif isinstance(source, Image.Image):
+            name = getattr(source, "filename", None) or None
+        elif not isinstance(source, (bytes, bytearray, memoryview)):
+            name = getattr(source, "name", None)
+        name = name if isinstance(name, str) else None
+    shown = _display_name(name)
+    if isinstance(source, Image.Image):
+        return _decode(None, source, name=shown, max_pixels=max_pixels)
+    data = _read_bytes(source, name=shown, max_bytes=max_bytes)
+    if not data:
+        raise ImageError(f"'{shown}' is empty (0 bytes); upload the file again.")
+    _check_structure(data, shown)
+    return _decode(data, None, name=shown, max_pixels=max_pixels)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# fitting to the model input
+
+
+def _check_size(input_size) -> tuple[int, int]:
+    if (not isinstance(input_size, (tuple, list)) or len(input_size) != 2
+            or not all(isinstance(s, int) and s >= 1 for s in input_size)):
+        raise ParameterError(f"input_size must be (H, W) with two positive integers, got {input_size!r}")
+    return int(input_size[0]), int(input_size[1])
+
+
+def _crop_geometry(w: int, h: int, *, out_h: int, out_w: int, crop_pct: float) -> tuple[int, int, int, int]:
+    """timm's eval resize (new_w, new_h) and centre-crop offset (left, top), computed exactly as timm/torchvision do."""
+    scale_h, scale_w = math.floor(out_h / crop_pct), math.floor(out_w / crop_pct)
+    if scale_h == scale_w:  # torchvision Resize(int): shorter side -> scale, longer side truncated
+        short, long = min(w, h), max(w, h)
+        new_short, new_long = scale_h, int(scale_h * long / short)
+        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    else:  # timm ResizeKeepRatio(longest=0): the side closest to its target decides the scale
+        ratio = min(h / scale_h, w / scale_w)
+        new_h, new_w = round(h / ratio), round(w / ratio)
+    top, left = int(round((new_h - out_h) / 2.0)), int(round((new_w - out_w) / 2.0))  # torchvision center_crop
+    return new_w, new_h, left, top
+
+
+def _resize_region(img: Image.Image, box: tuple[float, float, float, float], size: tuple[int, int],
+                   resample: Image.Resampling) -> Image.Image:
+    """Resample only ``box`` of ``img`` to ``size`` (w, h), never building the full resized image.
+
+    One axis at a time, each a horizontal PIL pass (the vertical one on the transposed strip): PIL's own
+    two-axis ``box=`` resize differs from resize-then-crop by up to ~25/255 on noise (Pillow 13), this by at most
+    ~2/255 (PIL keeps the box in float32).
+    """
+    (x0, y0, x1, y1), (out_w, out_h) = box, size
+    pad = math.ceil(2 * max((y1 - y0) / out_h, 1)) + 2  # rows the vertical filter can reach beyond the box
+    top, bottom = max(0, math.floor(y0) - pad), min(img.height, math.ceil(y1) + pad)
+    strip = img.crop((0, top, img.width, bottom))  # (w, rows)
+    rows = strip.resize((out_w, strip.height), resample, box=(x0, 0, x1, strip.height))  # x pass
+    t = Image.Transpose.TRANSPOSE
+    return rows.transpose(t).resize((out_h, out_w), resample, box=(y0 - top, 0, y1 - top, out_w)).transpose(t)
+
+
+def fit_image(
+        img: Image.Image,
+        *,
+        input_size: tuple[int, int],
+        fit: Fit = "crop",
+        crop_pct: float = 0.875,
+        interpolation: Interpolation = "bicubic",
+) -> FittedImage:
+    """Resize ``img`` to the model's ``input_size`` (H, W) as timm's eval transform does ("crop") or whole ("whole").
+
+    "crop": shorter side to floor(size / crop_pct), centre crop (timm crop_mode "center"), the same pixels as
+    timm's eval transform; for extreme aspect ratios (a full resize over 16 M pixels) only the crop is resampled.
+    "whole": the whole image resized to exactly input_size (choose it with :func:`whole_image_size`).
+    """
+    out_h, out_w = _check_size(input_size)
+    if fit not in ("crop", "whole"):
+        raise ParameterError(f"fit must be 'crop' or 'whole', got {fit!r}")
+    if interpolation not in _RESAMPLE:
+        raise ParameterError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {interpolation!r}")
+    if not isinstance(crop_pct, (int, float)) or not 0 < crop_pct <= 1:
+        raise ParameterError(f"crop_pct must be in (0, 1], got {crop_pct!r}")
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise ImageError(f"the image has no pixels ({w}x{h})")
+    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    resample = _RESAMPLE[interpolation]
+    if fit == "whole":
+        box = (0.0, 0.0, float(w), float(h))
+        change = (out_w / out_h) / (w / h) - 1
+        aspect = "aspect ratio kept" if abs(change) < 0.005 else f"aspect ratio changed by {change:+.1%}"
+        description = f"whole image: resized {w}x{h} to {out_w}x{out_h} px, {aspect}"
+        out = rgb.resize((out_w, out_h), resample)
+    else:
+        new_w, new_h, left, top = _crop_geometry(w, h, out_h=out_h, out_w=out_w, crop_pct=crop_pct)
+        sx, sy = w / new_w, h / new_h
+        box = (left * sx, top * sy, (left + out_w) * sx, (top + out_h) * sy)
+        description = (f"centre crop {crop_pct:.1%}: resized {w}x{h} to {new_w}x{new_h} px (shorter side "
+                       f"{min(new_w, new_h)} px), cropped {out_w}x{out_h} from the middle")
+        if new_w * new_h <= _FULL_RESIZE_PIXELS:  # exactly timm: resize the whole image, then crop
+            out = rgb.resize((new_w, new_h), resample).crop((left, top, left + out_w, top + out_h))
+        else:  # extreme aspect ratio: timm's full resize would be huge; resample only the crop (within ~2/255)
+            out = _resize_region(rgb, box, (out_w, out_h), resample)
+    pixels = np.array(out, dtype=np.uint8)  # (H, W, 3)
+    return FittedImage(pixels=pixels, box=box, input_size=(out_h, out_w), fit=fit, description=description)
+
+
+def whole_image_size(
+        original_size: tuple[int, int],
+        *,
+        target: int,
+        patch_size: int,
+        max_side: int | None = None,
+) -> tuple[int, int]:
+    """(H, W) for a "whole" fit: multiples of patch_size, about the token budget of a target x target square.
+
+    Chooses the patch grid (gh, gw) with gh * gw <= (target // patch_size)**2 tokens, >= 1 patch per side and sides
+    <= max_side px, minimising |log aspect error| + log(budget / tokens): 1% aspect distortion costs as much as 1%
+    fewer tokens. Ties go to more tokens.
+    """
+    w, h = original_size
+    if not (isinstance(w, int) and isinstance(h, int) and w >= 1 and h >= 1):
+        raise ParameterError(f"original_size must be (w, h) with positive integers, got {original_size!r}")
+    if not isinstance(patch_size, int) or patch_size < 1:
+        raise ParameterError(f"patch_size must be a positive integer, got {patch_size!r}")
+    if not isinstance(target, int) or target < patch_size:
+        raise ParameterError(f"target must be an integer >= patch_size ({patch_size}), got {target!r}")
+    if max_side is not None and (not isinstance(max_side, int) or max_side < patch_size):
+        raise ParameterError(f"max_side must be None or an integer >= patch_size ({patch_size}), got {max_side!r}")
+    budget = target**2 // patch_size**2
+    cap = budget if max_side is None else min(budget, max_side // patch_size)
+    aspect = w / h
+    best: tuple[float, int, int, int] | None = None  # (cost, -tokens, gh, gw)
+    for gh in range(1, cap + 1):
+        for gw in {math.floor(gh * aspect), math.ceil(gh * aspect)}:
+            gw = min(max(gw, 1), budget // gh, cap)
+            if gw < 1:
+                continue
+            cost = abs(math.log(gw / gh / aspect)) + math.log(budget / (gh * gw))
+            cand = (round(cost, 12), -gh * gw, gh, gw)
+            best = cand if best is None or cand < best else best
+    assert best is not None  # gh = gw = 1 always fits
+    return best[2] * patch_size, best[3] * patch_size
+
+
+def to_tensor(pixels: np.ndarray, *, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (1, 3, H, W) float32, (x / 255 - mean) / std as timm's ToTensor + Normalize."""
+    if not isinstance(pixels, np.ndarray) or pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
+        raise ParameterError("pixels must be an (H, W, 3) uint8 array")
+    mean_t, std_t = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+    if mean_t.shape != (3,) or std_t.shape != (3,) or not bool((std_t > 0).all()):
+        raise ParameterError(f"mean and std must have 3 values each and std must be > 0, got {mean!r}, {std!r}")
+    x = torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1).div(255)  # (3, H, W)
+    return ((x - mean_t[:, None, None]) / std_t[:, None, None]).unsqueeze(0).contiguous()
+
+
+def patch_box(index: int, *, grid: tuple[int, int], patch_size: int) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) in model-input pixels of patch ``index`` (row-major, as timm flattens patches)."""
+    gh, gw = grid
+    if not 0 <= index < gh * gw:
+        raise ParameterError(f"patch index must be in [0, {gh * gw - 1}] for a {gh}x{gw} grid, got {index}")
+    row, col = divmod(index, gw)
+    return col * patch_size, row * patch_size, (col + 1) * patch_size, (row + 1) * patch_size
