@@ -411,9 +411,10 @@ head_text = "all heads" if head_choice == ALL_HEADS else f"head {head}"
 what = f"rollout over layers {start}-{end}" if view == "rollout" else f"raw CLS attention of layer {end}"
 settings = {**dataclasses.asdict(d), "model": info.name, "arch": info.arch, "patch_size": info.patch_size,
             "img_size": list(info.img_size), "fit": fit, "start_layer": start, "end_layer": end,
-            "view": view, "head": head_choice if head_choice == ALL_HEADS else int(head_choice),
+            "view": view, "head": head_choice,
             "head_fusion": fusion, "discard_ratio": discard, "device": res.device, "precision": precision}
 
+sb.header("Downloads")
 c1, c2 = sb.columns(2)
 c1.download_button("Overlay PNG", data=functools.partial(vf.overlay_png, res.pixels, heat, patch_size=info.patch_size,
                                                          opacity=opacity, colorscale=colorscale),
