@@ -33,7 +33,7 @@ app: install
 
 test: install-dev
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 bench: install
 	$(BIN)/python benchmarks/bench.py

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import timm
-import torch
+os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub is imported (it reads this once): no test reaches the Hub
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: no test may reach the Hub
+import pytest  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 TINY = dict(pretrained=False, embed_dim=32, depth=3, num_heads=4, num_classes=0)

@@ -423,8 +423,7 @@ def test_settings_out_of_range_name_the_allowed_range(case):
     (["--discard", "1"], r"[0, 1)"),
     (["--opacity", "2"], "opacity must be in [0, 1]"),
     (["--batch-size", "-1"], "batch size must be at least 1"),
-    pytest.param(["--batch-size", "0"], "batch size must be at least 1", marks=pytest.mark.xfail(
-        strict=True, reason="cli._run: `args.batch_size or default` turns 0 into the default instead of refusing it")),
+    (["--batch-size", "0"], "batch size must be at least 1"),
 ])
 def test_cli_refuses_bad_settings_with_exit_2(tmp_path, ckpt, capsys, args, message):
     img = tmp_path / "a.png"

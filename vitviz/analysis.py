@@ -20,7 +20,7 @@ from PIL import Image
 from .attention import attention_forward
 from .errors import ParameterError, ResourceError
 from .image import FittedImage, LoadedImage, fit_image, to_tensor, whole_image_size
-from .models import ModelInfo, build_model, describe_model, load_source
+from .models import MAX_IMG_SIZE, ModelInfo, build_model, describe_model, load_source
 from .posembed import patch_pos_embed, pos_embed_similarity
 from .rollout import (
     FUSIONS,
@@ -120,7 +120,7 @@ def attention_bytes(*, depth: int, heads: int, tokens: int, itemsize: int = 4) -
 def input_size_for(image: Image.Image, *, img_size: int, patch_size: int, fit: FitMode) -> tuple[int, int]:
     """The model input (H, W): a square for centre crop, the image's aspect ratio for the whole image."""
     if fit == "whole":
-        return whole_image_size(image.size, target=img_size, patch_size=patch_size)
+        return whole_image_size(image.size, target=img_size, patch_size=patch_size, max_side=MAX_IMG_SIZE)
     return img_size, img_size
 
 

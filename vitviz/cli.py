@@ -109,7 +109,7 @@ def _run(args: argparse.Namespace) -> int:
         raise VitvizError(f"opacity must be in [0, 1], got {args.opacity}")
     device = pick_device(settings.device)
     dtype = pick_dtype(device, settings.precision)
-    batch = args.batch_size or (16 if device.type != "cpu" else 1)
+    batch = args.batch_size if args.batch_size is not None else (16 if device.type != "cpu" else 1)
     if batch < 1:
         raise VitvizError(f"batch size must be at least 1, got {batch}")
     paths = collect_images(args.images)

@@ -203,8 +203,8 @@ def _hub_source(name: str, progress: Progress | None) -> tuple[ModelSource, dict
         raise ModelUnavailableError(
             f"could not get the pretrained weights of {name!r} from the Hugging Face Hub{offline}: "
             f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}. "
-            "Download them once on a machine with internet (they land in the HF cache), "
-            "or pass a local checkpoint file with its architecture (--model FILE --arch NAME)."
+            "Download them once where the Hub is reachable (they land in the Hugging Face cache), "
+            "or use a local checkpoint file (.safetensors) together with its timm architecture name."
         ) from exc
     check_capturable(model)
     return ModelSource(name=name, arch=name, kind="hub"), model.state_dict()
