@@ -84,8 +84,10 @@ def open_image(digest: str, _data: bytes, name: str):
     return load_image(_data, name=name)
 
 
-@st.cache_data(max_entries=4, show_spinner="Running the model...")
+@st.cache_resource(max_entries=4, show_spinner="Running the model...")
 def run_analysis(digest: str, model_key: tuple, fit: str, _model, _info, _image) -> va.Analysis:
+    """One forward pass per image and model. A resource, not data: the Analysis is immutable (read-only arrays), so
+    sessions share it instead of unpickling a copy of the L x H x T x T attention on every rerun."""
     return va.analyze(_model, _image, info=_info, fit=fit)
 
 
@@ -422,57 +424,64 @@ c1.download_button("Overlay PNG", data=functools.partial(vf.overlay_png, res.pix
 c2.download_button("Arrays (.npz)", data=functools.partial(npz_bytes, res, heat, settings), file_name="vitviz.npz",
                    mime="application/octet-stream", key="dl_npz", on_click="ignore")
 
+# on_change="rerun": only the open tab is computed and sent (tab.open), so a control change builds one view's figures
 tabs = st.tabs(["Patch grid", "Position embeddings", "Attention rollout", "Heads", "Query patch",
-                "Attention distance"])
+                "Attention distance"], key="tab", on_change="rerun")
 with tabs[0]:
-    st.markdown(f"N = H·W / P² = {info.img_size[0]}·{info.img_size[1]} / {info.patch_size}² = **{n} patches**; "
-                f"the transformer reads {token_text(info)}. Click a patch to make it the query.")
-    chart(vf.patch_grid_figure(res.pixels, patch_size=info.patch_size, grid=info.grid, highlight=query), "fig_grid")
+    if tabs[0].open:  # only the open tab is built
+        st.markdown(f"N = H·W / P² = {info.img_size[0]}·{info.img_size[1]} / {info.patch_size}² = **{n} patches**; "
+                    f"the transformer reads {token_text(info)}. Click a patch to make it the query.")
+        chart(vf.patch_grid_figure(res.pixels, patch_size=info.patch_size, grid=info.grid, highlight=query), "fig_grid")
 
 with tabs[1]:
-    st.markdown("Cosine similarity of the learned position embeddings. Nearby patches should look alike: the model "
-                "learned the 2-D layout. Click a tile (or set the query patch) to see that patch's map.")
-    left, right = st.columns(2)
-    with left:
-        if n <= vf.MOSAIC_MAX_TOKENS:
-            chart(vf.similarity_mosaic_figure(res.pos_sim, grid=info.grid), "fig_mosaic", mosaic=True)
-        else:
-            st.info(f"The mosaic of {n} patches is too large to draw (at most {vf.MOSAIC_MAX_TOKENS}); "
-                    "pick patches one at a time.")
-    with right:
-        chart(vf.similarity_map_figure(res.pos_sim, grid=info.grid, index=query, patch_size=info.patch_size,
-                                       pixels=res.pixels, colorscale="Viridis", opacity=opacity), "fig_simmap")
+    if tabs[1].open:  # only the open tab is built
+        st.markdown("Cosine similarity of the learned position embeddings. Nearby patches should look alike: the model "
+                    "learned the 2-D layout. Click a tile (or set the query patch) to see that patch's map.")
+        left, right = st.columns(2)
+        with left:
+            if n <= vf.MOSAIC_MAX_TOKENS:
+                chart(vf.similarity_mosaic_figure(res.pos_sim, grid=info.grid), "fig_mosaic", mosaic=True)
+            else:
+                st.info(f"The mosaic of {n} patches is too large to draw (at most {vf.MOSAIC_MAX_TOKENS}); "
+                        "pick patches one at a time.")
+        with right:
+            chart(vf.similarity_map_figure(res.pos_sim, grid=info.grid, index=query, patch_size=info.patch_size,
+                                           pixels=res.pixels, colorscale="Viridis", opacity=opacity), "fig_simmap")
 
 with tabs[2]:
-    st.markdown(f"CLS attention, {what}, {head_text}" + (f" ({fusion})" if head_choice == ALL_HEADS else "")
-                + (f", discard {discard:.2f}" if discard else "") + ". Use the slider under the figure to scrub "
-                "through the layers.")
-    chart(vf.layer_scrub_figure(res.pixels, maps, patch_size=info.patch_size, labels=labels, active=active,
-                                opacity=opacity, colorscale=colorscale), "fig_rollout")
+    if tabs[2].open:  # only the open tab is built
+        st.markdown(f"CLS attention, {what}, {head_text}" + (f" ({fusion})" if head_choice == ALL_HEADS else "")
+                    + (f", discard {discard:.2f}" if discard else "") + ". Use the slider under the figure to scrub "
+                    "through the layers.")
+        chart(vf.layer_scrub_figure(res.pixels, maps, patch_size=info.patch_size, labels=labels, active=active,
+                                    opacity=opacity, colorscale=colorscale), "fig_rollout")
 
 with tabs[3]:
-    keep("heads_layer", lambda v: isinstance(v, int) and 0 <= v < depth, end)
-    hl, hs = st.columns(2)
-    layer = hl.selectbox("Layer", list(range(depth)), key="heads_layer")
-    source = hs.radio("Attention of", ["CLS token", "query patch"], key="heads_source", horizontal=True)
-    grid_maps = cls_maps[layer] if source == "CLS token" else qmaps[layer]
-    st.markdown(f"Layer {layer}: where {'the CLS token' if source == 'CLS token' else f'patch {query}'} attends, "
-                f"each of the {heads} heads.")
-    chart(vf.head_grid_figure(grid_maps, patch_size=info.patch_size, pixels=res.pixels, colorscale=colorscale,
-                              opacity=opacity), "fig_heads")
+    if tabs[3].open:  # only the open tab is built
+        keep("heads_layer", lambda v: isinstance(v, int) and 0 <= v < depth, end)
+        hl, hs = st.columns(2)
+        layer = hl.selectbox("Layer", list(range(depth)), key="heads_layer")
+        source = hs.radio("Attention of", ["CLS token", "query patch"], key="heads_source", horizontal=True)
+        grid_maps = cls_maps[layer] if source == "CLS token" else qmaps[layer]
+        st.markdown(f"Layer {layer}: where {'the CLS token' if source == 'CLS token' else f'patch {query}'} attends, "
+                    f"each of the {heads} heads.")
+        chart(vf.head_grid_figure(grid_maps, patch_size=info.patch_size, pixels=res.pixels, colorscale=colorscale,
+                                  opacity=opacity), "fig_heads")
 
 with tabs[4]:
-    keep("query_layer", lambda v: isinstance(v, int) and 0 <= v < depth, end)
-    r, c = divmod(int(query), info.grid[1])
-    st.markdown(f"Patch {query} (row {r}, col {c}): its attention, mean over heads, layer by layer.")
-    chart(vf.layer_scrub_figure(res.pixels, qmaps.mean(axis=1), patch_size=info.patch_size,
-                                labels=[f"layer {b}" for b in range(depth)], active=end, opacity=opacity,
-                                colorscale=colorscale), "fig_query")
-    qlayer = st.selectbox("Layer for the heads", list(range(depth)), key="query_layer")
-    chart(vf.head_grid_figure(qmaps[qlayer], patch_size=info.patch_size, pixels=res.pixels, colorscale=colorscale,
-                              opacity=opacity), "fig_query_heads")
+    if tabs[4].open:  # only the open tab is built
+        keep("query_layer", lambda v: isinstance(v, int) and 0 <= v < depth, end)
+        r, c = divmod(int(query), info.grid[1])
+        st.markdown(f"Patch {query} (row {r}, col {c}): its attention, mean over heads, layer by layer.")
+        chart(vf.layer_scrub_figure(res.pixels, qmaps.mean(axis=1), patch_size=info.patch_size,
+                                    labels=[f"layer {b}" for b in range(depth)], active=end, opacity=opacity,
+                                    colorscale=colorscale), "fig_query")
+        qlayer = st.selectbox("Layer for the heads", list(range(depth)), key="query_layer")
+        chart(vf.head_grid_figure(qmaps[qlayer], patch_size=info.patch_size, pixels=res.pixels, colorscale=colorscale,
+                                  opacity=opacity), "fig_query_heads")
 
 with tabs[5]:
-    st.markdown("Mean distance, in input pixels, between each patch and the patches it attends to (ViT paper, "
-                "Fig. 7): low heads look locally, high heads globally.")
-    chart(vf.attention_distance_figure(dist), "fig_distance", clickable=False)
+    if tabs[5].open:  # only the open tab is built
+        st.markdown("Mean distance, in input pixels, between each patch and the patches it attends to (ViT paper, "
+                    "Fig. 7): low heads look locally, high heads globally.")
+        chart(vf.attention_distance_figure(dist), "fig_distance", clickable=False)

@@ -47,6 +47,9 @@ def test_analysis_geometry_and_capture(tiny_result):
     assert res.attention.shape == (4, 4, 18, 18)
     np.testing.assert_allclose(res.attention.sum(-1), 1.0, atol=1e-5)
     assert res.box == (0.0, 0.0, 50.0, 40.0)  # whole image
+    for arr in (res.attention, res.pixels, res.pos_sim):  # shared between app sessions: nobody may write to them
+        with pytest.raises(ValueError, match="read-only"):
+            arr[(0,) * arr.ndim] = 0
     # the capture is timm's own eager attention on the same, hand-normalised input
     x = (torch.from_numpy(res.pixels).permute(2, 0, 1)[None].float() / 255 - torch.tensor(info.mean)[:, None, None])
     x = x / torch.tensor(info.std)[:, None, None]

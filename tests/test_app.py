@@ -65,6 +65,15 @@ def started(example: str | None = "cat.jpg") -> AppTest:
     return at
 
 
+TABS = ["Patch grid", "Position embeddings", "Attention rollout", "Heads", "Query patch", "Attention distance"]
+
+
+def show(at: AppTest, tab: str) -> AppTest:
+    """Open a tab, as a click on it does: the app builds only the open tab's figures."""
+    at.session_state["tab"] = tab
+    return at.run()
+
+
 def ok(at: AppTest) -> None:
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]
@@ -110,19 +119,26 @@ def test_example_renders_every_tab(calls):
     at = started()
     ok(at)
     assert len(at.tabs) == 6
-    keys = {el.key for el in at.get("plotly_chart")}
+    assert {el.key for el in at.get("plotly_chart")} == {"fig_grid"}  # only the open tab is built
+    keys = set()
+    for tab in TABS:
+        show(at, tab)
+        ok(at)
+        keys |= {el.key for el in at.get("plotly_chart")}
     assert keys == {"fig_grid", "fig_mosaic", "fig_simmap", "fig_rollout", "fig_heads", "fig_query",
                     "fig_query_heads", "fig_distance"}
+    show(at, "Patch grid")
     n = (224 // P) ** 2  # N = HW / P^2 at the default 224 px centre crop
     text = status(at)
     assert f"grid {224 // P}x{224 // P}" in text and f"{n + 1} tokens = {n} patches + 1 prefix (1 CLS)" in text
     assert "centre crop" in text and "tiny.pth" in text
     assert f"**{n} patches**" in at.tabs[0].markdown[0].value
+    assert {b.key for b in at.get("download_button")} >= {"dl_png", "dl_npz", "dl_fig_grid"}
     # the rollout slider opens at the end layer: DEFAULTS give layers 1..last, so position last - 1
-    assert spec(at, "fig_rollout")["layout"]["sliders"][0]["active"] == DEPTH - 1 - 1
-    assert len(spec(at, "fig_heads")["data"]) == HEADS
-    assert len(spec(at, "fig_distance")["data"]) == HEADS
-    assert {b.key for b in at.get("download_button")} >= {"dl_png", "dl_npz", "dl_fig_grid", "dl_fig_rollout"}
+    assert spec(show(at, "Attention rollout"), "fig_rollout")["layout"]["sliders"][0]["active"] == DEPTH - 1 - 1
+    assert "dl_fig_rollout" in {b.key for b in at.get("download_button")}
+    assert len(spec(show(at, "Heads"), "fig_heads")["data"]) == HEADS
+    assert len(spec(show(at, "Attention distance"), "fig_distance")["data"]) == HEADS
     assert len(calls) == 1
 
 
@@ -147,7 +163,7 @@ def test_model_geometry_controls(calls):
 
 
 def test_attention_controls_reach_the_views_without_a_forward_pass(calls):
-    at = started()
+    at = show(started(), "Attention rollout")
     assert len(calls) == 1
     at.slider(key="layers").set_value((3, 7)).run()
     ok(at)
@@ -172,7 +188,8 @@ def test_attention_controls_reach_the_views_without_a_forward_pass(calls):
     assert heat["colorscale"][0][1] == "#440154" and heat["opacity"] == pytest.approx(0.3)  # Viridis starts #440154
     at.number_input(key="query_patch").set_value(5).run()
     assert at.session_state["query_patch"] == 5
-    assert "Patch 5 (row 0, col 5)" in at.tabs[4].markdown[0].value
+    assert "Patch 5 (row 0, col 5)" in show(at, "Query patch").tabs[4].markdown[0].value
+    show(at, "Heads")
     at.radio(key="heads_source").set_value("query patch")
     at.selectbox(key="heads_layer").set_value(4).run()
     assert "Layer 4: where patch 5 attends" in at.tabs[3].markdown[0].value
@@ -186,11 +203,11 @@ def test_clicks_pick_the_query_patch(calls):
     at = click(at, "fig_grid", 3.5 * P, 2.5 * P)  # centre of row 2, col 3
     ok(at)
     assert at.session_state["query_patch"] == 2 * gw + 3
-    assert "Patch 31 (row 2, col 3)" in at.tabs[4].markdown[0].value
-    at = click(at, "fig_rollout", 13 * P + 1, 0.2 * P)  # top-right patch, off centre
+    assert "Patch 31 (row 2, col 3)" in show(at, "Query patch").tabs[4].markdown[0].value
+    at = click(show(at, "Attention rollout"), "fig_rollout", 13 * P + 1, 0.2 * P)  # top-right patch, off centre
     assert at.session_state["query_patch"] == gw - 1
     # mosaic: tile (r, c) spans cells [r (gh+1), r (gh+1) + gh) x [c (gw+1), ...]; a tile cell of row 5, col 1
-    at = click(at, "fig_mosaic", 1 * (gw + 1) + 4, 5 * (gw + 1) + 2)
+    at = click(show(at, "Position embeddings"), "fig_mosaic", 1 * (gw + 1) + 4, 5 * (gw + 1) + 2)
     assert at.session_state["query_patch"] == 5 * gw + 1
     at = click(at, "fig_mosaic", 1 * (gw + 1) - 1, 0)  # the blank column between tiles: no change
     ok(at)

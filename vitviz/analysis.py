@@ -96,7 +96,10 @@ DEFAULTS = Settings()
 
 @dataclass(frozen=True)
 class Analysis:
-    """One image through one model: the fitted input, every layer's attention and the position similarity."""
+    """One image through one model: the fitted input, every layer's attention and the position similarity.
+
+    Immutable: the dataclass is frozen and its arrays are read-only.
+    """
 
     info: ModelInfo
     pixels: np.ndarray  # (H, W, 3) uint8, exactly what the model saw
@@ -202,17 +205,23 @@ def analyze_batch(
     return [
         Analysis(
             info=info,
-            pixels=f.pixels,
+            pixels=_frozen(f.pixels),
             box=tuple(float(v) for v in f.box),
             fit_description=f.description,
-            attention=cap.attention[i].numpy(),
-            pos_sim=sim,
+            attention=_frozen(cap.attention[i].numpy()),
+            pos_sim=_frozen(sim),
             seconds=seconds,
             device=str(param.device),
             notes=tuple(im.notes) if isinstance(im, LoadedImage) else (),
         )
         for i, (im, f) in enumerate(zip(images, fitted, strict=True))
     ]
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    """Read-only, so one Analysis can be shared (e.g. by several app sessions) without anyone changing it."""
+    a.flags.writeable = False
+    return a
 
 
 def _interp(name: str) -> str:
