@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -51,6 +52,21 @@ __all__ = [
 ]
 
 FitMode = Literal["crop", "whole"]
+
+
+def _silence_read_only_warning() -> None:
+    """Analysis arrays are read-only and the rollout reads them through ``torch.from_numpy`` without writing.
+
+    torch warns about that once per process; trigger the warning here, at import (single-threaded), and drop it.
+    """
+    probe = np.zeros(1)
+    probe.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        torch.from_numpy(probe)
+
+
+_silence_read_only_warning()
 MAX_ATTENTION_BYTES = int(float(os.environ.get("VITVIZ_MAX_ATTENTION_MB", "3072")) * 2**20)
 HALF_STORAGE_BYTES = 256 * 2**20  # above this the capture is kept in fp16
 
