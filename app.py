@@ -27,7 +27,7 @@ import streamlit as st
 from vitviz import analysis as va
 from vitviz import figures as vf
 from vitviz.device import available_devices, pick_device, pick_dtype
-from vitviz.errors import ParameterError
+from vitviz.errors import OutOfMemoryError, ParameterError
 from vitviz.image import MAX_UPLOAD_BYTES, load_image, whole_image_size
 from vitviz.models import (
     CHECKPOINT_SUFFIXES,
@@ -350,7 +350,15 @@ try:
         input_size = (img_size, img_size)
     model, info = get_model(name, arch, patch, input_size, device, precision)
     model_key = (name, arch, patch, input_size, device, precision)
-    res = run_analysis(digest, model_key, fit, model, info, loaded)
+    try:
+        res = run_analysis(digest, model_key, fit, model, info, loaded)
+    except OutOfMemoryError as exc:  # the GPU is full (other sessions, a big grid): this one runs on the CPU
+        if device == "cpu":
+            raise
+        st.warning(f"{exc}; this analysis runs on the CPU instead.")
+        model, info = get_model(name, arch, patch, input_size, "cpu", "auto")
+        model_key = (name, arch, patch, input_size, "cpu", "auto")
+        res = run_analysis(digest, model_key, fit, model, info, loaded)
 except ValueError as exc:
     fail(exc)
 sb.caption(f"Model input: **{input_size[1]} x {input_size[0]} px** = {info.grid[1]} x {info.grid[0]} patches "

@@ -186,3 +186,42 @@ def test_default_rollout_lands_on_the_object(default_model):
     inside = heat[8:14, 2:8].sum() / heat.sum()
     area = 36 / 256
     assert inside > 2.5 * area, f"rollout mass inside the object {inside:.2f} vs its area {area:.2f}"
+
+
+def test_out_of_memory_is_typed_and_falls_back_to_cpu(monkeypatch):
+    import vitviz.analysis as va
+    from vitviz.errors import OutOfMemoryError
+
+    model = tiny_vit()
+    info = describe_model(model)
+    real = va.attention_forward
+    loads = []
+
+    def load(device):
+        loads.append(device)
+        return model, info
+
+    def oom(*_a, **_k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(va, "attention_forward", oom)
+    with pytest.raises(OutOfMemoryError, match="ran out of memory .* 4x4 patches"):
+        va.analyze(model, photo(), info=info)
+    with pytest.raises(OutOfMemoryError):  # already on the CPU: nothing to fall back to
+        va.analyze_with_fallback(load, [photo()], device="cpu")
+
+    calls = []
+
+    def oom_once(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(*a, **k)
+
+    monkeypatch.setattr(va, "attention_forward", oom_once)
+    loads.clear()
+    results, notice = va.analyze_with_fallback(load, [photo(), photo(seed=1)], device="cuda")
+    assert loads == ["cuda", "cpu"] and len(results) == 2
+    assert "ran out of memory" in notice and "CPU instead" in notice
+    monkeypatch.setattr(va, "attention_forward", real)
+    assert np.array_equal(results[1].attention, analyze(model, photo(seed=1), info=info).attention)

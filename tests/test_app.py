@@ -288,3 +288,23 @@ def test_embedded_default_model(monkeypatch):
     at = started()
     ok(at)
     assert "vit_small_patch14_dinov2" in status(at) and "257 tokens = 256 patches + 1 prefix" in status(at)
+
+
+def test_gpu_out_of_memory_falls_back_to_the_cpu_with_a_notice(calls, monkeypatch):
+    """The first pass runs out of accelerator memory (simulated): the app says so and shows the CPU result."""
+    from vitviz.errors import OutOfMemoryError
+
+    counting = vitviz.analysis.analyze
+
+    def oom_once(*args, **kwargs):
+        if not calls:
+            calls.append(1)
+            raise OutOfMemoryError("the CUDA ran out of memory for 1 image(s) at 14x14 patches (1 MB of attention)")
+        return counting(*args, **kwargs)
+
+    monkeypatch.setattr(vitviz.analysis, "analyze", oom_once)
+    at = started()
+    assert not at.exception and not at.error
+    assert len(at.warning) == 1 and "ran out of memory" in at.warning[0].value and "CPU instead" in at.warning[0].value
+    assert "forward pass" in status(at) and "cpu" in status(at)
+    assert len(calls) == 2  # the failed try and the CPU pass

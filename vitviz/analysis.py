@@ -11,6 +11,7 @@ import functools
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -19,7 +20,7 @@ import torch
 from PIL import Image
 
 from .attention import attention_forward
-from .errors import ParameterError, ResourceError
+from .errors import OutOfMemoryError, ParameterError, ResourceError
 from .image import FittedImage, LoadedImage, fit_image, to_tensor, whole_image_size
 from .models import MAX_IMG_SIZE, ModelInfo, build_model, describe_model, load_source
 from .posembed import patch_pos_embed, pos_embed_similarity
@@ -44,6 +45,7 @@ __all__ = [
     "input_size_for",
     "analyze",
     "analyze_batch",
+    "analyze_with_fallback",
     "rollout_table",
     "rollout_map",
     "raw_attention_maps",
@@ -215,7 +217,15 @@ def analyze_batch(
     x = x.to(device=param.device, dtype=param.dtype)
     store = torch.float16 if need > HALF_STORAGE_BYTES else torch.float32
     t0 = time.perf_counter()
-    cap = attention_forward(model, x, store_dtype=store)
+    try:
+        cap = attention_forward(model, x, store_dtype=store)
+    except torch.OutOfMemoryError as exc:  # CUDA (and MPS) allocation failure: free what we can, say so
+        del x
+        _empty_cache(param.device)
+        raise OutOfMemoryError(
+            f"the {param.device.type.upper()} ran out of memory for {len(images)} image(s) at "
+            f"{info.grid[0]}x{info.grid[1]} patches ({need / 2**20:,.0f} MB of attention)"
+        ) from exc
     seconds = (time.perf_counter() - t0) / len(images)
     sim = pos_embed_similarity(patch_pos_embed(model)).cpu().numpy().astype(np.float32)
     return [
@@ -232,6 +242,34 @@ def analyze_batch(
         )
         for i, (im, f) in enumerate(zip(images, fitted, strict=True))
     ]
+
+
+def _empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
+
+
+def analyze_with_fallback(
+        load: Callable[[str], tuple[torch.nn.Module, ModelInfo]],
+        images: list[LoadedImage | Image.Image],
+        *,
+        device: str,
+        fit: FitMode = "crop",
+) -> tuple[list[Analysis], str | None]:
+    """``analyze_batch`` on ``load(device)``'s model; if the GPU runs out of memory, again on ``load("cpu")``.
+
+    Returns the results and a notice for the user when the fallback happened (else None).
+    """
+    model, info = load(device)
+    try:
+        return analyze_batch(model, images, info=info, fit=fit), None
+    except OutOfMemoryError as exc:
+        if device == "cpu":
+            raise
+        model, info = load("cpu")
+        return analyze_batch(model, images, info=info, fit=fit), f"{exc}; this analysis ran on the CPU instead."
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:

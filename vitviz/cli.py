@@ -86,10 +86,13 @@ def _progress(total: int, quiet: bool):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .analysis import DEFAULTS, analyze_batch, get_model, input_size_for, native_patch_size, rollout_map
+    import torch
+
+    from .analysis import DEFAULTS, analyze_with_fallback, get_model, input_size_for, native_patch_size, rollout_map
     from .device import pick_device, pick_dtype
     from .figures import overlay_png
     from .image import load_image
+    from .models import resolve_sizes
 
     settings = replace(
         DEFAULTS,
@@ -117,7 +120,8 @@ def _run(args: argparse.Namespace) -> int:
         raise VitvizError("no images found in the given paths")
     args.out.mkdir(parents=True, exist_ok=True)
 
-    patch = settings.patch_size or native_patch_size(settings.model, arch=args.arch)
+    native = native_patch_size(settings.model, arch=args.arch)
+    patch, _ = resolve_sizes(native_patch_size=native, patch_size=settings.patch_size, img_size=settings.img_size)
 
     failures, rows = 0, []
     bar = _progress(len(paths), args.quiet)
@@ -128,16 +132,21 @@ def _run(args: argparse.Namespace) -> int:
         if not pending:
             return
         size = input_size_for(pending[0][2].image, img_size=settings.img_size, patch_size=patch, fit=settings.fit)
-        model, info = get_model(settings.model, patch_size=patch, img_size=size, device=str(device), dtype=dtype,
-                                arch=args.arch)
+
+        def load(dev: str):
+            return get_model(settings.model, patch_size=patch, img_size=size, device=dev,
+                             dtype=dtype if dev == str(device) else torch.float32, arch=args.arch)
+
         try:
-            results = analyze_batch(model, [p[2] for p in pending], info=info, fit=settings.fit)
+            results, notice = analyze_with_fallback(load, [p[2] for p in pending], device=str(device), fit=settings.fit)
         except VitvizError as exc:
             for path, _stem, _im in pending:
                 failures += 1
                 print(f"vitviz: {path}: {exc}", file=sys.stderr)
             pending.clear()
             return
+        if notice:
+            print(f"vitviz: {notice}", file=sys.stderr)
         for (path, stem, loaded), res in zip(pending, results, strict=True):
             rows.append(_write(args, settings, path, stem, loaded, res, rollout_map, overlay_png))
         if bar:

@@ -13,6 +13,7 @@ __all__ = [
     "CheckpointError",
     "ModelUnavailableError",
     "ResourceError",
+    "OutOfMemoryError",
     "CaptureError",
 ]
 
@@ -43,6 +44,10 @@ class ModelUnavailableError(ModelError):
 
 class ResourceError(VitvizError):
     """The work would need more memory than the configured budget."""
+
+
+class OutOfMemoryError(ResourceError):
+    """The accelerator ran out of memory during the pass; callers may retry on the CPU."""
 
 
 class CaptureError(VitvizError):
