@@ -34,6 +34,7 @@ from vitviz.models import (
     MAX_IMG_SIZE,
     build_model,
     describe_model,
+    hub_cached,
     is_model_name,
     list_vit_models,
     load_source,
@@ -139,7 +140,7 @@ def model_label(choice: str) -> str:
         return "Upload a checkpoint..."
     if choice.startswith(DIR_PREFIX):
         return f"Checkpoint: {choice.removeprefix(DIR_PREFIX)}"
-    return f"{choice} (Hub)"
+    return f"{choice} ({'cached' if hub_cached(choice) else 'Hub, needs internet'})"
 
 
 def save_checkpoint(upload) -> str:

@@ -159,3 +159,22 @@ def test_size_checks_name_the_allowed_range():
 def test_model_source_default_is_the_embedded_model():
     src = ModelSource(name="x", arch=ARCH, kind="file")
     assert src.pos_antialias  # timm's own resampling for everything but the default model
+
+
+def test_hub_cached_reads_the_local_cache_only(tmp_path, monkeypatch):
+    """A fake HF cache laid out by hand: the model counts as cached once its weights file is there."""
+    import huggingface_hub.constants
+
+    from vitviz.models import hub_cached
+
+    name = "deit_small_patch16_224"
+    repo = timm.models.get_pretrained_cfg(name).hf_hub_id
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert not hub_cached(name)
+    snap = tmp_path / f"models--{repo.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (tmp_path / f"models--{repo.replace('/', '--')}" / "refs").mkdir()
+    (tmp_path / f"models--{repo.replace('/', '--')}" / "refs" / "main").write_text("0" * 40)
+    (snap / "model.safetensors").write_bytes(b"x")
+    assert hub_cached(name)
+    assert not hub_cached("not_a_model_at_all")

@@ -53,6 +53,7 @@ __all__ = [
     "build_model",
     "load_model",
     "is_model_name",
+    "hub_cached",
     "list_vit_models",
 ]
 
@@ -182,6 +183,22 @@ def list_vit_models() -> tuple[str, ...]:
 def is_model_name(name: str) -> bool:
     base = name.split(".")[0]
     return base in timm.list_models()
+
+
+def hub_cached(name: str) -> bool:
+    """Whether a timm model's pretrained weights are already in the local Hugging Face cache (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cfg = timm.models.get_pretrained_cfg(name)
+    except (ImportError, RuntimeError, ValueError):
+        return False
+    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not repo:
+        return False
+    files = [cfg.hf_hub_filename] if getattr(cfg, "hf_hub_filename", None) else []
+    files += ["model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"]
+    return any(isinstance(try_to_load_from_cache(repo, f), str) for f in files)
 
 
 def _unknown_name(name: str) -> ModelError:
