@@ -16,11 +16,9 @@ import json
 import os
 import pickle
 import re
-import struct
 import subprocess
 import sys
 import threading
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +37,7 @@ from vitviz.models import build_model, describe_model, load_source, resolve_size
 from vitviz.rollout import fuse_heads
 
 from .conftest import tiny_vit
+from .test_image import png_header_only
 
 ARCH = "vit_tiny_patch16_224"
 KW = dict(embed_dim=32, depth=3, num_heads=4)
@@ -56,17 +55,6 @@ def encode(im: Image.Image, fmt: str, **kw) -> bytes:
 
 def noise(w: int, h: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-def png_chunk(cid: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + cid + data + struct.pack(">I", zlib.crc32(cid + data))
-
-
-def bomb_png(w: int, h: int) -> bytes:
-    """A valid ~100-byte PNG whose header declares w x h RGB pixels (the IDAT holds almost nothing)."""
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + png_chunk(b"IEND", b""))
 
 
 def bad_crc_png() -> bytes:
@@ -109,8 +97,8 @@ REFUSED = {
             r"is an SVG \(vector\) image; SVG is not supported\. Convert it to PNG"),
     "svg-xml": (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>', r"SVG is not supported"),
     "heic": (b"\0\0\0\x18ftypheic" + bytes(64), r"HEIC/AVIF image, which is not supported"),
-    "bomb": (bomb_png(30000, 30000), r"too many pixels to decode safely.*limit is 64,000,000 pixels"),
-    "over-pixel-limit": (bomb_png(9000, 9000), r"9000x9000 = 81,000,000 pixels; the limit is 64,000,000"),
+    "bomb": (png_header_only(30000, 30000), r"too many pixels to decode safely.*limit is 64,000,000 pixels"),
+    "over-pixel-limit": (png_header_only(9000, 9000), r"9000x9000 = 81,000,000 pixels; the limit is 64,000,000"),
 }
 
 
@@ -162,7 +150,7 @@ def test_decompression_bomb_fails_fast_in_bounded_memory(tmp_path, w, h):
     """A fresh process, so its peak RSS (ru_maxrss) is this load's own: decoding 30000x30000 RGB would take 2.7 GB."""
     expect = "loaded" if w * h <= 64_000_000 else "ImageError"  # 100000x1 is under the pixel limit: it loads
     path = tmp_path / "bomb.png"
-    path.write_bytes(bomb_png(w, h) if expect == "ImageError" else encode(noise(w, h), "PNG"))
+    path.write_bytes(png_header_only(w, h) if expect == "ImageError" else encode(noise(w, h), "PNG"))
     proc = subprocess.run([sys.executable, "-c", BOMB_PROBE, str(path)], capture_output=True, text=True, timeout=120,
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
@@ -657,7 +645,7 @@ def test_errors_in_one_thread_do_not_disturb_the_others():
 
     def bad_image():
         try:
-            load_image(bomb_png(30000, 30000))
+            load_image(png_header_only(30000, 30000))
         except VitvizError as e:
             outcomes["bad_image"] = e
 
