@@ -19,6 +19,7 @@ import datetime
 import gc
 import json
 import os
+import pickle
 import platform
 import re
 import statistics
@@ -45,6 +46,7 @@ from vitviz.analysis import (  # noqa: E402
     analyze,
     analyze_batch,
     attention_bytes,
+    attention_distance,
     get_model,
     query_attention_maps,
     rollout_table,
@@ -52,9 +54,11 @@ from vitviz.analysis import (  # noqa: E402
 from vitviz.attention import attention_forward  # noqa: E402
 from vitviz.figures import (  # noqa: E402
     MOSAIC_MAX_TOKENS,
+    attention_distance_figure,
     head_grid_figure,
     layer_scrub_figure,
     overlay_figure,
+    patch_grid_figure,
     similarity_map_figure,
     similarity_mosaic_figure,
 )
@@ -284,31 +288,49 @@ def _serialised(build: Callable[[], object]) -> Callable[[], str]:
     return lambda: plotly.io.to_json(build(), validate=False)  # what st.plotly_chart sends
 
 
+BRIEF_VIEWS = ("view:layer_scrub", "view:head_grid", "view:pos_mosaic", "view:overlay")
+
+
 def control_variants(a: Analysis, table: np.ndarray) -> dict[str, Callable[[], object]]:
     """Server-side work after a control change, from the cached analysis (no new pass).
 
-    ``rollout:*`` recompute the table for a new head fusion or discard ratio; ``view:*`` build one figure and
-    serialise it as st.plotly_chart does (``plotly.io.to_json(fig, validate=False)``).
+    ``data:*`` is what the app recomputes: the unpickling copy ``st.cache_data`` makes of the cached Analysis on
+    every rerun, ``rollout_table`` for a new head fusion or discard ratio, the query maps for a new query patch.
+    ``view:*`` builds one figure as app.py does and serialises it as ``st.plotly_chart`` does
+    (``plotly.io.to_json(fig, validate=False)``). ``view:overlay`` is not on the app page (a PNG download there).
     """
-    info, p = a.info, a.info.patch_size
+    info, p, px = a.info, a.info.patch_size, a.pixels
     L, n = info.depth, info.num_patches
     start, end = DEFAULTS.layer_range(L)
-    scrub = table[0]  # (L, gh, gw): rollout from layer 0 up to each layer
-    heads = query_attention_maps(a.attention, info=info, layer=end)  # (H, gh, gw)
-    if n <= MOSAIC_MAX_TOKENS:
-        def sim_view():
-            return similarity_mosaic_figure(a.pos_sim, grid=info.grid)
-    else:  # the app shows one patch's map when the mosaic would be too large
-        def sim_view():
-            return similarity_map_figure(a.pos_sim, grid=info.grid, index=n // 2, pixels=a.pixels, patch_size=p)
+    query = (info.grid[0] // 2) * info.grid[1] + info.grid[1] // 2  # the app's default query patch
+    blob = pickle.dumps(a, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def query_maps(q):  # app.py query_maps: (L, H, gh, gw)
+        return np.stack([query_attention_maps(a.attention, info=info, layer=k, query=q) for k in range(L)])
+
+    qmaps, cls_maps, dist = query_maps(query), query_maps(None), attention_distance(a.attention, info=info)
+    labels = [f"layers {start}-{b}" for b in range(start, L)]
+    views = {
+        "view:patch_grid": lambda: patch_grid_figure(px, patch_size=p, grid=info.grid, highlight=query),
+        "view:pos_mosaic": lambda: similarity_mosaic_figure(a.pos_sim, grid=info.grid),
+        "view:pos_map": lambda: similarity_map_figure(a.pos_sim, grid=info.grid, index=query, patch_size=p, pixels=px),
+        "view:layer_scrub": lambda: layer_scrub_figure(px, table[start, start:], patch_size=p, labels=labels,
+                                                       active=end - start),
+        "view:head_grid": lambda: head_grid_figure(cls_maps[end], patch_size=p, pixels=px),
+        "view:query_scrub": lambda: layer_scrub_figure(px, qmaps.mean(axis=1), patch_size=p,
+                                                       labels=[f"layer {b}" for b in range(L)], active=end),
+        "view:query_heads": lambda: head_grid_figure(qmaps[end], patch_size=p, pixels=px),
+        "view:distance": lambda: attention_distance_figure(dist),
+        "view:overlay": lambda: overlay_figure(px, table[start, end], patch_size=p),
+    }
+    if n > MOSAIC_MAX_TOKENS:  # the app shows a note instead of the mosaic
+        del views["view:pos_mosaic"]
     return {
-        "rollout:fusion=max": lambda: rollout_table(a.attention, info=info, head_fusion="max"),
-        "rollout:discard=0.9": lambda: rollout_table(a.attention, info=info, discard_ratio=0.9),
-        "view:layer_scrub": _serialised(lambda: layer_scrub_figure(
-            a.pixels, scrub, patch_size=p, labels=[f"layer {k}" for k in range(L)])),
-        "view:head_grid": _serialised(lambda: head_grid_figure(heads, patch_size=p, pixels=a.pixels)),
-        "view:pos_sim": _serialised(sim_view),
-        "view:overlay": _serialised(lambda: overlay_figure(a.pixels, table[start, end], patch_size=p)),
+        "data:cache_data copy of the Analysis": lambda: pickle.loads(blob),
+        "data:rollout_table fusion=max": lambda: rollout_table(a.attention, info=info, head_fusion="max"),
+        "data:rollout_table discard=0.9": lambda: rollout_table(a.attention, info=info, discard_ratio=0.9),
+        "data:query maps, new patch": lambda: query_maps(query + 1),
+        **{k: _serialised(v) for k, v in views.items()},
     }
 
 
@@ -376,27 +398,41 @@ def _forward_rows(case: Case, args: argparse.Namespace) -> tuple[list[str], list
     peer = PeerRollout(case.model)
     t = time_interleaved(forward_variants(case, peer), device=case.device, repeats=args.repeats, warmup=args.warmup)
     peer.close()
-    floor, n = _ms(t["plain"]), case.info.num_tokens
-    rows = [f"| {case.name} | {n} | {ROW_LABELS[k]} | {_ms(v):.1f} | {min(v) * 1e3:.1f} | {_ms(v) / floor:.2f} |"
-            for k, v in t.items()]
+    floor, low, n = _ms(t["plain"]), min(t["plain"]), case.info.num_tokens
+    rows = [f"| {case.name} | {n} | {ROW_LABELS[k]} | {_ms(v):.1f} | {min(v) * 1e3:.1f} | {_ms(v) / floor:.2f} | "
+            f"{min(v) / low:.2f} |" for k, v in t.items()]
     if case.name not in ("default-p14", "default-p8"):
         return rows, []
     limit, ratio = TARGETS["ratio_p14" if case.name == "default-p14" else "ratio_p8"], _ms(t["analysis"]) / floor
-    return rows, [(f"full analysis ≤ {limit:.2f}× plain forward ({case.name}): {ratio:.2f}×", ratio <= limit)]
+    text = f"full analysis ≤ {limit:.2f}× plain forward ({case.name}): {ratio:.2f}×"
+    if _noisy(t):
+        text += f" — NOISY (a median over 1.25× its minimum; ratio of minima {min(t['analysis']) / low:.2f}×)"
+    return rows, [(text, ratio <= limit)]
+
+
+def _noisy(times: dict[str, list[float]]) -> bool:
+    """Another job took the cores during part of the rounds: medians then mix quiet and loaded rounds."""
+    return any(_ms(v) > 1.25 * min(v) * 1e3 for v in times.values())
 
 
 def _control_rows(case: Case, args: argparse.Namespace) -> tuple[list[str], list[Check]]:
     a = analyze(case.model, case.image, info=case.info)
-    c = time_interleaved(control_variants(a, rollout_table(a.attention, info=a.info)), device=torch.device("cpu"),
+    t = time_interleaved(control_variants(a, rollout_table(a.attention, info=a.info)), device=torch.device("cpu"),
                          repeats=args.repeats, warmup=args.warmup)
-    rows = [f"| {case.name} | {k} | {_ms(v):.1f} |" for k, v in c.items()]
-    rollout = max(_ms(v) for k, v in c.items() if k.startswith("rollout:"))
-    views = [_ms(v) for k, v in c.items() if k.startswith("view:")]
-    one, every = rollout + max(views), rollout + sum(views)
-    rows += [f"| {case.name} | **control change, one view: slowest rollout + slowest view** | **{one:.1f}** |",
-             f"| {case.name} | control change, every view: slowest rollout + all views | {every:.1f} |"]
-    limit = TARGETS["control_ms"]
-    return rows, [(f"control change ≤ {limit:.0f} ms, one view ({case.name}): {one:.1f} ms", one <= limit)]
+    c = {k: _ms(v) for k, v in t.items()}
+    rows = [f"| {case.name} | {k} | {c[k]:.1f} | {min(v) * 1e3:.1f} |" for k, v in t.items()]
+    copy_ = c["data:cache_data copy of the Analysis"]
+    data = copy_ + max(v for k, v in c.items() if k.startswith("data:") and k != "data:cache_data copy of the Analysis")
+    one = data + max(c.get(k, 0.0) for k in BRIEF_VIEWS)
+    page = data + sum(v for k, v in c.items() if k.startswith("view:") and k != "view:overlay")
+    rows += [f"| {case.name} | **one view: Analysis copy + slowest recompute + slowest of the four views** | "
+             f"**{one:.1f}** | |",
+             f"| {case.name} | **app rerun (st.tabs runs every tab): Analysis copy + slowest recompute + every "
+             f"figure on the page** | **{page:.1f}** | |"]
+    limit, noisy = TARGETS["control_ms"], " — NOISY" if _noisy(t) else ""
+    return rows, [(f"control change ≤ {limit:.0f} ms, one view ({case.name}): {one:.1f} ms{noisy}", one <= limit),
+                  (f"control change ≤ {limit:.0f} ms, app rerun, all tabs ({case.name}): {page:.1f} ms{noisy}",
+                   page <= limit)]
 
 
 def _batch_row(case: Case, args: argparse.Namespace) -> str:
@@ -429,8 +465,9 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
             f"{_machine(device, args.threads)}. {datetime.datetime.now():%Y-%m-%d %H:%M}.", "",
             f"Median of {args.repeats} interleaved rounds after {args.warmup} warm-up rounds; "
             "ratio = median / median of the plain fused forward of the same model and input.", ""]
-    fwd = ["| case | tokens | row | median ms | min ms | × plain |", "|---|---:|---|---:|---:|---:|"]
-    ctl = ["| case | step | median ms |", "|---|---|---:|"]
+    fwd = ["| case | tokens | row | median ms | min ms | × plain (medians) | × plain (minima) |",
+           "|---|---:|---|---:|---:|---:|---:|"]
+    ctl = ["| case | step | median ms | min ms |", "|---|---|---:|---:|"]
     batch = ["| case | batch | plain img/s | `analyze_batch` img/s | × plain (time) |", "|---|---:|---:|---:|---:|"]
     unit = "allocated (CUDA)" if device.type == "cuda" else "RSS"
     mem = [f"| case | variant | {unit} before, MiB | peak delta, MiB | delta × plain | peak total × plain |",

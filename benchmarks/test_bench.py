@@ -94,7 +94,8 @@ def test_case_and_variants_keep_device_and_dtype(dtype):
     a = out["analyze"]
     views = bench.control_variants(a, table)
     assert all(isinstance(views[k](), str) for k in views if k.startswith("view:"))
-    assert views["rollout:fusion=max"]().shape == (3, 3, 4, 4)
+    assert views["data:cache_data copy of the Analysis"]().attention.shape == a.attention.shape
+    assert views["data:rollout_table fusion=max"]().shape == (3, 3, 4, 4)
 
 
 def test_peers_reference_matches_an_independent_rollout_and_leaves_the_model_alone():
