@@ -116,6 +116,7 @@ def test_attention_distance_against_a_loop(tiny_result):
 
 def test_settings_checks_and_defaults():
     assert DEFAULTS.start_layer == 1 and DEFAULTS.end_layer == -1 and DEFAULTS.head_fusion == "mean"
+    assert DEFAULTS.discard_ratio == 0.9
     assert DEFAULTS.layer_range(12) == (1, 11)
     assert DEFAULTS.layer_range(1) == (0, 0)  # one-layer model: the default start falls back to 0
     with pytest.raises(ParameterError, match="reversed"):
@@ -182,10 +183,15 @@ def test_default_rollout_lands_on_the_object(default_model):
     top, left = 112, 28  # rows 8..13, cols 2..7 of the 16x16 grid (14 px patches)
     canvas[top : top + 84, left : left + 84] = obj
     res = analyze(model, Image.fromarray(canvas), info=info)
-    heat = rollout_map(res.attention, info=info)
-    inside = heat[8:14, 2:8].sum() / heat.sum()
     area = 36 / 256
-    assert inside > 2.5 * area, f"rollout mass inside the object {inside:.2f} vs its area {area:.2f}"
+
+    def inside(settings: Settings) -> float:
+        heat = rollout_map(res.attention, info=info, settings=settings)
+        return float(heat[8:14, 2:8].sum() / heat.sum())
+
+    assert inside(DEFAULTS) > 0.8, f"default rollout mass inside the object {inside(DEFAULTS):.2f}, area {area:.2f}"
+    # the defaults beat plain rollout over every layer (0.49 here: layer 0 sends CLS attention to a few spikes)
+    assert inside(DEFAULTS) > inside(Settings(start_layer=0, discard_ratio=0.0)) + 0.2
 
 
 def test_out_of_memory_is_typed_and_falls_back_to_cpu(monkeypatch):

@@ -26,7 +26,8 @@ def random_attention(L=4, H=3, T=7, seed=0):
 
 
 def naive_rollout(attn, *, start, end, fusion, ratio, source=0):
-    """Abnar & Zuidema by the book: fuse, discard the lowest non-CLS-column entries, +I, row-normalise, multiply."""
+    """Abnar & Zuidema by the book: fuse, discard the lowest non-CLS-column entries, +I, row-normalise, and
+    Ã(l) = Â(l) · Ã(l-1) with full matrix products (vit-explain: ``result = a @ result``); row ``source`` of Ã."""
     A = attn.numpy()
     L, H, T, _ = A.shape
     result = np.eye(T)
@@ -41,7 +42,7 @@ def naive_rollout(attn, *, start, end, fusion, ratio, source=0):
         m = m + np.eye(T)
         for i in range(T):
             m[i] = m[i] / m[i].sum()
-        result = result @ m  # full matrix product
+        result = m @ result  # full matrix product, the newer layer on the left
     return result[source]
 
 
@@ -70,6 +71,21 @@ def test_rollout_all_ranges_in_one_sweep(fusion, ratio):
             else:
                 want = naive_rollout(attn, start=a, end=b, fusion=fusion, ratio=ratio)
                 np.testing.assert_allclose(table[a, b].numpy(), want, atol=1e-10)
+
+
+def test_layer_order_by_hand():
+    """Rollout runs from the last layer back to the first: Ã = Â_1 · Â_0, not Â_0 · Â_1.
+
+    Layer 0: CLS attends to token 1; layer 1: CLS attends to token 2 (others attend to themselves). With Â = (A+I)/2
+    the CLS after layer 1 is half itself, half token 2; its own half came half from token 1 at layer 0:
+    [.25, .25, .5]. The reversed product would give [.25, .5, .25].
+    """
+    a0 = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    a1 = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    mats = rollout_matrices(torch.stack([a0, a1])[:, None].double())  # (L=2, H=1, 3, 3)
+    np.testing.assert_allclose(rollout_row(mats, start=0, end=1).numpy(), [0.25, 0.25, 0.5])
+    np.testing.assert_allclose(rollout_all(mats)[0, 1].numpy(), [0.25, 0.25, 0.5])
+    np.testing.assert_allclose(rollout_row(mats, start=1, end=1).numpy(), [0.5, 0.0, 0.5])
 
 
 def test_rows_are_normalised_on_the_right_axis():

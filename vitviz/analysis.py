@@ -31,6 +31,7 @@ from .rollout import (
     cls_attention,
     rollout_all,
     rollout_matrices,
+    rollout_row,
     tokens_to_grid,
 )
 
@@ -78,7 +79,10 @@ class Settings:
     """The knobs of one analysis; the app's and the CLI's defaults both come from ``DEFAULTS``.
 
     The start layer defaults to 1: the default DINOv2 model's layer 0 sends most CLS attention to one or two
-    'spike' patches, and a rollout that includes it shows those instead of the objects.
+    'spike' patches, and a rollout that includes it shows those instead of the objects. Discarding the weakest 90%
+    of each layer's attention (never the CLS column) sharpens the map onto the objects: on a textured object pasted
+    on a flat background (14% of the image) the default model's rollout puts 90% of its mass on the object with
+    discard 0.9, 54% without (tests/test_analysis.py).
     """
 
     model: str = "default"
@@ -88,7 +92,7 @@ class Settings:
     start_layer: int = 1
     end_layer: int = -1  # -1: the last layer
     head_fusion: HeadFusion = "mean"
-    discard_ratio: float = 0.0
+    discard_ratio: float = 0.9
     device: str = "auto"
     precision: str = "auto"
 
@@ -307,9 +311,7 @@ def rollout_map(attention: np.ndarray, *, info: ModelInfo, settings: Settings = 
         head_fusion=settings.head_fusion,
         discard_ratio=settings.discard_ratio,
     )
-    row = mats[0, 0]
-    for m in mats[1:]:
-        row = row @ m
+    row = rollout_row(mats, start=0, end=end - start, source=0)
     return tokens_to_grid(row, num_prefix_tokens=info.num_prefix_tokens, grid=info.grid).numpy().astype(np.float32)
 
 

@@ -5,8 +5,10 @@ identity is added for the residual path and rows are re-normalised:
 
     Â_l = norm_rows(discard(fuse(A_l)) + I)
 
-and rollout over layers a..b is the CLS row of Â_a · Â_{a+1} ··· Â_b. Only that row is needed, so it is computed as
-vector–matrix products (O(L·T²)) — and every (a, b) range the layer control can reach comes from one sweep.
+and rollout over layers a..b is the CLS row of Â_b · Â_{b-1} ··· Â_a (the paper's Ã(l) = Â(l)·Ã(l-1): the CLS token
+after layer b draws on the tokens after layer b-1 through Â_b, and so on down to the input of layer a). Only that row
+is needed, so it is computed as vector–matrix products (O(L·T²)) — and every (a, b) range the layer control can
+reach comes from one sweep.
 """
 
 from __future__ import annotations
@@ -90,10 +92,10 @@ def check_layer_range(start: int, end: int, num_layers: int) -> None:
 
 
 def rollout_row(mats: torch.Tensor, *, start: int, end: int, source: int = 0) -> torch.Tensor:
-    """Row ``source`` of Â_start ··· Â_end (inclusive), from (L, T, T) rollout matrices: (T,)."""
+    """Row ``source`` of Â_end ··· Â_start (inclusive), from (L, T, T) rollout matrices: (T,)."""
     check_layer_range(start, end, mats.shape[0])
-    r = mats[start, source]
-    for layer in range(start + 1, end + 1):
+    r = mats[end, source]  # the source token after layer `end`
+    for layer in range(end - 1, start - 1, -1):  # back towards the input of layer `start`
         r = r @ mats[layer]
     return r
 
@@ -101,15 +103,16 @@ def rollout_row(mats: torch.Tensor, *, start: int, end: int, source: int = 0) ->
 def rollout_all(mats: torch.Tensor, *, source: int = 0) -> torch.Tensor:
     """Every range at once: (L, T, T) -> (L, L, T) with [a, b] = rollout over a..b for a <= b, NaN for a > b.
 
-    Sweeping b upward, the rows of all starts a <= b advance together: one (b+1, T)·(T, T) product per layer.
+    Sweeping the start a downward, the rows of all ends b >= a advance together: one (L-a-1, T)·(T, T) product
+    per layer. After step a, rows[b] = e_source · Â_b ··· Â_a.
     """
     L, T, _ = mats.shape
     out = torch.full((L, L, T), float("nan"), dtype=mats.dtype, device=mats.device)
-    rows = mats[:, source, :].clone()  # rows[a] = rollout a..(a) so far; starts at each layer's own row
-    for b in range(L):
-        if b > 0:
-            rows[:b] = rows[:b] @ mats[b]
-        out[: b + 1, b] = rows[: b + 1]
+    rows = mats[:, source, :].clone()  # rows[b] starts as the rollout over b..b: the source row of Â_b
+    for a in range(L - 1, -1, -1):
+        if a < L - 1:
+            rows[a + 1 :] = rows[a + 1 :] @ mats[a]
+        out[a, a:] = rows[a:]
     return out
 
 
