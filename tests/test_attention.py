@@ -123,3 +123,11 @@ def test_half_precision_storage_and_dtype_handling():
     assert got.dtype == torch.float16 and got.device.type == "cpu"
     torch.testing.assert_close(got.float().sum(-1), torch.ones(got.shape[:-1]), atol=2e-2, rtol=0)
     assert (got.float() - ref).abs().max() < 0.1
+
+
+def test_empty_capture_is_an_error():
+    from vitviz.errors import CaptureError
+
+    model = tiny_vit(depth=0)
+    with pytest.raises(CaptureError, match="no transformer blocks"):
+        attention_forward(model, torch.randn(1, 3, 32, 32))

@@ -44,32 +44,38 @@ def check_capturable(model: torch.nn.Module) -> None:
             )
 
 
-def _attention(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """timm Attention.forward, unfused, also returning the probabilities: x (B, T, C) -> (B, T, C), (B, H, T, T)."""
+def _probs_into(q: torch.Tensor, k: torch.Tensor, scale: float, out: torch.Tensor) -> torch.Tensor:
+    """softmax(q·kᵀ·scale) written into ``out`` (B, H, T, T), in ``out``'s dtype (fp32 under half weights)."""
+    B, H, T, d = q.shape
+    flat = out.view(B * H, T, T)
+    q, k = q.reshape(B * H, T, d).to(out.dtype), k.reshape(B * H, T, d).to(out.dtype)
+    torch.baddbmm(flat, q, k.transpose(1, 2), beta=0, alpha=scale, out=flat)  # logits straight into the buffer
+    return torch.ops.aten._softmax.out(out, -1, False, out=out)  # in place: no (T, T) temporaries
+
+
+def _attention(attn: Attention, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """timm Attention.forward, unfused, writing the probabilities into ``probs``: x (B, T, C) -> (B, T, C)."""
     B, T, _ = x.shape
     gate_proj = getattr(attn, "gate", None)  # newer timm only
     gate = gate_proj(x).sigmoid() if gate_proj is not None else None
     qkv = attn.qkv(x).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)  # each (B, H, T, d)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    logits = (q * attn.scale) @ k.transpose(-2, -1)  # (B, H, T, T)
-    probs = logits.float().softmax(dim=-1)  # softmax in fp32 also under half precision
+    _probs_into(q, k, attn.scale, probs)
     out = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(B, T, attn.num_heads * attn.head_dim)
     out = attn.norm(out)
     if gate is not None:
         out = out * gate
-    return attn.proj(out), probs
+    return attn.proj(out)
 
 
-def _block(blk: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _block(blk: torch.nn.Module, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """One block in eval mode (drop-path and dropout are identities there)."""
     if type(blk) is ResPostBlock:
-        y, probs = _attention(blk.attn, x)
-        x = x + blk.norm1(y)
-        return x + blk.norm2(blk.mlp(x)), probs
-    y, probs = _attention(blk.attn, blk.norm1(x))
-    x = x + blk.ls1(y)
-    return x + blk.ls2(blk.mlp(blk.norm2(x))), probs
+        x = x + blk.norm1(_attention(blk.attn, x, probs))
+        return x + blk.norm2(blk.mlp(x))
+    x = x + blk.ls1(_attention(blk.attn, blk.norm1(x), probs))
+    return x + blk.ls2(blk.mlp(blk.norm2(x)))
 
 
 @dataclass(frozen=True)
@@ -102,19 +108,28 @@ def attention_forward(
     want = tuple(int(v) for v in model.patch_embed.img_size)
     if x.ndim != 4 or x.shape[1] != 3 or tuple(x.shape[-2:]) != want:
         raise ParameterError(f"expected images as a (B, 3, {want[0]}, {want[1]}) tensor, got {tuple(x.shape)}")
-    layers = []
     with torch.inference_mode():
         t = model.patch_embed(x)
         t = model._pos_embed(t)
         t = model.patch_drop(t)
         t = model.norm_pre(t)
-        for blk in model.blocks:
-            t, probs = _block(blk, t)
-            layers.append(probs.to(device=store_device or probs.device, dtype=store_dtype))
+        if len(model.blocks) == 0:
+            raise CaptureError("the model has no transformer blocks, so there is no attention to capture")
+        B, T, _ = t.shape
+        depth, heads = len(model.blocks), model.blocks[0].attn.num_heads
+        # one buffer for every layer's probabilities: (L, B, H, T, T); softmax is computed in fp32 at least
+        buf = torch.empty((depth, B, heads, T, T), device=t.device, dtype=store_dtype)
+        compute = torch.promote_types(store_dtype, torch.float32)
+        scratch = None if compute == store_dtype else torch.empty(buf.shape[1:], device=t.device, dtype=compute)
+        for layer, blk in enumerate(model.blocks):
+            t = _block(blk, t, buf[layer] if scratch is None else scratch)
+            if scratch is not None:
+                buf[layer].copy_(scratch)
         t = model.norm(t)
-    if not layers:
-        raise CaptureError("the model has no transformer blocks, so there is no attention to capture")
-    return Capture(attention=torch.stack(layers, dim=1), features=t)
+        attention = buf.transpose(0, 1)  # (B, L, H, T, T), a view
+        if store_device is not None:
+            attention = attention.to(store_device)
+    return Capture(attention=attention, features=t)
 
 
 def capture_attention(model: VisionTransformer, x: torch.Tensor, **kwargs) -> torch.Tensor:
