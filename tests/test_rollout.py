@@ -148,3 +148,13 @@ def test_tokens_to_grid_drops_prefix_and_keeps_row_major_order(prefix, grid):
     for r in range(gh):
         for c in range(gw):
             assert g[r, c] == prefix + r * gw + c
+
+
+@pytest.mark.parametrize("fusion", ["mean", "max", 1])
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.9])
+def test_rollout_never_writes_to_the_capture(fusion, ratio):
+    """The capture is shared (read-only in the app): every fusion and both discard paths leave it untouched."""
+    attn = random_attention()
+    before = attn.clone()
+    rollout_matrices(attn, head_fusion=fusion, discard_ratio=ratio)
+    assert torch.equal(attn, before)

@@ -62,12 +62,15 @@ def discard_lowest(a: torch.Tensor, ratio: float, *, keep_column: int = 0) -> to
     num = int(ratio * T * (T - 1))
     if num == 0:
         return a
-    flat = a.reshape(-1, T * T).clone()  # (M, T²)
+    flat = a.reshape(-1, T * T)
     cand = flat.clone()
     cand.view(-1, T, T)[:, :, keep_column] = float("inf")  # protected: never among the lowest
-    idx = cand.topk(num, dim=-1, largest=False).indices
-    flat.scatter_(-1, idx, 0.0)
-    return flat.view(a.shape)
+    keep = T * T - num  # the T protected entries and the largest T·(T-1) - num others
+    if keep < num:  # high ratios (the default 0.9): select the few kept entries, not the many dropped ones
+        idx = cand.topk(keep, dim=-1, largest=True, sorted=False).indices
+        return torch.zeros_like(flat).scatter_(-1, idx, flat.gather(-1, idx)).view(a.shape)
+    idx = cand.topk(num, dim=-1, largest=False, sorted=False).indices
+    return flat.clone().scatter_(-1, idx, 0.0).view(a.shape)
 
 
 def rollout_matrices(
@@ -79,9 +82,11 @@ def rollout_matrices(
 ) -> torch.Tensor:
     """(L, H, T, T) attention -> (L, T, T) row-stochastic Â_l = norm_rows(discard(fuse(A_l)) + I)."""
     a = fuse_heads(attn.to(torch.promote_types(attn.dtype, torch.float32)), head_fusion)  # fp16 storage -> fp32
+    if isinstance(head_fusion, int):
+        a = a.clone()  # one head is a view of the (shared, read-only) capture: never change it in place
     a = discard_lowest(a, discard_ratio, keep_column=keep_column)
-    a = a + torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-    return a / a.sum(dim=-1, keepdim=True)
+    a.diagonal(dim1=-2, dim2=-1).add_(1.0)  # + I, in place on our own tensor
+    return a.div_(a.sum(dim=-1, keepdim=True))
 
 
 def check_layer_range(start: int, end: int, num_layers: int) -> None:
