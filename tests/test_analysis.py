@@ -72,6 +72,8 @@ def test_pos_similarity_is_the_naive_cosine_of_patch_rows(tiny_result):
     pos = model.pos_embed[0].detach().numpy().astype(np.float64)
     patch_rows = pos[-15:]  # patch rows come after any prefix rows (CLS, registers) in every layout
     np.testing.assert_allclose(res.pos_sim, naive_cosine(patch_rows), atol=1e-5)
+    again = analyze(model, photo(seed=3), info=info, fit="whole")
+    assert again.pos_sim is res.pos_sim  # it depends on the model only: computed once per model
 
 
 @pytest.mark.parametrize("fusion,ratio,start,end", [("mean", 0.0, 0, 3), ("max", 0.5, 1, 3), ("min", 0.2, 2, 2)])

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -231,7 +233,7 @@ def analyze_batch(
             f"{info.grid[0]}x{info.grid[1]} patches ({need / 2**20:,.0f} MB of attention)"
         ) from exc
     seconds = (time.perf_counter() - t0) / len(images)
-    sim = pos_embed_similarity(patch_pos_embed(model)).cpu().numpy().astype(np.float32)
+    sim = _pos_similarity(model)
     return [
         Analysis(
             info=info,
@@ -239,13 +241,31 @@ def analyze_batch(
             box=tuple(float(v) for v in f.box),
             fit_description=f.description,
             attention=_frozen(cap.attention[i].numpy()),
-            pos_sim=_frozen(sim),
+            pos_sim=sim,
             seconds=seconds,
             device=str(param.device),
             notes=tuple(im.notes) if isinstance(im, LoadedImage) else (),
         )
         for i, (im, f) in enumerate(zip(images, fitted, strict=True))
     ]
+
+
+_POS_SIM: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_POS_SIM_LOCK = threading.Lock()
+
+
+def _pos_similarity(model: torch.nn.Module) -> np.ndarray:
+    """The (N, N) position similarity depends on the model only: computed once per model (and pos_embed state)."""
+    pos = model.pos_embed
+    stamp = (pos.data_ptr(), pos._version, tuple(pos.shape))
+    with _POS_SIM_LOCK:
+        hit = _POS_SIM.get(model)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    sim = _frozen(pos_embed_similarity(patch_pos_embed(model)).cpu().numpy().astype(np.float32))
+    with _POS_SIM_LOCK:
+        _POS_SIM[model] = (stamp, sim)
+    return sim
 
 
 def _empty_cache(device: torch.device) -> None:
