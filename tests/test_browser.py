@@ -2,9 +2,11 @@
 
 One module-scoped app server (the embedded default model, loaded once) and one browser. The tour uploads a photo,
 moves the layer slider with the keyboard, scrubs the rollout figure's own Plotly slider, clicks a patch and opens
-every tab, saving a screenshot of each view to docs/screenshots/. Two browser contexts at once (two sessions, two
-images, two settings) must each show their own result: the heat map a session draws is compared with what
-``vitviz.analysis`` computes for that image and those settings directly.
+every tab, saving a screenshot of each view to ``$VITVIZ_SCREENSHOTS`` (default artifacts/screenshots/, git-ignored;
+``make screenshots`` writes docs/screenshots/). Mouse clicks on the patch grid, the rollout and the mosaic must set
+the query patch. Two browser contexts at once (two sessions, two images, two settings) must each show their own
+result: the heat map a session draws is compared with what ``vitviz.analysis`` computes for that image and those
+settings directly.
 
 Skipped where chromium or playwright is missing, except under ``CI=true``, where that fails. Never downloads a
 browser (no ``playwright install``) and only talks to 127.0.0.1.
@@ -30,7 +32,7 @@ pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "assets"
-SHOTS = ROOT / "docs" / "screenshots"
+SHOTS = ROOT / (os.environ.get("VITVIZ_SCREENSHOTS") or "artifacts/screenshots")  # an absolute path stays absolute
 CI = os.environ.get("CI") == "true"
 CHROMIUM = shutil.which("chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -39,6 +41,7 @@ VIEWPORT = {"width": 1400, "height": 1000}
 START_S = 90  # server health
 FIRST_S = 180  # first render: the default model may be converted on a fresh machine
 STEP_S = 60  # one rerun on 2 CPU cores takes a second or two; generous, bounded
+PATCH, GRID = 14, 16  # the default model at the app's defaults: 224 px centre crop, 14 px patches
 TABS = [("Patch grid", "01-patch-grid"), ("Position embeddings", "02-position-embedding"),
         ("Attention rollout", "03-rollout"), ("Heads", "04-heads"), ("Query patch", "05-query-patch"),
         ("Attention distance", "06-attention-distance")]
@@ -128,7 +131,9 @@ def reference():
 
     def compute(name: str):
         res = va.analyze(model, load_image((ASSETS / name).read_bytes(), name=name), info=info, fit="crop")
-        return res, va.rollout_table(res.attention, info=info), va.raw_attention_maps(res.attention, info=info)
+        d = va.DEFAULTS  # the app opens on these
+        table = va.rollout_table(res.attention, info=info, head_fusion=d.head_fusion, discard_ratio=d.discard_ratio)
+        return res, table, va.raw_attention_maps(res.attention, info=info, head_fusion=d.head_fusion)
 
     return compute
 
@@ -178,7 +183,7 @@ def wait_first_pass(page: Page) -> None:
 
 
 def shoot(page: Page, name: str) -> Path:
-    """Screenshot of the viewport with the tab bar scrolled to the top, into docs/screenshots/."""
+    """Screenshot of the viewport with the tab bar scrolled to the top, into SHOTS."""
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.locator('[role="tablist"]').first.evaluate("e => e.scrollIntoView({block: 'start'})")
     page.wait_for_timeout(300)  # let Plotly finish drawing after the scroll
@@ -195,6 +200,12 @@ def heat_z(page: Page, key: str) -> np.ndarray:
     """The heat map (trace 1) a figure currently draws, as the browser decoded it."""
     z = figure(page, key).evaluate("g => Array.from(g._fullData[1].z, row => Array.from(row))")
     return np.asarray(z, dtype=np.float64)
+
+
+def target_values(page: Page, key: str) -> np.ndarray:
+    """The values the click targets (trace 2) of a layer-scrub figure hover with, back on the (16, 16) grid."""
+    rows = figure(page, key).evaluate("g => Array.from(g._fullData[2].customdata, row => Array.from(row))")
+    return np.asarray(rows, dtype=np.float64)[:, 3].reshape(GRID, GRID)
 
 
 def scrub_state(page: Page, key: str) -> tuple[int, str]:
@@ -289,6 +300,7 @@ def test_tour_every_view(app_url, browser, reference):
                                        timeout=STEP_S * 1000)
                 assert scrub_state(page, "fig_rollout") == (0, "layers 1-1")
                 assert_map_equal(heat_z(page, "fig_rollout"), table[1, 1])
+                assert_map_equal(target_values(page, "fig_rollout"), table[1, 1])  # hover follows the frame
                 healthy(page)
                 continue
             shots.append(shoot(page, shot))
@@ -297,38 +309,98 @@ def test_tour_every_view(app_url, browser, reference):
         ctx.close()
 
 
-def click_patch(page: Page, *, row: int, col: int) -> int:
-    """Mouse click on the centre of patch (row, col) of the patch-grid figure; returns its row-major index."""
-    fig = figure(page, "fig_grid")
-    x, y, gw, p = fig.evaluate(
-        """(g, [r, c]) => {
+def hover_at(page: Page, key: str, x: float, y: float) -> tuple[float, float]:
+    """Move the mouse onto figure ``key`` at plot point (x, y) (image pixels, or mosaic cells); the page point."""
+    px, py = figure(page, key).evaluate(
+        """(g, [x, y]) => {
             const xa = g._fullLayout.xaxis, ya = g._fullLayout.yaxis, box = g.getBoundingClientRect();
-            const hm = g._fullData[1], p = hm.dx, gw = hm.z[0].length;
-            return [box.x + xa._offset + xa.d2p((c + 0.5) * p), box.y + ya._offset + ya.d2p((r + 0.5) * p), gw, p];
-        }""", [row, col])
-    page.mouse.move(x - 3, y - 3)
-    page.mouse.move(x, y)
-    page.mouse.click(x, y)
-    return row * gw + col
+            return [box.x + xa._offset + xa.d2p(x), box.y + ya._offset + ya.d2p(y)];
+        }""", [x, y])
+    page.mouse.move(px - 3, py - 3)
+    page.mouse.move(px, py)
+    return px, py
 
 
-@pytest.mark.xfail(strict=True, reason="app bug: plotly.js does not select heatmap/image points on click, so "
-                   "st.plotly_chart(on_select=..., selection_mode='points') never reports the clicked patch")
+def click_at(page: Page, key: str, x: float, y: float) -> None:
+    page.mouse.click(*hover_at(page, key, x, y))
+
+
+def click_patch(page: Page, *, row: int, col: int, key: str = "fig_grid") -> int:
+    """Mouse click inside patch (row, col) of a figure over the 224 px, 16 x 16 input, off its centre (the nearest
+    centre must still be this patch's); returns its row-major index."""
+    click_at(page, key, (col + 0.8) * PATCH, (row + 0.25) * PATCH)
+    return row * GRID + col
+
+
+def click_tile(page: Page, *, row: int, col: int) -> int:
+    """Mouse click inside mosaic tile (row, col), off its centre: tile cells X in [col (G + 1), col (G + 1) + G)."""
+    click_at(page, "fig_mosaic", col * (GRID + 1) + 3, row * (GRID + 1) + GRID - 3)
+    return row * GRID + col
+
+
+def wait_query(page: Page, want: int, key: str) -> None:
+    """Wait until the query patch input shows ``want`` and figure ``key`` is redrawn for it (the app names the query
+    in a clickable figure's layout.selectionrevision), alone: the element of the previous query is gone."""
+    query = page.locator('.st-key-query_patch input')
+    page.wait_for_function("([e, v]) => e.value === String(v)", arg=[query.element_handle(), want], timeout=10_000)
+    page.wait_for_function(
+        """([key, v]) => {
+            const plots = document.querySelectorAll(`.st-key-${key} .js-plotly-plot`);
+            return plots.length === 1 && plots[0]._fullLayout?.selectionrevision === `query ${v}`;
+        }""", arg=[key, want], timeout=STEP_S * 1000)
+    settle(page)
+    healthy(page)
+
+
+def set_query(page: Page, value: int, key: str) -> None:
+    query = page.locator('.st-key-query_patch input')
+    query.fill(str(value))
+    query.press("Enter")
+    wait_query(page, value, key)
+
+
+def outline(page: Page, key: str) -> list[list[float]]:
+    return figure(page, key).evaluate("g => g._fullLayout.shapes.map(s => [s.x0, s.y0, s.x1, s.y1])")
+
+
 def test_click_on_patch_sets_query(app_url, browser):
-    """The patch grid says 'Click a patch to make it the query': the query patch input must follow the click."""
+    """'Click a patch to make it the query': a click on the patch grid, the rollout or a mosaic tile sets the query
+    patch input; so does a click on the same patch again after the query moved, and a click on another patch."""
     ctx = browser.new_context(viewport=VIEWPORT)
     page = ctx.new_page()
     try:
         open_app(page, app_url, ASSETS / "cat.jpg")
         wait_first_pass(page)
-        query = page.locator('.st-key-query_patch input')
-        before = int(query.input_value())
+        before = int(page.locator('.st-key-query_patch input').input_value())
         want = click_patch(page, row=3, col=12)
-        assert want != before
-        page.wait_for_function("([e, v]) => e.value === String(v)", arg=[query.element_handle(), want],
-                               timeout=10_000)
+        assert want == 60 != before
+        wait_query(page, 60, "fig_grid")
+        assert outline(page, "fig_grid") == [[12 * PATCH, 3 * PATCH, 13 * PATCH, 4 * PATCH]]  # the outline moved
+        wait_query(page, click_patch(page, row=5, col=2), "fig_grid")  # another patch
+        set_query(page, 7, "fig_grid")
+        wait_query(page, click_patch(page, row=5, col=2), "fig_grid")  # the same again, after the query moved away
+
+        tab(page, "Attention rollout")
+        visible_figures(page)
         settle(page)
-        healthy(page)
+        wait_query(page, click_patch(page, row=9, col=7, key="fig_rollout"), "fig_rollout")
+        hover_at(page, "fig_rollout", 7.25 * PATCH, 9.75 * PATCH)  # off the centre of patch (9, 7): its hover, value
+        hover = figure(page, "fig_rollout").locator(".hovertext")
+        hover.wait_for(timeout=10_000)
+        lines = hover.locator("tspan.line").all_text_contents()  # plotly draws each <br> line as a tspan
+        assert lines[0] == "patch 151 · row 9, col 7" and lines[1].startswith("value "), lines
+        set_query(page, 3, "fig_rollout")  # the rollout keeps a selected point until it is redrawn: a click on it
+        wait_query(page, click_patch(page, row=9, col=7, key="fig_rollout"), "fig_rollout")  # would unselect it
+
+        tab(page, "Position embeddings")
+        visible_figures(page)
+        settle(page)
+        want = click_tile(page, row=4, col=2)
+        wait_query(page, want, "fig_mosaic")
+        assert f"Similarity of patch {want} (row 4, col 2)" in figure(page, "fig_simmap").inner_text()
+        set_query(page, 0, "fig_mosaic")
+        wait_query(page, click_tile(page, row=4, col=2), "fig_mosaic")
+        wait_query(page, click_tile(page, row=15, col=0), "fig_mosaic")
     finally:
         ctx.close()
 

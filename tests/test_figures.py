@@ -29,15 +29,28 @@ def _decode_uri(uri: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
 
 
-def _hover(template: str, customdata, z: float) -> str:
+def _hover(template: str, customdata, z: float | None = None) -> str:
     """Render a plotly hovertemplate the way plotly.js would for the fields we use."""
     text = re.sub(r"%\{customdata\[(\d)\]\}", lambda m: str(int(customdata[int(m.group(1))])), template)
+    text = re.sub(r"%\{customdata\[(\d)\]:\.(\d)[gf]\}",
+                  lambda m: f"{float(customdata[int(m.group(1))]):.{m.group(2)}g}", text)
     text = re.sub(r"%\{z:\.(\d)[gf]\}", lambda m: f"{z:.{m.group(1)}g}", text)
     return text.replace("<extra></extra>", "")
 
 
 def _trace(fig, kind: str):
     return next(t for t in fig.data if t.type == kind)
+
+
+def _targets(fig):
+    """The click-target trace: the one scatter of markers."""
+    (t,) = [t for t in fig.data if t.type == "scatter" and t.mode == "markers"]
+    return t
+
+
+def _centres(grid: tuple[int, int], p: float) -> list[tuple[float, float]]:
+    """Patch centres by a naive loop, row-major."""
+    return [((c + 0.5) * p, (r + 0.5) * p) for r in range(grid[0]) for c in range(grid[1])]
 
 
 # --------------------------------------------------------------------------------------------------- geometry
@@ -87,17 +100,53 @@ def test_hover_names_row_major_index(grid, cell, index):
     heat = np.full(grid, 0.25, np.float32)
     r, c = cell
     for fig in (F.overlay_figure(px, heat, patch_size=p), F.patch_grid_figure(px, patch_size=p, grid=grid)):
-        hm = _trace(fig, "heatmap")
-        text = _hover(hm.hovertemplate, hm.customdata[r][c], float(hm.z[r][c]))
+        t = _targets(fig)
+        assert (t.x[index], t.y[index]) == ((c + 0.5) * p, (r + 0.5) * p)  # the target of point `index` is that cell
+        text = _hover(t.hovertemplate, t.customdata[index])
         assert text.startswith(f"patch {index} · row {r}, col {c}"), text
 
 
 def test_overlay_hover_shows_value(pixels):
     heat = np.array([[0.1, 0.2, 0.3], [0.4, 0.5, 0.625]], np.float32)
-    hm = _trace(F.overlay_figure(pixels, heat, patch_size=P), "heatmap")
-    assert _hover(hm.hovertemplate, hm.customdata[1][2], float(hm.z[1][2])) == "patch 5 · row 1, col 2<br>value 0.625"
+    t = _targets(F.overlay_figure(pixels, heat, patch_size=P))
+    assert _hover(t.hovertemplate, t.customdata[5]) == "patch 5 · row 1, col 2<br>value 0.625"
 
 
+def _clickable_figures(pixels, grid, p):
+    """Every builder a user clicks on, on a (gh, gw) grid, with heat values 10 * index + 0.5 (distinct per patch)."""
+    gh, gw = grid
+    heat = np.arange(gh * gw, dtype=np.float32).reshape(grid) * 10 + 0.5
+    sim = np.tile(heat.reshape(1, -1), (gh * gw, 1))  # every row is `heat`
+    return {
+        "grid": (F.patch_grid_figure(pixels, patch_size=p, grid=grid), None),
+        "overlay": (F.overlay_figure(pixels, heat, patch_size=p), heat),
+        "scrub": (F.layer_scrub_figure(pixels, np.stack([heat * 0, heat]), patch_size=p, labels=["a", "b"],
+                                       active=1), heat),
+        "simmap": (F.similarity_map_figure(sim, grid=grid, index=1, pixels=pixels), heat),
+        "simmap bare": (F.similarity_map_figure(sim, grid=grid, index=1, patch_size=p), heat),
+    }
+
+
+def test_click_targets_are_the_patch_centres_row_major(pixels):
+    gh, gw = GRID
+    for name, (fig, heat) in _clickable_figures(pixels, GRID, P).items():
+        t = _targets(fig)
+        assert list(zip(t.x, t.y, strict=True)) == _centres(GRID, P), name
+        custom = np.asarray(t.customdata)
+        want = [[r * gw + c, r, c] + ([] if heat is None else [heat[r, c]]) for r in range(gh) for c in range(gw)]
+        np.testing.assert_array_equal(custom, np.asarray(want, dtype=np.float32), err_msg=name)
+        assert t.marker.color == "rgba(0, 0, 0, 0)" and t.hovertemplate, name  # invisible, but it hovers
+        assert all(h.hoverinfo == "skip" for h in fig.data if h.type in ("heatmap", "image")), name
+        assert (fig.layout.hovermode, fig.layout.hoverdistance) == ("closest", -1), name
+        assert [d.type for d in fig.data].count("scatter") <= 2  # targets (+ the grid lines): one trace, not n
+
+
+def test_click_targets_sit_inside_their_cells_for_odd_patch_sizes():
+    grid, p = (3, 2), 5  # centres at half pixels
+    px = np.zeros((15, 10, 3), np.uint8)
+    t = _targets(F.patch_grid_figure(px, patch_size=p, grid=grid))
+    for k, (x, y) in enumerate(zip(t.x, t.y, strict=True)):
+        assert int(y // p) * grid[1] + int(x // p) == k == t.customdata[k][0]
 # ------------------------------------------------------------------------------------------------- patch grid
 
 
@@ -124,7 +173,8 @@ def test_mosaic_tiles_match_naive_loop():
     gh, gw = GRID
     n = gh * gw
     sim = np.random.default_rng(1).standard_normal((n, n)).astype(np.float32)
-    hm = F.similarity_mosaic_figure(sim, grid=GRID).data[0]
+    fig = F.similarity_mosaic_figure(sim, grid=GRID)
+    hm = _trace(fig, "heatmap")
     z = np.asarray(hm.z)
     assert z.shape == (gh * (gh + 1) - 1, gw * (gw + 1) - 1) == (5, 11)
     for r in range(gh):
@@ -133,10 +183,29 @@ def test_mosaic_tiles_match_naive_loop():
                 for j in range(gw):
                     y, x = r * (gh + 1) + i, c * (gw + 1) + j
                     assert z[y, x] == sim[r * gw + c, i * gw + j]
-                    hover = _hover(hm.hovertemplate, hm.customdata[y][x], float(z[y, x]))
-                    assert hover.startswith(f"query patch row {r}, col {c}<br>key patch row {i}, col {j}<br>"), hover
     assert np.isnan(z[2]).all() and np.isnan(z[:, 3]).all() and np.isnan(z[:, 7]).all()  # 1-cell gaps
     assert np.isfinite(z).sum() == n * n
+    assert hm.hoverinfo == "skip" and hm.customdata is None
+
+
+def test_mosaic_click_targets_are_the_tile_centres():
+    gh, gw = GRID  # 5 x 11 mosaic: tile columns X 0-2, 4-6, 8-10 (centres 1, 5, 9); tile rows Y 0-1, 3-4 (.5, 3.5)
+    fig = F.similarity_mosaic_figure(np.zeros((6, 6)), grid=GRID)
+    t = _targets(fig)
+    assert list(zip(t.x, t.y, strict=True)) == [(x, y) for y in (0.5, 3.5) for x in (1, 5, 9)]
+    np.testing.assert_array_equal(t.customdata, [[r * gw + c, r, c] for r in range(gh) for c in range(gw)])
+    assert [F.mosaic_point_to_patch(x, y, grid=GRID) for x, y in zip(t.x, t.y, strict=True)] == list(range(6))
+    assert _hover(t.hovertemplate, t.customdata[4]) == "query patch 4 · row 1, col 1"
+    assert (fig.layout.hovermode, fig.layout.hoverdistance) == ("closest", -1)
+    assert not fig.layout.shapes
+
+
+def test_mosaic_highlight_outlines_the_tile():
+    fig = F.similarity_mosaic_figure(np.zeros((6, 6)), grid=GRID, highlight=5)  # row 1, col 2: X 8-10, Y 3-4
+    (rect,) = fig.layout.shapes
+    assert (rect.x0, rect.x1, rect.y0, rect.y1) == (7.5, 10.5, 2.5, 4.5)
+    with pytest.raises(ParameterError, match=r"\[0, 5\]"):
+        F.similarity_mosaic_figure(np.zeros((6, 6)), grid=GRID, highlight=6)
 
 
 def test_mosaic_rejects_wrong_shape_and_huge_grids():
@@ -180,10 +249,12 @@ def test_similarity_map_row_and_outline(pixels):
     hm = _trace(fig, "heatmap")
     np.testing.assert_array_equal(hm.z, sim[5].reshape(GRID))
     assert hm.dx == P  # patch size inferred from the image
+    t = _targets(fig)
+    assert _hover(t.hovertemplate, t.customdata[4]) == f"patch 4 · row 1, col 1<br>similarity {sim[5, 4]:.4g}"
     (rect,) = fig.layout.shapes  # patch 5 = row 1, col 2
     assert (rect.x0, rect.x1, rect.y0, rect.y1) == (8, 12, 4, 8)
     bare = F.similarity_map_figure(sim, grid=GRID, index=1)
-    assert [t.type for t in bare.data] == ["heatmap"] and bare.layout.shapes[0].x0 == 1
+    assert [t.type for t in bare.data] == ["heatmap", "scatter"] and bare.layout.shapes[0].x0 == 1
     with pytest.raises(ParameterError):
         F.similarity_map_figure(sim, grid=GRID, index=6)
 
@@ -197,14 +268,21 @@ def test_layer_scrub_frames(pixels, normalize):
     labels = [f"block {k}" for k in range(4)]
     fig = F.layer_scrub_figure(pixels, maps, patch_size=P, labels=labels, active=2, normalize=normalize)
     assert len(fig.frames) == 4
+    gw = GRID[1]
     for k, frame in enumerate(fig.frames):
-        assert list(frame.traces) == [1] and [t.type for t in frame.data] == ["heatmap"]  # image never resent
-        (hm,) = frame.data
+        # the heat map and the targets' hover values; the image (trace 0) and the target positions are never resent
+        assert list(frame.traces) == [1, 2] and [t.type for t in frame.data] == ["heatmap", "scatter"]
+        hm, targets = frame.data
         np.testing.assert_array_equal(hm.z, maps[k])
+        assert targets.x is None and targets.y is None
+        for idx, row in enumerate(targets.customdata):  # [index, row, col, value of layer k]
+            assert list(row) == [idx, idx // gw, idx % gw, maps[k].flat[idx]]
         ref = maps[k] if normalize == "per_layer" else maps
         assert (hm.zmin, hm.zmax) == pytest.approx((ref.min(), ref.max()))
     base = fig.data[1]
     np.testing.assert_array_equal(base.z, maps[2])
+    np.testing.assert_array_equal(fig.data[2].customdata, fig.frames[2].data[1].customdata)  # opens on layer 2
+    assert list(zip(fig.data[2].x, fig.data[2].y, strict=True)) == _centres(GRID, P)
     assert (base.zmin, base.zmax) == (fig.frames[2].data[0].zmin, fig.frames[2].data[0].zmax)
     (slider,) = fig.layout.sliders
     assert slider.active == 2 and [s.label for s in slider.steps] == labels
@@ -250,9 +328,10 @@ def test_attention_distance():
     fig = F.attention_distance_figure(dist)
     assert len(fig.data) == 3
     for k, t in enumerate(fig.data):
-        assert list(t.x) == [1, 2, 3, 4] and list(t.y) == list(dist[:, k])
+        assert list(t.x) == [0, 1, 2, 3] and list(t.y) == list(dist[:, k])  # layers from 0, as the app's sliders
         assert f"head {k}" in t.hovertemplate and "layer %{x}" in t.hovertemplate
     assert len({t.marker.color for t in fig.data}) == 3
+    assert tuple(fig.layout.xaxis.range) == (-0.5, 3.5)
 
 
 # ------------------------------------------------------------------------------------------- rasters, export

@@ -9,6 +9,12 @@ top-left corner and y pointing down: pixel column ``x`` covers ``[x, x + 1)``, s
 ``[c * P, (c + 1) * P) x [r * P, (r + 1) * P)`` and has its centre at ``((c + 0.5) * P, (r + 0.5) * P)``. Heat maps
 stay on the patch grid (one plotly cell per patch, never upsampled) and the image goes in once, as a PNG data URI.
 Patches are numbered row-major, as timm flattens the grid: ``index = r * gw + c``.
+
+Clicks: plotly.js selects (and Streamlit's ``on_select`` reports) scatter points only, never heatmap cells or image
+pixels. So every figure a user clicks to pick a patch carries one invisible marker per patch at its centre, in
+row-major order, with ``customdata = [index, row, col(, value)]``; the marker trace gives the hover text (heat maps
+skip hover) and ``hoverdistance=-1`` makes the centre nearest the cursor, i.e. the patch under it, the hovered and
+clicked point. A clicked point's ``customdata[0]`` is its patch index.
 """
 
 import base64
@@ -46,9 +52,11 @@ __all__ = [
 MOSAIC_MAX_TOKENS = 576  # 24 x 24 patches -> a 599 x 599 mosaic; beyond that show one map at a time
 
 _CELL_HOVER = "patch %{customdata[0]} · row %{customdata[1]}, col %{customdata[2]}"
+_CLEAR = "rgba(0, 0, 0, 0)"
+_HOVER_LABEL = dict(bgcolor="rgba(20, 20, 20, 0.85)", bordercolor="rgba(255, 255, 255, 0.6)", font=dict(color="white"))
+_CLICK_LAYOUT = dict(hovermode="closest", hoverdistance=-1)  # the nearest click target is hovered (and clicked)
 _OUTLINE = dict(color="#00e5ff", width=2)
 _GRID_LINE = dict(color="rgba(255, 255, 255, 0.55)", width=1)
-_TRANSPARENT = [[0.0, "rgba(0, 0, 0, 0)"], [1.0, "rgba(0, 0, 0, 0)"]]
 
 
 # ----------------------------------------------------------------------------------------------------------- checks
@@ -141,7 +149,7 @@ def _png_data_uri(pixels: np.ndarray, *, max_side: int | None = None) -> str:
 
 @lru_cache(maxsize=16)
 def _cell_customdata(gh: int, gw: int) -> np.ndarray:
-    """(gh, gw, 3) [index, row, col] per patch, for hover templates."""
+    """(gh, gw, 3) [index, row, col] per patch, for the hover templates of heat maps (head grid)."""
     r, c = np.divmod(np.arange(gh * gw), gw)
     out = np.stack([r * gw + c, r, c], axis=-1).reshape(gh, gw, 3)
     out = out.astype(np.uint16 if gh * gw < 2**16 else np.int32)
@@ -149,14 +157,61 @@ def _cell_customdata(gh: int, gw: int) -> np.ndarray:
     return out
 
 
+@lru_cache(maxsize=16)
+def _target_xy(gh: int, gw: int, step: tuple[float, float], first: tuple[float, float]) -> tuple[np.ndarray, ...]:
+    """(n,) x and y of the click targets, row-major: patch (r, c) at ``(first_x + c step_x, first_y + r step_y)``."""
+    r, c = np.divmod(np.arange(gh * gw), gw)
+    x, y = (np.asarray(f + k * d, dtype=np.float32) for f, k, d in ((first[0], c, step[0]), (first[1], r, step[1])))
+    x.flags.writeable = y.flags.writeable = False
+    return x, y
+
+
+def _target_customdata(gh: int, gw: int, values: np.ndarray | None = None) -> np.ndarray:
+    """(n, 3) float32 [index, row, col] per patch, row-major; with ``values`` (gh, gw) a 4th column holds them."""
+    cells = _cell_customdata(gh, gw).reshape(-1, 3).astype(np.float32)
+    return cells if values is None else np.concatenate([cells, values.reshape(-1, 1).astype(np.float32)], axis=1)
+
+
+def _click_targets(
+    grid: tuple[int, int],
+    *,
+    step: tuple[float, float],
+    first: tuple[float, float],
+    customdata: np.ndarray,
+    hovertemplate: str,
+    **kwargs,
+) -> go.Scatter:
+    """One invisible marker per patch, row-major, at ``(first_x + c step_x, first_y + r step_y)``: the trace that
+    plotly hovers and selects on a click (see the module docstring)."""
+    x, y = _target_xy(*grid, tuple(map(float, step)), tuple(map(float, first)))
+    return go.Scatter(
+        x=x, y=y, mode="markers", marker=dict(color=_CLEAR, size=6), customdata=customdata, name="patches",
+        hovertemplate=hovertemplate, hoverlabel=_HOVER_LABEL, showlegend=False, **kwargs,
+    )
+
+
+def _patch_targets(heat: np.ndarray | None, *, grid: tuple[int, int], patch_size: float, hover: str = "value",
+                   **kwargs) -> go.Scatter:
+    """Click targets at the patch centres ``((c + .5) P, (r + .5) P)``; with ``heat`` hover also shows its value."""
+    p = patch_size
+    template = _CELL_HOVER if heat is None else f"{_CELL_HOVER}<br>{hover} %{{customdata[3]:.4g}}"
+    return _click_targets(grid, step=(p, p), first=(p / 2, p / 2), customdata=_target_customdata(*grid, heat),
+                          hovertemplate=template + "<extra></extra>", **kwargs)
+
+
 def _image_trace(pixels: np.ndarray) -> go.Image:
     """The image as one PNG trace spanning ``[0, W] x [0, H]``: pixel (i, j) centred on (j + .5, i + .5)."""
     return go.Image(source=_png_data_uri(pixels), x0=0.5, y0=0.5, dx=1, dy=1, hoverinfo="skip")
 
 
-def _heat_trace(heat: np.ndarray, *, patch_size: float, hover: str = "value", **kwargs) -> go.Heatmap:
-    """One heatmap cell per patch: cell (r, c) covers ``[c*P, (c+1)*P) x [r*P, (r+1)*P)``."""
+def _heat_trace(heat: np.ndarray, *, patch_size: float, hover: str | None = None, **kwargs) -> go.Heatmap:
+    """One heatmap cell per patch: cell (r, c) covers ``[c*P, (c+1)*P) x [r*P, (r+1)*P)``.
+
+    Hover is skipped (the click targets give it) unless ``hover`` names the value: then the cell hovers itself.
+    """
     p = patch_size
+    if hover is None:
+        return go.Heatmap(z=heat, x0=p / 2, dx=p, y0=p / 2, dy=p, hoverinfo="skip", **kwargs)
     return go.Heatmap(
         z=heat, x0=p / 2, dx=p, y0=p / 2, dy=p, customdata=_cell_customdata(*heat.shape), hoverongaps=False,
         hovertemplate=f"{_CELL_HOVER}<br>{hover} %{{z:.4g}}<extra></extra>", **kwargs,
@@ -177,6 +232,7 @@ def _image_axes(title: str | None) -> dict:
         margin=dict(l=0, r=0, b=0, t=40 if title else 0),
         title=dict(text=title, x=0.0, xanchor="left", font=dict(size=14)) if title else None,
         plot_bgcolor="rgba(0, 0, 0, 0)",
+        **_CLICK_LAYOUT,
     )
 
 
@@ -210,16 +266,11 @@ def patch_grid_figure(
     xs, ys = np.arange(0, w + 1, p).tolist(), np.arange(0, h + 1, p).tolist()
     lines_x = [v for x in xs for v in (x, x, None)] + [v for _ in ys for v in (0, w, None)]
     lines_y = [v for _ in xs for v in (0, h, None)] + [v for y in ys for v in (y, y, None)]
-    index = np.arange(gh * gw, dtype=np.float32).reshape(gh, gw)
     fig = go.Figure(
         data=[
             _image_trace(pixels),
-            # transparent cells: hover only
-            go.Heatmap(
-                z=index, x0=p / 2, dx=p, y0=p / 2, dy=p, colorscale=_TRANSPARENT, showscale=False,
-                customdata=_cell_customdata(gh, gw), hovertemplate=_CELL_HOVER + "<extra></extra>",
-            ),
             go.Scatter(x=lines_x, y=lines_y, mode="lines", line=_GRID_LINE, hoverinfo="skip", showlegend=False),
+            _patch_targets(None, grid=(gh, gw), patch_size=p),
         ],
         layout=_image_axes(title),
     )
@@ -246,7 +297,9 @@ def overlay_figure(
     pixels = _check_pixels(pixels, patch_size=p, grid=heat.shape)
     highlight = _check_index(highlight, heat.size, name="highlight")
     heat_kw = dict(colorscale=colorscale, opacity=_check_opacity(opacity), zmin=zmin, zmax=zmax, colorbar=_colorbar())
-    fig = go.Figure(data=[_image_trace(pixels), _heat_trace(heat, patch_size=p, **heat_kw)], layout=_image_axes(title))
+    data = [_image_trace(pixels), _heat_trace(heat, patch_size=p, **heat_kw),
+            _patch_targets(heat, grid=heat.shape, patch_size=p)]
+    fig = go.Figure(data=data, layout=_image_axes(title))
     if highlight is not None:
         fig.add_shape(_outline(highlight, heat.shape[1], p))
     return fig
@@ -266,9 +319,10 @@ def layer_scrub_figure(
 ) -> go.Figure:
     """One heat map per layer over the image, scrubbed with a slider (and played with a button) in the browser.
 
-    Plotly frames hold only the heatmap of each layer, so moving the slider needs no server round trip and never
-    resends the image. ``z`` of frame ``k`` is ``maps[k]`` as given (hover shows real values); ``normalize`` picks the
-    colour range: ``"per_layer"`` spans each layer's own min..max, ``"global"`` one min..max over all layers.
+    Plotly frames hold only the heatmap and the click targets' hover values of each layer, so moving the slider needs
+    no server round trip and never resends the image. ``z`` of frame ``k`` is ``maps[k]`` as given (hover shows real
+    values); ``normalize`` picks the colour range: ``"per_layer"`` spans each layer's own min..max, ``"global"`` one
+    min..max over all layers.
     """
     p = _check_patch_size(patch_size)
     maps = np.asarray(maps, dtype=np.float32)
@@ -289,8 +343,13 @@ def layer_scrub_figure(
         maps[active], patch_size=p, colorscale=colorscale, opacity=_check_opacity(opacity),
         zmin=ranges[active][0], zmax=ranges[active][1], colorbar=_colorbar(),
     )
+    grid = maps.shape[1:]
+    targets = _patch_targets(maps[active], grid=grid, patch_size=p)
     frames = [
-        go.Frame(name=str(k), data=[go.Heatmap(z=maps[k], zmin=ranges[k][0], zmax=ranges[k][1])], traces=[1])
+        go.Frame(name=str(k), traces=[1, 2], data=[
+            go.Heatmap(z=maps[k], zmin=ranges[k][0], zmax=ranges[k][1]),
+            go.Scatter(customdata=_target_customdata(*grid, maps[k])),
+        ])
         for k in range(n_layers)
     ]
     still = dict(mode="immediate", frame=dict(duration=0, redraw=True), transition=dict(duration=0))
@@ -307,7 +366,7 @@ def layer_scrub_figure(
                      dict(label="❚❚", method="animate", args=[[None], still])],
         )],
     )
-    return go.Figure(data=[_image_trace(pixels), heat], frames=frames, layout=layout)
+    return go.Figure(data=[_image_trace(pixels), heat, targets], frames=frames, layout=layout)
 
 
 def _mosaic_shape(gh: int, gw: int) -> tuple[int, int]:
@@ -322,11 +381,14 @@ def similarity_mosaic_figure(
     colorscale: str = "Viridis",
     zmin: float | None = None,
     zmax: float | None = None,
+    highlight: int | None = None,
 ) -> go.Figure:
     """ViT paper Fig. 7 (centre): tile ``(r, c)`` of a ``gh x gw`` mosaic is row ``r*gw + c`` of ``sim`` on the grid.
 
     Tiles are ``gh x gw`` maps separated by one blank (NaN) cell. Plot coordinates are mosaic cells (cell ``(Y, X)``
-    centred on ``(X, Y)``); :func:`mosaic_point_to_patch` turns a clicked point back into the query patch index.
+    centred on ``(X, Y)``). The click targets sit at the tile centres (``customdata[0]`` is the query patch);
+    :func:`mosaic_point_to_patch` turns any plot point back into the query patch index. ``highlight`` outlines the
+    tile of one query patch.
     """
     gh, gw = _check_grid(grid)
     n = gh * gw
@@ -338,6 +400,7 @@ def similarity_mosaic_figure(
             f"a mosaic of {n} patches ({gh}x{gw}) is too large to draw (at most {MOSAIC_MAX_TOKENS} patches); "
             "show one patch's similarity with similarity_map_figure instead."
         )
+    highlight = _check_index(highlight, n, name="highlight")
     # (r, c, i, j) -> (r, i, c, j): query row, key row, query col, key col; pad one NaN row / col after each tile
     tiles = sim.reshape(gh, gw, gh, gw).transpose(0, 2, 1, 3)
     mosaic = np.full((gh, gh + 1, gw, gw + 1), np.nan, dtype=np.float32)
@@ -345,17 +408,12 @@ def similarity_mosaic_figure(
     hm, wm = _mosaic_shape(gh, gw)
     mosaic = mosaic.reshape(gh * (gh + 1), gw * (gw + 1))[:hm, :wm]
 
-    (r, i), (c, j) = np.divmod(np.arange(hm), gh + 1), np.divmod(np.arange(wm), gw + 1)
-    r, i, c, j = (np.broadcast_to(a, (hm, wm)) for a in (r[:, None], i[:, None], c[None, :], j[None, :]))
-    # rows and columns only (no indices): 4 bytes a cell keeps a 14 x 14 mosaic under 0.5 MB of JSON
-    custom = np.stack([r, c, i, j], axis=-1).astype(np.uint8 if max(gh, gw) <= 256 else np.uint16)
-    hover = (
-        "query patch row %{customdata[0]}, col %{customdata[1]}<br>"
-        "key patch row %{customdata[2]}, col %{customdata[3]}<br>similarity %{z:.3f}<extra></extra>"
-    )
-    heat = go.Heatmap(
-        z=mosaic, customdata=custom, hovertemplate=hover, hoverongaps=False, colorscale=colorscale,
-        zmin=zmin, zmax=zmax, colorbar=_colorbar("similarity"),
+    heat = go.Heatmap(z=mosaic, hoverinfo="skip", colorscale=colorscale, zmin=zmin, zmax=zmax,
+                      colorbar=_colorbar("similarity"))
+    # tile (r, c) spans cells [r (gh + 1), r (gh + 1) + gh) x [c (gw + 1), c (gw + 1) + gw): centre + (g - 1) / 2
+    targets = _click_targets(
+        (gh, gw), step=(gw + 1, gh + 1), first=((gw - 1) / 2, (gh - 1) / 2), customdata=_target_customdata(gh, gw),
+        hovertemplate="query patch %{customdata[0]} · row %{customdata[1]}, col %{customdata[2]}<extra></extra>",
     )
     layout = _image_axes(title or "Similarity of each patch (tile) to every patch")
     ticks = dict(showgrid=False, zeroline=False, ticks="", showline=False, automargin=True)
@@ -368,7 +426,12 @@ def similarity_mosaic_figure(
         tickvals=[rr * (gh + 1) + (gh - 1) / 2 for rr in range(gh)], ticktext=[str(rr) for rr in range(gh)], **ticks,
     )
     layout["margin"] = dict(l=0, r=0, b=0, t=80)
-    return go.Figure(data=[heat], layout=layout)
+    fig = go.Figure(data=[heat, targets], layout=layout)
+    if highlight is not None:
+        r, c = divmod(highlight, gw)
+        x0, y0 = c * (gw + 1) - 0.5, r * (gh + 1) - 0.5
+        fig.add_shape(type="rect", x0=x0, x1=x0 + gw, y0=y0, y1=y0 + gh, line=_OUTLINE)
+    return fig
 
 
 def mosaic_point_to_patch(x: float, y: float, *, grid: tuple[int, int]) -> int | None:
@@ -418,7 +481,9 @@ def similarity_map_figure(
     if pixels is not None:
         data.append(_image_trace(_check_pixels(pixels, patch_size=p, grid=(gh, gw))))
         heat_kw["opacity"] = _check_opacity(opacity)
-    data.append(_heat_trace(sim[index].reshape(gh, gw), patch_size=p, hover="similarity", **heat_kw))
+    row = sim[index].reshape(gh, gw)
+    data += [_heat_trace(row, patch_size=p, **heat_kw),
+             _patch_targets(row, grid=(gh, gw), patch_size=p, hover="similarity")]
     fig = go.Figure(data=data, layout=_image_axes(title))
     fig.add_shape(_outline(index, gw, p))
     return fig
@@ -472,7 +537,7 @@ def head_grid_figure(
     for k in range(n_heads):
         ax = "" if k == 0 else str(k + 1)
         traces.append(_heat_trace(maps[k], patch_size=p, xaxis=f"x{ax}", yaxis=f"y{ax}",
-                                  hover=f"{titles[k]}:", **heat_kw))
+                                  hover=f"{titles[k]}:", **heat_kw))  # not a click target (one trace per head)
         layout[f"xaxis{ax}"].update(visible=False, constrain="domain")
         layout[f"yaxis{ax}"].update(visible=False, autorange="reversed", scaleanchor=f"x{ax}", scaleratio=1,
                                     constrain="domain")
@@ -501,14 +566,14 @@ def _subplot_layout(rows: int, cols: int, titles: tuple[str, ...]) -> dict:
 def attention_distance_figure(dist: np.ndarray, *, title: str | None = None) -> go.Figure:
     """ViT paper Fig. 7 (right): mean attention distance (pixels) per head against depth, one colour per head.
 
-    ``dist`` is ``(layers, heads)``; layers are numbered from 1.
+    ``dist`` is ``(layers, heads)``; layers are numbered from 0, as timm's ``blocks`` and the app's layer controls.
     """
     dist = np.asarray(dist, dtype=np.float64)
     if dist.ndim != 2 or dist.size == 0:
         raise ParameterError(f"dist must be (layers, heads), got shape {dist.shape}.")
     n_layers, n_heads = dist.shape
     palette = pcolors.qualitative.Dark24
-    layers = np.arange(1, n_layers + 1)
+    layers = np.arange(n_layers)
     traces = [
         go.Scatter(
             x=layers, y=dist[:, k], mode="markers", name=f"head {k}", marker=dict(size=7, color=palette[k % 24]),
@@ -518,7 +583,7 @@ def attention_distance_figure(dist: np.ndarray, *, title: str | None = None) -> 
     ]
     layout = dict(
         title=dict(text=title or "Mean attention distance", x=0.0, xanchor="left", font=dict(size=14)),
-        xaxis=dict(title=dict(text="network depth (layer)"), dtick=1, range=[0.5, n_layers + 0.5], automargin=True),
+        xaxis=dict(title=dict(text="network depth (layer)"), dtick=1, range=[-0.5, n_layers - 0.5], automargin=True),
         yaxis=dict(title=dict(text="mean attention distance (pixels)"), rangemode="tozero", automargin=True),
         margin=dict(l=0, r=0, b=0, t=40), legend=dict(title=dict(text="head")),
     )
