@@ -392,9 +392,9 @@ head_choice = sb.selectbox("Head", head_options, key="head", format_func=lambda 
                            help="Fuse all heads, or follow one head through every layer.")
 fusion = sb.selectbox("Head fusion", ["mean", "max", "min"], key="head_fusion", disabled=head_choice != ALL_HEADS,
                       help="How the heads of a layer are combined.")
-discard = sb.slider("Discard ratio", 0.0, 0.99, step=0.01, key="discard_ratio",
+discard = sb.slider("Discard ratio", 0.0, 0.99, step=0.01, key="discard_ratio", disabled=view == "raw",
                     help="Zero this share of the weakest attention entries per layer before rollout (not the CLS "
-                         "column).")
+                         "column). Rollout only: the raw view shows attention as it is.")
 opacity = sb.slider("Overlay opacity", 0.0, 1.0, step=0.05, key="opacity")
 colorscale = sb.selectbox("Colour scale", COLORSCALES, key="colorscale")
 head = fusion if head_choice == ALL_HEADS else int(head_choice)
@@ -459,7 +459,8 @@ with tabs[1]:
         left, right = st.columns(2)
         with left:
             if n <= vf.MOSAIC_MAX_TOKENS:
-                chart(vf.similarity_mosaic_figure(res.pos_sim, grid=info.grid), "fig_mosaic", mosaic=True)
+                chart(vf.similarity_mosaic_figure(res.pos_sim, grid=info.grid, highlight=query), "fig_mosaic",
+                      mosaic=True)
             else:
                 st.info(f"The mosaic of {n} patches is too large to draw (at most {vf.MOSAIC_MAX_TOKENS}); "
                         "pick patches one at a time.")
@@ -470,7 +471,8 @@ with tabs[1]:
 with tabs[2]:
     if tabs[2].open:  # only the open tab is built
         st.markdown(f"CLS attention, {what}, {head_text}" + (f" ({fusion})" if head_choice == ALL_HEADS else "")
-                    + (f", discard {discard:.2f}" if discard else "") + ". Use the slider under the figure to scrub "
+                    + (f", discard {discard:.2f}" if discard and view == "rollout" else "")
+                    + ". Use the slider under the figure to scrub "
                     "through the layers.")
         chart(vf.layer_scrub_figure(res.pixels, maps, patch_size=info.patch_size, labels=labels, active=active,
                                     opacity=opacity, colorscale=colorscale), "fig_rollout")

@@ -179,7 +179,7 @@ def test_attention_controls_reach_the_views_without_a_forward_pass(calls):
     at.selectbox(key="head").set_value("all heads (fused)").run()
     at.selectbox(key="head_fusion").set_value("max").run()
     assert "(max)" in at.tabs[2].markdown[0].value
-    at.radio(key="view").set_value("rollout")
+    at.radio(key="view").set_value("rollout").run()  # discard applies to rollout only (disabled for raw)
     at.slider(key="discard_ratio").set_value(0.5).run()
     assert "discard 0.50" in at.tabs[2].markdown[0].value
     at.selectbox(key="colorscale").set_value("Viridis")
