@@ -233,3 +233,20 @@ def test_out_of_memory_is_typed_and_falls_back_to_cpu(monkeypatch):
     assert "ran out of memory" in notice and "CPU instead" in notice
     monkeypatch.setattr(va, "attention_forward", real)
     assert np.array_equal(results[1].attention, analyze(model, photo(seed=1), info=info).attention)
+
+
+def test_large_captures_are_kept_in_half_precision(monkeypatch):
+    """Above HALF_STORAGE_BYTES the attention is stored in fp16 (softmax computed in fp32): maps barely move."""
+    import vitviz.analysis as va
+
+    model = tiny_vit(depth=4)
+    info = describe_model(model)
+    full = analyze(model, photo(), info=info)
+    monkeypatch.setattr(va, "HALF_STORAGE_BYTES", 0)
+    half = analyze(model, photo(), info=info)
+    assert full.attention.dtype == np.float32 and half.attention.dtype == np.float16
+    np.testing.assert_allclose(half.attention.astype(np.float32).sum(-1), 1.0, atol=2e-3)
+    np.testing.assert_allclose(half.attention, full.attention, atol=1e-3)
+    for settings in (DEFAULTS, Settings(start_layer=0, discard_ratio=0.0, head_fusion="max")):
+        np.testing.assert_allclose(rollout_map(half.attention, info=info, settings=settings),
+                                   rollout_map(full.attention, info=info, settings=settings), atol=2e-3)
