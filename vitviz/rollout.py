@@ -35,20 +35,25 @@ HeadFusion = Literal["mean", "max", "min"]
 FUSIONS = ("mean", "max", "min")
 
 
+def _per_layer(attn: torch.Tensor, op, dtype: torch.dtype) -> torch.Tensor:
+    """``op`` on ``attn`` in ``dtype``; a half capture is converted one layer at a time (fast, no full fp32 copy)."""
+    if attn.dtype == dtype or attn.ndim < 4:
+        return op(attn.to(dtype))
+    return torch.stack([op(layer.to(dtype)) for layer in attn])
+
+
 def fuse_heads(attn: torch.Tensor, head_fusion: HeadFusion | int = "mean") -> torch.Tensor:
-    """(..., H, T, T) -> (..., T, T): mean, max or min over heads, or one head by index."""
+    """(..., H, T, T) -> (..., T, T) in fp32 or better: mean, max or min over heads, or one head by index."""
+    dtype = torch.promote_types(attn.dtype, torch.float32)
     if isinstance(head_fusion, int) and not isinstance(head_fusion, bool):
         num_heads = attn.shape[-3]
         if not 0 <= head_fusion < num_heads:
             raise ParameterError(f"head {head_fusion} does not exist: choose 0 to {num_heads - 1}")
-        return attn[..., head_fusion, :, :]
-    if head_fusion == "mean":
-        return attn.mean(dim=-3)
-    if head_fusion == "max":
-        return attn.amax(dim=-3)
-    if head_fusion == "min":
-        return attn.amin(dim=-3)
-    raise ParameterError(f"unknown head fusion {head_fusion!r}: choose mean, max, min or a head index")
+        return attn[..., head_fusion, :, :].to(dtype)
+    ops = {"mean": lambda a: a.mean(dim=-3), "max": lambda a: a.amax(dim=-3), "min": lambda a: a.amin(dim=-3)}
+    if head_fusion not in ops:
+        raise ParameterError(f"unknown head fusion {head_fusion!r}: choose mean, max, min or a head index")
+    return _per_layer(attn, ops[head_fusion], dtype)
 
 
 def discard_lowest(a: torch.Tensor, ratio: float, *, keep_column: int = 0) -> torch.Tensor:
@@ -81,9 +86,9 @@ def rollout_matrices(
         keep_column: int = 0,
 ) -> torch.Tensor:
     """(L, H, T, T) attention -> (L, T, T) row-stochastic Â_l = norm_rows(discard(fuse(A_l)) + I)."""
-    a = fuse_heads(attn.to(torch.promote_types(attn.dtype, torch.float32)), head_fusion)  # fp16 storage -> fp32
-    if isinstance(head_fusion, int):
-        a = a.clone()  # one head is a view of the (shared, read-only) capture: never change it in place
+    a = fuse_heads(attn, head_fusion)
+    if a.data_ptr() == attn.data_ptr() or (a._base is not None and a._base.data_ptr() == attn.data_ptr()):
+        a = a.clone()  # one fp32 head is a view of the (shared, read-only) capture: never change it in place
     a = discard_lowest(a, discard_ratio, keep_column=keep_column)
     a.diagonal(dim1=-2, dim2=-1).add_(1.0)  # + I, in place on our own tensor
     return a.div_(a.sum(dim=-1, keepdim=True))
@@ -123,8 +128,7 @@ def rollout_all(mats: torch.Tensor, *, source: int = 0) -> torch.Tensor:
 
 def cls_attention(attn: torch.Tensor, *, head_fusion: HeadFusion | int = "mean", source: int = 0) -> torch.Tensor:
     """Raw attention of the ``source`` token per layer: (L, H, T, T) -> (L, T), no identity, no rollout."""
-    rows = attn[..., source, :].unsqueeze(-2)  # (L, H, 1, T)
-    return fuse_heads(rows.to(torch.promote_types(rows.dtype, torch.float32)), head_fusion)[..., 0, :]
+    return fuse_heads(attn[..., source, :].unsqueeze(-2), head_fusion)[..., 0, :]  # (L, H, 1, T) -> (L, T)
 
 
 def tokens_to_grid(values: torch.Tensor, *, num_prefix_tokens: int, grid: tuple[int, int]) -> torch.Tensor:
