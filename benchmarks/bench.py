@@ -192,6 +192,18 @@ class PeerRollout:
     def _store(self, module, inputs, output) -> None:
         self.attentions.append(output.cpu())
 
+    def unfused(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's own unfused forward (``fused_attn=False``, nothing kept), for scale: hooks detached meanwhile."""
+        hooks = [blk.attn.attn_drop._forward_hooks for blk in self.model.blocks]
+        saved = [dict(h) for h in hooks]
+        for h in hooks:
+            h.clear()
+        try:
+            return self.model(x)
+        finally:
+            for h, kept in zip(hooks, saved, strict=True):
+                h.update(kept)
+
     def close(self) -> None:
         for h in self.handles:
             h.remove()
@@ -280,6 +292,7 @@ def forward_variants(case: Case, peer: PeerRollout) -> dict[str, Callable[[], ob
         "analysis": lambda: full_analysis(case),
         "analyze": lambda: analyze(case.model, case.image, info=case.info),
         "peers": lambda: peer(case.x),
+        "unfused": lambda: peer.unfused(case.x),
     }
 
 
@@ -394,6 +407,7 @@ ROW_LABELS = {
     "analysis": "vitviz full analysis (capture + pos-sim + `rollout_table`)",
     "analyze": "`analyze(model, PIL image)` (fit + capture + pos-sim)",
     "peers": "peers: deep copy, unfused + hooks, one rollout (L full products)",
+    "unfused": "timm's own unfused forward (`fused_attn=False`), for scale",
 }
 
 
