@@ -1,9 +1,10 @@
 """Checks of the benchmark's plumbing (device, dtype, clocks, memory, the peers' reference), on the CPU with a tiny
-random ViT. Not part of the default suite: run ``.venv/bin/pytest benchmarks/test_bench.py``.
+random ViT. Part of the suite (pyproject testpaths); alone: ``.venv/bin/pytest benchmarks/test_bench.py``.
 """
 
 from __future__ import annotations
 
+import mmap
 import sys
 from pathlib import Path
 
@@ -69,8 +70,13 @@ def test_peak_memory_cuda_reads_the_allocator(monkeypatch):
 
 def test_peak_memory_cpu_sees_a_transient_allocation():
     def transient():
-        a = np.ones(16 * 2**20 // 8)  # 16 MiB, touched, freed before return
-        return float(a[0])
+        # 16 MiB of fresh pages straight from mmap, touched, freed before return: malloc's reuse of memory that
+        # earlier tests left resident (its mmap threshold grows after frees) cannot hide it
+        size = 16 * 2**20
+        with mmap.mmap(-1, size) as m:
+            for i in range(0, size, mmap.PAGESIZE):
+                m[i] = 1
+            return m[0]
 
     bench.peak_memory(transient, device=torch.device("cpu"))  # first call: malloc arenas settle
     _, small = bench.peak_memory(lambda: None, device=torch.device("cpu"))

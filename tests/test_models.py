@@ -178,3 +178,41 @@ def test_hub_cached_reads_the_local_cache_only(tmp_path, monkeypatch):
     (snap / "model.safetensors").write_bytes(b"x")
     assert hub_cached(name)
     assert not hub_cached("not_a_model_at_all")
+
+
+@pytest.mark.parametrize("arch,kwargs,match", [
+    ("resnet18", None, "cannot build architecture 'resnet18'"),
+    ("convnext_atto", None, "cannot build architecture 'convnext_atto'"),
+    (ARCH, "[1]", "must be a JSON object"),
+    (ARCH, '{"foo": 1}', "cannot build architecture"),
+    (ARCH, '{"img_size": "abc"}', "cannot build architecture"),
+    (ARCH, '{"embed_dim": 32, "num_heads": 5}', "cannot build architecture"),
+    (ARCH, "{not json", "not JSON"),
+])
+def test_wrong_arch_or_kwargs_metadata_is_a_checkpoint_error(tmp_path, arch, kwargs, match):
+    model = tiny_vit(ARCH, img_size=32, patch_size=8, depth=2)
+    meta = {"arch": arch, **({"kwargs": kwargs} if kwargs is not None else {"kwargs": json.dumps(KW)})}
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
+    with pytest.raises(CheckpointError, match=match):
+        source, state = load_source(path)
+        build_model(source, state)
+
+
+def test_description_reports_native_sizes_without_touching_the_model(tmp_path):
+    _, path = save_tiny(tmp_path)
+    source, state = load_source(path)
+    built = build_model(source, state, patch_size=12, img_size=(36, 60))
+    before = set(vars(built))
+    info = describe_model(built, source=source)
+    assert (info.patch_size, info.img_size, info.grid) == (12, (36, 60), (3, 5))
+    assert (info.native_patch_size, info.native_img_size) == (8, (32, 32))
+    assert set(vars(built)) == before
+
+
+def test_load_model_one_call(tmp_path):
+    from vitviz.models import load_model
+
+    _, path = save_tiny(tmp_path)
+    model, info = load_model(str(path), patch_size=8, img_size=48, device="cpu")
+    assert not model.training and info.grid == (6, 6) and next(model.parameters()).dtype == torch.float32

@@ -118,7 +118,8 @@ def describe_model(
     check_capturable(model)
     pe = model.patch_embed
     cfg = timm.data.resolve_model_data_config(model)
-    native_p = getattr(model, "_vitviz_native", None)
+    native_p, native_img = (_native_geometry(source) if source else
+                            (int(pe.patch_size[0]), (int(pe.img_size[0]), int(pe.img_size[1]))))
     arch = source.arch if source else model.pretrained_cfg.get("architecture", type(model).__name__)
     return ModelInfo(
         name=name or (source.name if source else arch),
@@ -126,20 +127,36 @@ def describe_model(
         patch_size=int(pe.patch_size[0]),
         grid=(int(pe.grid_size[0]), int(pe.grid_size[1])),
         img_size=(int(pe.img_size[0]), int(pe.img_size[1])),
-        native_patch_size=int(native_p[0]) if native_p else int(pe.patch_size[0]),
-        native_img_size=tuple(native_p[1]) if native_p else (int(pe.img_size[0]), int(pe.img_size[1])),
+        native_patch_size=native_p,
+        native_img_size=native_img,
         num_prefix_tokens=int(model.num_prefix_tokens),
         num_reg_tokens=int(getattr(model, "num_reg_tokens", 0)),
         has_class_token=bool(model.has_class_token),
         embed_dim=int(model.embed_dim),
         depth=len(model.blocks),
-        num_heads=int(model.blocks[0].attn.num_heads),
+        num_heads=int(model.blocks[0].attn.num_heads) if len(model.blocks) else 0,
         num_params=sum(p.numel() for p in model.parameters()),
         mean=tuple(float(v) for v in cfg["mean"]),
         std=tuple(float(v) for v in cfg["std"]),
         interpolation=str(cfg.get("interpolation", "bicubic")),
         crop_pct=float(cfg.get("crop_pct", 0.875)),
     )
+
+
+def _create(arch: str, kwargs: dict[str, Any], *, what: str) -> VisionTransformer:
+    """``timm.create_model`` on the meta device (no memory, no weights), its errors as a readable CheckpointError."""
+    try:
+        with torch.device("meta"):
+            return timm.create_model(arch, pretrained=False, **kwargs)
+    except (TypeError, ValueError, AssertionError, RuntimeError, KeyError) as exc:
+        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"cannot build architecture {arch!r} for {what} with {kwargs}: {detail}") from exc
+
+
+def _native_geometry(source: ModelSource) -> tuple[int, tuple[int, int]]:
+    """(patch size, (H, W)) the source's weights were trained at."""
+    pe = _create(source.arch, source.kwargs, what=repr(source.name)).patch_embed
+    return int(pe.patch_size[0]), (int(pe.img_size[0]), int(pe.img_size[1]))
 
 
 def patch_size_range(native_patch_size: int) -> tuple[int, int]:
@@ -276,11 +293,12 @@ def _file_source(path: Path, arch: str | None) -> tuple[ModelSource, dict[str, t
         extra = json.loads(meta.get("kwargs") or "{}")  # create_model kwargs recorded by whoever saved the file
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path.name!r}: its 'kwargs' metadata is not JSON ({exc})") from exc
+    if not isinstance(extra, dict):
+        raise CheckpointError(f"{path.name!r}: its 'kwargs' metadata must be a JSON object, got {type(extra).__name__}")
     p = int(state["patch_embed.proj.weight"].shape[-1])
     head = state.get("head.weight")
     kwargs = {"num_classes": int(head.shape[0]) if head is not None else 0, **extra, "patch_size": p}
-    with torch.device("meta"):
-        probe = timm.create_model(arch, pretrained=False, **{**kwargs, "img_size": p * 2})
+    probe = _create(arch, {**kwargs, "img_size": p * 2}, what=repr(path.name))
     check_capturable(probe)
     num_pos_prefix = 0 if probe.no_embed_class else probe.num_prefix_tokens
     if "img_size" not in extra:  # square grid from the position embedding's length
@@ -336,8 +354,7 @@ def build_model(
     At the native patch size and grid the weights are loaded unchanged (bit-exact).
     """
     p0 = int(state["patch_embed.proj.weight"].shape[-1])
-    with torch.device("meta"):  # the native architecture, for its own geometry; costs no memory
-        native = timm.create_model(source.arch, pretrained=False, **source.kwargs)
+    native = _create(source.arch, source.kwargs, what=repr(source.name))  # its own geometry; no memory
     old_grid = tuple(int(v) for v in native.patch_embed.grid_size)
     native_img = tuple(int(v) for v in native.patch_embed.img_size)
     num_pos_prefix = 0 if native.no_embed_class else native.num_prefix_tokens
@@ -347,9 +364,7 @@ def build_model(
             f"not the {old_grid[0]}x{old_grid[1]} grid (+{num_pos_prefix}) of {source.arch!r} as configured"
         )
     p, (h, w) = resolve_sizes(native_patch_size=p0, patch_size=patch_size, img_size=img_size or native_img)
-    with torch.device("meta"):
-        kwargs = {**source.kwargs, "patch_size": p, "img_size": (h, w)}
-        model = timm.create_model(source.arch, pretrained=False, **kwargs)
+    model = _create(source.arch, {**source.kwargs, "patch_size": p, "img_size": (h, w)}, what=repr(source.name))
     state = dict(state)
     if p != p0:
         state["patch_embed.proj.weight"] = resample_patch_embed(
@@ -364,7 +379,6 @@ def build_model(
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise CheckpointError(_mismatch_message(source, model, state, exc)) from exc
-    model._vitviz_native = (p0, native_img)  # read by describe_model; set before the model is shared
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     check_capturable(model)
     return model
