@@ -87,8 +87,8 @@ def rollout_matrices(
 ) -> torch.Tensor:
     """(L, H, T, T) attention -> (L, T, T) row-stochastic Â_l = norm_rows(discard(fuse(A_l)) + I)."""
     a = fuse_heads(attn, head_fusion)
-    if a.data_ptr() == attn.data_ptr() or (a._base is not None and a._base.data_ptr() == attn.data_ptr()):
-        a = a.clone()  # one fp32 head is a view of the (shared, read-only) capture: never change it in place
+    if isinstance(head_fusion, int):
+        a = a.clone()  # one fp32 head may be a view of the caller's (shared) capture: never change it in place
     a = discard_lowest(a, discard_ratio, keep_column=keep_column)
     a.diagonal(dim1=-2, dim2=-1).add_(1.0)  # + I, in place on our own tensor
     return a.div_(a.sum(dim=-1, keepdim=True))
