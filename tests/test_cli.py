@@ -97,3 +97,22 @@ def test_python_dash_m_entry_point(tmp_path, ckpt):
     assert tuple(d["box"]) == (0, 0, 33, 47)  # whole image
     gh, gw = d["grid"]
     assert gh > gw  # portrait image, portrait grid
+
+
+def test_output_names_never_collide():
+    from pathlib import Path
+
+    from vitviz.cli import _stems
+
+    names = _stems([Path("x/a.jpg"), Path("y/a.png"), Path("a-2.jpg"), Path("A.gif"), Path("../../b c.png")])
+    assert names == ["a", "a-2", "a-2-2", "A-3", "b_c"]
+    assert len({n.lower() for n in names}) == len(names)
+
+
+def test_bad_layer_range_refused_before_any_pass(tmp_path, ckpt, capsys):
+    img = tmp_path / "a.png"
+    Image.new("RGB", (40, 40)).save(img)
+    out = tmp_path / "o"
+    assert main(["analyze", str(img), "--out", str(out), "--model", str(ckpt), "--end-layer", "7"]) == 2
+    assert "layers must be in 0 to 2" in capsys.readouterr().err
+    assert not (out / "a.npz").exists()

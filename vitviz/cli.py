@@ -66,14 +66,17 @@ def collect_images(paths: Sequence[Path]) -> list[Path]:
 
 
 def _stems(paths: list[Path]) -> list[str]:
-    """Output stems, unique even when two inputs share a name (a.jpg and a.png, or two folders)."""
-    seen: dict[str, int] = {}
+    """Output stems, unique even when inputs share a name (a.jpg and a.png, two folders, or an 'a-2.jpg' too)."""
+    used: set[str] = set()
     out = []
     for p in paths:
         stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in p.stem) or "image"
-        n = seen.get(stem, 0)
-        seen[stem] = n + 1
-        out.append(stem if n == 0 else f"{stem}-{n + 1}")
+        name, n = stem, 1
+        while name.lower() in used:  # lower: case-insensitive file systems
+            n += 1
+            name = f"{stem}-{n}"
+        used.add(name.lower())
+        out.append(name)
     return out
 
 
@@ -121,7 +124,10 @@ def _run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
 
     native = native_patch_size(settings.model, arch=args.arch)
-    patch, _ = resolve_sizes(native_patch_size=native, patch_size=settings.patch_size, img_size=settings.img_size)
+    patch, square = resolve_sizes(native_patch_size=native, patch_size=settings.patch_size, img_size=settings.img_size)
+    _, probe_info = get_model(settings.model, patch_size=patch, img_size=square, device=str(device), dtype=dtype,
+                              arch=args.arch)
+    settings.layer_range(probe_info.depth)  # a bad layer range is refused before any image is run
 
     failures, rows = 0, []
     bar = _progress(len(paths), args.quiet)
