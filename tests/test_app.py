@@ -39,7 +39,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def calls(monkeypatch, tiny_checkpoint) -> list[int]:
-    """Fresh caches, the tiny model as the app's default, and a count of forward passes (vitviz.analysis.analyze)."""
+    """Fresh caches, the tiny model as the app's default, and a count of forward passes (analysis.analyze_batch)."""
     st.cache_data.clear()
     st.cache_resource.clear()
     monkeypatch.setenv("VITVIZ_APP_MODEL", str(tiny_checkpoint))
@@ -48,13 +48,13 @@ def calls(monkeypatch, tiny_checkpoint) -> list[int]:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: set it where it is used
     monkeypatch.delenv("VITVIZ_CHECKPOINT_DIR", raising=False)
     seen: list[int] = []
-    real = vitviz.analysis.analyze
+    real = vitviz.analysis.analyze_batch
 
     def counting(*args, **kwargs):
         seen.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(vitviz.analysis, "analyze", counting)
+    monkeypatch.setattr(vitviz.analysis, "analyze_batch", counting)
     return seen
 
 
@@ -294,7 +294,7 @@ def test_gpu_out_of_memory_falls_back_to_the_cpu_with_a_notice(calls, monkeypatc
     """The first pass runs out of accelerator memory (simulated): the app says so and shows the CPU result."""
     from vitviz.errors import OutOfMemoryError
 
-    counting = vitviz.analysis.analyze
+    counting = vitviz.analysis.analyze_batch
 
     def oom_once(*args, **kwargs):
         if not calls:
@@ -302,9 +302,29 @@ def test_gpu_out_of_memory_falls_back_to_the_cpu_with_a_notice(calls, monkeypatc
             raise OutOfMemoryError("the CUDA ran out of memory for 1 image(s) at 14x14 patches (1 MB of attention)")
         return counting(*args, **kwargs)
 
-    monkeypatch.setattr(vitviz.analysis, "analyze", oom_once)
+    monkeypatch.setattr(vitviz.analysis, "analyze_batch", oom_once)
     at = started()
     assert not at.exception and not at.error
     assert len(at.warning) == 1 and "ran out of memory" in at.warning[0].value and "CPU instead" in at.warning[0].value
     assert "forward pass" in status(at) and "cpu" in status(at)
     assert len(calls) == 2  # the failed try and the CPU pass
+    at.slider(key="opacity").set_value(0.3).run()
+    at.slider(key="layers").set_value((0, 1)).run()
+    assert not at.exception and len(at.warning) == 1  # the notice stays: this result came from the CPU
+    assert len(calls) == 2  # control changes use the cached CPU result: no new pass, no new GPU try
+
+
+def test_one_layer_model_renders(calls, monkeypatch, tmp_path):
+    """A slider needs two ends: a one-layer model gets no layer slider, and every view still renders."""
+    torch.manual_seed(0)
+    model = timm.create_model(ARCH, pretrained=False, num_classes=0, img_size=64, depth=1)
+    path = tmp_path / "one.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(model.state_dict(), str(path), metadata={"arch": ARCH, "kwargs": '{"depth": 1, "img_size": 64}'})
+    monkeypatch.setenv("VITVIZ_APP_MODEL", str(path))
+    at = started()
+    ok(at)
+    assert "a single layer" in " ".join(c.value for c in at.sidebar.caption)
+    for tab in TABS:
+        ok(show(at, tab))

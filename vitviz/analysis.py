@@ -8,6 +8,7 @@ arithmetic on that capture, so moving a control never re-runs the model.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import threading
 import time
@@ -54,6 +55,7 @@ __all__ = [
     "raw_attention_maps",
     "query_attention_maps",
     "attention_distance",
+    "export_arrays",
 ]
 
 FitMode = Literal["crop", "whole"]
@@ -136,6 +138,7 @@ class Analysis:
     pos_sim: np.ndarray  # (N, N) cosine similarity of the patch position embeddings
     seconds: float  # the forward pass
     device: str
+    dtype: str = "float32"  # the model's weights (the capture is kept in fp32, or fp16 when large)
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -247,6 +250,7 @@ def analyze_batch(
             pos_sim=sim,
             seconds=seconds,
             device=str(param.device),
+            dtype=str(param.dtype).removeprefix("torch."),
             notes=tuple(im.notes) if isinstance(im, LoadedImage) else (),
         )
         for i, (im, f) in enumerate(zip(images, fitted, strict=True))
@@ -367,3 +371,31 @@ def attention_distance(attention: np.ndarray, *, info: ModelInfo) -> np.ndarray:
     a = attention[:, :, p:, p:].astype(np.float32)  # (L, H, N, N)
     a = a / np.maximum(a.sum(-1, keepdims=True), 1e-12)
     return np.einsum("lhqk,qk->lh", a, d.astype(np.float32)) / (gh * gw)
+
+
+def export_arrays(res: Analysis, heat: np.ndarray, *, settings: dict, attention: bool = False) -> dict[str, np.ndarray]:
+    """The arrays of one result as saved in ``.npz`` files by the CLI and the app's download (one format for both).
+
+    ``settings`` holds what produced ``heat`` (at least start_layer, end_layer, head_fusion, discard_ratio); it is
+    stored as JSON under ``settings`` and its layer range, fusion and discard also as arrays of their own.
+    """
+    info = res.info
+    arrays = dict(
+        rollout=heat.astype(np.float32),
+        pos_sim=res.pos_sim.astype(np.float32),
+        grid=np.array(info.grid, dtype=np.int32),
+        patch_size=np.int32(info.patch_size),
+        img_size=np.array(info.img_size, dtype=np.int32),
+        num_prefix_tokens=np.int32(info.num_prefix_tokens),
+        box=np.array(res.box, dtype=np.float64),
+        pixels=res.pixels,
+        start_layer=np.int32(settings["start_layer"]),
+        end_layer=np.int32(settings["end_layer"]),
+        head_fusion=np.array(str(settings["head_fusion"])),
+        discard_ratio=np.float32(settings["discard_ratio"]),
+        model=np.array(info.name),
+        settings=np.array(json.dumps(settings)),
+    )
+    if attention:
+        arrays["attention"] = res.attention
+    return arrays

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -182,6 +181,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _write(args, settings, path, stem, loaded, res, rollout_map, overlay_png) -> dict:
+    from .analysis import export_arrays
+
     t0 = time.perf_counter()
     info = res.info
     start, end = settings.layer_range(info.depth)
@@ -189,27 +190,9 @@ def _write(args, settings, path, stem, loaded, res, rollout_map, overlay_png) ->
     (args.out / f"{stem}.png").write_bytes(
         overlay_png(res.pixels, heat, patch_size=info.patch_size, opacity=args.opacity)
     )
-    arrays = dict(
-        rollout=heat.astype(np.float32),
-        pos_sim=res.pos_sim.astype(np.float32),
-        grid=np.array(info.grid, dtype=np.int32),
-        patch_size=np.int32(info.patch_size),
-        img_size=np.array(info.img_size, dtype=np.int32),
-        num_prefix_tokens=np.int32(info.num_prefix_tokens),
-        box=np.array(res.box, dtype=np.float64),
-        pixels=res.pixels,
-        start_layer=np.int32(start),
-        end_layer=np.int32(end),
-        head_fusion=np.array(settings.head_fusion),
-        discard_ratio=np.float32(settings.discard_ratio),
-        model=np.array(info.name),
-        settings=np.array(json.dumps({
-            **asdict(settings), "patch_size": info.patch_size, "img_size": list(info.img_size), "device": res.device,
-            "start_layer": start, "end_layer": end,
-        })),
-    )
-    if args.save_attention:
-        arrays["attention"] = res.attention
+    used = {**asdict(settings), "patch_size": info.patch_size, "img_size": list(info.img_size), "device": res.device,
+            "start_layer": start, "end_layer": end}
+    arrays = export_arrays(res, heat, settings=used, attention=args.save_attention)
     np.savez_compressed(args.out / f"{stem}.npz", **arrays)
     return dict(
         image=str(path),

@@ -53,6 +53,7 @@ __all__ = [
     "build_model",
     "load_model",
     "is_model_name",
+    "check_arch",
     "hub_cached",
     "list_vit_models",
 ]
@@ -218,9 +219,21 @@ def hub_cached(name: str) -> bool:
     return any(isinstance(try_to_load_from_cache(repo, f), str) for f in files)
 
 
-def _unknown_name(name: str) -> ModelError:
+def check_arch(arch: str) -> str:
+    """A timm architecture name typed by a user, stripped; a ModelError with suggestions when timm has no such name."""
+    arch = arch.strip()
+    if not is_model_name(arch):
+        raise ModelError(f"{arch!r} is not a timm architecture name.{_suggest(arch)}")
+    return arch
+
+
+def _suggest(name: str) -> str:
     close = difflib.get_close_matches(name.split(".")[0], list_vit_models(), n=3)
-    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return f" Did you mean {', '.join(close)}?" if close else ""
+
+
+def _unknown_name(name: str) -> ModelError:
+    hint = _suggest(name)
     kinds = ", ".join(CHECKPOINT_SUFFIXES)
     return ModelError(f"{name!r} is neither a timm model name nor a checkpoint file ({kinds}).{hint}")
 
