@@ -85,10 +85,6 @@ class Capture:
     attention: torch.Tensor
     features: torch.Tensor
 
-    @property
-    def num_layers(self) -> int:
-        return self.attention.shape[1]
-
 
 def attention_forward(
         model: VisionTransformer,
