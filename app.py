@@ -34,6 +34,7 @@ from vitviz.models import (
     check_arch,
     describe_model,
     hub_cached,
+    list_pretrained_vits,
     load_source,
     patch_size_range,
 )
@@ -47,6 +48,7 @@ HUB_MODELS = [
     "vit_small_patch14_reg4_dinov2.lvd142m",
 ]
 UPLOAD = "upload"
+OTHER_HUB = "hub:other"
 DIR_PREFIX = "dir:"
 COLORSCALES = ["Inferno", "Viridis", "Magma", "Plasma", "Turbo", "Jet", "Greys"]
 IMG_MIN, IMG_MAX = 112, 518
@@ -142,6 +144,8 @@ def model_label(choice: str) -> str:
         return "Embedded DINOv2 ViT-S/14 (offline)" if APP_MODEL == "default" else f"{Path(APP_MODEL).name} (app)"
     if choice == UPLOAD:
         return "Upload a checkpoint..."
+    if choice == OTHER_HUB:
+        return "Another timm ViT from the Hub..."
     if choice.startswith(DIR_PREFIX):
         return f"Checkpoint: {choice.removeprefix(DIR_PREFIX)}"
     return f"{choice} ({'cached' if hub_cached(choice) else 'Hub, needs internet'})"
@@ -250,7 +254,7 @@ st.write("How a Vision Transformer reads an image: its patch grid, what its posi
 d = va.DEFAULTS
 PERSISTENT = ["example", "model", "arch", "patch_size", "img_size", "fit", "device", "precision", "layers", "view",
               "head", "head_fusion", "discard_ratio", "opacity", "colorscale", "query_patch", "heads_layer",
-              "heads_source", "query_layer"]
+              "heads_source", "query_layer", "hub_name"]
 INITIAL = dict(model="default", arch=APP_ARCH or "", device="auto", precision="auto", img_size=d.img_size, fit=d.fit,
                view="rollout", head=ALL_HEADS, head_fusion=d.head_fusion, discard_ratio=d.discard_ratio, opacity=0.6,
                colorscale="Inferno", heads_source="CLS token")
@@ -272,7 +276,7 @@ example = sb.selectbox("...or an example", examples, key="example", index=None, 
 
 # ---- sidebar: model
 sb.header("Model")
-choices = ["default", *HUB_MODELS, *(DIR_PREFIX + f for f in checkpoint_files()), UPLOAD]
+choices = ["default", *HUB_MODELS, OTHER_HUB, *(DIR_PREFIX + f for f in checkpoint_files()), UPLOAD]
 keep("model", lambda v: v in choices, "default")
 choice = sb.selectbox("Model", choices, key="model", format_func=model_label,
                       help="The embedded DINOv2 ViT-S/14 works offline. Hub models need the Hugging Face Hub or its "
@@ -280,6 +284,16 @@ choice = sb.selectbox("Model", choices, key="model", format_func=model_label,
 name, arch = APP_MODEL, APP_ARCH
 if choice in HUB_MODELS:
     name, arch = choice, None
+elif choice == OTHER_HUB:  # a choice from timm's registry, never free text
+    hub_name = sb.selectbox("timm model", list_pretrained_vits(), key="hub_name", index=None,
+                            placeholder="Type to search, e.g. deit_base",
+                            format_func=lambda n: f"{n} (cached)" if hub_cached(n) else n,
+                            help="Any pretrained timm ViT; its weights come from the Hugging Face Hub (or its local "
+                                 "cache). Models that are not plain ViTs are refused with the reason.")
+    if hub_name is None:
+        st.info("Choose a timm model in the sidebar, or another model.")
+        st.stop()
+    name, arch = hub_name, None
 elif choice == UPLOAD or choice.startswith(DIR_PREFIX):
     ckpt = None
     if choice == UPLOAD:

@@ -328,3 +328,18 @@ def test_one_layer_model_renders(calls, monkeypatch, tmp_path):
     assert "a single layer" in " ".join(c.value for c in at.sidebar.caption)
     for tab in TABS:
         ok(show(at, tab))
+
+
+def test_any_pretrained_timm_vit_from_the_registry(calls):
+    """'Another timm ViT': a searchable list from timm's registry (no free text); offline it fails with a message."""
+    at = started()
+    at.selectbox(key="model").set_value("hub:other").run()
+    ok(at)
+    assert "Choose a timm model" in at.info[0].value
+    options = at.selectbox(key="hub_name").options
+    assert len(options) > 100 and any("deit_small_patch16_224.fb_in1k" in o for o in options)
+    at.selectbox(key="hub_name").set_value("deit_tiny_patch16_224.fb_in1k").run()
+    assert not at.exception and len(at.error) == 1 and "Hugging Face Hub" in at.error[0].value
+    at.selectbox(key="model").set_value("default").run()
+    ok(at)
+    assert len(calls) == 1

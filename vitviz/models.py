@@ -56,6 +56,7 @@ __all__ = [
     "check_arch",
     "hub_cached",
     "list_vit_models",
+    "list_pretrained_vits",
 ]
 
 DEFAULT_MODEL = "default"
@@ -194,8 +195,16 @@ def resolve_sizes(
 
 @functools.lru_cache(maxsize=1)
 def list_vit_models() -> tuple[str, ...]:
-    """timm architecture names vitviz can analyse (VisionTransformer family with absolute position embeddings)."""
+    """timm architecture names of the VisionTransformer family (a few, e.g. parallel-block or CLS-less ones, are
+    refused with their reason when loaded)."""
     return tuple(timm.list_models(module="vision_transformer")) + tuple(timm.list_models(module="deit"))
+
+
+@functools.lru_cache(maxsize=1)
+def list_pretrained_vits() -> tuple[str, ...]:
+    """``arch.tag`` names with pretrained weights on the Hub, VisionTransformer family (no network: timm's registry)."""
+    names = timm.list_models(module=["vision_transformer", "deit"], pretrained=True)
+    return tuple(sorted(names))
 
 
 def is_model_name(name: str) -> bool:
