@@ -8,7 +8,9 @@ the odd-but-valid images must go all the way through ``load_image`` -> ``analyze
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import ctypes
 import gc
 import importlib.util
 import io
@@ -147,7 +149,11 @@ print(kind, seconds, (after - before) * 1024, traced)
 
 @pytest.mark.parametrize("w,h", [(30000, 30000), (9000, 9000), (100_000, 1)])
 def test_decompression_bomb_fails_fast_in_bounded_memory(tmp_path, w, h):
-    """A fresh process, so its peak RSS (ru_maxrss) is this load's own: decoding 30000x30000 RGB would take 2.7 GB."""
+    """A fresh process, so its peak RSS (ru_maxrss) is this load's own: decoding 30000x30000 RGB would take 2.7 GB.
+
+    No time limit is asserted (timings belong in the benchmark): the memory bounds prove the pixels are never
+    decoded, and the subprocess timeout catches a hang. The probe's seconds are in the failure message.
+    """
     expect = "loaded" if w * h <= 64_000_000 else "ImageError"  # 100000x1 is under the pixel limit: it loads
     path = tmp_path / "bomb.png"
     path.write_bytes(png_header_only(w, h) if expect == "ImageError" else encode(noise(w, h), "PNG"))
@@ -155,9 +161,8 @@ def test_decompression_bomb_fails_fast_in_bounded_memory(tmp_path, w, h):
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
     kind, seconds, rss_growth, traced = proc.stdout.split()
-    assert kind == expect
-    assert float(seconds) < 2.0
-    assert int(rss_growth) < 32 * 2**20, f"peak RSS grew by {int(rss_growth) / 2**20:.0f} MB"
+    assert kind == expect, f"{kind} after {float(seconds):.2f} s"
+    assert int(rss_growth) < 32 * 2**20, f"peak RSS grew by {int(rss_growth) / 2**20:.0f} MB in {float(seconds):.2f} s"
     assert int(traced) < 16 * 2**20
 
 
@@ -565,6 +570,18 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def settled_rss() -> int:
+    """RSS once garbage is collected and glibc has handed its free pages back (malloc_trim walks every arena).
+
+    Without the trim, what glibc keeps in dead threads' arenas shows up as growth that depends on the allocator's
+    history (the rest of the suite), not on what vitviz keeps.
+    """
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: the reading is just noisier
+        ctypes.CDLL(None).malloc_trim(0)
+    return rss_bytes()
+
+
 JOBS = [  # (image seed, size, fit, settings)
     (0, (50, 40), "crop", Settings(start_layer=0)),
     (1, (31, 77), "whole", Settings(start_layer=1, head_fusion="max", discard_ratio=0.5)),
@@ -603,35 +620,46 @@ def run_threads(model, info, jobs, *, rounds: int = 1):
     return results
 
 
-def check_concurrent(model, jobs, *, rounds: int, slack: int):
+def check_concurrent(model, jobs, *, rounds: int, slack: int, waves: int = 4):
+    """Every job, run in parallel threads, equals its single-threaded result; the model and memory are untouched.
+
+    Memory: a first wave of threads is not counted (it sets up allocator arenas and thread pools once); over the
+    `waves` after it, settled RSS may not grow by `slack` (the lower of the last two readings counts). Anything
+    vitviz kept per analysis would grow with every wave; allocator plateaus and spikes do not.
+    """
     info = describe_model(model)
     before_state = hook_state(model)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     single = [run_job(model, info, job) for job in jobs]  # also warms every code path
-    gc.collect()
-    rss0 = rss_bytes()
-    for _ in range(2):
+
+    def wave():
         got = run_threads(model, info, jobs, rounds=rounds)
         for i, (att, heat) in enumerate(single):
             np.testing.assert_array_equal(got[i][0], att)  # bit-exact: same ops on the same input
             np.testing.assert_array_equal(got[i][1], heat)
-    del got
-    gc.collect()
-    grown = rss_bytes() - rss0
+
+    wave()
+    rss = [settled_rss()]
+    for _ in range(waves):
+        wave()
+        rss.append(settled_rss())
+    grown = min(rss[-2:]) - rss[0]  # kept results only grow; one wave's allocator spike does not last two
     assert hook_state(model) == before_state
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
-    assert grown < slack, f"RSS grew by {grown / 2**20:.1f} MB after the threads finished"
+    steps = ", ".join(f"{(b - rss[0]) / 2**20:+.1f}" for b in rss[1:])
+    assert grown < slack, f"RSS grew by {grown / 2**20:.1f} MB over {waves} waves of threads (MB per wave: {steps})"
     return grown
 
 
 def test_many_threads_on_one_shared_tiny_model():
-    """6 threads x 3 rounds x 2 waves on one model: each equals its single-threaded result, nothing is left behind.
+    """6 threads x 3 rounds x 5 waves on one model: each equals its single-threaded result, the model is untouched.
 
-    Slack: a tiny analysis holds < 0.1 MB; what may stay is malloc's per-thread arenas and torch's thread-local
-    buffers, measured at < 10 MB here; 64 MB would mean results or inputs are being kept.
+    Memory here is only a coarse guard (a tiny analysis holds < 0.1 MB, so 72 kept ones would pass): 32 MB over
+    4 waves would mean something large, a model copy or a cache of inputs, is being kept per analysis. The
+    default-model test below is the one sized to catch kept results.
     """
     model = tiny_vit(ARCH, img_size=32, patch_size=8, depth=3)
-    check_concurrent(model, JOBS, rounds=3, slack=64 * 2**20)
+    check_concurrent(model, JOBS, rounds=3, slack=32 * 2**20)
 
 
 def test_errors_in_one_thread_do_not_disturb_the_others():
@@ -669,11 +697,12 @@ def test_errors_in_one_thread_do_not_disturb_the_others():
 def test_many_threads_on_the_cached_default_model():
     """4 threads on the default ViT-S/14 at 224 (12 x 6 x 257 x 257 fp32 = 19 MB of attention per analysis).
 
-    Slack: 4 threads hold ~4 x (19 MB attention + ~20 MB activations); after they finish glibc may keep some of
-    that in per-thread arenas. 192 MB is about the full in-flight working set: more would mean results are kept.
+    Slack: 3 waves x 4 analyses kept would be >= 12 x 19 MB = 228 MB (a kept-results leak injected on purpose read
+    +268/+334 MB); settled RSS moved by -13..+58 MB per reading in three full-suite runs, so 128 MB means results
+    or activations are being kept.
     """
     from vitviz.analysis import get_model
 
     model, _ = get_model("default", img_size=(224, 224))
     jobs = [(i, (300 + 40 * i, 240), fit, s) for i, (_, _, fit, s) in enumerate(JOBS[:4])]
-    check_concurrent(model, jobs, rounds=1, slack=192 * 2**20)
+    check_concurrent(model, jobs, rounds=1, slack=128 * 2**20)
