@@ -278,7 +278,7 @@ def full_analysis(case: Case) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     info = case.info
     need = attention_bytes(depth=info.depth, heads=info.num_heads, tokens=info.num_tokens)
     store = torch.float16 if need > HALF_STORAGE_BYTES else torch.float32  # as analyze_batch decides
-    attention = attention_forward(case.model, case.x, store_dtype=store).attention[0].numpy()  # (L, H, T, T)
+    attention = attention_forward(case.model, case.x, store_dtype=store, features=False).attention[0].numpy()
     sim = pos_embed_similarity(patch_pos_embed(case.model)).cpu().numpy().astype(np.float32)  # (N, N)
     table = rollout_table(attention, info=info)  # (L, L, gh, gw), every range the slider reaches
     return attention, sim, table

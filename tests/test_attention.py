@@ -65,6 +65,20 @@ def test_capture_equals_eager_attention_and_features(variant):
     torch.testing.assert_close(cap.attention.sum(-1), torch.ones(cap.attention.shape[:-1]), atol=1e-5, rtol=0)
 
 
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_attention_only_capture_skips_the_features_but_not_the_last_layer(variant):
+    """features=False stops after the last layer's probabilities: the same attention, bit for bit, and no features."""
+    model = _build(variant)
+    h, w = model.patch_embed.img_size
+    x = torch.randn(2, 3, h, w)
+    full = attention_forward(model, x)
+    only = attention_forward(model, x, features=False)
+    assert only.features is None
+    assert torch.equal(only.attention, full.attention)
+    half = attention_forward(model, x, features=False, store_dtype=torch.float16)  # the scratch path, last layer too
+    torch.testing.assert_close(half.attention[:, -1].float(), eager_reference(model, x)[0][:, -1], atol=1e-3, rtol=0)
+
 def test_capture_leaves_no_hook_flag_or_weight_change_even_on_error():
     model = tiny_vit()
     before = hook_state(model)
