@@ -101,8 +101,7 @@ def run_analysis(digest: str, model_key: tuple, fit: str, _image) -> tuple[va.An
 @st.cache_data(max_entries=16, show_spinner=False)
 def rollout_maps(digest: str, model_key: tuple, fit: str, head: str | int, discard: float, _analysis) -> np.ndarray:
     """(L, L, gh, gw): rollout over every layer range, [a, b] = layers a..b."""
-    return va.rollout_table(_analysis.attention, info=_analysis.info, head_fusion=head, discard_ratio=discard,
-                            head_mean=_analysis.head_mean)
+    return va.rollout_table(_analysis.attention, info=_analysis.info, head_fusion=head, discard_ratio=discard)
 
 
 @st.cache_data(max_entries=16, show_spinner=False)

@@ -273,14 +273,18 @@ def build_case(name: str, *, device: torch.device, dtype: torch.dtype, model=Non
 # ---------------------------------------------------------------------------------------------------------- variants
 
 
-def full_analysis(case: Case) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """What ``analyze`` + ``rollout_table`` do, minus image decode and fit: (attention, pos_sim, table)."""
+def full_analysis(case: Case, *, discard_ratio: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What ``analyze`` + ``rollout_table`` do, minus image decode and fit: (attention, pos_sim, table).
+
+    Mean head fusion; ``discard_ratio`` 0 is Abnar & Zuidema's plain rollout, the app's default is 0.9.
+    """
     info = case.info
     need = attention_bytes(depth=info.depth, heads=info.num_heads, tokens=info.num_tokens)
     store = torch.float16 if need > HALF_STORAGE_BYTES else torch.float32  # as analyze_batch decides
     attention = attention_forward(case.model, case.x, store_dtype=store, features=False).attention[0].numpy()
     sim = pos_embed_similarity(patch_pos_embed(case.model)).cpu().numpy().astype(np.float32)  # (N, N)
-    table = rollout_table(attention, info=info)  # (L, L, gh, gw), every range the slider reaches
+    # (L, L, gh, gw): every range the slider reaches
+    table = rollout_table(attention, info=info, discard_ratio=discard_ratio)
     return attention, sim, table
 
 
@@ -290,6 +294,7 @@ def forward_variants(case: Case, peer: PeerRollout) -> dict[str, Callable[[], ob
         "plain": lambda: case.model(case.x),
         "capture": lambda: attention_forward(case.model, case.x),
         "analysis": lambda: full_analysis(case),
+        "defaults": lambda: full_analysis(case, discard_ratio=DEFAULTS.discard_ratio),
         "analyze": lambda: analyze(case.model, case.image, info=case.info),
         "peers": lambda: peer(case.x),
         "unfused": lambda: peer.unfused(case.x),
@@ -403,8 +408,9 @@ def _machine(device: torch.device, threads: int) -> str:
 
 ROW_LABELS = {
     "plain": "plain `model(x)`, fused attention (floor)",
-    "capture": "`attention_forward` only (capture, to CPU)",
+    "capture": "`attention_forward` with features (a whole forward + capture)",
     "analysis": "vitviz full analysis (capture + pos-sim + `rollout_table`)",
+    "defaults": "the same at the app's defaults (discard 0.9)",
     "analyze": "`analyze(model, PIL image)` (fit + capture + pos-sim)",
     "peers": "peers: deep copy, unfused + hooks, one rollout (L full products)",
     "unfused": "timm's own unfused forward (`fused_attn=False`), for scale",
@@ -437,7 +443,8 @@ def _noisy(times: dict[str, list[float]]) -> bool:
 
 def _control_rows(case: Case, args: argparse.Namespace) -> tuple[list[str], list[Check]]:
     a = analyze(case.model, case.image, info=case.info)
-    t = time_interleaved(control_variants(a, rollout_table(a.attention, info=a.info)), device=torch.device("cpu"),
+    table = rollout_table(a.attention, info=a.info)
+    t = time_interleaved(control_variants(a, table), device=torch.device("cpu"),
                          repeats=args.repeats, warmup=args.warmup)
     c = {k: _ms(v) for k, v in t.items()}
     rows = [f"| {case.name} | {k} | {c[k]:.1f} | {min(v) * 1e3:.1f} |" for k, v in t.items()]

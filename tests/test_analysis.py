@@ -85,26 +85,6 @@ def test_rollout_map_and_table_equal_naive(tiny_result, fusion, ratio, start, en
     np.testing.assert_allclose(got, want[3:].reshape(3, 5), atol=1e-5)  # 3 prefix tokens left out, 3x5 grid
     table = rollout_table(res.attention, info=info, head_fusion=fusion, discard_ratio=ratio)
     np.testing.assert_allclose(table[start, end], got, atol=1e-5)
-    # the same through the head mean the pass kept (used for mean fusion, ignored for the others)
-    fast = rollout_map(res.attention, info=info, settings=settings, head_mean=res.head_mean)
-    np.testing.assert_allclose(fast, want[3:].reshape(3, 5), atol=1e-5)
-    fast_table = rollout_table(res.attention, info=info, head_fusion=fusion, discard_ratio=ratio,
-                               head_mean=res.head_mean)
-    np.testing.assert_allclose(fast_table[start, end], got, atol=1e-5)
-
-
-def test_the_pass_keeps_the_head_mean_and_the_maps_use_it(tiny_result):
-    _, info, res = tiny_result
-    assert res.head_mean.shape == (4, 18, 18) and res.head_mean.dtype == np.float32
-    assert not res.head_mean.flags.writeable
-    np.testing.assert_allclose(res.head_mean, res.attention.astype(np.float64).mean(axis=1), atol=1e-6)
-    # a head mean that is not the attention's shows up in mean-fusion maps only: the maps really read it
-    swapped = np.ascontiguousarray(res.head_mean[::-1])
-    other = rollout_map(res.attention, info=info, settings=DEFAULTS, head_mean=swapped)
-    assert np.abs(other - rollout_map(res.attention, info=info, settings=DEFAULTS)).max() > 1e-3
-    maxed = Settings(head_fusion="max")
-    np.testing.assert_array_equal(rollout_map(res.attention, info=info, settings=maxed, head_mean=swapped),
-                                  rollout_map(res.attention, info=info, settings=maxed))
 
 
 def test_raw_and_query_maps_by_hand(tiny_result):
@@ -267,6 +247,3 @@ def test_large_captures_are_kept_in_half_precision(monkeypatch):
     for settings in (DEFAULTS, Settings(start_layer=0, discard_ratio=0.0, head_fusion="max")):
         np.testing.assert_allclose(rollout_map(half.attention, info=info, settings=settings),
                                    rollout_map(full.attention, info=info, settings=settings), atol=2e-3)
-    # the head mean is taken from the fp32 probabilities before they are stored in fp16: it stays fp32-exact
-    assert half.head_mean.dtype == np.float32
-    np.testing.assert_allclose(half.head_mean, full.head_mean, atol=1e-6)

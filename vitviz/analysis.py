@@ -32,7 +32,6 @@ from .rollout import (
     HeadFusion,
     check_layer_range,
     cls_attention,
-    fused_rollout_matrices,
     rollout_all,
     rollout_matrices,
     rollout_row,
@@ -141,7 +140,6 @@ class Analysis:
     device: str
     dtype: str = "float32"  # the model's weights (the capture is kept in fp32, or fp16 when large)
     notes: tuple[str, ...] = field(default=())
-    head_mean: np.ndarray | None = None  # (L, T, T) fp32 mean over heads, taken during the pass (mean fusion's input)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -232,7 +230,7 @@ def analyze_batch(
     store = torch.float16 if need > HALF_STORAGE_BYTES else torch.float32
     t0 = time.perf_counter()
     try:
-        cap = attention_forward(model, x, store_dtype=store, features=False, head_mean=True)  # no features needed
+        cap = attention_forward(model, x, store_dtype=store, features=False)  # the maps need no features
     except torch.OutOfMemoryError as exc:  # CUDA (and MPS) allocation failure: free what we can, say so
         del x
         _empty_cache(param.device)
@@ -254,7 +252,6 @@ def analyze_batch(
             device=str(param.device),
             dtype=str(param.dtype).removeprefix("torch."),
             notes=tuple(im.notes) if isinstance(im, LoadedImage) else (),
-            head_mean=_frozen(cap.head_mean[i].numpy()),
         )
         for i, (im, f) in enumerate(zip(images, fitted, strict=True))
     ]
@@ -319,49 +316,28 @@ def _interp(name: str) -> str:
 # ------------------------------------------------------------------------------------------------- derived views
 
 
-def _matrices(
-        attention: np.ndarray,
-        head_mean: np.ndarray | None,
-        *,
-        layers: slice,
-        head_fusion: HeadFusion | int,
-        discard_ratio: float,
-) -> torch.Tensor:
-    """The rollout matrices of ``layers``, from the pass's head mean when that is the fusion asked for."""
-    if head_fusion == "mean" and head_mean is not None:
-        return fused_rollout_matrices(torch.from_numpy(head_mean[layers]), discard_ratio=discard_ratio)
-    return rollout_matrices(torch.from_numpy(attention[layers]), head_fusion=head_fusion, discard_ratio=discard_ratio)
-
-
 def rollout_table(
         attention: np.ndarray,
         *,
         info: ModelInfo,
         head_fusion: HeadFusion | int = "mean",
         discard_ratio: float = 0.0,
-        head_mean: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Rollout maps for every layer range: (L, L, gh, gw), [a, b] over layers a..b (NaN where a > b).
-
-    ``head_mean`` (``Analysis.head_mean``), when given, is used for mean fusion instead of averaging the heads again.
-    """
-    mats = _matrices(attention, head_mean, layers=slice(None), head_fusion=head_fusion, discard_ratio=discard_ratio)
+    """Rollout maps for every layer range: (L, L, gh, gw), [a, b] over layers a..b (NaN where a > b)."""
+    mats = rollout_matrices(torch.from_numpy(attention), head_fusion=head_fusion, discard_ratio=discard_ratio)
     table = rollout_all(mats, source=0)
     return tokens_to_grid(table, num_prefix_tokens=info.num_prefix_tokens, grid=info.grid).numpy().astype(np.float32)
 
 
-def rollout_map(
-        attention: np.ndarray,
-        *,
-        info: ModelInfo,
-        settings: Settings = DEFAULTS,
-        head_mean: np.ndarray | None = None,
-) -> np.ndarray:
+def rollout_map(attention: np.ndarray, *, info: ModelInfo, settings: Settings = DEFAULTS) -> np.ndarray:
     """The rollout map for ``settings``' layer range, head fusion and discard ratio: (gh, gw)."""
     settings.check()
     start, end = settings.layer_range(info.depth)
-    mats = _matrices(attention, head_mean, layers=slice(start, end + 1), head_fusion=settings.head_fusion,
-                     discard_ratio=settings.discard_ratio)
+    mats = rollout_matrices(
+        torch.from_numpy(attention[start : end + 1]),
+        head_fusion=settings.head_fusion,
+        discard_ratio=settings.discard_ratio,
+    )
     row = rollout_row(mats, start=0, end=end - start, source=0)
     return tokens_to_grid(row, num_prefix_tokens=info.num_prefix_tokens, grid=info.grid).numpy().astype(np.float32)
 

@@ -96,7 +96,6 @@ class Capture:
 
     attention: torch.Tensor
     features: torch.Tensor | None  # None when asked for attention only
-    head_mean: torch.Tensor | None = None  # (B, L, T, T) mean over heads, fp32 or better, when asked for
 
 
 def attention_forward(
@@ -106,7 +105,6 @@ def attention_forward(
         store_dtype: torch.dtype = torch.float32,
         store_device: torch.device | str | None = "cpu",
         features: bool = True,
-        head_mean: bool = False,
 ) -> Capture:
     """Run ``model`` on ``x`` (B, 3, H, W) once, returning every layer's attention probabilities and the features.
 
@@ -114,8 +112,7 @@ def attention_forward(
     call from several threads on one shared model. ``store_device=None`` keeps the attention where it was made.
     ``features=False`` stops as soon as the last layer's probabilities exist: that layer's value mixing,
     projection and MLP (and the final norm) feed nothing but the features, so skipping them saves about 3/4 of a
-    block (6% of a 12-block pass). ``head_mean=True`` also keeps each layer's mean over heads, taken from the
-    fp32 probabilities while they are fresh: the default rollout then needs no pass over the (fp16) capture.
+    block (6% of a 12-block pass).
     """
     check_capturable(model)
     if model.training:
@@ -136,23 +133,18 @@ def attention_forward(
         buf = torch.empty((depth, B, heads, T, T), device=t.device, dtype=store_dtype)
         compute = torch.promote_types(store_dtype, torch.float32)
         scratch = None if compute == store_dtype else torch.empty(buf.shape[1:], device=t.device, dtype=compute)
-        means = torch.empty((depth, B, T, T), device=t.device, dtype=compute) if head_mean else None
         for layer, blk in enumerate(model.blocks):
             probs = buf[layer] if scratch is None else scratch
             if layer == depth - 1 and not features:
                 _last_probs(blk, t, probs)
             else:
                 t = _block(blk, t, probs)
-            if means is not None:
-                torch.mean(probs, dim=1, out=means[layer])
             if scratch is not None:
                 buf[layer].copy_(scratch)
         attention = buf.transpose(0, 1)  # (B, L, H, T, T), a view
-        means = None if means is None else means.transpose(0, 1)  # (B, L, T, T)
         if store_device is not None:
             attention = attention.to(store_device)
-            means = None if means is None else means.to(store_device)
-        return Capture(attention=attention, features=model.norm(t) if features else None, head_mean=means)
+        return Capture(attention=attention, features=model.norm(t) if features else None)
 
 
 def capture_attention(model: VisionTransformer, x: torch.Tensor, **kwargs) -> torch.Tensor:

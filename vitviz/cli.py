@@ -186,7 +186,7 @@ def _write(args, settings, path, stem, loaded, res, rollout_map, overlay_png) ->
     t0 = time.perf_counter()
     info = res.info
     start, end = settings.layer_range(info.depth)
-    heat = rollout_map(res.attention, info=info, settings=settings, head_mean=res.head_mean)
+    heat = rollout_map(res.attention, info=info, settings=settings)
     (args.out / f"{stem}.png").write_bytes(
         overlay_png(res.pixels, heat, patch_size=info.patch_size, opacity=args.opacity)
     )
