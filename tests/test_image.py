@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 import struct
+import threading
 import warnings
 import zlib
 
@@ -327,11 +328,37 @@ def test_decompression_bomb_refused_from_header(no_decode):
         load_image(png_header_only(101, 100), max_pixels=10_000)
 
 
-def test_no_pil_warning_escapes():
+def test_pil_warnings_as_errors_still_give_the_typed_message():
+    bomb = png_header_only(10000, 10000)  # PIL warns for this one (over its 89 MP, under its 179 MP hard limit)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with pytest.raises(ImageError, match="pixels"):
-            load_image(png_header_only(10000, 10000))  # PIL emits DecompressionBombWarning for this one
+        with pytest.raises(ImageError, match=r"too many pixels to decode safely \(100,000,000 pixels\)"):
+            load_image(bomb)
+
+
+def test_loading_in_threads_leaves_the_process_warning_state_alone():
+    """catch_warnings in a decoder would swap warnings.filters/showwarning under other threads' feet."""
+    filters, show = list(warnings.filters), warnings.showwarning
+    errors: list[BaseException] = []
+
+    def work(i):
+        try:
+            for _ in range(20):
+                with pytest.raises(ImageError):
+                    load_image(png_header_only(10000, 10000))
+                load_image(encode(Image.new("RGB", (8 + i, 8)), "PNG"))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    with warnings.catch_warnings():  # this test's own changes, undone here (the pytest filters stay as they were)
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        inside = list(warnings.filters), warnings.showwarning
+    assert not errors, errors
+    assert inside == (filters, show)
 
 
 def test_size_limit_bytes_path_and_filelike(tmp_path):

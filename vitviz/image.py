@@ -17,7 +17,6 @@ import math
 import os
 import re
 import unicodedata
-import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -288,27 +287,31 @@ def _from_pil(im: Image.Image, *, name: str, max_pixels: int) -> LoadedImage:
 
 
 def _decode(data: bytes | None, pil: Image.Image | None, *, name: str, max_pixels: int) -> LoadedImage:
-    with warnings.catch_warnings(record=True):  # PIL warnings (decompression bomb, corrupt EXIF) never escape
-        warnings.simplefilter("always")
-        try:
-            if pil is not None:
-                return _from_pil(pil, name=name, max_pixels=max_pixels)
-            with Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS) as im:
-                return _from_pil(im, name=name, max_pixels=max_pixels)
-        except VitvizError:
-            raise
-        except UnidentifiedImageError as e:
-            raise _not_an_image(data or b"", name) from e
-        except Image.DecompressionBombError as e:  # PIL's own hard limit, hit while reading the header
-            found = re.search(r"\((\d+) pixels\)", str(e))
-            have = f" ({int(found[1]):,} pixels)" if found else ""
-            raise ImageError(f"'{name}' has too many pixels to decode safely{have}; the limit is {max_pixels:,} "
-                             "pixels. Downscale it first.") from e
-        except MemoryError as e:
-            raise ImageError(f"'{name}' needs more memory to decode than is available; downscale it first.") from e
-        except Exception as e:  # any decoder failure on untrusted input is the file's fault
-            raise ImageError(f"'{name}' could not be decoded ({type(e).__name__}: {e}); the file is probably "
-                             "truncated or corrupt. Re-save or re-download it.") from e
+    """Decode, turning every failure into ImageError.
+
+    PIL's warnings are left alone: ``warnings.catch_warnings`` swaps process-wide state, which is not safe in a
+    server decoding in several threads. Where warnings are errors (``-W error``), PIL's decompression-bomb warning
+    gets the same message as its error.
+    """
+    try:
+        if pil is not None:
+            return _from_pil(pil, name=name, max_pixels=max_pixels)
+        with Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS) as im:
+            return _from_pil(im, name=name, max_pixels=max_pixels)
+    except VitvizError:
+        raise
+    except UnidentifiedImageError as e:
+        raise _not_an_image(data or b"", name) from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # PIL's own limit, from the header
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        have = f" ({int(found[1]):,} pixels)" if found else ""
+        raise ImageError(f"'{name}' has too many pixels to decode safely{have}; the limit is {max_pixels:,} "
+                         "pixels. Downscale it first.") from e
+    except MemoryError as e:
+        raise ImageError(f"'{name}' needs more memory to decode than is available; downscale it first.") from e
+    except Exception as e:  # any decoder failure on untrusted input is the file's fault
+        raise ImageError(f"'{name}' could not be decoded ({type(e).__name__}: {e}); the file is probably "
+                         "truncated or corrupt. Re-save or re-download it.") from e
 
 
 def load_image(
