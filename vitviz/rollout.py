@@ -76,8 +76,7 @@ def discard_lowest(a: torch.Tensor, ratio: float, *, keep_column: int = 0) -> to
 
     The count is ``int(ratio * T * (T - 1))`` of the T·(T-1) candidate entries, per matrix (per sample, per layer).
     Equal values at the threshold are dropped in row-major order, so the result does not depend on a sort's whims.
-    Finding the threshold is a selection (``np.partition``, linear time), not a sort or a top-k: 2.5x faster than
-    ``topk`` at 785 tokens.
+    Finding the threshold is a selection (``np.partition``, linear time), not a sort or a top-k.
     """
     if not 0.0 <= ratio < 1.0:
         raise ParameterError(f"discard ratio must be in [0, 1), got {ratio}")
@@ -89,7 +88,7 @@ def discard_lowest(a: torch.Tensor, ratio: float, *, keep_column: int = 0) -> to
     cls = out[:, :, keep_column].clone()
     out[:, :, keep_column] = float("inf")  # protected: never among the lowest
     flat = out.view(-1, T * T)
-    thr = torch.from_numpy(np.partition(flat.numpy(), num - 1, axis=-1)[:, num - 1 : num])  # (M, 1) num-th lowest
+    thr = torch.from_numpy(_nth_lowest(flat.numpy(), num - 1))  # (M, 1)
     drop = flat <= thr
     extra = np.count_nonzero(drop.numpy(), axis=-1) - num  # > 0 where more values equal the threshold than needed
     for m in np.flatnonzero(extra > 0).tolist():
@@ -98,6 +97,18 @@ def discard_lowest(a: torch.Tensor, ratio: float, *, keep_column: int = 0) -> to
     flat.masked_fill_(drop, 0.0)
     out[:, :, keep_column] = cls
     return out.view(a.shape)
+
+
+def _nth_lowest(vals: np.ndarray, n: int) -> np.ndarray:
+    """(M, K) -> (M, 1): each row's n-th lowest value (0-based), by selection.
+
+    Non-negative floats (attention) order like their bit patterns read as integers, and integer selection is twice
+    as fast (785 tokens, 12 layers: 9.6 vs 20.7 ms); other values are selected as floats.
+    """
+    ints = {np.dtype(np.float32): np.int32, np.dtype(np.float64): np.int64}.get(vals.dtype)
+    if ints is None or (vals < 0).any():
+        return np.partition(vals, n, axis=-1)[:, n : n + 1]
+    return np.partition(vals.view(ints), n, axis=-1)[:, n : n + 1].view(vals.dtype)
 
 
 def rollout_matrices(
