@@ -480,6 +480,62 @@ def _memory_rows(name: str, args: argparse.Namespace) -> tuple[list[str], list[C
     return rows, [(f"analysis peak memory ≤ {limit:.1f}× plain forward's ({name}, peak delta): {r:.2f}×", r <= limit)]
 
 
+
+APP_IMAGES = ("cat.jpg", "coffee.jpg")  # two of the app's examples: the first image, then a new one
+
+
+def _app_rows(args: argparse.Namespace) -> tuple[list[str], list[Check]]:
+    """The app's first pass on the default model (CPU), server side, through ``streamlit.testing.v1.AppTest``.
+
+    Each round starts with empty Streamlit caches (a server's first visitor for this model; the conversion is cached
+    on disk): the page load (reads the cached weights) is timed apart, then choosing an example (builds the model,
+    decodes, fits, analyses, rolls out at the app's defaults, builds the open tab's figures), then a second example
+    (model in memory, new image). Beside it, in the same rounds: a plain forward of the same model and the decode of
+    the first image, for the target: first pass <= 3x the plain forward + the image decode.
+    """
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    from vitviz.analysis import get_model
+    from vitviz.image import load_image
+
+    root = Path(__file__).resolve().parents[1]
+    model, info = get_model("default", img_size=(224, 224))
+    x = torch.randn(1, 3, *info.img_size)
+    data = (root / "assets" / APP_IMAGES[0]).read_bytes()
+    times: dict[str, list[float]] = {k: [] for k in ("plain", "decode", "page", "first", "second")}
+
+    def timed(key: str, fn: Callable[[], object], *, keep: bool) -> object:
+        t0 = time.perf_counter()
+        out = fn()
+        if keep:
+            times[key].append(time.perf_counter() - t0)
+        return out
+
+    for r in range(args.warmup + args.repeats):
+        keep = r >= args.warmup
+        with torch.inference_mode():
+            timed("plain", lambda: model(x), keep=keep)
+        timed("decode", lambda: load_image(data, name=APP_IMAGES[0]), keep=keep)
+        st.cache_data.clear()
+        st.cache_resource.clear()
+        gc.collect()
+        at = timed("page", lambda: AppTest.from_file(str(root / "app.py"), default_timeout=300).run(), keep=keep)
+        for key, image in zip(("first", "second"), APP_IMAGES, strict=True):
+            timed(key, lambda image=image, at=at: at.selectbox(key="example").set_value(image).run(), keep=keep)
+            if at.exception or at.error:
+                raise RuntimeError(f"the app failed on {image}: {[e.value for e in [*at.exception, *at.error]]}")
+    ms = {k: _ms(v) for k, v in times.items()}
+    budget = 3 * ms["plain"] + ms["decode"]
+    labels = {"plain": "plain forward (default model, 224 px)", "decode": f"decode {APP_IMAGES[0]} (`load_image`)",
+              "page": "page load, empty caches (reads the cached weights)",
+              "first": "first image: model build + analysis + rollout + open tab's figures",
+              "second": "a new image, model in memory"}
+    rows = [f"| {labels[k]} | {ms[k]:.0f} | {min(v) * 1e3:.0f} | {ms[k] / budget:.2f} |" for k, v in times.items()]
+    limit = f"first pass ≤ 3× plain forward + decode ({budget:.0f} ms)"
+    return rows, [(f"{limit}, first image: {ms['first']:.0f} ms", ms["first"] <= budget),
+                  (f"{limit}, new image with the model in memory: {ms['second']:.0f} ms", ms["second"] <= budget)]
+
 def run(args: argparse.Namespace) -> tuple[str, bool]:
     """Every group for every case; returns the markdown report and whether every target passed."""
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
@@ -512,10 +568,18 @@ def run(args: argparse.Namespace) -> tuple[str, bool]:
             mem += rows
             checks += found
 
+    app: list[str] = []
+    if args.app and "default-p14" in args.cases and device.type == "cpu" and dtype == torch.float32:
+        rows, found = _app_rows(args)
+        app = ["| step (app, server side) | median ms | min ms | × (3 × plain + decode) |", "|---|---:|---:|---:|",
+               *rows]
+        checks += found
+
     out = head + ["## Single image, one pass", "", *fwd, ""]
     out += ["## After a control change (cached analysis, no new pass; CPU, server side)", "",
             "Each `view:*` builds the figure and serialises it with `plotly.io.to_json(fig, validate=False)` "
             "as `st.plotly_chart` does.", "", *ctl, ""]
+    out += ["## The app's first pass (AppTest, default model, CPU)", "", *app, ""] if app else []
     out += ["## Batch (CLI style)", "", *batch, ""] if args.batch > 0 else []
     out += [f"## Peak memory ({unit}), one fresh process per variant", "", *mem, ""] if not args.no_memory else []
     scope = "" if (device.type == "cpu" and args.threads == 2) else " (the targets were set for the CPU, 2 threads)"
@@ -534,6 +598,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (default: all)")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 rounds, 1 warm-up, batch 2")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    p.add_argument("--no-app", dest="app", action="store_false", help="skip the app's first-pass rows (AppTest)")
     p.add_argument("--strict", action="store_true", help="exit with status 1 when a target fails")
     p.add_argument("--out", type=Path, default=None, help="also write the markdown report here")
     p.add_argument("--_memory", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)

@@ -41,6 +41,24 @@ def test_safetensors_checkpoint_roundtrip_is_exact(tmp_path):
     assert (info.patch_size, info.grid, info.num_prefix_tokens, info.depth) == (8, (4, 4), 1, 2)
 
 
+
+@pytest.mark.parametrize("arch,extra", [
+    (ARCH, {}),
+    (ARCH, dict(reg_tokens=2, class_token=True, no_embed_class=True)),
+    ("deit_tiny_distilled_patch16_224", {}),  # its own __init__ handles weight_init itself
+])
+def test_built_models_skip_timm_init_yet_hold_only_the_checkpoint(tmp_path, arch, extra):
+    """build_model creates the architecture with weight_init='skip' on the meta device: every tensor must then come
+    from the checkpoint (none left on meta) and the model must compute what the saved one does."""
+    model = tiny_vit(arch, img_size=32, patch_size=8, depth=2, **extra)
+    path = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
+              metadata={"arch": arch, "kwargs": json.dumps({**KW, **extra})})
+    built = build_model(*load_source(path))
+    assert not [n for n, t in [*built.named_parameters(), *built.named_buffers()] if t.is_meta]
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(built.forward_features(x), model.forward_features(x), rtol=0, atol=0)
+
 def test_pth_checkpoint_with_nesting_and_module_prefix(tmp_path):
     model = tiny_vit(ARCH, img_size=32, patch_size=8, depth=2)
     path = tmp_path / "tiny.pth"
