@@ -113,10 +113,15 @@ def test_discard_counts_and_never_touches_cls_column():
 
 
 def naive_discard(m, ratio, keep_column=0):
-    """Sort (value, row, column) of the non-CLS entries, zero the first int(ratio*T*(T-1)): ties in row-major order."""
+    """Sort (value, row, column) of the non-CLS entries, zero the first int(ratio*T*(T-1)): ties in row-major order.
+
+    NaN sorts after every number (as numpy sorts it), so it is never among the lowest."""
     m = m.copy()
     T = m.shape[-1]
-    cand = sorted((m[i, j], i, j) for i in range(T) for j in range(T) if j != keep_column)
+    keep_column %= T
+    cand = sorted((np.isnan(m[i, j]), 0.0 if np.isnan(m[i, j]) else m[i, j], i, j)
+                  for i in range(T) for j in range(T) if j != keep_column)
+    cand = [(v, i, j) for _nan, v, i, j in cand]
     for _v, i, j in cand[: int(ratio * T * (T - 1))]:
         m[i, j] = 0.0
     return m
@@ -135,6 +140,27 @@ def test_discard_equals_naive_also_with_many_ties(ratio, levels):
         for m in range(3):
             want = naive_discard(x[m].double().numpy(), ratio)  # the values as stored, compared exactly
             np.testing.assert_array_equal(got[m].double().numpy(), want)
+
+
+def test_discard_odd_inputs_equal_naive():
+    """Transposed (Fortran-order) input, a sign-bit NaN, +inf entries at the threshold, another protected column;
+    and a tensor that needs gradients passes through the whole rollout."""
+    g = torch.Generator().manual_seed(7)
+    base = torch.rand(2, 7, 7, generator=g, dtype=torch.float64)
+    nan = base.clone()
+    nan[0, 3, 4] = -float("nan")  # what 0/0 gives on x86: the sign bit set
+    inf = base.clone()
+    inf[1, 1:, 1:] = float("inf")
+    cases = [(base.transpose(-1, -2), 0.5, 0), (nan, 0.5, 0), (inf, 0.9, 0), (base, 0.6, 3), (base.float(), 0.3, -1)]
+    for x, ratio, keep in cases:
+        got = discard_lowest(x, ratio, keep_column=keep)
+        for m in range(2):
+            want = naive_discard(x[m].double().numpy(), ratio, keep_column=keep)
+            np.testing.assert_array_equal(got[m].double().numpy(), want)
+    attn = random_attention().requires_grad_(True)
+    mats = rollout_matrices(attn, head_fusion="mean", discard_ratio=0.5)
+    rollout_row(mats, start=0, end=3).sum().backward()
+    assert attn.grad is not None and torch.isfinite(attn.grad).all()
 
 def test_discard_is_per_matrix():
     a = torch.stack([torch.full((4, 4), 1.0), torch.full((4, 4), 100.0)])
