@@ -496,6 +496,7 @@ def _app_rows(args: argparse.Namespace) -> tuple[list[str], list[Check]]:
     import streamlit as st
     from streamlit.testing.v1 import AppTest
 
+    import vitviz.models
     from vitviz.analysis import get_model
     from vitviz.image import load_image
 
@@ -519,6 +520,7 @@ def _app_rows(args: argparse.Namespace) -> tuple[list[str], list[Check]]:
         timed("decode", lambda: load_image(data, name=APP_IMAGES[0]), keep=keep)
         st.cache_data.clear()
         st.cache_resource.clear()
+        vitviz.models._NATIVE.clear()  # the architecture's geometry, cached per process by vitviz
         gc.collect()
         at = timed("page", lambda: AppTest.from_file(str(root / "app.py"), default_timeout=300).run(), keep=keep)
         for key, image in zip(("first", "second"), APP_IMAGES, strict=True):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import pickle
 
@@ -12,7 +13,7 @@ from safetensors.torch import save_file
 from timm.layers import resample_patch_embed
 
 from vitviz.errors import CheckpointError, ModelError, ModelUnavailableError, ParameterError
-from vitviz.models import build_model, describe_model, load_source, patch_size_range, resolve_sizes
+from vitviz.models import ModelSource, build_model, describe_model, load_source, patch_size_range, resolve_sizes
 
 from .conftest import tiny_vit
 
@@ -58,6 +59,21 @@ def test_built_models_skip_timm_init_yet_hold_only_the_checkpoint(tmp_path, arch
     assert not [n for n, t in [*built.named_parameters(), *built.named_buffers()] if t.is_meta]
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(built.forward_features(x), model.forward_features(x), rtol=0, atol=0)
+
+
+def test_sources_whose_kwargs_hold_objects_build_as_given():
+    """Library users may describe an architecture with objects (a norm_layer partial): built from those very kwargs,
+    twice (the geometry cache must not stringify them), and equal to the model they came from."""
+    kwargs = dict(KW, img_size=32, patch_size=8, norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-3))
+    torch.manual_seed(0)
+    model = timm.create_model(ARCH, **kwargs).eval()
+    source = ModelSource(name="objects", arch=ARCH, kind="file", kwargs=kwargs)
+    x = torch.randn(1, 3, 32, 32)
+    for _ in range(2):
+        built = build_model(source, model.state_dict())
+        assert built.norm.eps == 1e-3
+        torch.testing.assert_close(built.forward_features(x), model.forward_features(x), rtol=0, atol=0)
+        assert describe_model(built, source=source).native_img_size == (32, 32)
 
 def test_pth_checkpoint_with_nesting_and_module_prefix(tmp_path):
     model = tiny_vit(ARCH, img_size=32, patch_size=8, depth=2)

@@ -174,21 +174,32 @@ class _Native:
     pos_prefix: int  # rows of the position embedding before the patch rows (0 with no_embed_class)
 
 
+_NATIVE: dict[tuple[str, str], _Native] = {}
+
+
 def _native(source: ModelSource) -> _Native:
-    """From a meta-device build of the native architecture (no memory), cached: timm takes ~50 ms to build one."""
-    return _native_cached(source.arch, json.dumps(source.kwargs, sort_keys=True, default=repr), repr(source.name))
+    """From a meta-device build of the native architecture (no memory), built from ``source.kwargs`` themselves.
 
-
-@functools.lru_cache(maxsize=64)
-def _native_cached(arch: str, kwargs_json: str, what: str) -> _Native:
-    model = _create(arch, json.loads(kwargs_json), what=what)
+    Cached per architecture and kwargs when the kwargs are plain JSON (timm takes ~50 ms to build one); kwargs holding
+    objects (an ``act_layer`` class, a ``partial``) are built every time.
+    """
+    try:
+        key = (source.arch, json.dumps(source.kwargs, sort_keys=True))
+    except (TypeError, ValueError):
+        key = None
+    if key is not None and key in _NATIVE:
+        return _NATIVE[key]
+    model = _create(source.arch, source.kwargs, what=repr(source.name))
     pe = model.patch_embed
-    return _Native(
+    native = _Native(
         patch_size=int(pe.patch_size[0]),
         img_size=(int(pe.img_size[0]), int(pe.img_size[1])),
         grid=(int(pe.grid_size[0]), int(pe.grid_size[1])),
         pos_prefix=0 if model.no_embed_class else int(model.num_prefix_tokens),
     )
+    if key is not None:
+        _NATIVE[key] = native  # a few dozen bytes per architecture a server has seen
+    return native
 
 
 def patch_size_range(native_patch_size: int) -> tuple[int, int]:
