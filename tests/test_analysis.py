@@ -23,9 +23,7 @@ from vitviz.analysis import (
 from vitviz.errors import ParameterError, ResourceError
 from vitviz.models import describe_model
 
-from .conftest import tiny_vit
-from .test_attention import eager_reference
-from .test_rollout import naive_rollout
+from .helpers import eager_reference, naive_rollout, tiny_vit
 
 
 def photo(w=50, h=40, seed=0):

@@ -11,7 +11,7 @@ from timm.models.vision_transformer import ResPostBlock
 from vitviz.attention import attention_forward, capture_attention, check_capturable
 from vitviz.errors import ModelError, ParameterError
 
-from .conftest import tiny_vit
+from .helpers import eager_reference, hook_state, tiny_vit
 
 VARIANTS = {
     "plain": dict(),
@@ -28,24 +28,6 @@ def _build(variant: str):
     kwargs = dict(VARIANTS[variant])
     arch = kwargs.pop("arch", "vit_tiny_patch16_224")
     return tiny_vit(arch, **kwargs)
-
-
-def eager_reference(model, x):
-    """timm's own unfused path on a private copy: fused_attn off, probabilities read at attn_drop."""
-    ref = copy.deepcopy(model)
-    probs = []
-    for blk in ref.blocks:
-        blk.attn.fused_attn = False
-        blk.attn.attn_drop.register_forward_hook(lambda _m, _i, out: probs.append(out.detach()))
-    with torch.no_grad():
-        feats = ref.forward_features(x)
-    return torch.stack(probs, dim=1), feats
-
-
-def hook_state(model):
-    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-    flags = [blk.attn.fused_attn for blk in model.blocks]
-    return hooks, flags, {k: v.clone() for k, v in model.state_dict().items()}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from vitviz.cli import main
 
-from .conftest import tiny_vit
+from .helpers import tiny_vit
 
 
 @pytest.fixture(scope="module")

@@ -18,29 +18,14 @@ import vitviz.image as vimage
 from vitviz.errors import ImageError, ParameterError
 from vitviz.image import fit_image, load_image, patch_box, to_tensor, whole_image_size
 
+from .helpers import encode, png_chunk, png_header_only
+
 # ---------------------------------------------------------------------------------------------------------------------
 # helpers
 
 
-def encode(im: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
 def rgb(li) -> np.ndarray:
     return np.asarray(li.image).astype(int)
-
-
-def png_chunk(cid: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + cid + data + struct.pack(">I", zlib.crc32(cid + data))
-
-
-def png_header_only(w: int, h: int) -> bytes:
-    """A well-formed (valid CRCs) PNG declaring w x h RGB pixels with almost no pixel data: a decompression bomb."""
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b"\x00" * 16))
-            + png_chunk(b"IEND", b""))
 
 
 def asymmetric(w: int = 3, h: int = 2) -> np.ndarray:

@@ -15,7 +15,7 @@ from timm.layers import resample_patch_embed
 from vitviz.errors import CheckpointError, ModelError, ModelUnavailableError, ParameterError
 from vitviz.models import ModelSource, build_model, describe_model, load_source, patch_size_range, resolve_sizes
 
-from .conftest import tiny_vit
+from .helpers import tiny_vit
 
 ARCH = "vit_tiny_patch16_224"
 KW = dict(embed_dim=32, depth=2, num_heads=4, num_classes=0)

@@ -38,8 +38,7 @@ from vitviz.image import MAX_UPLOAD_BYTES, load_image, patch_box, whole_image_si
 from vitviz.models import build_model, describe_model, load_source, resolve_sizes
 from vitviz.rollout import fuse_heads
 
-from .conftest import tiny_vit
-from .test_image import png_header_only
+from .helpers import encode, hook_state, png_header_only, tiny_vit
 
 ARCH = "vit_tiny_patch16_224"
 KW = dict(embed_dim=32, depth=3, num_heads=4)
@@ -47,12 +46,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------------------------ file makers
-
-
-def encode(im: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format=fmt, **kw)
-    return buf.getvalue()
 
 
 def noise(w: int, h: int, seed: int = 0) -> Image.Image:
@@ -554,15 +547,6 @@ def test_budget_message_has_the_numbers():
 
 
 # ------------------------------------------------------------------------------------------ 4. many users at once
-
-
-def hook_state(model: torch.nn.Module) -> tuple:
-    """Everything a capture could leave behind on a shared model: hooks, fused-attention flags, modes, weights."""
-    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-                + len(getattr(m, "_backward_pre_hooks", {})) for m in model.modules())
-    flags = tuple(bool(blk.attn.fused_attn) for blk in model.blocks)
-    modes = tuple(m.training for m in model.modules())
-    return hooks, flags, modes, sorted(vars(model).keys())
 
 
 def rss_bytes() -> int:

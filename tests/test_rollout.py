@@ -19,31 +19,7 @@ from vitviz.rollout import (
     tokens_to_grid,
 )
 
-
-def random_attention(L=4, H=3, T=7, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(L, H, T, T, generator=g, dtype=torch.float64).mul(2).softmax(-1)
-
-
-def naive_rollout(attn, *, start, end, fusion, ratio, source=0):
-    """Abnar & Zuidema by the book: fuse, discard the lowest non-CLS-column entries, +I, row-normalise, and
-    Ã(l) = Â(l) · Ã(l-1) with full matrix products (vit-explain: ``result = a @ result``); row ``source`` of Ã."""
-    A = attn.numpy()
-    L, H, T, _ = A.shape
-    result = np.eye(T)
-    for layer in range(start, end + 1):
-        if isinstance(fusion, int):
-            m = A[layer, fusion].copy()
-        else:
-            m = {"mean": np.mean, "max": np.max, "min": np.min}[fusion](A[layer], axis=0)
-        cand = sorted((m[i, j], i, j) for i in range(T) for j in range(T) if j != 0)
-        for _v, i, j in cand[: int(ratio * T * (T - 1))]:
-            m[i, j] = 0.0
-        m = m + np.eye(T)
-        for i in range(T):
-            m[i] = m[i] / m[i].sum()
-        result = m @ result  # full matrix product, the newer layer on the left
-    return result[source]
+from .helpers import naive_rollout, random_attention
 
 
 CASES = list(itertools.product(["mean", "max", "min", 1], [0.0, 0.5, 0.9], [(0, 3), (1, 3), (2, 2), (0, 0)]))

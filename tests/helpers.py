@@ -1,0 +1,100 @@
+"""Builders and independent references shared by the tests (no test module imports another test module).
+
+Everything here is built in memory: tiny random timm ViTs (``pretrained=False``), images and files made by hand,
+and naive references (timm's own unfused path, loops and full matrix products) to check vitviz against.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import struct
+import zlib
+
+import numpy as np
+import timm
+import torch
+from PIL import Image
+
+TINY = dict(pretrained=False, embed_dim=32, depth=3, num_heads=4, num_classes=0)
+
+
+def tiny_vit(arch: str = "vit_tiny_patch16_224", *, img_size=32, patch_size=8, seed: int = 0, **kwargs):
+    """A tiny random ViT in eval mode; extra kwargs go to timm.create_model."""
+    torch.manual_seed(seed)
+    model = timm.create_model(arch, **{**TINY, "img_size": img_size, "patch_size": patch_size, **kwargs})
+    # random init leaves LayerScale tiny and attention near uniform: spread the weights so the tests see structure
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.uniform_(0.5, 1.5)
+            elif "qkv.weight" in name:
+                p.normal_(0, 0.5)
+            elif "pos_embed" in name or "cls_token" in name or "reg_token" in name or "dist_token" in name:
+                p.normal_(0, 1.0)
+    return model.eval()
+
+
+def eager_reference(model, x):
+    """timm's own unfused path on a private copy: fused_attn off, probabilities read at attn_drop."""
+    ref = copy.deepcopy(model)
+    probs = []
+    for blk in ref.blocks:
+        blk.attn.fused_attn = False
+        blk.attn.attn_drop.register_forward_hook(lambda _m, _i, out: probs.append(out.detach()))
+    with torch.no_grad():
+        feats = ref.forward_features(x)
+    return torch.stack(probs, dim=1), feats
+
+
+def hook_state(model: torch.nn.Module) -> tuple:
+    """Everything a capture could leave behind on a shared model: hooks, fused-attention flags, modes, attributes."""
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+                + len(getattr(m, "_backward_pre_hooks", {})) for m in model.modules())
+    flags = tuple(bool(blk.attn.fused_attn) for blk in model.blocks)
+    modes = tuple(m.training for m in model.modules())
+    grads = tuple(p.requires_grad for p in model.parameters())
+    return hooks, flags, modes, grads, sorted(vars(model).keys())
+
+
+def random_attention(L=4, H=3, T=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(L, H, T, T, generator=g, dtype=torch.float64).mul(2).softmax(-1)
+
+
+def naive_rollout(attn, *, start, end, fusion, ratio, source=0):
+    """Abnar & Zuidema by the book: fuse, discard the lowest non-CLS-column entries, +I, row-normalise, and
+    Ã(l) = Â(l) · Ã(l-1) with full matrix products (vit-explain: ``result = a @ result``); row ``source`` of Ã."""
+    A = attn.numpy()
+    L, H, T, _ = A.shape
+    result = np.eye(T)
+    for layer in range(start, end + 1):
+        if isinstance(fusion, int):
+            m = A[layer, fusion].copy()
+        else:
+            m = {"mean": np.mean, "max": np.max, "min": np.min}[fusion](A[layer], axis=0)
+        cand = sorted((m[i, j], i, j) for i in range(T) for j in range(T) if j != 0)
+        for _v, i, j in cand[: int(ratio * T * (T - 1))]:
+            m[i, j] = 0.0
+        m = m + np.eye(T)
+        for i in range(T):
+            m[i] = m[i] / m[i].sum()
+        result = m @ result  # full matrix product, the newer layer on the left
+    return result[source]
+
+
+def encode(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def png_chunk(cid: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + cid + data + struct.pack(">I", zlib.crc32(cid + data))
+
+
+def png_header_only(w: int, h: int) -> bytes:
+    """A well-formed (valid CRCs) PNG declaring w x h RGB pixels with almost no pixel data: a decompression bomb."""
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+            + png_chunk(b"IEND", b""))
