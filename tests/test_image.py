@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import io
 import math
-import struct
 import threading
 import warnings
-import zlib
 
 import numpy as np
 import pytest
@@ -18,7 +16,7 @@ import vitviz.image as vimage
 from vitviz.errors import ImageError, ParameterError
 from vitviz.image import fit_image, load_image, patch_box, to_tensor, whole_image_size
 
-from .helpers import encode, png_chunk, png_header_only
+from .helpers import encode, png_header_only
 
 # ---------------------------------------------------------------------------------------------------------------------
 # helpers

@@ -21,7 +21,6 @@ from vitviz.rollout import (
 
 from .helpers import naive_rollout, random_attention
 
-
 CASES = list(itertools.product(["mean", "max", "min", 1], [0.0, 0.5, 0.9], [(0, 3), (1, 3), (2, 2), (0, 0)]))
 
 
