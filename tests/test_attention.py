@@ -63,7 +63,7 @@ def test_attention_only_capture_skips_the_features_but_not_the_last_layer(varian
 
 def test_capture_leaves_no_hook_flag_or_weight_change_even_on_error():
     model = tiny_vit()
-    before = hook_state(model)
+    before, weights = hook_state(model), {k: v.clone() for k, v in model.state_dict().items()}
     assert all(before[1]), "timm should default to fused attention here"
     capture_attention(model, torch.randn(1, 3, 32, 32))
     with pytest.raises(ParameterError, match=r"\(B, 3, 32, 32\)"):
@@ -79,10 +79,9 @@ def test_capture_leaves_no_hook_flag_or_weight_change_even_on_error():
         attention_forward(model, torch.randn(1, 3, 32, 32))
     model.blocks[1].mlp = real_mlp
     after = hook_state(model)
-    assert after[0] == before[0] == 0
-    assert after[1] == before[1]
-    for k, v in before[2].items():
-        assert torch.equal(v, after[2][k]), k
+    assert after == before and before[0] == 0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
 
 
 def test_capture_is_thread_safe_on_one_shared_model():
