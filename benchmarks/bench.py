@@ -38,18 +38,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from vitviz.analysis import (  # noqa: E402
-    DEFAULTS,
-    HALF_STORAGE_BYTES,
-    Analysis,
-    analyze,
-    analyze_batch,
-    attention_bytes,
-    attention_distance,
-    get_model,
-    query_attention_maps,
-    rollout_table,
-)
+from vitviz.analysis import HALF_STORAGE_BYTES, Analysis, analyze, analyze_batch, attention_bytes  # noqa: E402
 from vitviz.attention import attention_forward  # noqa: E402
 from vitviz.figures import (  # noqa: E402
     MOSAIC_MAX_TOKENS,
@@ -62,8 +51,14 @@ from vitviz.figures import (  # noqa: E402
     similarity_mosaic_figure,
 )
 from vitviz.image import fit_image, to_tensor  # noqa: E402
-from vitviz.models import ModelInfo, describe_model  # noqa: E402
+from vitviz.maps import attention_distance, query_attention_maps, rollout_table  # noqa: E402
+from vitviz.models import (  # noqa: E402
+    ModelInfo,
+    describe_model,
+    get_model,  # noqa: E402
+)
 from vitviz.posembed import patch_pos_embed, pos_embed_similarity  # noqa: E402
+from vitviz.settings import DEFAULTS  # noqa: E402
 
 __all__ = [
     "CASES",
@@ -249,11 +244,15 @@ def sample_image(seed: int = 0, size: tuple[int, int] = (640, 480)) -> Image.Ima
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
+_PRECISION = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
 def _model(name: str, *, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, ModelInfo]:
     if name == "default-p14":
-        return get_model("default", img_size=(224, 224), device=str(device), dtype=dtype)
+        return get_model("default", img_size=(224, 224), device=str(device), precision=_PRECISION[dtype])
     if name == "default-p8":
-        return get_model("default", patch_size=8, img_size=(224, 224), device=str(device), dtype=dtype)
+        return get_model("default", patch_size=8, img_size=(224, 224), device=str(device),
+                         precision=_PRECISION[dtype])
     if name == "vit_b16-random":
         torch.manual_seed(0)
         model = timm.create_model("vit_base_patch16_224", pretrained=False).eval().to(device=device, dtype=dtype)
@@ -497,8 +496,8 @@ def _app_rows(args: argparse.Namespace) -> tuple[list[str], list[Check]]:
     from streamlit.testing.v1 import AppTest
 
     import vitviz.models
-    from vitviz.analysis import get_model
     from vitviz.image import load_image
+    from vitviz.models import get_model
 
     root = Path(__file__).resolve().parents[1]
     model, info = get_model("default", img_size=(224, 224))

@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench  # noqa: E402
 
-from vitviz.analysis import rollout_table  # noqa: E402
 from vitviz.attention import attention_forward  # noqa: E402
+from vitviz.maps import rollout_table  # noqa: E402
 from vitviz.posembed import patch_pos_embed, pos_embed_similarity  # noqa: E402
 from vitviz.rollout import rollout_all, rollout_matrices, tokens_to_grid  # noqa: E402
 

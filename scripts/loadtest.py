@@ -65,8 +65,8 @@ def _setup(img_size: int, torch_threads: int | None) -> None:
     global _MODEL
     import torch
 
-    from vitviz.analysis import get_model
     from vitviz.image import load_image
+    from vitviz.models import get_model
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
@@ -76,7 +76,9 @@ def _setup(img_size: int, torch_threads: int | None) -> None:
 
 
 def _one(i: int) -> float:
-    from vitviz.analysis import DEFAULTS, analyze, rollout_map
+    from vitviz.analysis import analyze
+    from vitviz.maps import rollout_map
+    from vitviz.settings import DEFAULTS
 
     model, info, images = _MODEL
     t0 = time.perf_counter()

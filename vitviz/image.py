@@ -31,6 +31,7 @@ from .errors import ImageError, ParameterError, VitvizError
 __all__ = [
     "MAX_UPLOAD_BYTES",
     "MAX_PIXELS",
+    "IMAGE_SUFFIXES",
     "SUPPORTED_FORMATS",
     "LoadedImage",
     "FittedImage",
@@ -41,8 +42,9 @@ __all__ = [
     "patch_box",
 ]
 
-MAX_UPLOAD_BYTES = 50 * 2**20
+MAX_UPLOAD_BYTES = 50 * 10**6  # Streamlit counts its upload limit in MB of 10^6 bytes
 MAX_PIXELS = 64_000_000
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # what uploads and folders offer
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # JPEG also opens MPO (phone multi-picture JPEG)
 
 Fit = Literal["crop", "whole"]
@@ -99,7 +101,8 @@ def _display_name(name: str | None) -> str:
 
 
 def _megabytes(n: int) -> str:
-    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.1f} kB" if n >= 2**10 else f"{n} bytes"
+    """Decimal units, as Streamlit's uploader states its limit (50 MB = 50,000,000 bytes)."""
+    return f"{n / 10**6:.1f} MB" if n >= 10**6 else f"{n / 10**3:.1f} kB" if n >= 10**3 else f"{n} bytes"
 
 
 def _too_big(name: str, size: int | None, max_bytes: int) -> ImageError:

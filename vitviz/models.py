@@ -52,7 +52,10 @@ __all__ = [
     "resolve_sizes",
     "load_source",
     "build_model",
-    "load_model",
+    "ModelKey",
+    "build_for",
+    "get_model",
+    "native_patch_size",
     "is_model_name",
     "check_arch",
     "hub_cached",
@@ -77,6 +80,17 @@ class ModelSource:
     kind: Literal["default", "hub", "file"]
     kwargs: dict[str, Any] = field(default_factory=dict)  # create_model kwargs for the native architecture
     pos_antialias: bool = True  # how the position embedding is resampled to other grids
+
+    @property
+    def native_patch_size(self) -> int:
+        """The patch size the weights were trained with, from the architecture's own description."""
+        return _native(self).patch_size
+
+    @property
+    def layout(self) -> tuple[int, int, int]:
+        """(depth, heads, prefix tokens) of the architecture, from its description: what sizes a budget."""
+        n = _native(self)
+        return n.depth, n.num_heads, n.num_prefix_tokens
 
 
 @dataclass(frozen=True)
@@ -172,6 +186,9 @@ class _Native:
     img_size: tuple[int, int]
     grid: tuple[int, int]
     pos_prefix: int  # rows of the position embedding before the patch rows (0 with no_embed_class)
+    depth: int
+    num_heads: int
+    num_prefix_tokens: int
 
 
 _NATIVE: dict[tuple[str, str], _Native] = {}
@@ -196,6 +213,9 @@ def _native(source: ModelSource) -> _Native:
         img_size=(int(pe.img_size[0]), int(pe.img_size[1])),
         grid=(int(pe.grid_size[0]), int(pe.grid_size[1])),
         pos_prefix=0 if model.no_embed_class else int(model.num_prefix_tokens),
+        depth=len(model.blocks),
+        num_heads=int(model.blocks[0].attn.num_heads) if len(model.blocks) else 0,
+        num_prefix_tokens=int(model.num_prefix_tokens),
     )
     if key is not None:
         _NATIVE[key] = native  # a few dozen bytes per architecture a server has seen
@@ -459,19 +479,63 @@ def _mismatch_message(source: ModelSource, model: torch.nn.Module, state: dict, 
     return f"the weights of {source.name!r} do not fit architecture {source.arch!r} ({detail})"
 
 
-def load_model(
-        name_or_path: str | os.PathLike = DEFAULT_MODEL,
+@dataclass(frozen=True)
+class ModelKey:
+    """Everything that shapes a built model: its weights' source and the geometry, device and precision asked for.
+
+    The one cache key of a built model, for the library's cache (:func:`get_model`) and the app's alike.
+    """
+
+    name: str = DEFAULT_MODEL  # "default", a timm model name, or a checkpoint path
+    arch: str | None = None  # timm architecture of a checkpoint that does not name it
+    patch_size: int | None = None  # None: the model's own
+    img_size: tuple[int, int] | None = None  # (H, W); None: the model's own
+    device: str = "auto"
+    precision: str = "auto"
+
+
+def build_for(
+        key: ModelKey,
+        source: ModelSource,
+        state: dict[str, torch.Tensor],
+) -> tuple[VisionTransformer, ModelInfo]:
+    """The model ``key`` asks for, built from ``load_source``'s weights, and its description."""
+    dev = pick_device(key.device)
+    model = build_model(source, state, patch_size=key.patch_size, img_size=key.img_size, device=dev,
+                        dtype=pick_dtype(dev, key.precision))
+    return model, describe_model(model, source=source)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_source(name: str, arch: str | None) -> tuple[ModelSource, dict[str, torch.Tensor]]:
+    return load_source(name, arch=arch)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_model(key: ModelKey) -> tuple[VisionTransformer, ModelInfo]:
+    return build_for(key, *_cached_source(key.name, key.arch))
+
+
+def get_model(
+        name: str | os.PathLike = DEFAULT_MODEL,
         *,
+        arch: str | None = None,
         patch_size: int | None = None,
         img_size: int | tuple[int, int] | None = None,
         device: str = "auto",
         precision: str = "auto",
-        arch: str | None = None,
-        progress: Progress | None = None,
 ) -> tuple[VisionTransformer, ModelInfo]:
-    """Load a model ready for analysis, on the best device, and describe it."""
-    dev = pick_device(device)
-    dtype = pick_dtype(dev, precision)
-    source, state = load_source(name_or_path, arch=arch, progress=progress)
-    model = build_model(source, state, patch_size=patch_size, img_size=img_size, device=dev, dtype=dtype)
-    return model, describe_model(model, source=source)
+    """A model ready for analysis and its description, cached by everything that shapes it (CLI and library use).
+
+    The returned model is shared by every caller with the same key: vitviz never changes it (no hooks, flags or
+    attributes), and nor should you.
+    """
+    size = (img_size, img_size) if isinstance(img_size, int) else None if img_size is None else tuple(img_size)
+    dev = str(pick_device(device))  # "auto" resolved, so the key names the real device
+    return _cached_model(ModelKey(str(name), arch, patch_size, size, dev, precision))
+
+
+def native_patch_size(name: str | os.PathLike = DEFAULT_MODEL, *, arch: str | None = None) -> int:
+    """The patch size a model was trained with, from its source's description (no second read of its weights)."""
+    source, _state = _cached_source(str(name), arch)
+    return source.native_patch_size

@@ -17,7 +17,6 @@ import io
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import CheckpointError, ModelError, ModelUnavailableError, ParameterError
+from .export import write_atomic
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
@@ -295,19 +295,6 @@ def _serialize(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> byte
     return save(state, metadata={**metadata, "content_sha256": digest})
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def default_checkpoint(*, cache: Path | None = None, progress: Callable[[str], None] | None = None) -> Path:
     """Path of the converted default model (``<cache>/dinov2-small-imgfocus.safetensors``), converting it once.
 
@@ -326,7 +313,7 @@ def default_checkpoint(*, cache: Path | None = None, progress: Callable[[str], N
     data = _serialize(convert_onnx(source), metadata)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, data)
+        write_atomic(path, data)
     except OSError as e:
         raise ModelUnavailableError(f"cannot write the converted default model to {folder} ({e}); "
                                     f"set VITVIZ_CACHE to a writable folder") from e

@@ -1,0 +1,82 @@
+"""What vitviz writes: the ``.npz`` array format (one for the app's download and the CLI) and atomic file writes.
+
+Every file vitviz writes goes through :func:`write_atomic`: a private temp file in the destination folder, then
+``os.replace``, so a reader (or an interrupted run) never sees a half-written file under the final name, and the temp
+file is removed when anything fails, Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["EXPORT_SETTINGS", "export_arrays", "npz_bytes", "write_atomic", "write_npz"]
+
+# the settings every export records as arrays of their own (besides the full JSON under ``settings``)
+EXPORT_SETTINGS = ("start_layer", "end_layer", "head_fusion", "discard_ratio")
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temp file in the same folder and an atomic rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # KeyboardInterrupt too: never leave the temp file behind
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """A compressed ``.npz`` of ``arrays``, in memory."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+def write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> Path:
+    return write_atomic(path, npz_bytes(arrays))
+
+
+def export_arrays(res: Any, heat: np.ndarray, *, settings: Mapping[str, Any], attention: bool = False,
+                  extra: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of one :class:`~vitviz.analysis.Analysis` and the map ``heat`` drawn from it, as saved in ``.npz``.
+
+    ``settings`` holds what produced ``heat`` (at least :data:`EXPORT_SETTINGS`); it is stored as JSON under
+    ``settings`` and those four also as arrays of their own. ``extra`` adds named arrays (an explanation map, ...).
+    """
+    missing = [k for k in EXPORT_SETTINGS if k not in settings]
+    assert not missing, f"export settings lack {missing}"
+    info = res.info
+    arrays = dict(
+        rollout=np.asarray(heat, dtype=np.float32),
+        pos_sim=res.pos_sim.astype(np.float32),
+        grid=np.array(info.grid, dtype=np.int32),
+        patch_size=np.int32(info.patch_size),
+        img_size=np.array(info.img_size, dtype=np.int32),
+        num_prefix_tokens=np.int32(info.num_prefix_tokens),
+        box=np.array(res.box, dtype=np.float64),
+        pixels=res.pixels,
+        start_layer=np.int32(settings["start_layer"]),
+        end_layer=np.int32(settings["end_layer"]),
+        head_fusion=np.array(str(settings["head_fusion"])),
+        discard_ratio=np.float32(settings["discard_ratio"]),
+        model=np.array(info.name),
+        settings=np.array(json.dumps(dict(settings), default=str)),
+    )
+    if attention:
+        arrays["attention"] = res.attention
+    arrays.update(extra or {})
+    return arrays
