@@ -125,15 +125,18 @@ def browser():
 def reference():
     """What the library computes for an example image at the app's defaults (224 px centre crop, native patch)."""
     from vitviz import analysis as va
+    from vitviz import maps
     from vitviz.image import load_image
+    from vitviz.models import get_model
+    from vitviz.settings import DEFAULTS
 
-    model, info = va.get_model("default", img_size=(224, 224), device="cpu")
+    model, info = get_model("default", img_size=(224, 224), device="cpu")
 
     def compute(name: str):
         res = va.analyze(model, load_image((ASSETS / name).read_bytes(), name=name), info=info, fit="crop")
-        d = va.DEFAULTS  # the app opens on these
-        table = va.rollout_table(res.attention, info=info, head_fusion=d.head_fusion, discard_ratio=d.discard_ratio)
-        return res, table, va.raw_attention_maps(res.attention, info=info, head_fusion=d.head_fusion)
+        d = DEFAULTS  # the app opens on these
+        table = maps.rollout_table(res.attention, info=info, head_fusion=d.head_fusion, discard_ratio=d.discard_ratio)
+        return res, table, maps.raw_attention_maps(res.attention, info=info, head_fusion=d.head_fusion)
 
     return compute
 

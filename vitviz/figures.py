@@ -78,7 +78,7 @@ def _check_grid(grid: tuple[int, int]) -> tuple[int, int]:
     return gh, gw
 
 
-def _check_pixels(pixels: np.ndarray, *, patch_size: int, grid: tuple[int, int]) -> np.ndarray:
+def _check_image_array(pixels: np.ndarray, *, patch_size: int, grid: tuple[int, int]) -> np.ndarray:
     pixels = np.asarray(pixels)
     if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
         raise ImageError(f"pixels must be an (H, W, 3) uint8 RGB image, got shape {pixels.shape} {pixels.dtype}.")
@@ -257,7 +257,7 @@ def patch_grid_figure(
     caller's to add through ``title``. ``highlight`` outlines one patch (row-major index).
     """
     p, (gh, gw) = _check_patch_size(patch_size), _check_grid(grid)
-    pixels = _check_pixels(pixels, patch_size=p, grid=(gh, gw))
+    pixels = _check_image_array(pixels, patch_size=p, grid=(gh, gw))
     highlight = _check_index(highlight, gh * gw, name="highlight")
     h, w = pixels.shape[:2]
     if title is None:
@@ -294,7 +294,7 @@ def overlay_figure(
     """A ``(gh, gw)`` heat map over the image, one cell per patch, with a colour bar and the value on hover."""
     p = _check_patch_size(patch_size)
     heat = _check_map(heat)
-    pixels = _check_pixels(pixels, patch_size=p, grid=heat.shape)
+    pixels = _check_image_array(pixels, patch_size=p, grid=heat.shape)
     highlight = _check_index(highlight, heat.size, name="highlight")
     heat_kw = dict(colorscale=colorscale, opacity=_check_opacity(opacity), zmin=zmin, zmax=zmax, colorbar=_colorbar())
     data = [_image_trace(pixels), _heat_trace(heat, patch_size=p, **heat_kw),
@@ -325,17 +325,9 @@ def layer_scrub_figure(
     min..max over all layers.
     """
     p = _check_patch_size(patch_size)
-    maps = np.asarray(maps, dtype=np.float32)
-    if maps.ndim != 3 or maps.shape[0] == 0:
-        raise ParameterError(f"maps must be (layers, rows, columns) with at least one layer, got shape {maps.shape}.")
+    maps = _check_layer_maps(maps, labels=labels, active=active, normalize=normalize)
     n_layers = maps.shape[0]
-    if len(labels) != n_layers:
-        raise ParameterError(f"labels must name each of the {n_layers} layers, got {len(labels)} labels.")
-    if normalize not in ("per_layer", "global"):
-        raise ParameterError(f"normalize must be 'per_layer' or 'global', got {normalize!r}.")
-    if isinstance(active, bool) or not isinstance(active, (int, np.integer)) or not 0 <= active < n_layers:
-        raise ParameterError(f"active must be a layer position in [0, {n_layers - 1}], got {active!r}.")
-    pixels = _check_pixels(pixels, patch_size=p, grid=maps.shape[1:])
+    pixels = _check_image_array(pixels, patch_size=p, grid=maps.shape[1:])
 
     lo, hi = _range(maps)
     ranges = [_range(m) for m in maps] if normalize == "per_layer" else [(lo, hi)] * n_layers
@@ -352,11 +344,31 @@ def layer_scrub_figure(
         ])
         for k in range(n_layers)
     ]
-    still = dict(mode="immediate", frame=dict(duration=0, redraw=True), transition=dict(duration=0))
-    steps = [dict(method="animate", label=str(labels[k]), args=[[str(k)], still]) for k in range(n_layers)]
-    play = dict(fromcurrent=True, frame=dict(duration=400, redraw=True), transition=dict(duration=0))
     layout = _image_axes(title)
-    layout.update(
+    layout.update(_scrub_controls(labels, active))
+    return go.Figure(data=[_image_trace(pixels), heat, targets], frames=frames, layout=layout)
+
+
+def _check_layer_maps(maps, *, labels: list[str], active: int, normalize: str) -> np.ndarray:
+    maps = np.asarray(maps, dtype=np.float32)
+    if maps.ndim != 3 or maps.shape[0] == 0:
+        raise ParameterError(f"maps must be (layers, rows, columns) with at least one layer, got shape {maps.shape}.")
+    n_layers = maps.shape[0]
+    if len(labels) != n_layers:
+        raise ParameterError(f"labels must name each of the {n_layers} layers, got {len(labels)} labels.")
+    if normalize not in ("per_layer", "global"):
+        raise ParameterError(f"normalize must be 'per_layer' or 'global', got {normalize!r}.")
+    if isinstance(active, bool) or not isinstance(active, (int, np.integer)) or not 0 <= active < n_layers:
+        raise ParameterError(f"active must be a layer position in [0, {n_layers - 1}], got {active!r}.")
+    return maps
+
+
+def _scrub_controls(labels: list[str], active: int) -> dict:
+    """A slider with one step per frame and play/pause buttons, all in the browser."""
+    still = dict(mode="immediate", frame=dict(duration=0, redraw=True), transition=dict(duration=0))
+    steps = [dict(method="animate", label=str(label), args=[[str(k)], still]) for k, label in enumerate(labels)]
+    play = dict(fromcurrent=True, frame=dict(duration=400, redraw=True), transition=dict(duration=0))
+    return dict(
         sliders=[dict(active=active, steps=steps, x=0.1, len=0.9, y=0, yanchor="top", pad=dict(t=8, b=0),
                       currentvalue=dict(prefix="", visible=True, xanchor="left"))],
         updatemenus=[dict(
@@ -366,7 +378,6 @@ def layer_scrub_figure(
                      dict(label="❚❚", method="animate", args=[[None], still])],
         )],
     )
-    return go.Figure(data=[_image_trace(pixels), heat, targets], frames=frames, layout=layout)
 
 
 def _mosaic_shape(gh: int, gw: int) -> tuple[int, int]:
@@ -401,20 +412,33 @@ def similarity_mosaic_figure(
             "show one patch's similarity with similarity_map_figure instead."
         )
     highlight = _check_index(highlight, n, name="highlight")
-    # (r, c, i, j) -> (r, i, c, j): query row, key row, query col, key col; pad one NaN row / col after each tile
-    tiles = sim.reshape(gh, gw, gh, gw).transpose(0, 2, 1, 3)
-    mosaic = np.full((gh, gh + 1, gw, gw + 1), np.nan, dtype=np.float32)
-    mosaic[:, :gh, :, :gw] = tiles
-    hm, wm = _mosaic_shape(gh, gw)
-    mosaic = mosaic.reshape(gh * (gh + 1), gw * (gw + 1))[:hm, :wm]
-
-    heat = go.Heatmap(z=mosaic, hoverinfo="skip", colorscale=colorscale, zmin=zmin, zmax=zmax,
+    heat = go.Heatmap(z=_mosaic(sim, gh, gw), hoverinfo="skip", colorscale=colorscale, zmin=zmin, zmax=zmax,
                       colorbar=_colorbar("similarity"))
     # tile (r, c) spans cells [r (gh + 1), r (gh + 1) + gh) x [c (gw + 1), c (gw + 1) + gw): centre + (g - 1) / 2
     targets = _click_targets(
         (gh, gw), step=(gw + 1, gh + 1), first=((gw - 1) / 2, (gh - 1) / 2), customdata=_target_customdata(gh, gw),
         hovertemplate="query patch %{customdata[0]} · row %{customdata[1]}, col %{customdata[2]}<extra></extra>",
     )
+    fig = go.Figure(data=[heat, targets], layout=_mosaic_axes(title, gh, gw))
+    if highlight is not None:
+        r, c = divmod(highlight, gw)
+        x0, y0 = c * (gw + 1) - 0.5, r * (gh + 1) - 0.5
+        fig.add_shape(type="rect", x0=x0, x1=x0 + gw, y0=y0, y1=y0 + gh, line=_OUTLINE)
+    return fig
+
+
+def _mosaic(sim: np.ndarray, gh: int, gw: int) -> np.ndarray:
+    """(N, N) -> the mosaic array: tile (r, c) is row r*gw + c on the grid, one NaN row / column between tiles."""
+    # (r, c, i, j) -> (r, i, c, j): query row, key row, query col, key col; pad one NaN row / col after each tile
+    tiles = sim.reshape(gh, gw, gh, gw).transpose(0, 2, 1, 3)
+    mosaic = np.full((gh, gh + 1, gw, gw + 1), np.nan, dtype=np.float32)
+    mosaic[:, :gh, :, :gw] = tiles
+    hm, wm = _mosaic_shape(gh, gw)
+    return mosaic.reshape(gh * (gh + 1), gw * (gw + 1))[:hm, :wm]
+
+
+def _mosaic_axes(title: str | None, gh: int, gw: int) -> dict:
+    """Axes ticked by query patch row and column, at the tile centres."""
     layout = _image_axes(title or "Similarity of each patch (tile) to every patch")
     ticks = dict(showgrid=False, zeroline=False, ticks="", showline=False, automargin=True)
     layout["xaxis"] = dict(
@@ -426,12 +450,7 @@ def similarity_mosaic_figure(
         tickvals=[rr * (gh + 1) + (gh - 1) / 2 for rr in range(gh)], ticktext=[str(rr) for rr in range(gh)], **ticks,
     )
     layout["margin"] = dict(l=0, r=0, b=0, t=80)
-    fig = go.Figure(data=[heat, targets], layout=layout)
-    if highlight is not None:
-        r, c = divmod(highlight, gw)
-        x0, y0 = c * (gw + 1) - 0.5, r * (gh + 1) - 0.5
-        fig.add_shape(type="rect", x0=x0, x1=x0 + gw, y0=y0, y1=y0 + gh, line=_OUTLINE)
-    return fig
+    return layout
 
 
 def mosaic_point_to_patch(x: float, y: float, *, grid: tuple[int, int]) -> int | None:
@@ -479,7 +498,7 @@ def similarity_map_figure(
     heat_kw = dict(colorscale=colorscale, zmin=zmin, zmax=zmax, colorbar=_colorbar("similarity"))
     data = []
     if pixels is not None:
-        data.append(_image_trace(_check_pixels(pixels, patch_size=p, grid=(gh, gw))))
+        data.append(_image_trace(_check_image_array(pixels, patch_size=p, grid=(gh, gw))))
         heat_kw["opacity"] = _check_opacity(opacity)
     row = sim[index].reshape(gh, gw)
     data += [_heat_trace(row, patch_size=p, **heat_kw),
@@ -508,15 +527,8 @@ def head_grid_figure(
     head spans its own range and hover gives the values.
     """
     p = _check_patch_size(patch_size)
-    maps = np.asarray(maps, dtype=np.float32)
-    if maps.ndim != 3 or maps.shape[0] == 0:
-        raise ParameterError(f"maps must be (heads, rows, columns) with at least one head, got shape {maps.shape}.")
+    maps, titles = _check_head_maps(maps, cols=cols, titles=titles)
     n_heads, gh, gw = maps.shape
-    if isinstance(cols, bool) or not isinstance(cols, (int, np.integer)) or cols < 1:
-        raise ParameterError(f"cols must be a positive integer, got {cols!r}.")
-    titles = [f"head {k}" for k in range(n_heads)] if titles is None else [str(t) for t in titles]
-    if len(titles) != n_heads:
-        raise ParameterError(f"titles must name each of the {n_heads} heads, got {len(titles)}.")
     cols = min(int(cols), n_heads)
     rows = -(-n_heads // cols)
     h, w = gh * p, gw * p
@@ -530,23 +542,44 @@ def head_grid_figure(
     else:
         heat_kw["showscale"] = False
     if pixels is not None:
-        pixels = _check_pixels(pixels, patch_size=p, grid=(gh, gw))
+        pixels = _check_image_array(pixels, patch_size=p, grid=(gh, gw))
         heat_kw["opacity"] = _check_opacity(opacity)
         uri = _png_data_uri(pixels, max_side=tile_height)  # one PNG per subplot: keep it thumbnail-sized
+    traces, images = _head_traces(maps, titles, layout, patch_size=p, heat_kw=heat_kw,
+                                  image=dict(source=uri, x=0, y=0, sizex=w, sizey=h, sizing="stretch", layer="below",
+                                             xanchor="left", yanchor="top") if pixels is not None else None)
+    layout.update(images=images, height=rows * tile_height + 30, margin=dict(l=0, r=0, b=0, t=30),
+                  plot_bgcolor="rgba(0, 0, 0, 0)")
+    return go.Figure(data=traces, layout=layout)
+
+
+def _head_traces(maps: np.ndarray, titles: list[str], layout: dict, *, patch_size: int, heat_kw: dict,
+                 image: dict | None) -> tuple[list, list]:
+    """One heatmap per head on its own subplot axes (set up in ``layout``), and the image under each when given."""
     traces, images = [], []
-    for k in range(n_heads):
+    for k in range(maps.shape[0]):
         ax = "" if k == 0 else str(k + 1)
-        traces.append(_heat_trace(maps[k], patch_size=p, xaxis=f"x{ax}", yaxis=f"y{ax}",
+        traces.append(_heat_trace(maps[k], patch_size=patch_size, xaxis=f"x{ax}", yaxis=f"y{ax}",
                                   hover=f"{titles[k]}:", **heat_kw))  # not a click target (one trace per head)
         layout[f"xaxis{ax}"].update(visible=False, constrain="domain")
         layout[f"yaxis{ax}"].update(visible=False, autorange="reversed", scaleanchor=f"x{ax}", scaleratio=1,
                                     constrain="domain")
-        if pixels is not None:
-            images.append(dict(source=uri, xref=f"x{ax}", yref=f"y{ax}", x=0, y=0, sizex=w, sizey=h,
-                               sizing="stretch", layer="below", xanchor="left", yanchor="top"))
-    layout.update(images=images, height=rows * tile_height + 30, margin=dict(l=0, r=0, b=0, t=30),
-                  plot_bgcolor="rgba(0, 0, 0, 0)")
-    return go.Figure(data=traces, layout=layout)
+        if image is not None:
+            images.append(dict(image, xref=f"x{ax}", yref=f"y{ax}"))
+    return traces, images
+
+
+def _check_head_maps(maps, *, cols: int, titles: list[str] | None) -> tuple[np.ndarray, list[str]]:
+    maps = np.asarray(maps, dtype=np.float32)
+    if maps.ndim != 3 or maps.shape[0] == 0:
+        raise ParameterError(f"maps must be (heads, rows, columns) with at least one head, got shape {maps.shape}.")
+    n_heads = maps.shape[0]
+    if isinstance(cols, bool) or not isinstance(cols, (int, np.integer)) or cols < 1:
+        raise ParameterError(f"cols must be a positive integer, got {cols!r}.")
+    titles = [f"head {k}" for k in range(n_heads)] if titles is None else [str(t) for t in titles]
+    if len(titles) != n_heads:
+        raise ParameterError(f"titles must name each of the {n_heads} heads, got {len(titles)}.")
+    return maps, titles
 
 
 @lru_cache(maxsize=8)
@@ -650,7 +683,7 @@ def overlay_png(
     """
     p = _check_patch_size(patch_size)
     heat = _check_map(heat)
-    pixels = _check_pixels(pixels, patch_size=p, grid=heat.shape)
+    pixels = _check_image_array(pixels, patch_size=p, grid=heat.shape)
     alpha = _check_opacity(opacity)
     h, w = pixels.shape[:2]
     t = _normalise(heat, None, None)

@@ -1,0 +1,111 @@
+"""The app's caches: models and analyses as shared resources, small derived maps as data.
+
+Every cached analysis is keyed by one frozen :class:`AnalysisKey` (the model key, the image's sha256 and the fit).
+Resources are shared by all sessions and never mutated (models carry no per-session state, analyses are read-only),
+so several browser sessions use one model and one analysis per image. Arguments starting with ``_`` are not hashed:
+the key stands for them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+
+from vitviz import maps
+from vitviz.analysis import Analysis, analyze_with_fallback
+from vitviz.errors import CheckpointError
+from vitviz.image import LoadedImage, load_image
+from vitviz.models import CHECKPOINT_SUFFIXES, ModelInfo, ModelKey, ModelSource, build_for, load_source
+
+__all__ = ["AnalysisKey", "model_source", "uploaded_source", "model", "image", "analysis", "rollout_table",
+           "raw_maps", "query_maps", "distances"]
+
+
+@dataclass(frozen=True)
+class AnalysisKey:
+    """One image through one model: what a cached analysis and every map derived from it are keyed by."""
+
+    model: ModelKey
+    digest: str  # sha256 of the image file's bytes
+    fit: str
+
+
+@st.cache_resource(max_entries=3, show_spinner="Loading model weights (the first run converts the default model)...")
+def model_source(name: str, arch: str | None) -> tuple[ModelSource, dict]:
+    """The weights at the model's native sizes and how to build it; shared by all sessions, never mutated."""
+    return load_source(name, arch=arch)
+
+
+@st.cache_resource(max_entries=2, show_spinner="Reading the checkpoint...")
+def uploaded_source(digest: str, arch: str | None, filename: str, _data: bytes) -> tuple[ModelSource, dict]:
+    """An uploaded checkpoint's weights, keyed by its sha256. The file exists on the server only while it is read
+    (a private temp file, deleted at once); the model is named by the user's file name."""
+    suffix = Path(filename).suffix.lower()
+    if suffix not in CHECKPOINT_SUFFIXES:
+        raise CheckpointError(f"checkpoint files must end in {', '.join(CHECKPOINT_SUFFIXES)}")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix="vitviz-upload-", suffix=suffix)
+        with os.fdopen(fd, "wb") as f:
+            f.write(_data)
+    except OSError as exc:
+        raise CheckpointError(f"could not store the uploaded checkpoint on the server ({exc.strerror or exc})") from exc
+    try:
+        source, state = load_source(tmp, arch=arch)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return replace(source, name=filename), state
+
+
+@st.cache_resource(max_entries=4, show_spinner="Building the model...")
+def model(key: ModelKey, _loaded: tuple[ModelSource, dict]):
+    """The built model and its ModelInfo, from the weights ``_loaded`` for ``key``: the library's one model path."""
+    return build_for(key, *_loaded)
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def image(digest: str, _data: bytes, name: str) -> LoadedImage:
+    """The decoded image (read-only), keyed by the bytes' sha256."""
+    return load_image(_data, name=name)
+
+
+@st.cache_resource(max_entries=4, show_spinner="Running the model...")
+def analysis(key: AnalysisKey, _image: LoadedImage, _loaded: tuple[ModelSource, dict]) -> tuple[Analysis, str | None]:
+    """One forward pass per image and model, and a notice if the GPU ran out of memory and the CPU did it instead
+    (cached under the asked-for key, so a control change never retries the GPU)."""
+
+    def load(dev: str) -> tuple[object, ModelInfo]:
+        precision = key.model.precision if dev == key.model.device else "auto"
+        return model(replace(key.model, device=dev, precision=precision), _loaded)
+
+    results, notice = analyze_with_fallback(load, [_image], device=key.model.device, fit=key.fit)
+    return results[0], notice
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def rollout_table(key: AnalysisKey, head: str | int, discard: float, _res: Analysis) -> np.ndarray:
+    """(L, L, gh, gw): rollout over every layer range, [a, b] = layers a..b."""
+    return maps.rollout_table(_res.attention, info=_res.info, head_fusion=head, discard_ratio=discard)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def raw_maps(key: AnalysisKey, head: str | int, _res: Analysis) -> np.ndarray:
+    """(L, gh, gw): each layer's own CLS attention."""
+    return maps.raw_attention_maps(_res.attention, info=_res.info, head_fusion=head)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def query_maps(key: AnalysisKey, query: int | None, _res: Analysis) -> np.ndarray:
+    """(L, H, gh, gw): where one query token (None: CLS) attends, per layer and head."""
+    return np.stack([maps.query_attention_maps(_res.attention, info=_res.info, layer=layer, query=query)
+                     for layer in range(_res.info.depth)])
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def distances(key: AnalysisKey, _res: Analysis) -> np.ndarray:
+    """(L, H): mean attention distance per layer and head."""
+    return maps.attention_distance(_res.attention, info=_res.info)

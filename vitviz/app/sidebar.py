@@ -1,0 +1,269 @@
+"""The sidebar: one function per group, each drawing its widgets and returning a frozen dataclass of the choices."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import streamlit as st
+
+from vitviz.analysis import max_square_size
+from vitviz.device import available_devices, pick_device, pick_dtype
+from vitviz.image import IMAGE_SUFFIXES, MAX_UPLOAD_BYTES
+from vitviz.models import (
+    CHECKPOINT_SUFFIXES,
+    ModelInfo,
+    ModelSource,
+    check_arch,
+    hub_cached,
+    list_pretrained_vits,
+    patch_size_range,
+)
+from vitviz.rollout import FUSIONS
+from vitviz.settings import DEFAULTS, FITS
+
+from .state import ALL_HEADS, COLORSCALES, app_model, keep
+from .widgets import fail
+
+__all__ = ["ImageChoice", "ModelChoice", "InputChoice", "AttentionChoice", "image_ui", "model_ui", "input_ui",
+           "attention_ui", "ASSETS"]
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"  # the package's example images (the checkout's assets/)
+if not ASSETS.is_dir():
+    ASSETS = Path(__file__).resolve().parents[2] / "assets"
+HUB_MODELS = (
+    "vit_base_patch16_224.augreg2_in21k_ft_in1k",
+    "deit_small_patch16_224",
+    "vit_small_patch14_dinov2.lvd142m",
+    "vit_small_patch14_reg4_dinov2.lvd142m",
+)
+UPLOAD, OTHER_HUB, DIR_PREFIX = "upload", "hub:other", "dir:"
+IMG_MIN, IMG_MAX = 112, 518
+
+
+@dataclass(frozen=True)
+class ImageChoice:
+    data: bytes
+    name: str
+    digest: str  # sha256 of data
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    name: str  # "default", a timm name, a checkpoint path, or "upload:<sha256>"
+    arch: str | None
+    upload: bytes | None = None  # an uploaded checkpoint's bytes
+    filename: str | None = None  # its name as the user gave it
+
+
+@dataclass(frozen=True)
+class InputChoice:
+    patch_size: int
+    img_size: int
+    fit: str
+    device: str
+    precision: str
+
+
+@dataclass(frozen=True)
+class AttentionChoice:
+    start: int
+    end: int
+    view: str  # "rollout" or "raw"
+    head_choice: str | int  # ALL_HEADS or a head index
+    fusion: str
+    discard: float
+    opacity: float
+    colorscale: str
+
+    @property
+    def head(self) -> str | int:
+        """What the maps fuse: a fusion name for all heads, else one head's index."""
+        return self.fusion if self.head_choice == ALL_HEADS else int(self.head_choice)
+
+
+def image_ui() -> ImageChoice | None:
+    sb = st.sidebar
+    sb.header("Image")
+    upload = sb.file_uploader("Upload an image", type=[s.lstrip(".") for s in IMAGE_SUFFIXES], key="upload",
+                              help=f"JPEG, PNG, WebP, BMP, GIF or TIFF, up to {MAX_UPLOAD_BYTES // 10**6} MB.")
+    examples = sorted(p.name for p in ASSETS.glob("*.jpg"))
+    example = sb.selectbox("...or an example", examples, key="example", index=None, placeholder="Choose an example",
+                           help="Public-domain photos from scikit-image (see assets/README.md). An upload takes "
+                                "precedence.")
+    if upload is not None:
+        data, name = upload.getvalue(), upload.name
+    elif example is not None:
+        data, name = (ASSETS / example).read_bytes(), example
+    else:
+        return None
+    return ImageChoice(data, name, hashlib.sha256(data).hexdigest())
+
+
+def checkpoint_dir() -> Path | None:
+    """The operator's folder of checkpoints (VITVIZ_CHECKPOINT_DIR), read on every run; users never type paths."""
+    folder = os.environ.get("VITVIZ_CHECKPOINT_DIR", "")
+    return Path(folder) if folder else None
+
+
+def checkpoint_files() -> list[str]:
+    folder = checkpoint_dir()
+    if folder is None or not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in CHECKPOINT_SUFFIXES)
+
+
+def model_label(choice: str) -> str:
+    if choice == "default":
+        name = app_model()[0]
+        return "Embedded DINOv2 ViT-S/14 (offline)" if name == "default" else f"{Path(name).name} (app)"
+    if choice == UPLOAD:
+        return "Upload a checkpoint..."
+    if choice == OTHER_HUB:
+        return "Another timm ViT from the Hub..."
+    if choice.startswith(DIR_PREFIX):
+        return f"Checkpoint: {choice.removeprefix(DIR_PREFIX)}"
+    return f"{choice} ({'cached' if hub_cached(choice) else 'Hub, needs internet'})"
+
+
+def _hub_other() -> ModelChoice:
+    """A choice from timm's registry, never free text."""
+    name = st.sidebar.selectbox(
+        "timm model", list_pretrained_vits(), key="hub_name", index=None, placeholder="Type to search, e.g. deit_base",
+        format_func=lambda n: f"{n} (cached)" if hub_cached(n) else n,
+        help="Any pretrained timm ViT; its weights come from the Hugging Face Hub (or its local cache). Models that "
+             "are not plain ViTs are refused with the reason.")
+    if name is None:
+        st.info("Choose a timm model in the sidebar, or another model.")
+        st.stop()
+    return ModelChoice(name, None)
+
+
+def _checkpoint(choice: str) -> ModelChoice:
+    sb = st.sidebar
+    ckpt = None
+    if choice == UPLOAD:
+        ckpt = sb.file_uploader("Checkpoint file", type=[s.lstrip(".") for s in CHECKPOINT_SUFFIXES],
+                                key="ckpt_upload", help="Weights of a timm ViT. Pickles that would run code are "
+                                "refused. Files over the upload limit can be offered by the server's operator.")
+    arch_text = sb.text_input("Architecture (timm name)", key="arch", placeholder="e.g. vit_small_patch16_224",
+                              help="The timm architecture the weights belong to; optional where a .safetensors file "
+                                   "names it in its metadata.")
+    try:
+        arch = check_arch(arch_text) if arch_text.strip() else None
+    except ValueError as exc:
+        fail(exc)
+    if choice != UPLOAD:
+        return ModelChoice(str(checkpoint_dir() / choice.removeprefix(DIR_PREFIX)), arch)
+    if ckpt is None:
+        st.info("Upload a checkpoint file in the sidebar, or choose another model.")
+        st.stop()
+    data = ckpt.getvalue()
+    return ModelChoice(f"upload:{hashlib.sha256(data).hexdigest()}", arch, upload=data, filename=ckpt.name)
+
+
+def model_ui() -> ModelChoice:
+    sb = st.sidebar
+    sb.header("Model")
+    choices = ["default", *HUB_MODELS, OTHER_HUB, *(DIR_PREFIX + f for f in checkpoint_files()), UPLOAD]
+    keep("model", lambda v: v in choices, "default")
+    choice = sb.selectbox("Model", choices, key="model", format_func=model_label,
+                          help="The embedded DINOv2 ViT-S/14 works offline. Hub models need the Hugging Face Hub or "
+                               "its local cache. Checkpoints: .safetensors or plain-tensor .pth/.pt/.bin files.")
+    if choice in HUB_MODELS:
+        return ModelChoice(choice, None)
+    if choice == OTHER_HUB:
+        return _hub_other()
+    if choice == UPLOAD or choice.startswith(DIR_PREFIX):
+        return _checkpoint(choice)
+    return ModelChoice(*app_model())
+
+
+def _snap(value: int, *, step: int, lo: int, hi: int) -> int:
+    return min(max(round(value / step) * step, lo), hi)
+
+
+def _device_ui() -> tuple[str, str]:
+    """Device and precision; on a CPU-only machine there is nothing to choose, so only the caption is shown."""
+    sb = st.sidebar
+    devices = ["auto", *available_devices()]
+    if devices == ["auto", "cpu"]:
+        sb.caption("Running on **cpu** (float32).")
+        return "auto", "auto"
+    keep("device", lambda v: v in devices, "auto")
+    device = sb.selectbox("Device", devices, key="device", help="auto: CUDA, else MPS, else CPU.")
+    try:
+        dev = pick_device(device)
+    except ValueError as exc:
+        fail(exc)
+    precisions = ["auto", "fp32"] if dev.type == "cpu" else ["auto", "fp32", "fp16", "bf16"]
+    keep("precision", lambda v: v in precisions, "auto")
+    precision = sb.selectbox("Precision", precisions, key="precision", help="Half precision only on a GPU.")
+    sb.caption(f"Running on **{dev.type}** ({str(pick_dtype(dev, precision)).removeprefix('torch.')}).")
+    return str(dev), precision
+
+
+def input_ui(source: ModelSource, model_id: tuple) -> InputChoice:
+    """Patch size, image size (only sizes whose analysis fits the server's memory budget), fit, device."""
+    sb = st.sidebar
+    native = source.native_patch_size
+    lo_p, hi_p = patch_size_range(native)
+    if st.session_state.get("_native_for") != model_id:  # a new model starts at its own patch size
+        st.session_state["_native_for"] = model_id
+        st.session_state["patch_size"] = native
+    keep("patch_size", lambda v: lo_p <= v <= hi_p, native)
+    patch = sb.slider("Patch size (px)", lo_p, hi_p, key="patch_size",
+                      help=f"The model was trained with {native} px patches; other sizes resize the patch embedding "
+                           "(FlexiViT PI-resize).")
+    depth, heads, prefix = source.layout
+    fits = max_square_size(depth=depth, heads=heads, patch_size=patch, num_prefix_tokens=prefix)
+    lo_s, hi_s = -(-IMG_MIN // patch) * patch, max(min(IMG_MAX, fits) // patch * patch, patch)
+    lo_s = min(lo_s, hi_s)
+    st.session_state["img_size"] = _snap(st.session_state["img_size"], step=patch, lo=lo_s, hi=hi_s)
+    img_size = sb.slider("Image size (px)", lo_s, hi_s, step=patch, key="img_size", disabled=lo_s == hi_s,
+                         help="Side of the square model input for a centre crop; the token budget for the whole "
+                              "image." + (" Larger sizes need more memory than this server allows at this patch "
+                                          "size." if hi_s < IMG_MAX // patch * patch else ""))
+    fit = sb.radio("Fit", FITS, key="fit", horizontal=True,
+                   format_func={"crop": "centre crop (timm eval)", "whole": "whole image"}.get,
+                   help="Centre crop reproduces timm's eval preprocessing; whole image keeps everything, aspect ratio "
+                        "kept within one patch, at about the same number of patches.")
+    device, precision = _device_ui()
+    return InputChoice(patch, img_size, fit, device, precision)
+
+
+def _layers_ui(depth: int) -> tuple[int, int]:
+    start0, end0 = DEFAULTS.layer_range(depth)
+    keep("layers", lambda v: isinstance(v, (tuple, list)) and 0 <= v[0] <= v[1] < depth, (start0, end0))
+    if depth == 1:  # a one-layer model: nothing to choose (a slider needs two ends)
+        st.sidebar.caption("Layers: the model has a single layer.")
+        return 0, 0
+    start, end = st.sidebar.slider(
+        "Layers (start..end)", 0, depth - 1, key="layers",
+        help="Rollout multiplies the attention of layers start..end; the views open at the end layer and scrub "
+             "through the others in the browser.")
+    return start, end
+
+
+def attention_ui(info: ModelInfo) -> AttentionChoice:
+    sb = st.sidebar
+    sb.header("Attention")
+    start, end = _layers_ui(info.depth)
+    view = sb.radio("Rollout view", ["rollout", "raw"], key="view", format_func={
+        "rollout": "rollout from the start layer", "raw": "one layer's raw CLS attention"}.get,
+        help="Rollout follows attention through the residual stream; raw shows each layer on its own.")
+    head_options = [ALL_HEADS, *range(info.num_heads)]
+    keep("head", lambda v: v in head_options, ALL_HEADS)
+    head_choice = sb.selectbox("Head", head_options, key="head",
+                               format_func=lambda h: h if h == ALL_HEADS else f"head {h}",
+                               help="Fuse all heads, or follow one head through every layer.")
+    fusion = sb.selectbox("Head fusion", FUSIONS, key="head_fusion", disabled=head_choice != ALL_HEADS,
+                          help="How the heads of a layer are combined.")
+    discard = sb.slider("Discard ratio", 0.0, 0.99, step=0.01, key="discard_ratio", disabled=view == "raw",
+                        help="Zero this share of the weakest attention entries per layer before rollout (not the CLS "
+                             "column). Rollout only: the raw view shows attention as it is.")
+    opacity = sb.slider("Overlay opacity", 0.0, 1.0, step=0.05, key="opacity")
+    colorscale = sb.selectbox("Colour scale", COLORSCALES, key="colorscale")
+    return AttentionChoice(start, end, view, head_choice, fusion, discard, opacity, colorscale)

@@ -1,0 +1,14 @@
+"""The app's views, one module each with ``TITLE`` and ``render(ctx)``; the tabs appear in this order."""
+
+from . import distance, heads, patch_grid, position, query, rollout
+
+__all__ = ["VIEWS"]
+
+VIEWS = [
+    patch_grid,
+    position,
+    rollout,
+    heads,
+    query,
+    distance,
+]

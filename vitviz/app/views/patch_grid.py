@@ -1,0 +1,30 @@
+"""Patch grid: the N = HW/P² patches the model cuts the image into, and its token count."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from vitviz import figures as vf
+
+from ..widgets import chart
+
+TITLE = "Patch grid"
+
+
+def token_text(info) -> str:
+    """'T tokens = N patches + K prefix (1 CLS, 4 registers)'."""
+    cls = int(info.has_class_token)
+    dist = info.num_prefix_tokens - cls - info.num_reg_tokens
+    parts = [f"{cls} CLS"] + [f"{n} {what}" for n, what in ((info.num_reg_tokens, "registers"),
+                                                             (dist, "distillation")) if n > 0]
+    prefix = f"{info.num_prefix_tokens} prefix ({', '.join(parts)})"
+    return f"{info.num_tokens} tokens = {info.num_patches} patches + {prefix}"
+
+
+def render(ctx) -> None:
+    info, res = ctx.info, ctx.res
+    st.markdown(f"N = H·W / P² = {info.img_size[0]}·{info.img_size[1]} / {info.patch_size}² = "
+                f"**{info.num_patches} patches**; the transformer reads {token_text(info)}. Click a patch to make it "
+                "the query.")
+    chart(vf.patch_grid_figure(res.pixels, patch_size=info.patch_size, grid=info.grid, highlight=ctx.query),
+          "fig_grid")

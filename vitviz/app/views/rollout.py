@@ -1,0 +1,29 @@
+"""Attention rollout: the CLS token's attention through the layers (Abnar & Zuidema 2020), or each layer raw."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from vitviz import figures as vf
+
+from ..state import ALL_HEADS
+from ..widgets import chart
+
+TITLE = "Attention rollout"
+
+
+def describe(ctx) -> str:
+    """What the map shows, in one sentence."""
+    a = ctx.attention
+    what = f"rollout over layers {a.start}-{a.end}" if a.view == "rollout" else f"raw attention of layer {a.end}"
+    heads = f"all heads ({a.fusion})" if a.head_choice == ALL_HEADS else f"head {a.head}"
+    discard = f", discard {a.discard:.2f}" if a.discard and a.view == "rollout" else ""
+    return f"Attention of the CLS token: {what}, {heads}{discard}."
+
+
+def render(ctx) -> None:
+    a, info = ctx.attention, ctx.info
+    maps, labels, active = ctx.cls_maps()
+    st.markdown(describe(ctx) + " Use the slider under the figure to scrub through the layers.")
+    chart(vf.layer_scrub_figure(ctx.res.pixels, maps, patch_size=info.patch_size, labels=labels, active=active,
+                                opacity=a.opacity, colorscale=a.colorscale), "fig_rollout")

@@ -1,0 +1,79 @@
+"""Helpers every view uses: user errors as messages, clickable charts, and the click-to-query-patch callback.
+
+The callbacks are functions of this module taking only widget keys, so a callback never holds a run's arrays (a
+callback that closed over a script's globals kept every analysis a session had seen alive).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import NoReturn
+
+import streamlit as st
+
+from vitviz import figures as vf
+
+__all__ = ["fail", "chart", "clicked_patch", "on_click", "md_escape"]
+
+_MARKDOWN = re.compile(r"([\\`*_\[\]<>#|~$])")  # what makes emphasis, code, links, html, headings, maths
+
+
+def md_escape(text: str) -> str:
+    """``text`` shown literally inside Markdown (a file name such as ``**x**.pth`` or ``[a](b)`` stays as typed)."""
+    return _MARKDOWN.sub(r"\\\1", str(text))
+
+
+def fail(exc: Exception) -> NoReturn:
+    """A user-caused error: its message, no traceback, and nothing further on this run."""
+    st.error(md_escape(str(exc)))  # st.error renders Markdown: a file name in a message must show as typed
+    st.stop()
+
+
+def clicked_patch(points: list[dict], *, grid: tuple[int, int], patch_size: int, mosaic: bool = False) -> int | None:
+    """The patch of the first clicked point. In the browser a click selects one of the figure's click targets, whose
+    ``customdata[0]`` is the patch index (a typed-array row arrives as ``{"0": index, "1": row, ...}``); otherwise
+    the patch under the point's (x, y) (plot coordinates are image pixels, or mosaic cells)."""
+    gh, gw = grid
+    for pt in points:
+        custom = pt.get("customdata") or [None]
+        idx = custom.get("0") if isinstance(custom, dict) else custom[0] if isinstance(custom, list) else None
+        if isinstance(idx, (int, float)) and float(idx).is_integer() and 0 <= idx < gh * gw:
+            return int(idx)
+        x, y = pt.get("x"), pt.get("y")
+        if not isinstance(x, (int, float)) or not isinstance(y, (int, float)):
+            continue
+        if mosaic:
+            idx = vf.mosaic_point_to_patch(x, y, grid=grid)
+        else:
+            r, c = int(y // patch_size), int(x // patch_size)
+            idx = r * gw + c if 0 <= r < gh and 0 <= c < gw else None
+        if idx is not None:
+            return idx
+    return None
+
+
+def on_click(chart_key: str, *, mosaic: bool = False) -> None:
+    """Chart selection callback: runs before the rerun, so it may set the query patch input."""
+    geom = st.session_state.get("_geometry")
+    event = st.session_state.get(chart_key)
+    if not geom or not event:
+        return
+    idx = clicked_patch(event["selection"]["points"], grid=geom["grid"], patch_size=geom["patch_size"], mosaic=mosaic)
+    if idx is not None:
+        st.session_state["query_patch"] = idx
+
+
+def chart(fig, key: str, *, clickable: bool = True, mosaic: bool = False) -> None:
+    """A plotly figure, clickable to pick the query patch, with its standalone-HTML download under it."""
+    if clickable:
+        # Plotly keeps a clicked point selected, and a click on a selected point unselects it (an empty selection).
+        # The figure names the query patch, so a new query gives a new element with nothing selected: a click on a
+        # patch clicked before selects it afresh. Selection events only fire on a change: an old one never re-applies.
+        fig.update_layout(selectionrevision=f"query {st.session_state.get('query_patch')}")
+        st.plotly_chart(fig, key=key, on_select=functools.partial(on_click, key, mosaic=mosaic),
+                        selection_mode="points", theme=None)
+    else:
+        st.plotly_chart(fig, key=key, theme=None)
+    st.download_button("Figure as HTML", data=functools.partial(vf.figure_html, fig), file_name=f"{key}.html",
+                       mime="text/html", key=f"dl_{key}", on_click="ignore")
