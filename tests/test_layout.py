@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
 import urllib.request
 from pathlib import Path
 
@@ -72,6 +71,8 @@ def test_server_options_are_defined_once():
     """.streamlit/config.toml (for ``streamlit run app.py``) says what vitviz.app.config passes to ``vitviz app``."""
     from vitviz.app.config import SERVER_OPTIONS
     from vitviz.image import MAX_UPLOAD_BYTES
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
     toml = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
     flat = {f"{section}.{k}": v for section, opts in toml.items() for k, v in opts.items()}
