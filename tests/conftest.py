@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub is imported (it reads this once): no test reaches the Hub
@@ -24,3 +25,15 @@ def _private_model_cache(tmp_path_factory):
 @pytest.fixture
 def make_vit():
     return tiny_vit
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory):
+    """The tiny ViT (32 px, P = 8, 3 layers x 4 heads) as a safetensors checkpoint that names its architecture."""
+    model = tiny_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3)
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
+              metadata={"arch": "vit_tiny_patch16_224", "kwargs": json.dumps(dict(embed_dim=32, depth=3, num_heads=4))})
+    return path

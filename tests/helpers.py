@@ -10,6 +10,7 @@ import copy
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import timm
@@ -98,3 +99,25 @@ def png_header_only(w: int, h: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b"\x00" * 16))
             + png_chunk(b"IEND", b""))
+
+
+def noise(w: int, h: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def bad_crc_png() -> bytes:
+    data = bytearray(encode(noise(20, 20), "PNG"))
+    data[-20] ^= 0xFF  # a byte inside the IDAT payload: its CRC no longer matches
+    return bytes(data)
+
+
+def truncated_jpeg() -> bytes:
+    data = encode(noise(64, 48), "JPEG")
+    return data[: len(data) // 2]
+
+
+def run_cli(paths, out: Path, ckpt: Path, *extra: str) -> int:
+    from vitviz.cli import main
+
+    return main(["analyze", *map(str, paths), "--out", str(out), "--model", str(ckpt), "--img-size", "32", "--quiet",
+                 *extra])

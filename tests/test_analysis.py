@@ -7,16 +7,20 @@ import itertools
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 
-from vitviz.analysis import analyze
+from vitviz.analysis import analysis_bytes, analyze, attention_bytes
 from vitviz.errors import ParameterError, ResourceError
 from vitviz.maps import attention_distance, query_attention_maps, raw_attention_maps, rollout_map, rollout_table
 from vitviz.models import describe_model
 from vitviz.settings import DEFAULTS, Settings
 
-from .helpers import eager_reference, naive_rollout, tiny_vit
+from .helpers import eager_reference, naive_rollout, noise, tiny_vit
+
+ARCH = "vit_tiny_patch16_224"
+SMALL = dict(pretrained=False, num_classes=0)
 
 
 def photo(w=50, h=40, seed=0):
@@ -279,3 +283,36 @@ def test_large_captures_are_kept_in_half_precision(monkeypatch):
     for settings in (DEFAULTS, Settings(start_layer=0, discard_ratio=0.0, head_fusion="max")):
         np.testing.assert_allclose(rollout_map(half.attention, info=info, settings=settings),
                                    rollout_map(full.attention, info=info, settings=settings), atol=2e-3)
+
+
+# ---------------------------------------------------------------------------------------------- 3. the budget
+
+
+@pytest.mark.parametrize("kwargs,n", [(dict(), 1), (dict(reg_tokens=2, img_size=(24, 40)), 1), (dict(), 3)])
+def test_attention_estimate_is_the_captured_size(kwargs, n):
+    from vitviz.analysis import analyze_batch
+
+    model = tiny_vit(ARCH, **{"img_size": 32, "patch_size": 8, **kwargs})
+    info = describe_model(model)
+    need = attention_bytes(depth=info.depth, heads=info.num_heads, tokens=info.num_tokens)
+    budget = analysis_bytes(depth=info.depth, heads=info.num_heads, tokens=info.num_tokens, images=n)
+    assert budget >= n * need, "the analysis budget covers at least the capture"
+    results = analyze_batch(model, [noise(30, 30, seed=i) for i in range(n)], info=info, max_bytes=budget)
+    assert all(r.attention.dtype == np.float32 and r.attention.nbytes == need for r in results)
+    with pytest.raises(ResourceError):
+        analyze_batch(model, [noise(30, 30)] * n, info=info, max_bytes=budget - 1)
+
+
+def test_budget_message_has_the_numbers():
+    """A ViT-S at 1036 px with P = 8 on the meta device: refused before anything is allocated."""
+    with torch.device("meta"):
+        model = timm.create_model("vit_small_patch16_224", **SMALL, patch_size=8, img_size=1036 // 8 * 8)
+    tokens = (1036 // 8) ** 2 + 1
+    capture_mb = 12 * 6 * tokens * tokens * 2 / 2**20  # kept in fp16 at this size
+    with pytest.raises(ResourceError) as err:
+        analyze(model, noise(20, 20), max_bytes=3072 * 2**20)
+    text = str(err.value)
+    need_mb = float(text.split("needs about ")[1].split(" MB")[0].replace(",", ""))
+    assert f"129x129 patches ({tokens} tokens, 12 layers x 6 heads) needs about" in text and need_mb > capture_mb
+    assert "more than the 3,072 MB this server allows" in text and "larger patch size or a smaller image size" in text
+    assert "VITVIZ_" not in text, "user words: environment variables belong in the README"
