@@ -353,3 +353,80 @@ def test_any_pretrained_timm_vit_from_the_registry(calls):
     at.selectbox(key="model").set_value("default").run()
     ok(at)
     assert len(calls) == 1
+
+
+# ------------------------------------------------------------------------------------------ what a new user hit
+
+
+def chart_proto(at: AppTest, key: str):
+    return next(el for el in at.get("plotly_chart") if el.key == key).proto
+
+
+def test_figures_keep_their_true_colours_and_say_what_they_show(calls):
+    """No Streamlit theme on the figures (it turned Inferno's first colour pink), colour bars with units, words."""
+    at = show(started(), "Attention rollout")
+    proto = chart_proto(at, "fig_rollout")
+    assert proto.theme == "", "theme=None: the figure's own colours reach the screen"
+    heat = json.loads(proto.spec)["data"][1]
+    assert heat["colorscale"][0][1] == "#000004" and heat["colorbar"]["title"]["text"] == "share of CLS attention"
+    text = at.tabs[2].markdown[0].value
+    assert "Brighter patches get more" in text and "downloads" in text and "in your browser only" in text
+    at.radio(key="view").set_value("raw").run()
+    text = at.tabs[2].markdown[0].value
+    assert "raw attention of layer 11" in text and "CLS attention, raw CLS" not in text
+    show(at, "Attention distance")
+    assert "attends to nearby patches" in at.tabs[5].markdown[0].value
+
+
+def test_raw_view_has_one_layer_control(calls):
+    at = started()
+    at.slider(key="layers").set_value((3, 7)).run()
+    at.radio(key="view").set_value("raw").run()
+    keys = [s.key for s in at.sidebar.slider]
+    assert "raw_layer" in keys and "layers" not in keys, "a raw map has no start layer to choose"
+    assert at.slider(key="raw_layer").value == 7
+    at.slider(key="raw_layer").set_value(4).run()
+    ok(show(at, "Attention rollout"))
+    assert "raw attention of layer 4" in at.tabs[2].markdown[0].value
+    assert json.loads(chart_proto(at, "fig_rollout").spec)["layout"]["sliders"][0]["active"] == 4
+
+
+def test_heads_share_one_colour_range_by_default(calls):
+    at = show(started(), "Heads")
+    shared = json.loads(chart_proto(at, "fig_heads").spec)
+    assert "coloraxis" in shared["layout"] and shared["layout"]["coloraxis"]["colorbar"]["title"]["text"]
+    assert "one colour range for all heads" in at.tabs[3].markdown[0].value
+    at.radio(key="heads_scale").set_value("per head").run()
+    own = json.loads(chart_proto(at, "fig_heads").spec)
+    assert "coloraxis" not in own["layout"] and "each head its own range" in at.tabs[3].markdown[0].value
+    assert chart_proto(at, "fig_heads").spec and len(calls) == 1
+
+
+def test_the_query_patch_keeps_its_place_when_the_grid_changes(calls):
+    """Row 3, col 12 of the 14 x 14 grid (P = 16) is row 1, col 6 of the 7 x 7 grid at P = 32: the same place."""
+    at = started()
+    at.number_input(key="query_patch").set_value(3 * 14 + 12).run()
+    at.slider(key="patch_size").set_value(32).run()
+    ok(at)
+    assert at.session_state["query_patch"] == 1 * 7 + 6
+    at.slider(key="patch_size").set_value(16).run()
+    assert at.session_state["query_patch"] == 3 * 14 + 13  # back at the same place, to within one patch
+
+
+def test_image_sizes_offered_fit_the_memory_budget(calls, monkeypatch):
+    """Only sizes whose whole analysis fits the server's budget are offered, and the largest works."""
+    from vitviz.analysis import analysis_bytes, max_square_size
+
+    budget = 64 * 2**20
+    monkeypatch.setattr(vitviz.analysis, "MAX_ANALYSIS_BYTES", budget)
+    at = started()
+    at.slider(key="patch_size").set_value(8).run()
+    top = int(at.slider(key="img_size").max)
+    assert top == max_square_size(depth=DEPTH, heads=HEADS, patch_size=8, num_prefix_tokens=1, budget=budget) < 512
+    tokens = (top // 8) ** 2 + 1
+    assert analysis_bytes(depth=DEPTH, heads=HEADS, tokens=tokens) <= budget
+    assert analysis_bytes(depth=DEPTH, heads=HEADS, tokens=(top // 8 + 1) ** 2 + 1) > budget
+    at.slider(key="img_size").set_value(top).run()
+    ok(at)
+    assert f"grid {top // 8}x{top // 8}" in status(at)
+    assert "more memory than this server allows" in at.slider(key="img_size").help

@@ -406,3 +406,23 @@ def test_figure_html_is_self_contained(pixels):
     assert html.lstrip().lower().startswith(("<!doctype html>", "<html")) and html.rstrip().endswith("</html>")
     assert "plotly.js v" in html  # the library itself is inlined
     assert not re.search(r"<script[^>]*\bsrc\s*=\s*[\"']?(https?:)?//", html, flags=re.IGNORECASE)
+
+
+def test_overlay_original_png_is_the_seen_region_at_full_resolution_in_blocks():
+    """A 2x3 map over the box (10, 20)-(70, 60) of a 100 x 80 image: a 60 x 40 PNG, each cell a 20 x 20 block."""
+    rng = np.random.default_rng(3)
+    original = rng.integers(0, 256, (80, 100, 3), dtype=np.uint8)
+    heat = np.array([[0.0, 1.0, 0.0], [1.0, np.nan, 1.0]])
+    png = F.overlay_original_png(Image.fromarray(original), (10, 20, 70, 60), heat, opacity=1.0, colorscale=BW)
+    out = np.asarray(Image.open(io.BytesIO(png)))
+    assert out.shape == (40, 60, 3)
+    region = original[20:60, 10:70]
+    for r in range(2):
+        for c in range(3):
+            block = out[r * 20:(r + 1) * 20, c * 20:(c + 1) * 20]
+            if np.isnan(heat[r, c]):
+                np.testing.assert_array_equal(block, region[r * 20:(r + 1) * 20, c * 20:(c + 1) * 20])
+            else:
+                assert (block == 255 * heat[r, c]).all(), (r, c)
+    with pytest.raises(ParameterError, match="positive width"):
+        F.overlay_original_png(Image.fromarray(original), (10, 20, 10, 60), heat)

@@ -533,13 +533,22 @@ def test_whole_image_size_properties(size, target, patch):
     hh, ww = whole_image_size(size, target=target, patch_size=patch)
     assert hh % patch == 0 and ww % patch == 0 and hh >= patch and ww >= patch
     assert hh * ww <= target**2
-    # no grid within budget is both closer in aspect and has as many tokens (brute force over all grids)
-    budget = target**2 // patch**2
-    err = abs(math.log((ww / hh) / (size[0] / size[1])))
-    for gh in range(1, budget + 1):
-        for gw in range(1, budget // gh + 1):
-            better_aspect = abs(math.log((gw / gh) / (size[0] / size[1]))) < err - 1e-9
-            assert not (better_aspect and gh * gw >= (hh // patch) * (ww // patch))
+    # brute force over every grid: the aspect kept within one patch on a side, and no such grid has more tokens
+    aspect, budget = size[0] / size[1], target**2 // patch**2
+    gh, gw = hh // patch, ww // patch
+
+    def kept(r, c):
+        return abs(c - r * aspect) <= 1 or abs(r - c / aspect) <= 1
+
+    best = max(r * c for r in range(1, budget + 1) for c in range(1, budget // r + 1) if kept(r, c))
+    assert kept(gh, gw) and gh * gw == best
+
+
+def test_whole_image_size_keeps_a_wide_panorama_within_one_patch():
+    """1732 x 300 at 518 px with 14 px patches (max side 1036): the old rule squeezed it to 1036 x 252 (-28.8%)."""
+    hh, ww = whole_image_size((1732, 300), target=518, patch_size=14, max_side=1036)
+    assert ww == 1036 and abs(ww / hh - 1732 / 300) <= 14 / hh * (1732 / 300)  # height within one patch of true
+    assert abs(math.log(ww / hh / (1732 / 300))) < 0.02
 
 
 def test_whole_image_size_extreme_and_max_side():

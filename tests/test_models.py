@@ -144,9 +144,39 @@ def test_hub_failure_is_a_clear_message_without_network(monkeypatch):
     def offline(*_a, **_k):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load this file")
 
+    import vitviz.models as vm
+
+    monkeypatch.setattr(vm, "_hub_reachable", lambda: True)  # reachable, but the download itself fails
     monkeypatch.setattr(timm, "create_model", offline)
-    with pytest.raises(ModelUnavailableError, match="Hugging Face Hub.*local checkpoint"):
+    with pytest.raises(ModelUnavailableError, match="Hugging Face Hub cannot be reached.*checkpoint file"):
         load_source("vit_small_patch16_224.augreg_in21k_ft_in1k")
+
+
+def test_an_unreachable_hub_fails_at_once_without_asking_it(monkeypatch):
+    """No cached weights and no Hub: one sentence, before timm's download (which retries for minutes) is tried."""
+    import vitviz.models as vm
+
+    def never(*_a, **_k):
+        raise AssertionError("the download must not be attempted")
+
+    monkeypatch.setattr(vm, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(timm, "create_model", never)
+    with pytest.raises(ModelUnavailableError) as err:
+        load_source("vit_small_patch16_224.augreg_in21k_ft_in1k")
+    assert "not on this server and the Hugging Face Hub cannot be reached" in str(err.value)
+    assert "Traceback" not in str(err.value) and str(err.value).count(". ") <= 2
+
+
+def test_the_hub_probe_never_touches_the_network_when_offline(monkeypatch):
+    import socket
+
+    import vitviz.models as vm
+
+    def no_network(*_a, **_k):
+        raise AssertionError("no connection may be attempted offline")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    assert vm._hub_reachable() is False  # tests run with HF_HUB_OFFLINE=1 (conftest)
 
 
 def test_same_patch_and_grid_is_bit_exact_and_other_sizes_resample(tmp_path):

@@ -118,11 +118,12 @@ def _budget_error(info: ModelInfo, need: int, budget: int, images: int) -> Resou
 
 
 def max_square_size(*, depth: int, heads: int, patch_size: int, num_prefix_tokens: int,
-                    budget: int = MAX_ANALYSIS_BYTES, max_side: int = MAX_IMG_SIZE) -> int:
+                    budget: int | None = None, max_side: int = MAX_IMG_SIZE) -> int:
     """The largest square input side (a multiple of ``patch_size``) whose analysis fits ``budget``, at least one patch.
 
-    The estimate grows with the side, so the answer is the last side that fits.
+    The estimate grows with the side, so the answer is the last side that fits. ``budget`` defaults to the server's.
     """
+    budget = MAX_ANALYSIS_BYTES if budget is None else budget
     best = patch_size
     for side in range(patch_size, max_side + 1, patch_size):
         tokens = (side // patch_size) ** 2 + num_prefix_tokens
@@ -145,7 +146,7 @@ def analyze(
         *,
         info: ModelInfo | None = None,
         fit: Fit = "crop",
-        max_bytes: int = MAX_ANALYSIS_BYTES,
+        max_bytes: int | None = None,
 ) -> Analysis:
     """Fit ``image`` to ``model``'s input, run one pass capturing every layer's attention, and describe the result."""
     return analyze_batch(model, [image], info=info, fit=fit, max_bytes=max_bytes)[0]
@@ -157,10 +158,14 @@ def analyze_batch(
         *,
         info: ModelInfo | None = None,
         fit: Fit = "crop",
-        max_bytes: int = MAX_ANALYSIS_BYTES,
+        max_bytes: int | None = None,
 ) -> list[Analysis]:
-    """``analyze`` for several images in one forward pass (all are fitted to the model's one input size)."""
+    """``analyze`` for several images in one forward pass (all are fitted to the model's one input size).
+
+    ``max_bytes`` (default: the server's ``MAX_ANALYSIS_BYTES``) bounds :func:`analysis_bytes`; over it, nothing runs.
+    """
     info = info or describe_model(model)
+    max_bytes = MAX_ANALYSIS_BYTES if max_bytes is None else max_bytes
     need = analysis_bytes(depth=info.depth, heads=info.num_heads, tokens=info.num_tokens, images=len(images))
     if need > max_bytes:
         raise _budget_error(info, need, max_bytes, len(images))

@@ -46,6 +46,7 @@ __all__ = [
     "attention_distance_figure",
     "heat_to_rgba",
     "overlay_png",
+    "overlay_original_png",
     "figure_html",
 ]
 
@@ -316,6 +317,7 @@ def layer_scrub_figure(
     colorscale: str = "Inferno",
     normalize: Literal["per_layer", "global"] = "per_layer",
     title: str | None = None,
+    colorbar_title: str | None = None,
 ) -> go.Figure:
     """One heat map per layer over the image, scrubbed with a slider (and played with a button) in the browser.
 
@@ -333,7 +335,7 @@ def layer_scrub_figure(
     ranges = [_range(m) for m in maps] if normalize == "per_layer" else [(lo, hi)] * n_layers
     heat = _heat_trace(
         maps[active], patch_size=p, colorscale=colorscale, opacity=_check_opacity(opacity),
-        zmin=ranges[active][0], zmax=ranges[active][1], colorbar=_colorbar(),
+        zmin=ranges[active][0], zmax=ranges[active][1], colorbar=_colorbar(colorbar_title),
     )
     grid = maps.shape[1:]
     targets = _patch_targets(maps[active], grid=grid, patch_size=p)
@@ -519,6 +521,7 @@ def head_grid_figure(
     shared_scale: bool = False,
     opacity: float = 0.6,
     tile_height: int = 180,
+    colorbar_title: str | None = None,
 ) -> go.Figure:
     """Small multiples, one heat map per head (``maps`` is ``(heads, gh, gw)``), optionally over the image.
 
@@ -537,7 +540,7 @@ def head_grid_figure(
     heat_kw = dict(colorscale=colorscale)
     if shared_scale:
         lo, hi = _range(maps)
-        layout["coloraxis"] = dict(colorscale=colorscale, cmin=lo, cmax=hi, colorbar=_colorbar())
+        layout["coloraxis"] = dict(colorscale=colorscale, cmin=lo, cmax=hi, colorbar=_colorbar(colorbar_title))
         heat_kw = dict(coloraxis="coloraxis")
     else:
         heat_kw["showscale"] = False
@@ -684,6 +687,28 @@ def overlay_png(
     p = _check_patch_size(patch_size)
     heat = _check_map(heat)
     pixels = _check_image_array(pixels, patch_size=p, grid=heat.shape)
+    return _blend_png(pixels, heat, opacity=opacity, colorscale=colorscale, smooth=smooth)
+
+
+def overlay_original_png(
+    image: Image.Image,
+    box: tuple[float, float, float, float],
+    heat: np.ndarray,
+    *,
+    opacity: float = 0.6,
+    colorscale: str | list = "Inferno",
+) -> bytes:
+    """PNG bytes of the part of the original ``image`` the model saw (``box``: left, top, right, bottom), at the
+    original's resolution, with the map on top as crisp patch blocks, as on screen."""
+    heat = _check_map(heat)
+    left, top, right, bottom = (int(round(v)) for v in box)
+    if right <= left or bottom <= top:
+        raise ParameterError(f"box must have a positive width and height, got {box!r}.")
+    region = np.asarray(image.convert("RGB").crop((left, top, right, bottom)), dtype=np.uint8)
+    return _blend_png(region, heat, opacity=opacity, colorscale=colorscale, smooth=False)
+
+
+def _blend_png(pixels: np.ndarray, heat: np.ndarray, *, opacity: float, colorscale, smooth: bool) -> bytes:
     alpha = _check_opacity(opacity)
     h, w = pixels.shape[:2]
     t = _normalise(heat, None, None)

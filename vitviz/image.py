@@ -451,9 +451,10 @@ def whole_image_size(
 ) -> tuple[int, int]:
     """(H, W) for a "whole" fit: multiples of patch_size, about the token budget of a target x target square.
 
-    Chooses the patch grid (gh, gw) with gh * gw <= (target // patch_size)**2 tokens, >= 1 patch per side and sides
-    <= max_side px, minimising |log aspect error| + log(budget / tokens): 1% aspect distortion costs as much as 1%
-    fewer tokens. Ties go to more tokens.
+    The aspect ratio is kept within one patch: the grid (gh, gw) has gw within one patch of gh·aspect, or gh within one
+    patch of gw / aspect. Among such grids with gh·gw <= (target // patch_size)² tokens and sides <= max_side px, the
+    one with the most tokens wins (ties: the smaller aspect error). An image more extreme than max_side allows (one
+    patch by max_side) gets that strip, the only case where the aspect is not kept.
     """
     w, h = original_size
     if not (isinstance(w, int) and isinstance(h, int) and w >= 1 and h >= 1):
@@ -466,18 +467,27 @@ def whole_image_size(
         raise ParameterError(f"max_side must be None or an integer >= patch_size ({patch_size}), got {max_side!r}")
     budget = target**2 // patch_size**2
     cap = budget if max_side is None else min(budget, max_side // patch_size)
-    aspect = w / h
-    best: tuple[float, int, int, int] | None = None  # (cost, -tokens, gh, gw)
-    for gh in range(1, cap + 1):
-        for gw in {math.floor(gh * aspect), math.ceil(gh * aspect)}:
-            gw = min(max(gw, 1), budget // gh, cap)
-            if gw < 1:
-                continue
-            cost = abs(math.log(gw / gh / aspect)) + math.log(budget / (gh * gw))
-            cand = (round(cost, 12), -gh * gw, gh, gw)
-            best = cand if best is None or cand < best else best
-    assert best is not None  # gh = gw = 1 always fits
-    return best[2] * patch_size, best[3] * patch_size
+    gh, gw = _whole_grid(w / h, budget=budget, cap=cap)
+    return gh * patch_size, gw * patch_size
+
+
+def aspect_kept(gh: int, gw: int, aspect: float) -> bool:
+    """Whether a (gh, gw) grid keeps ``aspect`` (w / h) within one patch on one of its sides."""
+    return abs(gw - gh * aspect) <= 1 or abs(gh - gw / aspect) <= 1
+
+
+def _whole_grid(aspect: float, *, budget: int, cap: int) -> tuple[int, int]:
+    def near(x: float) -> range:  # the whole numbers within one of x, at least 1
+        return range(max(1, math.ceil(x - 1)), math.floor(x + 1) + 1)
+
+    cands = set()
+    for g in range(1, cap + 1):  # for each height the widths that keep the aspect, and for each width the heights
+        cands |= {(g, c) for c in near(g * aspect)} | {(r, g) for r in near(g / aspect)}
+    ok = [(gh * gw, -abs(math.log(gw / gh / aspect)), gh, gw) for gh, gw in cands
+          if gh <= cap and gw <= cap and gh * gw <= budget and aspect_kept(gh, gw, aspect)]
+    if ok:
+        return max(ok)[2:]
+    return (1, cap) if aspect > 1 else (cap, 1)  # more extreme than a one-patch strip of max_side
 
 
 def to_tensor(pixels: np.ndarray, *, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

@@ -19,6 +19,7 @@ import functools
 import json
 import math
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -308,21 +309,46 @@ def _unknown_name(name: str) -> ModelError:
     return ModelError(f"{name!r} is neither a timm model name nor a checkpoint file ({kinds}).{hint}")
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers a TCP connection within ``timeout`` s (never tried when offline is set).
+
+    Asked only for weights that are not cached: without it, an offline server spins through the Hub client's
+    retries for minutes before it fails.
+    """
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _unavailable(name: str, detail: str = "") -> ModelUnavailableError:
+    return ModelUnavailableError(
+        f"the pretrained weights of {name!r} are not on this server and the Hugging Face Hub cannot be reached from "
+        f"it{detail}. Use the embedded default model or a checkpoint file, or download the weights once where the Hub "
+        "is reachable (they land in the Hugging Face cache)."
+    )
+
+
 def _hub_source(name: str, progress: Progress | None) -> tuple[ModelSource, dict[str, torch.Tensor]]:
     if not is_model_name(name):
         raise _unknown_name(name)
+    if not hub_cached(name) and not _hub_reachable():
+        raise _unavailable(name)
     if progress:
         progress(f"Loading {name} from the Hugging Face Hub (or its local cache)...")
     try:
         model = timm.create_model(name, pretrained=True)
-    except (OSError, RuntimeError, ValueError, ImportError) as exc:  # offline, 404, gated, bad cache
-        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        raise ModelUnavailableError(
-            f"could not get the pretrained weights of {name!r} from the Hugging Face Hub{offline}: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}. "
-            "Download them once where the Hub is reachable (they land in the Hugging Face cache), "
-            "or use a local checkpoint file (.safetensors) together with its timm architecture name."
-        ) from exc
+    except (OSError, RuntimeError, ValueError, ImportError) as exc:  # 404, gated, bad cache, lost connection
+        raise _unavailable(name, f" ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})") \
+            from exc
     check_capturable(model)
     return ModelSource(name=name, arch=name, kind="hub"), model.state_dict()
 

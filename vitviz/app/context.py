@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vitviz.analysis import Analysis
+from vitviz.image import LoadedImage
 from vitviz.models import ModelInfo
 
 from . import cache
@@ -23,6 +24,7 @@ class ViewContext:
     key: cache.AnalysisKey
     attention: AttentionChoice
     query: int  # row-major patch index
+    image: LoadedImage  # the decoded original (what the downloads are drawn on)
 
     @property
     def info(self) -> ModelInfo:

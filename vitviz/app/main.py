@@ -55,7 +55,7 @@ def _analysis(choice: ModelChoice, inputs: InputChoice, image: ImageChoice, load
         fail(exc)
     if notice:  # the GPU was full (other sessions, a big grid): this analysis ran on the CPU
         st.warning(notice)
-    return res, key
+    return res, key, decoded
 
 
 def _status(res, inputs: InputChoice) -> None:
@@ -78,15 +78,18 @@ def _download_npz(ctx: ViewContext, fit: str) -> bytes:
 
 
 def _download_png(ctx: ViewContext) -> bytes:
+    """The sidebar's map on the part of the original image the model saw, at the original's resolution."""
     a = ctx.attention
-    return vf.overlay_png(ctx.res.pixels, ctx.cls_map(), patch_size=ctx.info.patch_size, opacity=a.opacity,
-                          colorscale=a.colorscale)
+    return vf.overlay_original_png(ctx.image.image, ctx.res.box, ctx.cls_map(), opacity=a.opacity,
+                                   colorscale=a.colorscale)
 
 
 def _downloads(ctx: ViewContext, fit: str) -> None:
     """The sidebar view as a PNG and as arrays; computed only when clicked."""
     sb = st.sidebar
     sb.header("Downloads")
+    sb.caption("The map the sidebar's layers and heads select, on the part of your image the model saw, at its "
+               "original resolution; the arrays as `.npz`.")
     c1, c2 = sb.columns(2)
     c1.download_button("Overlay PNG", data=functools.partial(_download_png, ctx), file_name="overlay.png",
                        mime="image/png", key="dl_png", on_click="ignore")
@@ -119,13 +122,13 @@ def main() -> None:
     if image is None:
         st.info("Upload an image or choose an example in the sidebar to begin.")
         st.stop()
-    res, key = _analysis(choice, inputs, image, loaded)
+    res, key, decoded = _analysis(choice, inputs, image, loaded)
     _status(res, inputs)
     attention = attention_ui(res.info)
     st.session_state["_geometry"] = dict(grid=res.info.grid, patch_size=res.info.patch_size)
     keep_query(res.info.grid)
     query = st.number_input("Query patch (or click a patch in a figure)", 0, res.info.num_patches - 1,
                             key="query_patch", help="Row-major patch index, as timm flattens the grid.")
-    ctx = ViewContext(res=res, key=key, attention=attention, query=int(query))
+    ctx = ViewContext(res=res, key=key, attention=attention, query=int(query), image=decoded)
     _downloads(ctx, inputs.fit)
     _views(ctx)

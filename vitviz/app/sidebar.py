@@ -234,26 +234,31 @@ def input_ui(source: ModelSource, model_id: tuple) -> InputChoice:
     return InputChoice(patch, img_size, fit, device, precision)
 
 
-def _layers_ui(depth: int) -> tuple[int, int]:
+def _layers_ui(depth: int, view: str) -> tuple[int, int]:
+    """The rollout's layer range, or the one layer the raw view shows (a raw map has no start layer)."""
     start0, end0 = DEFAULTS.layer_range(depth)
     keep("layers", lambda v: isinstance(v, (tuple, list)) and 0 <= v[0] <= v[1] < depth, (start0, end0))
     if depth == 1:  # a one-layer model: nothing to choose (a slider needs two ends)
         st.sidebar.caption("Layers: the model has a single layer.")
         return 0, 0
+    if view == "raw":
+        keep("raw_layer", lambda v: isinstance(v, int) and 0 <= v < depth, st.session_state["layers"][1])
+        layer = st.sidebar.slider("Layer", 0, depth - 1, key="raw_layer",
+                                  help="The layer whose raw CLS attention the views open at.")
+        return layer, layer
     start, end = st.sidebar.slider(
         "Layers (start..end)", 0, depth - 1, key="layers",
-        help="Rollout multiplies the attention of layers start..end; the views open at the end layer and scrub "
-             "through the others in the browser.")
+        help="Rollout multiplies the attention of layers start..end; the views open at the end layer.")
     return start, end
 
 
 def attention_ui(info: ModelInfo) -> AttentionChoice:
     sb = st.sidebar
     sb.header("Attention")
-    start, end = _layers_ui(info.depth)
     view = sb.radio("Rollout view", ["rollout", "raw"], key="view", format_func={
         "rollout": "rollout from the start layer", "raw": "one layer's raw CLS attention"}.get,
         help="Rollout follows attention through the residual stream; raw shows each layer on its own.")
+    start, end = _layers_ui(info.depth, view)
     head_options = [ALL_HEADS, *range(info.num_heads)]
     keep("head", lambda v: v in head_options, ALL_HEADS)
     head_choice = sb.selectbox("Head", head_options, key="head",

@@ -64,16 +64,21 @@ def on_click(chart_key: str, *, mosaic: bool = False) -> None:
         st.session_state["query_patch"] = idx
 
 
-def chart(fig, key: str, *, clickable: bool = True, mosaic: bool = False) -> None:
-    """A plotly figure, clickable to pick the query patch, with its standalone-HTML download under it."""
+def chart(fig, key: str, *, clickable: bool = True, mosaic: bool = False, toolbar: bool = True) -> None:
+    """A plotly figure, clickable to pick the query patch, with its standalone-HTML download under it.
+
+    ``theme=None``: Streamlit's theme would replace colours of the figure (it turns the first colour of Inferno and
+    Magma, #000004, pink), so the screen would not show the scale the colour bar and the downloads use.
+    """
+    config = {"displaylogo": False} if toolbar else {"displayModeBar": False}
     if clickable:
         # Plotly keeps a clicked point selected, and a click on a selected point unselects it (an empty selection).
         # The figure names the query patch, so a new query gives a new element with nothing selected: a click on a
         # patch clicked before selects it afresh. Selection events only fire on a change: an old one never re-applies.
         fig.update_layout(selectionrevision=f"query {st.session_state.get('query_patch')}")
         st.plotly_chart(fig, key=key, on_select=functools.partial(on_click, key, mosaic=mosaic),
-                        selection_mode="points", theme=None)
+                        selection_mode="points", theme=None, config=config)
     else:
-        st.plotly_chart(fig, key=key, theme=None)
+        st.plotly_chart(fig, key=key, theme=None, config=config)
     st.download_button("Figure as HTML", data=functools.partial(vf.figure_html, fig), file_name=f"{key}.html",
                        mime="text/html", key=f"dl_{key}", on_click="ignore")

@@ -9,6 +9,7 @@ from vitviz import figures as vf
 from .. import cache
 from ..state import keep
 from ..widgets import chart
+from .heads import SCALES, head_grid
 
 TITLE = "Query patch"
 
@@ -18,10 +19,12 @@ def render(ctx) -> None:
     qmaps = cache.query_maps(ctx.key, ctx.query, ctx.res)
     keep("query_layer", lambda v: isinstance(v, int) and 0 <= v < info.depth, a.end)
     r, c = divmod(ctx.query, info.grid[1])
-    st.markdown(f"Patch {ctx.query} (row {r}, col {c}): its attention, mean over heads, layer by layer.")
+    st.markdown(f"Patch {ctx.query} (row {r}, col {c}): its attention, mean over heads, layer by layer (the slider "
+                "under the figure scrubs the layers in your browser); brighter = more attention.")
     chart(vf.layer_scrub_figure(ctx.res.pixels, qmaps.mean(axis=1), patch_size=info.patch_size,
                                 labels=[f"layer {b}" for b in range(info.depth)], active=a.end, opacity=a.opacity,
-                                colorscale=a.colorscale), "fig_query")
-    layer = st.selectbox("Layer for the heads", list(range(info.depth)), key="query_layer")
-    chart(vf.head_grid_figure(qmaps[layer], patch_size=info.patch_size, pixels=ctx.res.pixels,
-                              colorscale=a.colorscale, opacity=a.opacity), "fig_query_heads")
+                                colorscale=a.colorscale, colorbar_title="attention"), "fig_query")
+    layer = st.selectbox("Layer for the heads below", list(range(info.depth)), key="query_layer")
+    scale = SCALES[st.session_state.get("heads_scale", "shared")]
+    st.markdown(f"Layer {layer}: patch {ctx.query}'s attention, each head ({scale}; set in the Heads tab).")
+    head_grid(ctx, qmaps[layer], "fig_query_heads")

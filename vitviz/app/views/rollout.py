@@ -10,6 +10,8 @@ from ..state import ALL_HEADS
 from ..widgets import chart
 
 TITLE = "Attention rollout"
+LAYERS_NOTE = ("The sidebar's layers set this sentence, the downloads and the other views; the slider under the "
+               "figure previews the other end layers in your browser only.")
 
 
 def describe(ctx) -> str:
@@ -24,6 +26,8 @@ def describe(ctx) -> str:
 def render(ctx) -> None:
     a, info = ctx.attention, ctx.info
     maps, labels, active = ctx.cls_maps()
-    st.markdown(describe(ctx) + " Use the slider under the figure to scrub through the layers.")
+    st.markdown(f"{describe(ctx)} Brighter patches get more of the CLS token's attention; each layer's map is "
+                f"coloured from its own lowest to its highest value. {LAYERS_NOTE}")
+    unit = "share of CLS attention" if a.view == "rollout" else "CLS attention"
     chart(vf.layer_scrub_figure(ctx.res.pixels, maps, patch_size=info.patch_size, labels=labels, active=active,
-                                opacity=a.opacity, colorscale=a.colorscale), "fig_rollout")
+                                opacity=a.opacity, colorscale=a.colorscale, colorbar_title=unit), "fig_rollout")
