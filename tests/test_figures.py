@@ -2,6 +2,7 @@
 
 import base64
 import io
+import json
 import re
 
 import numpy as np
@@ -426,3 +427,17 @@ def test_overlay_original_png_is_the_seen_region_at_full_resolution_in_blocks():
                 assert (block == 255 * heat[r, c]).all(), (r, c)
     with pytest.raises(ParameterError, match="positive width"):
         F.overlay_original_png(Image.fromarray(original), (10, 20, 10, 60), heat)
+
+
+@pytest.mark.parametrize("name", ["Inferno", "Magma", "Viridis", "Plasma", "Turbo", "Jet", "Greys"])
+def test_figures_send_colours_as_rgb_stops_equal_to_plotlys_scale(pixels, name):
+    """Streamlit's front end swaps literal hex placeholders such as #000004 (Inferno's first colour) for theme
+    colours: figures carry rgb() stops, colour for colour plotly's own scale."""
+    want = [(pos, "rgb({}, {}, {})".format(*pcolors.hex_to_rgb(c)) if c.startswith("#") else c)
+            for pos, c in pcolors.get_colorscale(name)]
+    fig = F.overlay_figure(pixels, np.random.default_rng(0).random(GRID), patch_size=P, colorscale=name)
+    assert [tuple(s) for s in fig.data[1].colorscale] == [(float(p), c) for p, c in want]
+    heads = F.head_grid_figure(np.random.default_rng(1).random((2, *GRID)), patch_size=P, colorscale=name,
+                               shared_scale=True)
+    assert not re.search(r"#[0-9a-fA-F]{6}", json.dumps(heads.layout.coloraxis.to_plotly_json()))
+    assert "#000004" not in json.dumps(fig.to_plotly_json()["data"], default=str)

@@ -205,12 +205,45 @@ def _image_trace(pixels: np.ndarray) -> go.Image:
     return go.Image(source=_png_data_uri(pixels), x0=0.5, y0=0.5, dx=1, dy=1, hoverinfo="skip")
 
 
+@lru_cache(maxsize=32)
+def screen_colorscale(colorscale: str | tuple) -> tuple[tuple[float, str], ...]:
+    """A colour scale as explicit ``(position, "rgb(r, g, b)")`` stops, the form every figure sends to the browser.
+
+    Streamlit's front end swaps some literal hex colours (``#000001``, ``#000004``, ... are the placeholders of its
+    plotly theme) for theme colours even with ``theme=None``: Inferno and Magma start with ``#000004``, which then
+    showed pink. rgb() strings are never swapped, and they are the same colours.
+    """
+    scale = pcolors.get_colorscale(colorscale) if isinstance(colorscale, str) else [list(s) for s in colorscale]
+    return tuple((float(pos), _rgb_text(colour)) for pos, colour in scale)
+
+
+def _scale_arg(colorscale) -> list:
+    """``screen_colorscale`` for a name or a list of stops, a bad one refused with the names to use."""
+    try:
+        key = colorscale if isinstance(colorscale, str) else tuple(tuple(s) for s in colorscale)
+        return [list(s) for s in screen_colorscale(key)]
+    except Exception as err:  # plotly raises PlotlyError, ValueError, TypeError on a bad scale
+        raise ParameterError(
+            f"unknown colorscale {colorscale!r}: use a plotly name such as 'Inferno' or 'Viridis' (add '_r' to "
+            "reverse), or a list of [position, 'rgb(...)' or '#hex'] pairs."
+        ) from err
+
+
+def _rgb_text(colour: str) -> str:
+    if colour.startswith("#"):
+        r, g, b = pcolors.hex_to_rgb(colour)
+        return f"rgb({r}, {g}, {b})"
+    return colour
+
+
 def _heat_trace(heat: np.ndarray, *, patch_size: float, hover: str | None = None, **kwargs) -> go.Heatmap:
     """One heatmap cell per patch: cell (r, c) covers ``[c*P, (c+1)*P) x [r*P, (r+1)*P)``.
 
     Hover is skipped (the click targets give it) unless ``hover`` names the value: then the cell hovers itself.
     """
     p = patch_size
+    if "colorscale" in kwargs:
+        kwargs["colorscale"] = _scale_arg(kwargs["colorscale"])
     if hover is None:
         return go.Heatmap(z=heat, x0=p / 2, dx=p, y0=p / 2, dy=p, hoverinfo="skip", **kwargs)
     return go.Heatmap(
@@ -414,7 +447,7 @@ def similarity_mosaic_figure(
             "show one patch's similarity with similarity_map_figure instead."
         )
     highlight = _check_index(highlight, n, name="highlight")
-    heat = go.Heatmap(z=_mosaic(sim, gh, gw), hoverinfo="skip", colorscale=colorscale, zmin=zmin, zmax=zmax,
+    heat = go.Heatmap(z=_mosaic(sim, gh, gw), hoverinfo="skip", colorscale=_scale_arg(colorscale), zmin=zmin, zmax=zmax,
                       colorbar=_colorbar("similarity"))
     # tile (r, c) spans cells [r (gh + 1), r (gh + 1) + gh) x [c (gw + 1), c (gw + 1) + gw): centre + (g - 1) / 2
     targets = _click_targets(
@@ -540,7 +573,8 @@ def head_grid_figure(
     heat_kw = dict(colorscale=colorscale)
     if shared_scale:
         lo, hi = _range(maps)
-        layout["coloraxis"] = dict(colorscale=colorscale, cmin=lo, cmax=hi, colorbar=_colorbar(colorbar_title))
+        layout["coloraxis"] = dict(colorscale=_scale_arg(colorscale), cmin=lo, cmax=hi,
+                                   colorbar=_colorbar(colorbar_title))
         heat_kw = dict(coloraxis="coloraxis")
     else:
         heat_kw["showscale"] = False

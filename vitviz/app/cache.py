@@ -8,6 +8,7 @@ the key stands for them.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from dataclasses import dataclass, replace
@@ -22,7 +23,7 @@ from vitviz.errors import CheckpointError
 from vitviz.image import LoadedImage, load_image
 from vitviz.models import CHECKPOINT_SUFFIXES, ModelInfo, ModelKey, ModelSource, build_for, load_source
 
-__all__ = ["AnalysisKey", "model_source", "uploaded_source", "model", "image", "analysis", "rollout_table",
+__all__ = ["AnalysisKey", "digest", "model_source", "uploaded_source", "model", "image", "analysis", "rollout_table",
            "raw_maps", "query_maps", "distances"]
 
 
@@ -33,6 +34,11 @@ class AnalysisKey:
     model: ModelKey
     digest: str  # sha256 of the image file's bytes
     fit: str
+
+
+def digest(data: bytes) -> str:
+    """The cache key of a file's bytes."""
+    return hashlib.sha256(data).hexdigest()
 
 
 @st.cache_resource(max_entries=3, show_spinner="Loading model weights (the first run converts the default model)...")

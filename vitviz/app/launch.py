@@ -1,27 +1,63 @@
-"""``vitviz app``: start the Streamlit server on the installed package's entry script."""
+"""``vitviz app``: start the Streamlit server on the installed package's entry script, warming what can be warmed.
+
+While the server starts, a background thread imports torch, timm and the app, converts the embedded default model
+once (if it is not cached yet), builds it at the app's opening settings and runs the first example through it, all
+into the same caches the app reads: the first visitor then waits for none of that.
+"""
 
 from __future__ import annotations
 
-import os
 import sys
+import threading
 from pathlib import Path
 
 from .config import streamlit_flags
 
-__all__ = ["ENTRY", "launch", "command"]
+__all__ = ["ENTRY", "launch", "streamlit_argv", "warm"]
 
 ENTRY = Path(__file__).with_name("entry.py")
 
 
-def command(*, port: int, streamlit_args: list[str]) -> list[str]:
-    """The ``python -m streamlit run`` command line; options given by the user come last and win."""
-    return [sys.executable, "-m", "streamlit", "run", str(ENTRY), *streamlit_flags(), "--server.port", str(port),
-            *streamlit_args]
+def streamlit_argv(*, port: int, streamlit_args: list[str]) -> list[str]:
+    """``streamlit run`` arguments; options given by the user come last and win."""
+    return ["streamlit", "run", str(ENTRY), *streamlit_flags(), "--server.port", str(port), *streamlit_args]
+
+
+def warm() -> None:
+    """Fill the app's caches for its opening state (the embedded default, the first example, the default settings).
+
+    Best effort: whatever fails here (no default model on this machine, say) is left for the page to report.
+    """
+    try:
+        from vitviz.analysis import input_size_for
+        from vitviz.models import ModelKey
+        from vitviz.settings import DEFAULTS
+
+        from . import cache
+        from .sidebar import ASSETS
+        from .state import app_model
+
+        name, arch = app_model()
+        loaded = cache.model_source(name, arch)
+        example = sorted(ASSETS.glob("*.jpg"))[0]
+        data = example.read_bytes()
+        image = cache.image(cache.digest(data), data, example.name)
+        patch = loaded[0].native_patch_size
+        size = input_size_for(image.image, img_size=DEFAULTS.img_size, patch_size=patch, fit=DEFAULTS.fit)
+        key = cache.AnalysisKey(ModelKey(name, arch, patch, size, "auto", "auto"), cache.digest(data), DEFAULTS.fit)
+        cache.analysis(key, image, loaded)
+    except Exception as exc:  # noqa: BLE001 - a warm-up must never stop the server
+        print(f"vitviz: warm-up skipped ({type(exc).__name__}: {exc})", file=sys.stderr)
 
 
 def launch(*, port: int, streamlit_args: list[str]) -> int:
-    """Replace this process with the Streamlit server (Ctrl-C then stops the server itself)."""
-    cmd = command(port=port, streamlit_args=streamlit_args)
-    sys.stdout.flush()
-    os.execv(cmd[0], cmd)
-    return 0  # not reached
+    """Run the Streamlit server in this process (Ctrl-C stops it), warming the caches beside it."""
+    from streamlit.web import cli as stcli
+
+    threading.Thread(target=warm, name="vitviz-warm-up", daemon=True).start()
+    sys.argv = streamlit_argv(port=port, streamlit_args=streamlit_args)
+    try:
+        stcli.main()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0

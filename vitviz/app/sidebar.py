@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from vitviz.models import (
 from vitviz.rollout import FUSIONS
 from vitviz.settings import DEFAULTS, FITS
 
+from .cache import digest
 from .state import ALL_HEADS, COLORSCALES, app_model, keep
 from .widgets import fail
 
@@ -99,7 +99,7 @@ def image_ui() -> ImageChoice | None:
         data, name = (ASSETS / example).read_bytes(), example
     else:
         return None
-    return ImageChoice(data, name, hashlib.sha256(data).hexdigest())
+    return ImageChoice(data, name, digest(data))
 
 
 def checkpoint_dir() -> Path | None:
@@ -161,7 +161,7 @@ def _checkpoint(choice: str) -> ModelChoice:
         st.info("Upload a checkpoint file in the sidebar, or choose another model.")
         st.stop()
     data = ckpt.getvalue()
-    return ModelChoice(f"upload:{hashlib.sha256(data).hexdigest()}", arch, upload=data, filename=ckpt.name)
+    return ModelChoice(f"upload:{digest(data)}", arch, upload=data, filename=ckpt.name)
 
 
 def model_ui() -> ModelChoice:
