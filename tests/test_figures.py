@@ -441,3 +441,30 @@ def test_figures_send_colours_as_rgb_stops_equal_to_plotlys_scale(pixels, name):
                                shared_scale=True)
     assert not re.search(r"#[0-9a-fA-F]{6}", json.dumps(heads.layout.coloraxis.to_plotly_json()))
     assert "#000004" not in json.dumps(fig.to_plotly_json()["data"], default=str)
+
+
+def test_outlined_patches_and_rgb_blocks_by_hand(pixels):
+    heat = np.arange(6, dtype=float).reshape(GRID)
+    fig = F.overlay_figure(pixels, heat, patch_size=P, outlined=[0, 5], highlight=1, colorbar_title="norm")
+    rects = [(s.x0, s.y0, s.x1, s.y1, s.line.dash) for s in fig.layout.shapes]
+    assert (0, 0, P, P, "dot") in rects and (2 * P, P, 3 * P, 2 * P, "dot") in rects  # patches 0 and 5 marked
+    assert (P, 0, 2 * P, P, None) in rects and fig.data[1].colorbar.title.text == "norm"
+    rgb = np.zeros((*GRID, 3))
+    rgb[0, 1] = (1.0, 0.5, 0.0)
+    img = F.rgb_patch_figure(rgb, patch_size=P, highlight=4)
+    picture = np.asarray(Image.open(io.BytesIO(base64.b64decode(img.data[0].source.split(",", 1)[1]))))
+    assert picture.shape == (GRID[0] * P, GRID[1] * P, 3)
+    assert (picture[:P, P:2 * P] == (255, 128, 0)).all() and (picture[:P, :P] == 0).all()
+    with pytest.raises(ParameterError, match="rows, columns, 3"):
+        F.rgb_patch_figure(np.zeros(GRID), patch_size=P)
+
+
+def test_histogram_and_curves_figures_carry_the_values():
+    values = np.array([1.0, 10.0, 100.0, 1000.0])
+    fig = F.histogram_figure(values, marked=np.array([False, False, False, True]), extra={"CLS": 50.0})
+    np.testing.assert_allclose(np.concatenate([fig.data[0].x, fig.data[1].x]), [0, 1, 2, 3])
+    assert fig.data[1].name == "outliers" and len(fig.layout.shapes) == 1
+    curves = F.curves_figure(np.array([0, 0.5]), {"LeGrad MoRF": np.array([1, 0.2]), "random MoRF": np.array([1, .6])})
+    assert [tr.name for tr in curves.data] == ["LeGrad MoRF", "random MoRF"] and curves.data[1].line.dash == "dot"
+    with pytest.raises(ParameterError, match="values for"):
+        F.curves_figure(np.array([0, 0.5]), {"x": np.array([1.0])})

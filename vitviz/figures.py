@@ -38,6 +38,9 @@ __all__ = [
     "MOSAIC_MAX_TOKENS",
     "patch_grid_figure",
     "overlay_figure",
+    "rgb_patch_figure",
+    "histogram_figure",
+    "curves_figure",
     "layer_scrub_figure",
     "similarity_mosaic_figure",
     "mosaic_point_to_patch",
@@ -57,6 +60,7 @@ _CLEAR = "rgba(0, 0, 0, 0)"
 _HOVER_LABEL = dict(bgcolor="rgba(20, 20, 20, 0.85)", bordercolor="rgba(255, 255, 255, 0.6)", font=dict(color="white"))
 _CLICK_LAYOUT = dict(hovermode="closest", hoverdistance=-1)  # the nearest click target is hovered (and clicked)
 _OUTLINE = dict(color="#00e5ff", width=2)
+_MARK = dict(color="rgb(255, 255, 255)", width=1.5, dash="dot")  # patches marked as outliers
 _GRID_LINE = dict(color="rgba(255, 255, 255, 0.55)", width=1)
 
 
@@ -255,7 +259,7 @@ def _heat_trace(heat: np.ndarray, *, patch_size: float, hover: str | None = None
 def _outline(index: int, gw: int, patch_size: float, **kwargs) -> dict:
     r, c = divmod(index, gw)
     p = patch_size
-    return dict(type="rect", x0=c * p, x1=(c + 1) * p, y0=r * p, y1=(r + 1) * p, line=_OUTLINE, **kwargs)
+    return dict(type="rect", x0=c * p, x1=(c + 1) * p, y0=r * p, y1=(r + 1) * p, **{"line": _OUTLINE, **kwargs})
 
 
 def _image_axes(title: str | None) -> dict:
@@ -324,19 +328,119 @@ def overlay_figure(
     zmin: float | None = None,
     zmax: float | None = None,
     highlight: int | None = None,
+    outlined: list[int] | np.ndarray | None = None,
+    colorbar_title: str | None = None,
+    hover: str = "value",
 ) -> go.Figure:
-    """A ``(gh, gw)`` heat map over the image, one cell per patch, with a colour bar and the value on hover."""
+    """A ``(gh, gw)`` heat map over the image, one cell per patch, with a colour bar and the value on hover.
+
+    ``highlight`` outlines the query patch; ``outlined`` marks further patches (e.g. outlier tokens) with a dashed
+    outline of another colour.
+    """
     p = _check_patch_size(patch_size)
     heat = _check_map(heat)
     pixels = _check_image_array(pixels, patch_size=p, grid=heat.shape)
     highlight = _check_index(highlight, heat.size, name="highlight")
-    heat_kw = dict(colorscale=colorscale, opacity=_check_opacity(opacity), zmin=zmin, zmax=zmax, colorbar=_colorbar())
+    marks = [_check_index(int(i), heat.size, name="outlined") for i in (outlined if outlined is not None else [])]
+    heat_kw = dict(colorscale=colorscale, opacity=_check_opacity(opacity), zmin=zmin, zmax=zmax,
+                   colorbar=_colorbar(colorbar_title))
     data = [_image_trace(pixels), _heat_trace(heat, patch_size=p, **heat_kw),
-            _patch_targets(heat, grid=heat.shape, patch_size=p)]
+            _patch_targets(heat, grid=heat.shape, patch_size=p, hover=hover)]
     fig = go.Figure(data=data, layout=_image_axes(title))
+    for i in marks:
+        fig.add_shape(_outline(i, heat.shape[1], p, line=_MARK))
     if highlight is not None:
         fig.add_shape(_outline(highlight, heat.shape[1], p))
     return fig
+
+
+def rgb_patch_figure(
+    rgb: np.ndarray,
+    *,
+    patch_size: int,
+    pixels: np.ndarray | None = None,
+    opacity: float = 1.0,
+    title: str | None = None,
+    highlight: int | None = None,
+    hover: np.ndarray | None = None,
+) -> go.Figure:
+    """A ``(gh, gw, 3)`` map of colours in [0, 1] (e.g. three principal components as RGB), one block per patch,
+    optionally over the image, clickable like the heat maps; ``hover`` (gh, gw) values show on hover."""
+    p = _check_patch_size(patch_size)
+    rgb = np.asarray(rgb, dtype=np.float32)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ParameterError(f"rgb must be (rows, columns, 3) colours in [0, 1], got shape {rgb.shape}.")
+    grid = rgb.shape[:2]
+    highlight = _check_index(highlight, grid[0] * grid[1], name="highlight")
+    blocks = np.kron(np.nan_to_num(np.clip(rgb, 0.0, 1.0)), np.ones((p, p, 1)))  # (H, W, 3): one block per patch
+    picture = np.rint(blocks * 255).astype(np.uint8)
+    alpha = _check_opacity(opacity)
+    if pixels is not None:
+        base = _check_image_array(pixels, patch_size=p, grid=grid).astype(np.float32)
+        picture = np.rint(base * (1 - alpha) + picture * alpha).astype(np.uint8)
+    data = [_image_trace(picture), _patch_targets(None if hover is None else np.asarray(hover), grid=grid,
+                                                  patch_size=p)]
+    fig = go.Figure(data=data, layout=_image_axes(title))
+    if highlight is not None:
+        fig.add_shape(_outline(highlight, grid[1], p))
+    return fig
+
+
+def histogram_figure(
+    values: np.ndarray,
+    *,
+    marked: np.ndarray | None = None,
+    title: str | None = None,
+    x_title: str = "value",
+    log_x: bool = True,
+    extra: dict[str, np.ndarray] | None = None,
+) -> go.Figure:
+    """A histogram of ``values`` (patches), the ``marked`` ones (e.g. outliers) in their own colour; ``extra``
+    named values (e.g. the CLS token, registers) as vertical lines."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if values.size == 0:
+        raise ParameterError("values must hold at least one value.")
+    marked = np.zeros(values.shape, bool) if marked is None else np.asarray(marked, bool).ravel()
+    x = np.log10(np.maximum(values, 1e-12)) if log_x else values
+    traces = [go.Histogram(x=x[~marked], name="patches", marker=dict(color="rgb(120, 120, 140)"), nbinsx=60)]
+    if marked.any():
+        traces.append(go.Histogram(x=x[marked], name="outliers", marker=dict(color="rgb(0, 229, 255)"), nbinsx=60))
+    layout = dict(barmode="overlay", margin=dict(l=0, r=0, b=0, t=40 if title else 10),
+                  xaxis=dict(title=dict(text=f"log10 {x_title}" if log_x else x_title)),
+                  yaxis=dict(title=dict(text="patches")), showlegend=True,
+                  title=dict(text=title, x=0.0, xanchor="left", font=dict(size=14)) if title else None)
+    fig = go.Figure(data=traces, layout=layout)
+    palette = pcolors.qualitative.Dark24
+    for k, (name, v) in enumerate((extra or {}).items()):
+        for val in np.atleast_1d(v):
+            pos = float(np.log10(max(float(val), 1e-12)) if log_x else val)
+            fig.add_vline(x=pos, line=dict(color=palette[k % 24], dash="dot"), annotation_text=name)
+    return fig
+
+
+def curves_figure(
+    fractions: np.ndarray,
+    curves: dict[str, np.ndarray],
+    *,
+    title: str | None = None,
+    y_title: str = "score",
+) -> go.Figure:
+    """Line plots against the removed fraction (faithfulness curves): ``curves`` maps a label to its values."""
+    fractions = np.asarray(fractions, dtype=np.float64)
+    palette = pcolors.qualitative.Dark24
+    traces = []
+    for k, (label, values) in enumerate(curves.items()):
+        values = np.asarray(values, dtype=np.float64)
+        if values.shape != fractions.shape:
+            raise ParameterError(f"curve {label!r} has {values.size} values for {fractions.size} fractions.")
+        dash = "dot" if "random" in label.lower() else "solid"
+        traces.append(go.Scatter(x=fractions, y=values, mode="lines+markers", name=label,
+                                 line=dict(color=palette[k % 24], dash=dash)))
+    layout = dict(margin=dict(l=0, r=0, b=0, t=40 if title else 10),
+                  xaxis=dict(title=dict(text="share of patches removed"), range=[0, 1]),
+                  yaxis=dict(title=dict(text=y_title)),
+                  title=dict(text=title, x=0.0, xanchor="left", font=dict(size=14)) if title else None)
+    return go.Figure(data=traces, layout=layout)
 
 
 def layer_scrub_figure(
