@@ -182,6 +182,8 @@ def test_received_attention_equals_a_loop_and_top_receivers_a_sort(variant):
             np.testing.assert_array_equal(val[layer], got[layer, idx[layer]])
     batched = received_attention(cap.attention)  # (B, L, T)
     np.testing.assert_array_equal(batched[0], got)
+    half = received_attention(cap.attention[0].half().numpy())  # fp16 storage, as a numpy array
+    np.testing.assert_allclose(half, got, atol=1e-4)
     with pytest.raises(ParameterError, match="k must be"):
         top_receivers(got, k=T - p + 1, num_prefix_tokens=p, patches_only=True)
 
@@ -254,6 +256,23 @@ def test_pca_with_more_patches_than_dimensions_and_the_colour_scaling():
         fit_pca(x, scaling="sigmoid")
     with pytest.raises(ParameterError, match="components"):
         fit_pca(x[:3])
+
+
+@pytest.mark.parametrize("spectrum", ["decaying", "flat"])
+@pytest.mark.parametrize("shape", [(700, 120), (90, 400)])
+def test_pca_at_feature_sizes_equals_numpy_svd(spectrum, shape):
+    """Sizes where the top components come from subspace iteration (patches x width of real models, smaller):
+    a decaying spectrum like real features, and a flat one (isotropic noise) where it converges slowly or falls
+    back to a full eigendecomposition; both the covariance (N > D) and the Gram (N < D) side."""
+    n, d = shape
+    rng = np.random.default_rng(n + d)
+    scale = 1.0 / np.arange(1, d + 1) ** 0.7 if spectrum == "decaying" else np.ones(d)
+    x = rng.normal(size=(n, d)) * scale @ np.linalg.qr(rng.normal(size=(d, d)))[0] + 3.0
+    pca = fit_pca(x)
+    want_c, want_s, want_var, total = _svd_reference(x, 3)
+    _assert_same_up_to_sign(pca.components, pca_scores(pca, x), want_c, want_s)
+    np.testing.assert_allclose(pca.variance, want_var, rtol=1e-9)
+    np.testing.assert_allclose(pca.explained, want_var / total, rtol=1e-9)
 
 
 def test_shared_basis_for_two_images_and_excluded_patches():
@@ -362,3 +381,16 @@ def test_default_model_tokens_equal_forward_intermediates():
     want = torch.stack([torch.cat([pre, pat], dim=1) for pat, pre in inter], dim=1)
     torch.testing.assert_close(cap.tokens, want, atol=1e-3, rtol=1e-4)
     assert token_norms(cap.tokens[0]).shape == (info.depth, info.num_tokens)
+
+
+def test_top_eigenpairs_fall_back_to_a_full_decomposition():
+    from vitviz.tokens import _top_eigenpairs
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 60))
+    m = x.T @ x
+    want_lam, want_vec = np.linalg.eigh(m)
+    for max_iter in (1, 400):  # 1: no convergence check ever passes, so the full eigh answers
+        lam, vec = _top_eigenpairs(m, 3, max_iter=max_iter)
+        np.testing.assert_allclose(lam, want_lam[::-1][:3], rtol=1e-10)
+        np.testing.assert_allclose(np.abs(vec.T @ want_vec[:, ::-1][:, :3]), np.eye(3), atol=1e-8)

@@ -121,8 +121,9 @@ def received_attention(attention) -> np.ndarray:
     (..., H, T, T) -> (..., T), float32. Rows of A sum to 1, so the values average 1/T; an attention sink gets
     far more. Every query counts, prefix tokens included (CLS and registers look at the patches too).
     """
-    a = _np(attention, np.float32)
-    return a.mean(axis=(-3, -2), dtype=np.float64).astype(np.float32)
+    a = attention if isinstance(attention, torch.Tensor) else torch.from_numpy(np.asarray(attention))
+    with torch.inference_mode():  # summed with float32 accumulation straight from fp16 storage: no float copy
+        return torch.mean(a.detach(), dim=(-3, -2), dtype=torch.float32).cpu().numpy()
 
 
 def top_receivers(received, *, k: int = 5, num_prefix_tokens: int = 0,
@@ -190,6 +191,35 @@ def _stack(patches, exclude) -> np.ndarray:
     return np.concatenate(parts)
 
 
+def _top_eigenpairs(m: np.ndarray, k: int, *, tol: float = 1e-10, max_iter: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest eigenvalues (decreasing) and eigenvectors (columns) of a symmetric PSD matrix (M, M).
+
+    Subspace iteration on m² (each step squares the convergence ratio λ_{b+1}/λ_k) with Rayleigh-Ritz on a block
+    of b = k + 12 vectors (a fixed seed, so reproducible), stopped when every residual ‖m·u - λu‖ is below
+    ``tol``·λ₁; a full ``eigh`` when M is small or the block does not converge. A full eigendecomposition costs
+    O(M³) with a large constant for 3 vectors out of hundreds; on real patch features the block converges in
+    3 to 15 steps.
+    """
+    size = m.shape[0]
+    b = k + 12
+    if 3 * b >= size:
+        lam, vec = np.linalg.eigh(m)
+        return lam[::-1][:k], vec[:, ::-1][:, :k]
+    m2 = m @ m
+    v = np.linalg.qr(np.random.default_rng(0).standard_normal((size, b)))[0]  # (M, b)
+    for it in range(max_iter):
+        v = np.linalg.qr(m2 @ v)[0]
+        if it % 2 == 1:
+            lam, s = np.linalg.eigh(v.T @ m @ v)  # (b,), (b, b): Rayleigh-Ritz on the block
+            v = v @ s[:, ::-1]
+            lam = lam[::-1]
+            res = np.linalg.norm(m @ v[:, :k] - v[:, :k] * lam[:k], axis=0)
+            if res.max() <= tol * max(lam[0], np.finfo(np.float64).tiny):
+                return lam[:k], v[:, :k]
+    lam, vec = np.linalg.eigh(m)
+    return lam[::-1][:k], vec[:, ::-1][:, :k]
+
+
 def fit_pca(patches, *, num_components: int = 3, exclude=None, scaling: Scaling = "std",
             num_std: float = 2.0) -> PatchPCA:
     """Principal components of patch tokens: (N, D), or a sequence of (N_i, D) fitted together as one set.
@@ -212,13 +242,13 @@ def fit_pca(patches, *, num_components: int = 3, exclude=None, scaling: Scaling 
     mean = x.mean(axis=0)
     xc = x - mean  # (N, D)
     if n >= d:
-        lam, vec = np.linalg.eigh(xc.T @ xc)  # (D,), (D, D) ascending
-        comps = vec[:, ::-1][:, :num_components].T  # (K, D)
+        lam, vec = _top_eigenpairs(xc.T @ xc, num_components)  # (K,), (D, K)
+        comps = vec.T  # (K, D)
     else:
-        lam, vec = np.linalg.eigh(xc @ xc.T)  # (N,), (N, N): X̃ᵀu / ‖X̃ᵀu‖ are the same directions
-        comps = (xc.T @ vec[:, ::-1][:, :num_components]).T
+        lam, vec = _top_eigenpairs(xc @ xc.T, num_components)  # (K,), (N, K): X̃ᵀu / ‖X̃ᵀu‖, same directions
+        comps = (xc.T @ vec).T
         comps /= np.maximum(np.linalg.norm(comps, axis=1, keepdims=True), np.finfo(np.float64).tiny)
-    lam = np.maximum(lam[::-1][:num_components], 0.0)
+    lam = np.maximum(lam, 0.0)
     lead = np.abs(comps).argmax(axis=1)
     comps *= np.sign(comps[np.arange(num_components), lead])[:, None]  # largest loading positive
     variance = lam / (n - 1)
