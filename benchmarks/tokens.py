@@ -125,8 +125,8 @@ def drop_mask(rec: dict, how: str | None, num_prefix_tokens: int):
     return torch.from_numpy(rec["sinks"] | prev)
 
 
-def rollout_masses(rec: dict, info, box) -> list[float]:
-    """On-object mass of each rollout variant's map (mean fusion)."""
+def rollout_masses(rec: dict, info, box) -> list[tuple[float, float]]:
+    """(on-object mass, the top patch's share of the map) of each rollout variant (mean fusion)."""
     attn = rec["attention"]
     masses = []
     for _label, start, ratio, how in VARIANTS:
@@ -136,7 +136,7 @@ def rollout_masses(rec: dict, info, box) -> list[float]:
         mats = rollout_matrices(attn[start:], head_fusion="mean", discard_ratio=ratio, drop_tokens=drop)
         row = rollout_row(mats, start=0, end=mats.shape[0] - 1)
         heat = tokens_to_grid(row, num_prefix_tokens=info.num_prefix_tokens, grid=info.grid).numpy()
-        masses.append(mass_inside(heat, box, patch_size=info.patch_size))
+        masses.append((mass_inside(heat, box, patch_size=info.patch_size), float(heat.max() / heat.sum())))
     return masses
 
 
@@ -224,19 +224,22 @@ def spike_report(plain: list[dict], pasted: list[dict], *, p: int, grid) -> list
 
 
 def rollout_report(pasted: list[dict]) -> list[str]:
-    m = np.array([r["masses"] for r in pasted])  # (images, variants)
+    both = np.array([r["masses"] for r in pasted])  # (images, variants, 2)
+    m, peak = both[..., 0], both[..., 1]
     base = m[:, 0]
     lines = [
-        "| rollout (mean fusion) | on-object mass: mean | median | wins vs current default (ties) | mean gain |",
-        "|---|---:|---:|---:|---:|",
+        "| rollout (mean fusion) | on-object mass: mean | median | wins vs current default (ties) | mean gain | "
+        "top patch's share of the map (median) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for v, (label, *_rest) in enumerate(VARIANTS):
         wins = int((m[:, v] > base + 1e-9).sum())
         ties = int((np.abs(m[:, v] - base) <= 1e-9).sum())
         lines.append(f"| {label} | {m[:, v].mean():.3f} | {np.median(m[:, v]):.3f} | {wins}/{len(m)} ({ties}) | "
-                     f"{(m[:, v] - base).mean():+.3f} |")
+                     f"{(m[:, v] - base).mean():+.3f} | {100 * np.median(peak[:, v]):.1f}% |")
     box_share = np.mean([r["on_box"].mean() for r in pasted])
-    lines.append(f"| (a uniform map: the box's share of the patches) | {box_share:.3f} | | | |")
+    lines.append(f"| (a uniform map: the box's share of the patches) | {box_share:.3f} | | | | "
+                 f"{100 / pasted[0]['on_box'].size:.1f}% |")
     return lines
 
 
@@ -308,7 +311,8 @@ def view_rows(name: str, model, info, x2: torch.Tensor, *, repeats: int) -> list
 
 
 def header(threads: int) -> list[str]:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    with open("/proc/cpuinfo") as f:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
     import timm
 
     return [f"CPU {cpu}, {os.cpu_count()} cores, torch.set_num_threads({threads}); torch {torch.__version__}, "
@@ -324,24 +328,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=9, help="timed rounds of the capture rows")
     ap.add_argument("--view-repeats", type=int, default=15, help="timed rounds of the view rows")
-    ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--no-timing", action="store_true", help="skip the timing sections")
+    ap.add_argument("--only-timing", action="store_true", help="only the timing sections (no photo measurements)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     lines = ["# Inside the tokens: the default model on the photos, and what the views cost", "", *header(args.threads)]
-    model, info = get_model("default", img_size=(224, 224))
     photos = load_photos(args.photos, args.limit)
-    with torch.inference_mode():
-        plain, pasted = run_photos(model, info, photos, batch=args.batch)
-    p = info.num_prefix_tokens
-    lines += ["", f"## Outliers on {len(photos)} photos ({info.name}, {info.grid[0]}x{info.grid[1]} patches)", ""]
-    for key, what in (("norm_out", "High-norm tokens"), ("sinks", "Attention sinks (received attention)")):
-        lines += [f"### {what}: outlier tokens per layer (`find_outliers`)", "", *outlier_table(
-            plain, pasted, key=key, p=p), ""]
-    lines += ["### Layer 0: what the CLS token attends to", "", *spike_report(plain, pasted, p=p, grid=info.grid),
-              "", foreground_check(pasted), "", "## Artefact-aware rollout on the pasted scenes", "",
-              *rollout_report(pasted), ""]
+    if not args.only_timing:
+        lines += photo_sections(photos, batch=args.batch)
     if not args.no_timing:
         lines += timing_sections(args, photos)
     lines += ["", f"Total run time {time.perf_counter() - t0:.0f} s."]
@@ -349,6 +345,20 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     if args.out:
         args.out.write_text(text)
+
+
+def photo_sections(photos, *, batch: int) -> list[str]:
+    model, info = get_model("default", img_size=(224, 224))
+    with torch.inference_mode():
+        plain, pasted = run_photos(model, info, photos, batch=batch)
+    p = info.num_prefix_tokens
+    lines = ["", f"## Outliers on {len(photos)} photos ({info.name}, {info.grid[0]}x{info.grid[1]} patches)", ""]
+    for key, what in (("norm_out", "High-norm tokens"), ("sinks", "Attention sinks (received attention)")):
+        lines += [f"### {what}: outlier tokens per layer (`find_outliers`)", "", *outlier_table(
+            plain, pasted, key=key, p=p), ""]
+    return lines + ["### Layer 0: what the CLS token attends to", "", *spike_report(plain, pasted, p=p, grid=info.grid),
+                    "", foreground_check(pasted), "", "## Artefact-aware rollout on the pasted scenes", "",
+                    *rollout_report(pasted), ""]
 
 
 def timing_sections(args, photos) -> list[str]:

@@ -358,6 +358,7 @@ def test_similarity_edge_cases():
     np.testing.assert_array_equal(cosine_similarity(z, v), np.zeros((1, 3)))  # a zero vector: similarity 0
     idx, val = best_matches(v[:1], v, k=3)
     assert idx[0].tolist() == [0, 1, 2] and val[0].tolist() == [1.0, 1.0, 0.0]  # ties: lower index first
+    assert best_matches(v[:2], v)[0].tolist() == [[0], [0]]  # k = 1 too
     with pytest.raises(ParameterError, match="widths"):
         cosine_similarity(v, np.ones((2, 3)))
     with pytest.raises(ParameterError, match="k must be"):

@@ -333,5 +333,6 @@ def best_matches(a, b, *, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
     sim = cosine_similarity(a, b)
     if not 1 <= k <= sim.shape[-1]:
         raise ParameterError(f"k must be in 1 to {sim.shape[-1]}, got {k}")
-    idx = np.argsort(-sim, axis=-1, kind="stable")[..., :k]
+    # argmax returns the first of equal maxima: the stable sort's order, without sorting every row
+    idx = sim.argmax(axis=-1)[..., None] if k == 1 else np.argsort(-sim, axis=-1, kind="stable")[..., :k]
     return idx, np.take_along_axis(sim, idx, axis=-1)
