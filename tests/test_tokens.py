@@ -133,6 +133,8 @@ def test_outliers_per_row_prefix_never_and_edge_cases():
     np.testing.assert_array_equal(np.flatnonzero(find_outliers(same)), [7])
     with pytest.raises(ParameterError, match="prefix"):
         find_outliers(np.ones(3), num_prefix_tokens=3)
+    with pytest.raises(ParameterError, match="max_fraction"):
+        find_outliers(np.ones(30), max_fraction=0.9)
 
 
 def test_outlier_rule_by_hand():

@@ -94,6 +94,9 @@ def find_outliers(
     single population has no wide empty gap; artefacts, an order of magnitude above the rest, do. Logs make the
     rule scale-free: multiplying every value by a constant changes nothing. Prefix tokens are never flagged.
     """
+    if not (0 < max_fraction <= 0.5 and min_gap >= 0 and z_cut >= 0):
+        raise ParameterError(f"the outlier rule needs 0 < max_fraction <= 0.5 (got {max_fraction}), min_gap >= 0 "
+                             f"(got {min_gap}) and z_cut >= 0 (got {z_cut})")
     a = _np(values, np.float64)
     _check_prefix(num_prefix_tokens, a.shape[-1])
     n = a.shape[-1] - num_prefix_tokens
@@ -142,17 +145,26 @@ def top_receivers(received, *, k: int = 5, num_prefix_tokens: int = 0,
     return idx, np.take_along_axis(a, idx, axis=-1).astype(np.float32)
 
 
-def artefact_tokens(norms, received=None, *, num_prefix_tokens: int, **rule) -> np.ndarray:
+def artefact_tokens(
+        norms,
+        received=None,
+        *,
+        num_prefix_tokens: int,
+        z_cut: float = Z_CUT,
+        min_gap: float = MIN_GAP,
+        max_fraction: float = MAX_FRACTION,
+) -> np.ndarray:
     """Patch tokens that are artefacts in any layer: (L, T) norms [, (L, T) received attention] -> (T,) bool.
 
-    A patch is an artefact if :func:`find_outliers` flags its norm in some layer, or (when ``received`` is
-    given) the attention it receives in some layer (an attention sink). ``rule`` goes to :func:`find_outliers`.
-    The result is the ``drop_tokens`` mask of the artefact-aware rollout (:func:`vitviz.rollout.rollout_matrices`);
-    prefix tokens are never in it.
+    A patch is an artefact if :func:`find_outliers` (with these settings) flags its norm in some layer, or (when
+    ``received`` is given) the attention it receives in some layer: an attention sink. The result is the
+    ``drop_tokens`` mask of the artefact-aware rollout (:func:`vitviz.rollout.rollout_matrices`); prefix tokens
+    are never in it.
     """
-    flags = find_outliers(norms, num_prefix_tokens=num_prefix_tokens, **rule).any(axis=0)
+    rule = dict(num_prefix_tokens=num_prefix_tokens, z_cut=z_cut, min_gap=min_gap, max_fraction=max_fraction)
+    flags = find_outliers(norms, **rule).any(axis=0)
     if received is not None:
-        flags |= find_outliers(received, num_prefix_tokens=num_prefix_tokens, **rule).any(axis=0)
+        flags |= find_outliers(received, **rule).any(axis=0)
     return flags
 
 
