@@ -61,8 +61,10 @@ VARIANTS = (
     ("all layers, discard 0.9", 0, 0.9, None),
     ("all layers, artefacts left out, discard 0", 0, 0.0, "any"),
     ("all layers, artefacts left out, discard 0.9", 0, 0.9, "any"),
-    ("all layers, each layer's sinks left out, discard 0", 0, 0.0, "layer"),
-    ("all layers, each layer's sinks left out, discard 0.9", 0, 0.9, "layer"),
+    ("all layers, sinks (of any layer) left out, discard 0", 0, 0.0, "sinks"),
+    ("all layers, sinks (of any layer) left out, discard 0.9", 0, 0.9, "sinks"),
+    ("all layers, each layer's sinks and previous block's high-norm tokens left out, discard 0", 0, 0.0, "layer"),
+    ("all layers, each layer's sinks and previous block's high-norm tokens left out, discard 0.9", 0, 0.9, "layer"),
     ("layers 1-11, artefacts left out, discard 0.9", 1, 0.9, "any"),
 )
 
@@ -118,6 +120,8 @@ def drop_mask(rec: dict, how: str | None, num_prefix_tokens: int):
         return None
     if how == "any":
         return torch.from_numpy(rec["norm_out"].any(0) | rec["sinks"].any(0))
+    if how == "sinks":
+        return torch.from_numpy(rec["sinks"].any(0))
     # per layer: the tokens that receive outlying attention in that layer, and those whose norm was an outlier
     # at the layer's input (the previous block's output)
     prev = np.zeros_like(rec["norm_out"])
@@ -326,7 +330,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--limit", type=int, default=None, help="only the first N photos (sorted by name)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=9, help="timed rounds of the capture rows")
+    ap.add_argument("--repeats", type=int, default=9, help="timed rounds of the capture rows at patch 14")
+    ap.add_argument("--p8-repeats", type=int, default=5, help="timed rounds of the capture rows at patch 8")
     ap.add_argument("--view-repeats", type=int, default=15, help="timed rounds of the view rows")
     ap.add_argument("--no-timing", action="store_true", help="skip the timing sections")
     ap.add_argument("--only-timing", action="store_true", help="only the timing sections (no photo measurements)")
@@ -363,7 +368,8 @@ def photo_sections(photos, *, batch: int) -> list[str]:
 
 def timing_sections(args, photos) -> list[str]:
     cap_lines = ["## Capture cost with and without tokens (interleaved)", "",
-                 f"Median (and minimum) of {args.repeats} interleaved rounds after 2 warm-up rounds, one image.", "",
+                 f"Median (and minimum) of {args.repeats} (patch 14) and {args.p8_repeats} (patch 8) interleaved "
+                 "rounds after 2 warm-up rounds, one image; the storage dtype is the one `analyze` picks.", "",
                  "| case | tokens | storage | row | median ms | min ms | x plain (medians) | x plain (minima) |",
                  "|---|---:|---|---|---:|---:|---:|---:|"]
     view_lines = ["## View computations (ms, interleaved)", "",
@@ -374,7 +380,7 @@ def timing_sections(args, photos) -> list[str]:
         model, info = get_model("default", patch_size=patch, img_size=(224, 224))
         x2, _ = batch_input([im for _n, im in photos[:2]], info)
         with torch.inference_mode():
-            cap_lines += capture_rows(name, model, info, x2[:1], repeats=args.repeats)
+            cap_lines += capture_rows(name, model, info, x2[:1], repeats=args.p8_repeats if patch else args.repeats)
             view_lines += view_rows(name, model, info, x2, repeats=args.view_repeats)
         print(f"  timed {name}", file=sys.stderr, flush=True)
     return [*cap_lines, "", *view_lines]
