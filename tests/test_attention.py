@@ -63,7 +63,8 @@ def test_attention_only_capture_skips_the_features_but_not_the_last_layer(varian
 
 def test_capture_leaves_no_hook_flag_or_weight_change_even_on_error():
     model = tiny_vit()
-    before, weights = hook_state(model), {k: v.clone() for k, v in model.state_dict().items()}
+    before = hook_state(model)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
     assert all(before[1]), "timm should default to fused attention here"
     capture_attention(model, torch.randn(1, 3, 32, 32))
     with pytest.raises(ParameterError, match=r"\(B, 3, 32, 32\)"):
@@ -79,7 +80,8 @@ def test_capture_leaves_no_hook_flag_or_weight_change_even_on_error():
         attention_forward(model, torch.randn(1, 3, 32, 32))
     model.blocks[1].mlp = real_mlp
     after = hook_state(model)
-    assert after == before and before[0] == 0
+    assert after[0] == before[0] == 0
+    assert after == before  # flags, modes, requires_grad and attributes too
     for k, v in model.state_dict().items():
         assert torch.equal(v, weights[k]), k
 
@@ -126,3 +128,63 @@ def test_empty_capture_is_an_error():
     model = tiny_vit(depth=0)
     with pytest.raises(CaptureError, match="no transformer blocks"):
         attention_forward(model, torch.randn(1, 3, 32, 32))
+
+
+def _intermediates(model, x):
+    """timm's own block outputs on the shared (fused) model: (B, L, T, D), prefix tokens first, no final norm."""
+    with torch.no_grad():
+        got = model.forward_intermediates(
+            x, norm=False, output_fmt="NLC", return_prefix_tokens=model.num_prefix_tokens > 0, intermediates_only=True
+        )
+    if model.num_prefix_tokens:
+        got = [torch.cat([prefix, patches], dim=1) for patches, prefix in got]  # timm hands them back apart
+    return torch.stack(got, dim=1)
+
+
+def _eager_tokens(model, x):
+    """The eager (unfused) reference's block outputs, read by hooks on a private copy."""
+    ref = copy.deepcopy(model)
+    outs = []
+    for blk in ref.blocks:
+        blk.attn.fused_attn = False
+        blk.register_forward_hook(lambda _m, _i, out: outs.append(out.detach()))
+    with torch.no_grad():
+        ref.forward_features(x)
+    return torch.stack(outs, dim=1)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("features", [True, False])
+def test_tokens_equal_forward_intermediates_and_keep_the_attention_bit_equal(variant, features):
+    """Every block's output from the same pass: timm's forward_intermediates (fused) and the eager path agree with it,
+    prefix tokens first; the attention is the very same as without tokens, and the last block runs to its end."""
+    model = _build(variant)
+    h, w = model.patch_embed.img_size
+    x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(1))
+    plain = attention_forward(model, x, features=features)
+    cap = attention_forward(model, x, features=features, tokens=True)
+    assert plain.tokens is None
+    T = model.patch_embed.num_patches + model.num_prefix_tokens
+    assert cap.tokens.shape == (2, len(model.blocks), T, model.embed_dim)
+    assert cap.tokens.dtype == torch.float32 and cap.tokens.device.type == "cpu"
+    torch.testing.assert_close(cap.tokens, _intermediates(model, x), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cap.tokens, _eager_tokens(model, x), atol=1e-4, rtol=1e-4)
+    assert torch.equal(cap.attention, plain.attention)
+    if features:
+        assert torch.equal(cap.features, plain.features)
+        with torch.inference_mode():
+            torch.testing.assert_close(cap.features, model.norm(cap.tokens[:, -1]), atol=1e-6, rtol=0)
+    else:
+        assert cap.features is None
+
+
+def test_tokens_follow_the_store_dtype_and_device():
+    """Half storage keeps the tokens in half too (the attention's rule), and store_device=None leaves them in place."""
+    model = tiny_vit(reg_tokens=2, img_size=(24, 40))
+    x = torch.randn(1, 3, 24, 40)
+    ref = attention_forward(model, x, tokens=True).tokens
+    half = attention_forward(model, x, tokens=True, store_dtype=torch.float16, features=False)
+    assert half.tokens.dtype == torch.float16 and half.attention.dtype == torch.float16
+    torch.testing.assert_close(half.tokens.float(), ref, atol=1e-2, rtol=1e-2)
+    here = attention_forward(model, x, tokens=True, store_device=None)
+    assert torch.equal(here.tokens, ref)

@@ -185,3 +185,72 @@ def test_rollout_never_writes_to_the_capture(fusion, ratio):
     rollout_matrices(big, head_fusion=fusion, discard_ratio=ratio)
     rollout_matrices(big[1:], head_fusion=fusion, discard_ratio=ratio)  # a view into a larger capture, too
     assert torch.equal(big, before)
+
+
+def naive_dropped_rollout(attn, drop, *, start, end, ratio, fusion="mean", source=0):
+    """Artefact-aware rollout by the book, with loops: per layer fuse, zero the dropped tokens' columns, renormalise
+    each row, discard the lowest int(ratio·T·(T-1)) non-CLS entries (ties in row-major order), + I, renormalise,
+    and multiply full matrices with the newer layer on the left. ``drop`` is (T,) or (L, T) bools."""
+    A = attn.numpy()
+    L, H, T, _ = A.shape
+    drop = np.broadcast_to(np.asarray(drop), (L, T))
+    result = np.eye(T)
+    for layer in range(start, end + 1):
+        m = A[layer, fusion].copy() if isinstance(fusion, int) else A[layer].mean(axis=0)
+        for i in range(T):
+            for j in range(T):
+                if drop[layer, j]:
+                    m[i, j] = 0.0
+            m[i] = m[i] / m[i].sum()
+        cand = sorted((m[i, j], i, j) for i in range(T) for j in range(T) if j != 0)
+        for _v, i, j in cand[: int(ratio * T * (T - 1))]:
+            m[i, j] = 0.0
+        m = m + np.eye(T)
+        for i in range(T):
+            m[i] = m[i] / m[i].sum()
+        result = m @ result
+    return result[source]
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("per_layer", [False, True])
+@pytest.mark.parametrize("fusion", ["mean", 2])
+def test_rollout_with_dropped_tokens_equals_naive(ratio, per_layer, fusion):
+    """Leaving tokens out (their columns masked, rows renormalised) before Â = norm(A + I): every range, both mask
+    shapes; the dropped tokens get no rollout mass at all and the result is still a distribution."""
+    attn = random_attention(L=4, H=3, T=8, seed=5)
+    g = np.random.default_rng(1)
+    drop = g.random((4, 8)) < 0.3 if per_layer else np.isin(np.arange(8), [2, 5])
+    drop[..., 0] = False  # never the CLS token
+    drop[..., 7] = True  # one token left out of every layer
+    mats = rollout_matrices(attn, head_fusion=fusion, discard_ratio=ratio, drop_tokens=torch.from_numpy(drop))
+    table = rollout_all(mats)
+    for a in range(4):
+        for b in range(a, 4):
+            want = naive_dropped_rollout(attn, drop, start=a, end=b, ratio=ratio, fusion=fusion)
+            np.testing.assert_allclose(table[a, b].numpy(), want, atol=1e-10)
+            np.testing.assert_allclose(rollout_row(mats, start=a, end=b).numpy(), want, atol=1e-10)
+            # a token left out of every layer of the range is out of the CLS row's reach (its self-loop only
+            # carries what it already has, and the CLS row gives it nothing); one kept in some layer is not
+            always = drop[a : b + 1].all(0) if per_layer else drop
+            assert always.any()
+            assert (table[a, b].numpy()[always] == 0).all()
+            if ratio == 0:  # (a discard may zero kept tokens as well)
+                assert (table[a, b].numpy()[~always] > 0).all()
+            assert abs(table[a, b].sum().item() - 1.0) < 1e-10
+
+
+def test_dropping_no_tokens_changes_nothing_and_bad_masks_are_refused():
+    attn = random_attention(T=6)
+    before = attn.clone()
+    plain = rollout_matrices(attn, discard_ratio=0.5)
+    none = rollout_matrices(attn, discard_ratio=0.5, drop_tokens=torch.zeros(6, dtype=torch.bool))
+    torch.testing.assert_close(none, plain, atol=1e-12, rtol=0)
+    rollout_matrices(attn, head_fusion=1, drop_tokens=torch.tensor([False, True, False, False, False, False]))
+    assert torch.equal(attn, before)  # the shared capture is never written to
+    with pytest.raises(ParameterError, match="CLS"):
+        rollout_matrices(attn, drop_tokens=torch.tensor([True] + [False] * 5))
+    with pytest.raises(ParameterError, match=r"\(6,\) or \(4, 6\)"):
+        rollout_matrices(attn, drop_tokens=torch.zeros(5, dtype=torch.bool))
+    with pytest.raises(ParameterError, match="bool"):
+        rollout_matrices(attn, drop_tokens=torch.zeros(6))

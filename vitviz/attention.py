@@ -92,10 +92,16 @@ def _block(blk: torch.nn.Module, x: torch.Tensor, probs: torch.Tensor) -> torch.
 
 @dataclass(frozen=True)
 class Capture:
-    """What one pass yields. ``attention`` is (B, L, H, T, T), rows sum to 1; ``features`` the normed tokens."""
+    """What one pass yields. ``attention`` is (B, L, H, T, T), rows sum to 1; ``features`` the normed tokens.
+
+    ``tokens`` is (B, L, T, D): every block's output before the final norm, prefix tokens (CLS, registers,
+    distillation token) first as timm orders them: what ``model.forward_intermediates(x, norm=False)`` returns per
+    block, with its prefix and patch tokens put back together.
+    """
 
     attention: torch.Tensor
     features: torch.Tensor | None  # None when asked for attention only
+    tokens: torch.Tensor | None = None  # None unless asked for
 
 
 def attention_forward(
@@ -105,6 +111,7 @@ def attention_forward(
         store_dtype: torch.dtype = torch.float32,
         store_device: torch.device | str | None = "cpu",
         features: bool = True,
+        tokens: bool = False,
 ) -> Capture:
     """Run ``model`` on ``x`` (B, 3, H, W) once, returning every layer's attention probabilities and the features.
 
@@ -112,7 +119,8 @@ def attention_forward(
     call from several threads on one shared model. ``store_device=None`` keeps the attention where it was made.
     ``features=False`` stops as soon as the last layer's probabilities exist: that layer's value mixing,
     projection and MLP (and the final norm) feed nothing but the features, so skipping them saves about 3/4 of a
-    block (6% of a 12-block pass).
+    block (6% of a 12-block pass). ``tokens=True`` also keeps every block's output (B, L, T, D) from the same pass,
+    in ``store_dtype`` on ``store_device`` like the attention; then the last block always runs to its end.
     """
     check_capturable(model)
     if model.training:
@@ -133,18 +141,25 @@ def attention_forward(
         buf = torch.empty((depth, B, heads, T, T), device=t.device, dtype=store_dtype)
         compute = torch.promote_types(store_dtype, torch.float32)
         scratch = None if compute == store_dtype else torch.empty(buf.shape[1:], device=t.device, dtype=compute)
+        # every block's output: (L, B, T, D), filled as the walk goes (no list of tensors to stack afterwards)
+        kept = torch.empty((depth, *t.shape), device=t.device, dtype=store_dtype) if tokens else None
         for layer, blk in enumerate(model.blocks):
             probs = buf[layer] if scratch is None else scratch
-            if layer == depth - 1 and not features:
+            if layer == depth - 1 and not (features or tokens):
                 _last_probs(blk, t, probs)
             else:
                 t = _block(blk, t, probs)
+                if kept is not None:
+                    kept[layer].copy_(t)
             if scratch is not None:
                 buf[layer].copy_(scratch)
-        attention = buf.transpose(0, 1)  # (B, L, H, T, T), a view
+        attention, outputs = buf.transpose(0, 1), None  # (B, L, H, T, T), a view
+        if kept is not None:
+            outputs = kept.transpose(0, 1)  # (B, L, T, D), a view
         if store_device is not None:
             attention = attention.to(store_device)
-        return Capture(attention=attention, features=model.norm(t) if features else None)
+            outputs = outputs.to(store_device) if outputs is not None else None
+        return Capture(attention=attention, features=model.norm(t) if features else None, tokens=outputs)
 
 
 def capture_attention(model: VisionTransformer, x: torch.Tensor, **kwargs) -> torch.Tensor:

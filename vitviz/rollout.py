@@ -122,14 +122,40 @@ def rollout_matrices(
         head_fusion: HeadFusion | int = "mean",
         discard_ratio: float = 0.0,
         keep_column: int = 0,
+        drop_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(L, H, T, T) attention -> (L, T, T) row-stochastic Â_l = norm_rows(discard(fuse(A_l)) + I)."""
+    """(L, H, T, T) attention -> (L, T, T) row-stochastic Â_l = norm_rows(discard(fuse(A_l)) + I).
+
+    ``drop_tokens`` (artefact-aware rollout): a bool mask of tokens to leave out, (T,) for every layer or (L, T)
+    per layer. Their columns of each fused layer are zeroed and the rows renormalised before the discard,
+    A'_l = norm_rows(fuse(A_l) · (1 - m_l)), so no other token draws on them and the rollout gives them no mass;
+    the zeroed entries count among the discarded ones (they are the lowest).
+    """
     a = fuse_heads(attn, head_fusion)
     if isinstance(head_fusion, int):
         a = a.clone()  # one fp32 head may be a view of the caller's (shared) capture: never change it in place
+    if drop_tokens is not None:
+        a = _drop_columns(a, drop_tokens, keep_column=keep_column)
     a = discard_lowest(a, discard_ratio, keep_column=keep_column)
     a.diagonal(dim1=-2, dim2=-1).add_(1.0)  # + I, in place on our own tensor
     return a.div_(a.sum(dim=-1, keepdim=True))
+
+
+def _drop_columns(a: torch.Tensor, drop: torch.Tensor, *, keep_column: int) -> torch.Tensor:
+    """Zero the ``drop`` columns of (..., L, T, T) fused layers, in place, and renormalise their rows."""
+    T = a.shape[-1]
+    L = a.shape[-3] if a.ndim >= 3 else 1
+    drop = torch.as_tensor(drop, device=a.device)
+    if drop.dtype != torch.bool or drop.shape not in ((T,), (L, T)):
+        raise ParameterError(f"tokens to drop must be a bool mask of shape ({T},) or ({L}, {T}), got "
+                             f"{drop.dtype} {tuple(drop.shape)}")
+    if drop[..., keep_column].any():
+        raise ParameterError(f"token {keep_column % T} (the CLS token) cannot be left out of the rollout")
+    m = drop.reshape(-1, 1, T) if drop.ndim == 2 else drop  # (L, 1, T) or (T,): broadcast over the rows
+    a.masked_fill_(m, 0.0)  # our own tensor (fuse_heads made it, or the clone of one head)
+    # a softmax row is positive, so with the CLS column kept a row sums to 0 only if fp16 storage underflowed it:
+    # such a row stays 0 and becomes the identity's (the token keeps itself) after + I
+    return a.div_(a.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny))
 
 
 def check_layer_range(start: int, end: int, num_layers: int) -> None:
