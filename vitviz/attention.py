@@ -104,6 +104,15 @@ class Capture:
     tokens: torch.Tensor | None = None  # None unless asked for
 
 
+def _check_input(model: VisionTransformer, x: torch.Tensor) -> None:
+    check_capturable(model)
+    if model.training:
+        raise ModelError("the model is in training mode: call model.eval() first (dropout would change attention)")
+    want = tuple(int(v) for v in model.patch_embed.img_size)
+    if x.ndim != 4 or x.shape[1] != 3 or tuple(x.shape[-2:]) != want:
+        raise ParameterError(f"expected images as a (B, 3, {want[0]}, {want[1]}) tensor, got {tuple(x.shape)}")
+
+
 def attention_forward(
         model: VisionTransformer,
         x: torch.Tensor,
@@ -122,17 +131,9 @@ def attention_forward(
     block (6% of a 12-block pass). ``tokens=True`` also keeps every block's output (B, L, T, D) from the same pass,
     in ``store_dtype`` on ``store_device`` like the attention; then the last block always runs to its end.
     """
-    check_capturable(model)
-    if model.training:
-        raise ModelError("the model is in training mode: call model.eval() first (dropout would change attention)")
-    want = tuple(int(v) for v in model.patch_embed.img_size)
-    if x.ndim != 4 or x.shape[1] != 3 or tuple(x.shape[-2:]) != want:
-        raise ParameterError(f"expected images as a (B, 3, {want[0]}, {want[1]}) tensor, got {tuple(x.shape)}")
+    _check_input(model, x)
     with torch.inference_mode():
-        t = model.patch_embed(x)
-        t = model._pos_embed(t)
-        t = model.patch_drop(t)
-        t = model.norm_pre(t)
+        t = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))  # (B, T, D)
         if len(model.blocks) == 0:
             raise CaptureError("the model has no transformer blocks, so there is no attention to capture")
         B, T, _ = t.shape
