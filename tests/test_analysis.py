@@ -316,3 +316,20 @@ def test_budget_message_has_the_numbers():
     assert f"129x129 patches ({tokens} tokens, 12 layers x 6 heads) needs about" in text and need_mb > capture_mb
     assert "more than the 3,072 MB this server allows" in text and "larger patch size or a smaller image size" in text
     assert "VITVIZ_" not in text, "user words: environment variables belong in the README"
+
+
+def test_tokens_come_from_the_same_pass_and_equal_timms_intermediates(tiny_result):
+    """analyze(tokens=True): every block's output (prefix first) as timm's forward_intermediates gives them, and
+    the attention bit-equal to the pass without tokens."""
+    model, info, res = tiny_result
+    with_tokens = analyze(model, photo(), info=info, fit="whole", tokens=True)
+    assert with_tokens.tokens.shape == (info.depth, info.num_tokens, info.embed_dim) and res.tokens is None
+    np.testing.assert_array_equal(with_tokens.attention, res.attention)
+    x = torch.from_numpy(with_tokens.pixels).permute(2, 0, 1)[None].float() / 255
+    x = (x - torch.tensor(info.mean)[:, None, None]) / torch.tensor(info.std)[:, None, None]
+    with torch.no_grad():
+        out = model.forward_intermediates(x, norm=False, output_fmt="NLC", return_prefix_tokens=True,
+                                          intermediates_only=True)
+    want = torch.stack([torch.cat([pre, pat], dim=1)[0] for pat, pre in out])  # (L, T, D)
+    np.testing.assert_allclose(with_tokens.tokens, want.numpy(), rtol=1e-5, atol=1e-5)
+    assert not with_tokens.tokens.flags.writeable

@@ -78,6 +78,7 @@ class Analysis:
     device: str
     dtype: str = "float32"  # the model's weights (the capture is kept in fp32, or fp16 when large)
     notes: tuple[str, ...] = field(default=())
+    tokens: np.ndarray | None = None  # (L, T, D) every block's output, prefix tokens first; when asked for
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -89,19 +90,20 @@ def attention_bytes(*, depth: int, heads: int, tokens: int, itemsize: int = 4) -
     return depth * heads * tokens * tokens * itemsize
 
 
-def analysis_bytes(*, depth: int, heads: int, tokens: int, images: int = 1) -> int:
+def analysis_bytes(*, depth: int, heads: int, tokens: int, images: int = 1, embed_dim: int = 0) -> int:
     """Peak memory of analysing ``images`` images and deriving the views of one: an upper estimate.
 
     The kept capture (fp16 above ``HALF_STORAGE_BYTES``) and, then, its fp32 softmax scratch for one layer; plus the
     rollout over every layer range, the largest derived map: fused (L, T, T) layers, the discard's selection copies
-    (about three more of that size) and the (L, L, T) rows.
+    (about three more of that size) and the (L, L, T) rows. With ``embed_dim`` the kept (L, T, D) tokens too.
     """
     fp32 = attention_bytes(depth=depth, heads=heads, tokens=tokens) * images
     half = fp32 > HALF_STORAGE_BYTES
     capture = fp32 // 2 if half else fp32
     scratch = heads * tokens * tokens * 4 * images if half else 0
     rollout = 4 * depth * tokens * tokens * 4 + 2 * depth * depth * tokens * 4
-    return capture + scratch + rollout
+    kept = depth * tokens * embed_dim * 4 * images * (1 if half else 2)  # stored like the attention, then fp32
+    return capture + scratch + rollout + kept
 
 
 def _size(n: int) -> str:
@@ -147,9 +149,11 @@ def analyze(
         info: ModelInfo | None = None,
         fit: Fit = "crop",
         max_bytes: int | None = None,
+        tokens: bool = False,
 ) -> Analysis:
-    """Fit ``image`` to ``model``'s input, run one pass capturing every layer's attention, and describe the result."""
-    return analyze_batch(model, [image], info=info, fit=fit, max_bytes=max_bytes)[0]
+    """Fit ``image`` to ``model``'s input, run one pass capturing every layer's attention (and with ``tokens`` every
+    layer's output tokens), and describe the result."""
+    return analyze_batch(model, [image], info=info, fit=fit, max_bytes=max_bytes, tokens=tokens)[0]
 
 
 def analyze_batch(
@@ -159,6 +163,7 @@ def analyze_batch(
         info: ModelInfo | None = None,
         fit: Fit = "crop",
         max_bytes: int | None = None,
+        tokens: bool = False,
 ) -> list[Analysis]:
     """``analyze`` for several images in one forward pass (all are fitted to the model's one input size).
 
@@ -166,7 +171,8 @@ def analyze_batch(
     """
     info = info or describe_model(model)
     max_bytes = MAX_ANALYSIS_BYTES if max_bytes is None else max_bytes
-    need = analysis_bytes(depth=info.depth, heads=info.num_heads, tokens=info.num_tokens, images=len(images))
+    need = analysis_bytes(depth=info.depth, heads=info.num_heads, tokens=info.num_tokens, images=len(images),
+                          embed_dim=info.embed_dim if tokens else 0)
     if need > max_bytes:
         raise _budget_error(info, need, max_bytes, len(images))
     fitted = [_fit(im, info, fit) for im in images]
@@ -177,7 +183,7 @@ def analyze_batch(
     store = torch.float16 if fp32 > HALF_STORAGE_BYTES else torch.float32
     t0 = time.perf_counter()
     try:
-        cap = attention_forward(model, x, store_dtype=store, features=False)  # the maps need no features
+        cap = attention_forward(model, x, store_dtype=store, features=False, tokens=tokens)  # no final norm needed
     except torch.OutOfMemoryError as exc:  # CUDA (and MPS) allocation failure: free what we can, say so
         del x
         _empty_cache(param.device)
@@ -187,7 +193,8 @@ def analyze_batch(
         ) from exc
     seconds = (time.perf_counter() - t0) / len(images)
     sim = _pos_similarity(model)
-    return [_result(info, im, f, cap.attention[i], sim, seconds, param)
+    kept = cap.tokens.float() if cap.tokens is not None else None  # (B, L, T, D), small beside the attention
+    return [_result(info, im, f, cap.attention[i], sim, seconds, param, None if kept is None else kept[i])
             for i, (im, f) in enumerate(zip(images, fitted, strict=True))]
 
 
@@ -197,7 +204,7 @@ def _fit(image: LoadedImage | Image.Image, info: ModelInfo, fit: Fit) -> FittedI
 
 
 def _result(info: ModelInfo, image, fitted: FittedImage, attention: torch.Tensor, sim: np.ndarray, seconds: float,
-            param: torch.Tensor) -> Analysis:
+            param: torch.Tensor, tokens: torch.Tensor | None) -> Analysis:
     return Analysis(
         info=info,
         pixels=_frozen(fitted.pixels),
@@ -209,6 +216,7 @@ def _result(info: ModelInfo, image, fitted: FittedImage, attention: torch.Tensor
         device=str(param.device),
         dtype=str(param.dtype).removeprefix("torch."),
         notes=tuple(image.notes) if isinstance(image, LoadedImage) else (),
+        tokens=None if tokens is None else _frozen(tokens.numpy()),
     )
 
 
@@ -243,6 +251,7 @@ def analyze_with_fallback(
         *,
         device: str,
         fit: Fit = "crop",
+        tokens: bool = False,
 ) -> tuple[list[Analysis], str | None]:
     """``analyze_batch`` on ``load(device)``'s model; if the GPU runs out of memory, again on ``load("cpu")``.
 
@@ -250,12 +259,13 @@ def analyze_with_fallback(
     """
     model, info = load(device)
     try:
-        return analyze_batch(model, images, info=info, fit=fit), None
+        return analyze_batch(model, images, info=info, fit=fit, tokens=tokens), None
     except OutOfMemoryError as exc:
         if device == "cpu":
             raise
         model, info = load("cpu")
-        return analyze_batch(model, images, info=info, fit=fit), f"{exc}; this analysis ran on the CPU instead."
+        return analyze_batch(model, images, info=info, fit=fit, tokens=tokens), \
+            f"{exc}; this analysis ran on the CPU instead."
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:

@@ -45,9 +45,15 @@ def rollout_table(
         info: ModelInfo,
         head_fusion: HeadFusion | int = "mean",
         discard_ratio: float = 0.0,
+        drop_tokens: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Rollout maps for every layer range: (L, L, gh, gw), [a, b] over layers a..b (NaN where a > b)."""
-    mats = rollout_matrices(torch.from_numpy(attention), head_fusion=head_fusion, discard_ratio=discard_ratio)
+    """Rollout maps for every layer range: (L, L, gh, gw), [a, b] over layers a..b (NaN where a > b).
+
+    ``drop_tokens`` (T,) bool: artefact-aware rollout, those tokens left out of every layer (their map cells 0).
+    """
+    drop = None if drop_tokens is None else torch.from_numpy(np.asarray(drop_tokens, dtype=bool))
+    mats = rollout_matrices(torch.from_numpy(attention), head_fusion=head_fusion, discard_ratio=discard_ratio,
+                            drop_tokens=drop)
     table = rollout_all(mats, source=0)
     return tokens_to_grid(table, num_prefix_tokens=info.num_prefix_tokens, grid=info.grid).numpy().astype(np.float32)
 
