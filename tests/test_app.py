@@ -67,7 +67,8 @@ def started(example: str | None = "cat.jpg") -> AppTest:
     return at
 
 
-TABS = ["Patch grid", "Position embeddings", "Attention rollout", "Heads", "Query patch", "Attention distance"]
+TABS = ["Patch grid", "Position embeddings", "Attention rollout", "Heads", "Query patch", "Attention distance",
+        "Token norms", "Attention sinks", "Patch features", "Feature similarity"]
 
 
 def show(at: AppTest, tab: str) -> AppTest:
@@ -125,7 +126,7 @@ def test_no_image_shows_info(calls):
 def test_example_renders_every_tab(calls):
     at = started()
     ok(at)
-    assert len(at.tabs) == 6
+    assert len(at.tabs) == len(TABS)
     assert {el.key for el in at.get("plotly_chart")} == {"fig_grid"}  # only the open tab is built
     keys = set()
     for tab in TABS:
@@ -133,7 +134,8 @@ def test_example_renders_every_tab(calls):
         ok(at)
         keys |= {el.key for el in at.get("plotly_chart")}
     assert keys == {"fig_grid", "fig_mosaic", "fig_simmap", "fig_rollout", "fig_heads", "fig_query",
-                    "fig_query_heads", "fig_distance"}
+                    "fig_query_heads", "fig_distance", "fig_norms", "fig_norm_hist", "fig_sinks", "fig_pca_0",
+                    "fig_similarity"}
     show(at, "Patch grid")
     n = (224 // P) ** 2  # N = HW / P^2 at the default 224 px centre crop
     text = status(at)
@@ -422,11 +424,32 @@ def test_image_sizes_offered_fit_the_memory_budget(calls, monkeypatch):
     at = started()
     at.slider(key="patch_size").set_value(8).run()
     top = int(at.slider(key="img_size").max)
-    assert top == max_square_size(depth=DEPTH, heads=HEADS, patch_size=8, num_prefix_tokens=1, budget=budget) < 512
-    tokens = (top // 8) ** 2 + 1
-    assert analysis_bytes(depth=DEPTH, heads=HEADS, tokens=tokens) <= budget
-    assert analysis_bytes(depth=DEPTH, heads=HEADS, tokens=(top // 8 + 1) ** 2 + 1) > budget
+    kw = dict(depth=DEPTH, heads=HEADS, embed_dim=192)  # vit_tiny; the app keeps the tokens too
+    assert top == max_square_size(**kw, patch_size=8, num_prefix_tokens=1, budget=budget) < 512
+    assert analysis_bytes(**kw, tokens=(top // 8) ** 2 + 1) <= budget
+    assert analysis_bytes(**kw, tokens=(top // 8 + 1) ** 2 + 1) > budget
     at.slider(key="img_size").set_value(top).run()
     ok(at)
     assert f"grid {top // 8}x{top // 8}" in status(at)
     assert "more memory than this server allows" in at.slider(key="img_size").help
+
+
+def test_token_views_from_the_same_pass_with_a_second_image(calls):
+    """Token norms, sinks, PCA and similarity read the one pass; a second image costs one pass of its own."""
+    at = started()
+    ok(show(at, "Token norms"))
+    assert "length (L2 norm)" in at.tabs[6].markdown[0].value and "Prefix tokens" in at.tabs[6].caption[0].value
+    ok(show(at, "Attention sinks"))
+    assert "Top receivers" in at.tabs[7].caption[0].value
+    for tab in ("Patch features", "Feature similarity"):
+        ok(show(at, tab))
+    assert len(calls) == 1
+    at.file_uploader(key="upload2").set_value(("second.jpg", jpeg_bytes((120, 80)), "image/jpeg")).run()
+    ok(show(at, "Patch features"))
+    assert "one basis fitted to both images" in at.tabs[8].markdown[0].value
+    ok(show(at, "Feature similarity"))
+    assert "Best match in the second image" in at.tabs[9].caption[0].value
+    assert len(calls) == 2  # the second image's own pass, once
+    at.checkbox(key="drop_artefacts").check().run()
+    ok(show(at, "Attention rollout"))
+    assert "artefact tokens left out" in at.tabs[2].markdown[0].value and len(calls) == 2

@@ -119,7 +119,7 @@ def _budget_error(info: ModelInfo, need: int, budget: int, images: int) -> Resou
     )
 
 
-def max_square_size(*, depth: int, heads: int, patch_size: int, num_prefix_tokens: int,
+def max_square_size(*, depth: int, heads: int, patch_size: int, num_prefix_tokens: int, embed_dim: int = 0,
                     budget: int | None = None, max_side: int = MAX_IMG_SIZE) -> int:
     """The largest square input side (a multiple of ``patch_size``) whose analysis fits ``budget``, at least one patch.
 
@@ -129,7 +129,7 @@ def max_square_size(*, depth: int, heads: int, patch_size: int, num_prefix_token
     best = patch_size
     for side in range(patch_size, max_side + 1, patch_size):
         tokens = (side // patch_size) ** 2 + num_prefix_tokens
-        if analysis_bytes(depth=depth, heads=heads, tokens=tokens) > budget:
+        if analysis_bytes(depth=depth, heads=heads, tokens=tokens, embed_dim=embed_dim) > budget:
             break
         best = side
     return best

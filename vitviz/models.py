@@ -88,10 +88,10 @@ class ModelSource:
         return _native(self).patch_size
 
     @property
-    def layout(self) -> tuple[int, int, int]:
-        """(depth, heads, prefix tokens) of the architecture, from its description: what sizes a budget."""
+    def layout(self) -> tuple[int, int, int, int]:
+        """(depth, heads, prefix tokens, embed dim) of the architecture, from its description: what sizes a budget."""
         n = _native(self)
-        return n.depth, n.num_heads, n.num_prefix_tokens
+        return n.depth, n.num_heads, n.num_prefix_tokens, n.embed_dim
 
 
 @dataclass(frozen=True)
@@ -190,6 +190,7 @@ class _Native:
     depth: int
     num_heads: int
     num_prefix_tokens: int
+    embed_dim: int
 
 
 _NATIVE: dict[tuple[str, str], _Native] = {}
@@ -217,6 +218,7 @@ def _native(source: ModelSource) -> _Native:
         depth=len(model.blocks),
         num_heads=int(model.blocks[0].attn.num_heads) if len(model.blocks) else 0,
         num_prefix_tokens=int(model.num_prefix_tokens),
+        embed_dim=int(model.embed_dim),
     )
     if key is not None:
         _NATIVE[key] = native  # a few dozen bytes per architecture a server has seen

@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from vitviz import maps
+from vitviz import maps, tokens
 from vitviz.analysis import Analysis, analyze_with_fallback
 from vitviz.errors import CheckpointError
 from vitviz.image import LoadedImage, load_image
 from vitviz.models import CHECKPOINT_SUFFIXES, ModelInfo, ModelKey, ModelSource, build_for, load_source
 
 __all__ = ["AnalysisKey", "digest", "model_source", "uploaded_source", "model", "image", "analysis", "rollout_table",
-           "raw_maps", "query_maps", "distances"]
+           "raw_maps", "query_maps", "distances", "TokenStats", "token_stats"]
 
 
 @dataclass(frozen=True)
@@ -88,14 +88,38 @@ def analysis(key: AnalysisKey, _image: LoadedImage, _loaded: tuple[ModelSource, 
         precision = key.model.precision if dev == key.model.device else "auto"
         return model(replace(key.model, device=dev, precision=precision), _loaded)
 
-    results, notice = analyze_with_fallback(load, [_image], device=key.model.device, fit=key.fit)
+    # the tokens (L x T x D) come from the same pass: a few MB beside the attention, for the token views
+    results, notice = analyze_with_fallback(load, [_image], device=key.model.device, fit=key.fit, tokens=True)
     return results[0], notice
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
-def rollout_table(key: AnalysisKey, head: str | int, discard: float, _res: Analysis) -> np.ndarray:
-    """(L, L, gh, gw): rollout over every layer range, [a, b] = layers a..b."""
-    return maps.rollout_table(_res.attention, info=_res.info, head_fusion=head, discard_ratio=discard)
+def rollout_table(key: AnalysisKey, head: str | int, discard: float, drop_artefacts: bool,
+                  _res: Analysis) -> np.ndarray:
+    """(L, L, gh, gw): rollout over every layer range, [a, b] = layers a..b; optionally without the artefacts."""
+    drop = token_stats(key, _res).artefacts if drop_artefacts else None
+    return maps.rollout_table(_res.attention, info=_res.info, head_fusion=head, discard_ratio=discard,
+                              drop_tokens=drop)
+
+
+@dataclass(frozen=True)
+class TokenStats:
+    """Per layer: token norms, attention received, their outliers (L, T each), and the artefact tokens (T,)."""
+
+    norms: np.ndarray
+    received: np.ndarray
+    norm_outliers: np.ndarray
+    sink_outliers: np.ndarray
+    artefacts: np.ndarray
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def token_stats(key: AnalysisKey, _res: Analysis) -> TokenStats:
+    p = _res.info.num_prefix_tokens
+    norms, received = tokens.token_norms(_res.tokens), tokens.received_attention(_res.attention)
+    return TokenStats(norms, received, tokens.find_outliers(norms, num_prefix_tokens=p),
+                      tokens.find_outliers(received, num_prefix_tokens=p),
+                      tokens.artefact_tokens(norms, received, num_prefix_tokens=p))
 
 
 @st.cache_data(max_entries=16, show_spinner=False)

@@ -25,16 +25,25 @@ class ViewContext:
     attention: AttentionChoice
     query: int  # row-major patch index
     image: LoadedImage  # the decoded original (what the downloads are drawn on)
+    loaded: tuple = ()  # the model's (source, weights), to analyse a second image with the same model
+    second_key: cache.AnalysisKey | None = None
+    second_image: LoadedImage | None = None
 
     @property
     def info(self) -> ModelInfo:
         return self.res.info
 
+    def second(self) -> Analysis | None:
+        """The second image's analysis by the same model at the same settings (one more pass, cached), if any."""
+        if self.second_key is None:
+            return None
+        return cache.analysis(self.second_key, self.second_image, self.loaded)[0]
+
     def cls_maps(self) -> tuple[np.ndarray, list[str], int]:
         """The sidebar's CLS view for every end layer: (maps (K, gh, gw), their labels, the index shown first)."""
         a = self.attention
         if a.view == "rollout":
-            table = cache.rollout_table(self.key, a.head, a.discard, self.res)
+            table = cache.rollout_table(self.key, a.head, a.discard, a.drop_artefacts, self.res)
             labels = [f"layers {a.start}-{b}" for b in range(a.start, self.info.depth)]
             return table[a.start, a.start:], labels, a.end - a.start
         maps = cache.raw_maps(self.key, a.head, self.res)

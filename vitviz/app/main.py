@@ -22,7 +22,16 @@ from vitviz.settings import DEFAULTS
 
 from . import cache
 from .context import ViewContext
-from .sidebar import ImageChoice, InputChoice, ModelChoice, attention_ui, image_ui, input_ui, model_ui
+from .sidebar import (
+    ImageChoice,
+    InputChoice,
+    ModelChoice,
+    attention_ui,
+    image_ui,
+    input_ui,
+    model_ui,
+    second_image_ui,
+)
 from .state import init_state, keep_query
 from .views import VIEWS
 from .views.patch_grid import token_text
@@ -56,6 +65,17 @@ def _analysis(choice: ModelChoice, inputs: InputChoice, image: ImageChoice, load
     if notice:  # the GPU was full (other sessions, a big grid): this analysis ran on the CPU
         st.warning(notice)
     return res, key, decoded
+
+
+def _second(key: cache.AnalysisKey, image: ImageChoice | None):
+    """The second image's key (the same model, fitted the same way: centre crop keeps its grid equal) and decoding."""
+    if image is None:
+        return None, None
+    try:
+        decoded = cache.image(image.digest, image.data, image.name)
+    except ValueError as exc:
+        fail(exc)
+    return cache.AnalysisKey(key.model, image.digest, "crop"), decoded
 
 
 def _status(res, inputs: InputChoice) -> None:
@@ -116,6 +136,7 @@ def main() -> None:
              "and where the CLS token's attention flows layer by layer.")
     init_state()
     image = image_ui()  # first, so a model that fails to load never drops the upload
+    second = second_image_ui()
     choice = model_ui()
     loaded = _weights(choice)
     inputs = input_ui(loaded[0], (choice.name, choice.arch))
@@ -129,6 +150,8 @@ def main() -> None:
     keep_query(res.info.grid)
     query = st.number_input("Query patch (or click a patch in a figure)", 0, res.info.num_patches - 1,
                             key="query_patch", help="Row-major patch index, as timm flattens the grid.")
-    ctx = ViewContext(res=res, key=key, attention=attention, query=int(query), image=decoded)
+    second_key, second_image = _second(key, second)
+    ctx = ViewContext(res=res, key=key, attention=attention, query=int(query), image=decoded, loaded=loaded,
+                      second_key=second_key, second_image=second_image)
     _downloads(ctx, inputs.fit)
     _views(ctx)

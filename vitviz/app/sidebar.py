@@ -27,8 +27,8 @@ from .cache import digest
 from .state import ALL_HEADS, COLORSCALES, app_model, keep
 from .widgets import fail
 
-__all__ = ["ImageChoice", "ModelChoice", "InputChoice", "AttentionChoice", "image_ui", "model_ui", "input_ui",
-           "attention_ui", "ASSETS"]
+__all__ = ["ImageChoice", "ModelChoice", "InputChoice", "AttentionChoice", "image_ui", "second_image_ui",
+           "model_ui", "input_ui", "attention_ui", "ASSETS"]
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"  # the package's example images (the checkout's assets/)
 if not ASSETS.is_dir():
@@ -77,6 +77,7 @@ class AttentionChoice:
     discard: float
     opacity: float
     colorscale: str
+    drop_artefacts: bool = False  # artefact-aware rollout: outlier/sink tokens left out
 
     @property
     def head(self) -> str | int:
@@ -106,6 +107,17 @@ def checkpoint_dir() -> Path | None:
     """The operator's folder of checkpoints (VITVIZ_CHECKPOINT_DIR), read on every run; users never type paths."""
     folder = os.environ.get("VITVIZ_CHECKPOINT_DIR", "")
     return Path(folder) if folder else None
+
+
+def second_image_ui() -> ImageChoice | None:
+    """An optional second image for the feature views (PCA on one basis, correspondence)."""
+    upload = st.sidebar.file_uploader("A second image (patch features, similarity)", key="upload2",
+                                      type=[s.lstrip(".") for s in IMAGE_SUFFIXES],
+                                      help="Compared with the first at the same model and settings.")
+    if upload is None:
+        return None
+    data = upload.getvalue()
+    return ImageChoice(data, upload.name, digest(data))
 
 
 def checkpoint_files() -> list[str]:
@@ -217,8 +229,8 @@ def input_ui(source: ModelSource, model_id: tuple) -> InputChoice:
     patch = sb.slider("Patch size (px)", lo_p, hi_p, key="patch_size",
                       help=f"The model was trained with {native} px patches; other sizes resize the patch embedding "
                            "(FlexiViT PI-resize).")
-    depth, heads, prefix = source.layout
-    fits = max_square_size(depth=depth, heads=heads, patch_size=patch, num_prefix_tokens=prefix)
+    depth, heads, prefix, dim = source.layout
+    fits = max_square_size(depth=depth, heads=heads, patch_size=patch, num_prefix_tokens=prefix, embed_dim=dim)
     lo_s, hi_s = -(-IMG_MIN // patch) * patch, max(min(IMG_MAX, fits) // patch * patch, patch)
     lo_s = min(lo_s, hi_s)
     st.session_state["img_size"] = _snap(st.session_state["img_size"], step=patch, lo=lo_s, hi=hi_s)
@@ -269,6 +281,9 @@ def attention_ui(info: ModelInfo) -> AttentionChoice:
     discard = sb.slider("Discard ratio", 0.0, 0.99, step=0.01, key="discard_ratio", disabled=view == "raw",
                         help="Zero this share of the weakest attention entries per layer before rollout (not the CLS "
                              "column). Rollout only: the raw view shows attention as it is.")
+    drop = sb.checkbox("Leave out artefact tokens", key="drop_artefacts", disabled=view == "raw",
+                       help="Artefact-aware rollout: patch tokens whose norm or received attention is an outlier in "
+                            "some layer (see the Token norms and Attention sinks tabs) are left out of every layer.")
     opacity = sb.slider("Overlay opacity", 0.0, 1.0, step=0.05, key="opacity")
     colorscale = sb.selectbox("Colour scale", COLORSCALES, key="colorscale")
-    return AttentionChoice(start, end, view, head_choice, fusion, discard, opacity, colorscale)
+    return AttentionChoice(start, end, view, head_choice, fusion, discard, opacity, colorscale, drop)

@@ -1,6 +1,6 @@
 """The app's views, one module each with ``TITLE`` and ``render(ctx)``; the tabs appear in this order."""
 
-from . import distance, heads, patch_grid, position, query, rollout
+from . import distance, features, heads, norms, patch_grid, position, query, rollout, similarity, sinks
 
 __all__ = ["VIEWS"]
 
@@ -11,4 +11,8 @@ VIEWS = [
     heads,
     query,
     distance,
+    norms,
+    sinks,
+    features,
+    similarity,
 ]

@@ -20,7 +20,8 @@ def describe(ctx) -> str:
     what = f"rollout over layers {a.start}-{a.end}" if a.view == "rollout" else f"raw attention of layer {a.end}"
     heads = f"all heads ({a.fusion})" if a.head_choice == ALL_HEADS else f"head {a.head}"
     discard = f", discard {a.discard:.2f}" if a.discard and a.view == "rollout" else ""
-    return f"Attention of the CLS token: {what}, {heads}{discard}."
+    artefacts = ", artefact tokens left out" if a.drop_artefacts and a.view == "rollout" else ""
+    return f"Attention of the CLS token: {what}, {heads}{discard}{artefacts}."
 
 
 def render(ctx) -> None:

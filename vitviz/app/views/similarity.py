@@ -1,0 +1,47 @@
+"""Feature similarity: the query patch's token against every patch of a layer, and its best match in a second image."""
+
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+from vitviz import figures as vf
+from vitviz import tokens as vt
+
+from ..widgets import chart
+from ._tokens import layer_ui
+
+TITLE = "Feature similarity"
+
+
+def render(ctx) -> None:
+    info, a = ctx.info, ctx.attention
+    layer = layer_ui(ctx)
+    p = info.num_prefix_tokens
+    patches = ctx.res.tokens[layer, p:]
+    query = patches[ctx.query][None]  # (1, D)
+    sim = vt.cosine_similarity(query, patches)[0].reshape(info.grid)
+    r, c = divmod(ctx.query, info.grid[1])
+    st.markdown(f"Layer {layer}: cosine similarity of patch {ctx.query} (row {r}, col {c}) to every patch; brighter "
+                "= more alike to the model. Click a patch to make it the query.")
+    second = ctx.second()
+    cols = st.columns(2 if second is not None else 1)
+    with cols[0]:
+        chart(vf.overlay_figure(ctx.res.pixels, sim, patch_size=info.patch_size, opacity=a.opacity,
+                                colorscale=a.colorscale, highlight=ctx.query, zmin=-1, zmax=1,
+                                colorbar_title="cosine similarity", hover="cosine"), "fig_similarity")
+    if second is None:
+        st.caption("Add a second image in the sidebar to find where this patch's best match lies in it.")
+        return
+    other = second.tokens[layer, second.info.num_prefix_tokens:]
+    idx, best = vt.best_matches(query, other, k=1)
+    match = int(idx[0, 0])
+    sim2 = vt.cosine_similarity(query, other)[0].reshape(second.info.grid)
+    mr, mc = divmod(match, second.info.grid[1])
+    with cols[1]:
+        chart(vf.overlay_figure(second.pixels, sim2, patch_size=second.info.patch_size, opacity=a.opacity,
+                                colorscale=a.colorscale, highlight=match, zmin=-1, zmax=1,
+                                colorbar_title="cosine similarity", hover="cosine"), "fig_similarity_2",
+              clickable=False)
+    st.caption(f"Best match in the second image: patch {match} (row {mr}, col {mc}), cosine {float(best[0, 0]):.3f}; "
+               f"{int(np.sum(sim2 > 0.5 * float(best[0, 0])))} of its patches are at least half as similar.")

@@ -1,0 +1,39 @@
+"""Attention sinks: how much attention each token receives in a layer, and the tokens that collect the most."""
+
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+from vitviz import figures as vf
+from vitviz.pretrained import DEFAULT_MODEL_NAME
+from vitviz.tokens import top_receivers
+
+from .. import cache
+from ..widgets import chart
+from ._tokens import layer_ui, token_name
+
+TITLE = "Attention sinks"
+SPIKES = ("In the embedded DINOv2 ViT-S/14, layer 0's CLS token sends most of its attention to one or two "
+          "patches that carry no object: those spikes are why the rollout starts at layer 1 by default, or leaves "
+          "the artefact tokens out.")
+
+
+def render(ctx) -> None:
+    info, a = ctx.info, ctx.attention
+    layer = layer_ui(ctx)
+    stats = cache.token_stats(ctx.key, ctx.res)
+    p = info.num_prefix_tokens
+    received = stats.received[layer]
+    marked = np.flatnonzero(stats.sink_outliers[layer][p:])
+    spikes = f" {SPIKES}" if info.name == DEFAULT_MODEL_NAME else ""
+    st.markdown(f"The attention every patch receives in layer {layer}, averaged over all heads and all queries "
+                f"(1/{info.num_tokens} each if attention were uniform); brighter = more. Outlined: {len(marked)} "
+                f"sinks, by the same rule as the token norms.{spikes}")
+    chart(vf.overlay_figure(ctx.res.pixels, received[p:].reshape(info.grid), patch_size=info.patch_size,
+                            opacity=a.opacity, colorscale=a.colorscale, highlight=ctx.query, outlined=marked,
+                            colorbar_title="attention received", hover="received"), "fig_sinks")
+    idx, vals = top_receivers(received, k=min(5, info.num_tokens), num_prefix_tokens=p)
+    uniform = 1 / info.num_tokens
+    st.caption("Top receivers: " + "; ".join(f"{token_name(info, int(t))} {v:.3f} ({v / uniform:.0f}× uniform)"
+                                             for t, v in zip(idx, vals, strict=True)))
