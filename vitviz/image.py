@@ -240,32 +240,37 @@ def _storage_bytes(mode: str) -> int:
     return 4 if len(info.bands) > 1 else np.dtype(info.typestr).itemsize
 
 
-def decode_bytes(mode: str, size: tuple[int, int], *, transparency: bool = False) -> int:
-    """Peak memory of decoding an image of ``mode`` and ``size`` (w, h) and converting it to RGB, as done here.
+def _decode_cost(mode: str, transparency: bool) -> tuple[int, int]:
+    """(bytes per pixel, fixed bytes) held at once while an image of ``mode`` is decoded and converted to RGB.
 
     Per pixel: the decoded image (B bytes, PIL's storage of the mode) and its oriented copy (B), plus what the
-    conversion to RGB holds at once: 16/32-bit and float scaling 5 (the 8-bit result and the RGB image, and a few
-    blocks of rows); transparency 5 or 9 (an RGBA copy unless it is RGBA, its alpha, the RGB result); RGB nothing;
-    anything else 4 (the RGB result).
+    conversion to RGB holds at once: 16/32-bit and float scaling 5 (the 8-bit result and the RGB image; fixed: a
+    few blocks of rows); transparency 5 or 9 (an RGBA copy unless it is RGBA, its alpha, the RGB result); RGB
+    nothing; anything else 4 (the RGB result).
     """
-    b, blocks = _storage_bytes(mode), 0
+    b = _storage_bytes(mode)
     if mode in _HIGH_DEPTH:
-        convert, blocks = 5, 3 * _SCALE_BLOCK_BYTES
-    elif mode in _ALPHA_MODES or transparency:
-        convert = 5 if mode == "RGBA" else 9
-    else:
-        convert = 0 if mode == "RGB" else 4
-    return size[0] * size[1] * (2 * b + convert) + blocks
+        return 2 * b + 5, 3 * _SCALE_BLOCK_BYTES
+    if mode in _ALPHA_MODES or transparency:
+        return 2 * b + (5 if mode == "RGBA" else 9), 0
+    return 2 * b + (0 if mode == "RGB" else 4), 0
+
+
+def decode_bytes(mode: str, size: tuple[int, int], *, transparency: bool = False) -> int:
+    """Peak memory of decoding an image of ``mode`` and ``size`` (w, h) and converting it to RGB, as done here."""
+    per_pixel, fixed = _decode_cost(mode, transparency)
+    return size[0] * size[1] * per_pixel + fixed
 
 
 def _check_memory(im: Image.Image, name: str, max_bytes: int) -> None:
-    need = decode_bytes(im.mode, im.size, transparency="transparency" in im.info)
+    transparency = "transparency" in im.info
+    need = decode_bytes(im.mode, im.size, transparency=transparency)
     if need > max_bytes:
-        (w, h), per_pixel = im.size, need / (im.size[0] * im.size[1])
-        side = math.isqrt(int(max_bytes / per_pixel))
+        (w, h), (per_pixel, fixed) = im.size, _decode_cost(im.mode, transparency)
+        side = math.isqrt(max(0, max_bytes - fixed) // per_pixel)
         raise ImageError(
             f"'{name}' would need about {_megabytes(need)} of memory to decode and convert ({w}x{h} pixels, "
-            f"{_MODE_WORDS.get(im.mode, 'colour mode ' + im.mode)}: {per_pixel:.0f} bytes per pixel); the limit is "
+            f"{_MODE_WORDS.get(im.mode, 'colour mode ' + im.mode)}: {per_pixel} bytes per pixel); the limit is "
             f"{_megabytes(max_bytes)}. Downscale it first (to about {side}x{side} pixels or fewer)."
         )
 

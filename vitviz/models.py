@@ -374,7 +374,7 @@ def _hub_source(name: str, progress: Progress | None) -> tuple[ModelSource, dict
 # path, a loader, a callable or a pretrained config: timm's create_model loads files from those); nothing is read into
 # memory before its size is known and within budget; and the tensors must be about the size of the architecture.
 
-MAX_CHECKPOINT_BYTES = 6 * 2**30  # tensors read into memory at most: a ViT-g/14 in float32 (4.5 GB) fits
+MAX_CHECKPOINT_BYTES = 8 * 2**30  # tensors read into memory at most: timm's largest ViT, ViT-gigantic/14, fits in fp32
 MAX_CHECKPOINT_EXPANSION = 4  # a torch zip may hold this many times its file size (torch.save does not compress)
 MAX_CHECKPOINT_ENTRIES = 100_000  # files in a torch zip (one per tensor storage, plus a few)
 MAX_STATE_PER_MODEL = 2  # a state dict may hold at most twice the float32 bytes of its architecture's own tensors
@@ -443,10 +443,8 @@ def _one_of(*choices: Any) -> Callable[[Any], Any]:
 
 def _img_size(v: Any) -> int | tuple[int, int]:
     side = _whole(1, MAX_NATIVE_IMG_SIZE)
-    if isinstance(v, list) and len(v) == 2:
-        return side(v[0]), side(v[1])
     try:
-        return side(v)
+        return (side(v[0]), side(v[1])) if isinstance(v, list) and len(v) == 2 else side(v)
     except ValueError:
         raise ValueError(f"must be a whole number from 1 to {MAX_NATIVE_IMG_SIZE}, or [height, width]") from None
 
@@ -532,7 +530,8 @@ def _checked_arch(arch: Any, *, what: str) -> str:
 
 
 def _gigabytes(n: int) -> str:
-    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
+    return next(f"{n / unit:.1f} {name}" for unit, name in ((2**30, "GB"), (2**20, "MB"), (2**10, "kB"), (1, "bytes"))
+                if n >= unit or unit == 1)
 
 
 def _checked_file(path: Path, max_bytes: int) -> int:
