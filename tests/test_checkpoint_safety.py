@@ -289,11 +289,11 @@ def test_a_compressed_gigabyte_is_refused_before_it_is_inflated(tmp_path, spies)
     spies.clear()
     grown, err = peak_rss_growth(lambda: load_source(path, arch=ARCH))
     assert isinstance(err, CheckpointError), err
-    assert re.search(r"'bomb\.pth' was refused: its contents would expand to 1\.0 GB, over 4 times its "
+    assert re.search(r"'bomb\.pth' was refused: its contents would expand to 1\.1 GB, over 4 times its "
                      r"[\d.]+ [kM]B file size \(compressed tensors\)", str(err)), str(err)
     assert spies["paths"] == [] and spies["create"] == []  # never handed to torch.load, nothing built
     assert grown < 64 * 2**20, f"peak RSS grew by {grown / 2**20:.0f} MB"
-    with pytest.raises(CheckpointError, match="would expand to 1.0 GB"):
+    with pytest.raises(CheckpointError, match=r"would expand to 1\.1 GB"):
         read_checkpoint(path)
 
 
@@ -304,8 +304,8 @@ def test_torch_zips_over_the_budget_are_refused_from_their_directory(tmp_path, s
     with pytest.raises(CheckpointError, match=r"'plain\.pth' is .*; vitviz reads checkpoints of at most"):
         read_checkpoint(path, max_bytes=path.stat().st_size // 2)  # the file itself is over
     small = deflated_pth(tmp_path / "small.pth", 2**20)  # 4 MiB of tensor in a few kB
-    with pytest.raises(CheckpointError, match=r"would expand to 4\.0 MB, more than the 2\.0 MB vitviz reads"):
-        read_checkpoint(small, max_bytes=2 * 2**20)  # the file fits, its contents do not
+    with pytest.raises(CheckpointError, match=r"would expand to 4\.2 MB, more than the 2\.0 MB vitviz reads"):
+        read_checkpoint(small, max_bytes=2 * 10**6)  # the file fits, its contents do not
     assert spies["paths"] == []
     state, meta = read_checkpoint(path)
     assert set(state) == set(tiny_state()) and meta == {}
@@ -335,7 +335,7 @@ def test_tensors_far_larger_than_the_architecture_are_refused_from_the_header(tm
     spies.clear()
     grown, err = peak_rss_growth(lambda: load_source(path))
     assert isinstance(err, CheckpointError), err
-    assert re.search(r"'sparse\.safetensors' holds 1\.0 GB of tensors, far more than its architecture needs "
+    assert re.search(r"'sparse\.safetensors' holds 1\.1 GB of tensors, far more than its architecture needs "
                      r"\(\d+\.\d kB in float32\)", str(err)), str(err)
     assert grown < 64 * 2**20, f"peak RSS grew by {grown / 2**20:.0f} MB"
     assert spies["create"] and all(k.get("img_size") == 16 for _, k in spies["create"])  # only the meta probe
@@ -359,9 +359,9 @@ def test_a_safetensors_header_cannot_declare_more_than_the_file_holds(tmp_path):
 
 def test_pth_tensors_far_larger_than_the_architecture_are_refused(tmp_path):
     path = tmp_path / "padded.pth"
-    torch.save({**tiny_state(), "junk": torch.zeros(2**24)}, path)  # 64 MiB beside a 0.1 MB model
+    torch.save({**tiny_state(), "junk": torch.zeros(2**24)}, path)  # 67 MB beside a 0.1 MB model
     # no metadata: the architecture is vit_tiny_patch16_224 as timm defines it (5.7 M parameters)
-    with pytest.raises(CheckpointError, match=r"holds 64\.\d MB of tensors, far more than its architecture needs "
+    with pytest.raises(CheckpointError, match=r"holds 67\.\d MB of tensors, far more than its architecture needs "
                                               r"\(2\d\.\d MB in float32\)"):
         load_source(path, arch=ARCH)
 

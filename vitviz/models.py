@@ -374,12 +374,12 @@ def _hub_source(name: str, progress: Progress | None) -> tuple[ModelSource, dict
 # path, a loader, a callable or a pretrained config: timm's create_model loads files from those); nothing is read into
 # memory before its size is known and within budget; and the tensors must be about the size of the architecture.
 
-MAX_CHECKPOINT_BYTES = 8 * 2**30  # tensors read into memory at most: timm's largest ViT, ViT-gigantic/14, fits in fp32
+MAX_CHECKPOINT_BYTES = 8 * 10**9  # tensors read into memory at most: timm's largest ViT, ViT-gigantic/14, fits in fp32
 MAX_CHECKPOINT_EXPANSION = 4  # a torch zip may hold this many times its file size (torch.save does not compress)
 MAX_CHECKPOINT_ENTRIES = 100_000  # files in a torch zip (one per tensor storage, plus a few)
 MAX_STATE_PER_MODEL = 2  # a state dict may hold at most twice the float32 bytes of its architecture's own tensors
 MAX_METADATA_KWARGS_CHARS = 4096
-_SMALL_FILE_SLACK = 2**20  # bytes of expansion or extra tensors that are never worth refusing
+_SMALL_FILE_SLACK = 10**6  # bytes of expansion or extra tensors that are never worth refusing
 
 MAX_DEPTH = 48  # the deepest timm ViTs (ViT-bigG, ViT-gigantic) have 48 blocks
 MAX_EMBED_DIM = 4096
@@ -530,7 +530,8 @@ def _checked_arch(arch: Any, *, what: str) -> str:
 
 
 def _gigabytes(n: int) -> str:
-    return next(f"{n / unit:.1f} {name}" for unit, name in ((2**30, "GB"), (2**20, "MB"), (2**10, "kB"), (1, "bytes"))
+    """Decimal units, as the image and upload limits are stated."""
+    return next(f"{n / unit:.1f} {name}" for unit, name in ((10**9, "GB"), (10**6, "MB"), (10**3, "kB"), (1, "bytes"))
                 if n >= unit or unit == 1)
 
 
