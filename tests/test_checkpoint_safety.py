@@ -311,6 +311,27 @@ def test_torch_zips_over_the_budget_are_refused_from_their_directory(tmp_path, s
     assert set(state) == set(tiny_state()) and meta == {}
 
 
+def test_the_entry_count_is_read_before_the_archive_directory(tmp_path, monkeypatch, spies):
+    """A zip directory of millions of entries would cost memory to parse: the count comes from its end record."""
+    path = tmp_path / "many.pth"
+    torch.save(tiny_state(), path)  # one archive entry per tensor, plus a few
+    with zipfile.ZipFile(path) as z:
+        entries = len(z.infolist())
+    monkeypatch.setattr(vm, "MAX_CHECKPOINT_ENTRIES", entries - 1)
+    parsed, real = [], zipfile.ZipFile._RealGetContents  # where ZipFile parses the whole directory
+
+    def spy(self):
+        parsed.append(self.filename)
+        return real(self)
+
+    monkeypatch.setattr(zipfile.ZipFile, "_RealGetContents", spy)
+    spies.clear()
+    with pytest.raises(CheckpointError, match=rf"'many\.pth' lists {entries} files in its archive; a checkpoint "
+                                              rf"has at most {entries - 1}"):
+        load_source(path, arch=ARCH)
+    assert parsed == [] and spies["paths"] == []
+
+
 def sparse_safetensors(path: Path, state: dict[str, torch.Tensor], *, junk: int, metadata: dict) -> Path:
     """A valid safetensors file: ``state`` and then a float32 tensor of ``junk`` elements stored as a hole (a sparse
     file: no disk, but reading the tensor would cost its full size in memory)."""

@@ -381,7 +381,7 @@ MAX_STATE_PER_MODEL = 2  # a state dict may hold at most twice the float32 bytes
 MAX_METADATA_KWARGS_CHARS = 4096
 _SMALL_FILE_SLACK = 10**6  # bytes of expansion or extra tensors that are never worth refusing
 
-MAX_DEPTH = 48  # the deepest timm ViTs (ViT-bigG, ViT-gigantic) have 48 blocks
+MAX_DEPTH = 48  # timm's deepest ViTs (ViT-gigantic/14) have 48 blocks
 MAX_EMBED_DIM = 4096
 MAX_NUM_HEADS = 128
 MAX_NATIVE_PATCH_SIZE = 64
@@ -586,7 +586,9 @@ def _check_zip(path: Path, size: int, max_bytes: int) -> None:
     """
     with path.open("rb") as f:
         try:
-            end = zipfile._EndRecData(f)  # the end-of-directory record: the entry count before any entry is parsed
+            # the end-of-directory record, as ZipFile reads it first (zip64 too): the entry count before any entry is
+            # parsed; zipfile has no public reader for it
+            end = zipfile._EndRecData(f)
         except OSError:
             end = None
         if not end:
