@@ -2,9 +2,9 @@
 
 ``load_image`` turns whatever a user hands over (bytes, a path, an uploaded file, a PIL image) into an RGB PIL image
 with EXIF orientation applied, or refuses it with an :class:`~vitviz.errors.ImageError` whose message says why:
-empty, not an image, truncated or corrupt, too many bytes or pixels. The pixel limit is checked from the header,
-before anything is decoded. ``fit_image`` reproduces timm's eval preprocessing (resize, centre crop) exactly and
-also says which region of the original the model saw; ``to_tensor`` normalises it.
+empty, not an image, truncated or corrupt, too many bytes, pixels or bytes to decode. The pixel and memory limits
+are checked from the header, before anything is decoded. ``fit_image`` reproduces timm's eval preprocessing (resize,
+centre crop) exactly and also says which region of the original the model saw; ``to_tensor`` normalises it.
 
 The preprocessing numbers (input size, crop_pct, interpolation, mean, std) come from the caller, who reads them from
 ``timm.data.resolve_model_data_config(model)``.
@@ -24,7 +24,7 @@ from typing import BinaryIO, Literal
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageMode, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError, ParameterError, VitvizError
 
@@ -32,10 +32,12 @@ __all__ = [
     "MAX_UPLOAD_BYTES",
     "MAX_PIXELS",
     "IMAGE_SUFFIXES",
+    "MAX_DECODE_BYTES",
     "SUPPORTED_FORMATS",
     "LoadedImage",
     "FittedImage",
     "load_image",
+    "decode_bytes",
     "fit_image",
     "whole_image_size",
     "to_tensor",
@@ -45,6 +47,7 @@ __all__ = [
 MAX_UPLOAD_BYTES = 50 * 10**6  # Streamlit counts its upload limit in MB of 10^6 bytes
 MAX_PIXELS = 64_000_000
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # what uploads and folders offer
+MAX_DECODE_BYTES = 512 * 10**6  # memory to decode, orient and convert one image: a 64-megapixel RGB photo fits
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # JPEG also opens MPO (phone multi-picture JPEG)
 
 Fit = Literal["crop", "whole"]
@@ -60,6 +63,10 @@ _HIGH_DEPTH = {"I;16": "16-bit", "I;16L": "16-bit", "I;16B": "16-bit", "I;16N": 
                "F": "floating-point"}
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _FORMATS_TEXT = "JPEG, PNG, WebP, BMP, GIF or TIFF"
+_MODE_WORDS = {"1": "black-and-white", "L": "greyscale", "P": "palette", "RGB": "RGB", "RGBA": "RGBA",
+               "LA": "greyscale with alpha", "PA": "palette with alpha", "CMYK": "CMYK", "YCbCr": "YCbCr",
+               **{m: f"{depth} greyscale" for m, depth in _HIGH_DEPTH.items()}}
+_SCALE_BLOCK_BYTES = 4 * 2**20  # float64 working memory of the 16/32-bit scaling, one block of rows at a time
 _FULL_RESIZE_PIXELS = 16_000_000  # crop fit: above this, resample only the crop instead of timm's full resize
 
 
@@ -224,15 +231,87 @@ def _check_pixels(size: tuple[int, int], name: str, max_pixels: int) -> None:
                          f"(e.g. {math.isqrt(max_pixels)}x{math.isqrt(max_pixels)}). Downscale it first.")
 
 
+def _storage_bytes(mode: str) -> int:
+    """Bytes PIL keeps per pixel: single-band modes their sample size, multi-band modes always 4 (RGB too)."""
+    try:
+        info = ImageMode.getmode(mode)
+    except KeyError:
+        return 4
+    return 4 if len(info.bands) > 1 else np.dtype(info.typestr).itemsize
+
+
+def _decode_cost(mode: str, transparency: bool) -> tuple[int, int]:
+    """(bytes per pixel, fixed bytes) held at once while an image of ``mode`` is decoded and converted to RGB.
+
+    Per pixel: the decoded image (B bytes, PIL's storage of the mode) and its oriented copy (B), plus what the
+    conversion to RGB holds at once: 16/32-bit and float scaling 5 (the 8-bit result and the RGB image; fixed: a
+    few blocks of rows); transparency 5 or 9 (an RGBA copy unless it is RGBA, its alpha, the RGB result); RGB
+    nothing; anything else 4 (the RGB result).
+    """
+    b = _storage_bytes(mode)
+    if mode in _HIGH_DEPTH:
+        return 2 * b + 5, 3 * _SCALE_BLOCK_BYTES
+    if mode in _ALPHA_MODES or transparency:
+        return 2 * b + (5 if mode == "RGBA" else 9), 0
+    return 2 * b + (0 if mode == "RGB" else 4), 0
+
+
+def decode_bytes(mode: str, size: tuple[int, int], *, transparency: bool = False) -> int:
+    """Peak memory of decoding an image of ``mode`` and ``size`` (w, h) and converting it to RGB, as done here."""
+    per_pixel, fixed = _decode_cost(mode, transparency)
+    return size[0] * size[1] * per_pixel + fixed
+
+
+def _check_memory(im: Image.Image, name: str, max_bytes: int) -> None:
+    transparency = "transparency" in im.info
+    need = decode_bytes(im.mode, im.size, transparency=transparency)
+    if need > max_bytes:
+        (w, h), (per_pixel, fixed) = im.size, _decode_cost(im.mode, transparency)
+        side = math.isqrt(max(0, max_bytes - fixed) // per_pixel)
+        raise ImageError(
+            f"'{name}' would need about {_megabytes(need)} of memory to decode and convert ({w}x{h} pixels, "
+            f"{_MODE_WORDS.get(im.mode, 'colour mode ' + im.mode)}: {per_pixel} bytes per pixel); the limit is "
+            f"{_megabytes(max_bytes)}. Downscale it first (to about {side}x{side} pixels or fewer)."
+        )
+
+
+def _row_blocks(im: Image.Image):
+    """(first row, (rows, w) array) blocks of a single-band image, each about _SCALE_BLOCK_BYTES in float64."""
+    rows = max(1, _SCALE_BLOCK_BYTES // (8 * im.width))
+    for r in range(0, im.height, rows):
+        yield r, np.asarray(im.crop((0, r, im.width, min(im.height, r + rows))))
+
+
+def _finite_range(im: Image.Image) -> tuple[float, float]:
+    lo, hi = math.inf, -math.inf
+    for _, block in _row_blocks(im):
+        finite = np.isfinite(block)  # all true for integer modes
+        values = block if finite.all() else block[finite]
+        if values.size:
+            lo, hi = min(lo, float(values.min())), max(hi, float(values.max()))
+    return (lo, hi) if lo <= hi else (0.0, 0.0)  # (0, 0): no finite value at all
+
+
 def _scale_to_8bit(im: Image.Image) -> tuple[Image.Image, str]:
-    """Map the finite range [lo, hi] of a 16/32-bit or float image linearly onto 0..255 (no clipping)."""
-    arr = np.asarray(im).astype(np.float64)  # (h, w)
-    finite = np.isfinite(arr)
-    lo, hi = (arr[finite].min(), arr[finite].max()) if finite.any() else (0.0, 0.0)
-    scaled = np.where(finite, (arr - lo) / (hi - lo) * 255, 0) if hi > lo else np.zeros_like(arr)
-    grey = np.rint(scaled).astype(np.uint8)
+    """Map the finite range [lo, hi] of a 16/32-bit or float image linearly onto 0..255 (no clipping).
+
+    v -> rint((v - lo) / (hi - lo) * 255) in float64, non-finite values -> 0; computed a block of rows at a time, in
+    place, so the working memory stays about _SCALE_BLOCK_BYTES whatever the image size.
+    """
+    lo, hi = _finite_range(im)
+    grey = np.zeros((im.height, im.width), dtype=np.uint8)  # (h, w)
+    if hi > lo:
+        for r, block in _row_blocks(im):
+            x = block.astype(np.float64)
+            finite = np.isfinite(x)
+            x -= lo
+            x /= hi - lo
+            x *= 255
+            np.rint(x, out=x)
+            x[~finite] = 0
+            grey[r:r + len(x)] = x
     note = f"{_HIGH_DEPTH[im.mode]} image scaled to 8-bit (values {lo:g}..{hi:g} mapped to 0..255)"
-    return Image.fromarray(np.repeat(grey[..., None], 3, axis=-1), mode="RGB"), note
+    return Image.fromarray(grey, mode="L").convert("RGB"), note
 
 
 def _to_rgb(im: Image.Image) -> tuple[Image.Image, list[str]]:
@@ -242,7 +321,7 @@ def _to_rgb(im: Image.Image) -> tuple[Image.Image, list[str]]:
     if im.mode == "CMYK":
         return im.convert("RGB"), ["CMYK converted to RGB"]
     if im.mode in _ALPHA_MODES or "transparency" in im.info:
-        rgba = im.convert("RGBA")
+        rgba = im if im.mode == "RGBA" else im.convert("RGBA")  # ``im`` is already vitviz's own copy
         alpha = rgba.getchannel("A")
         out = Image.new("RGB", rgba.size, (255, 255, 255))
         out.paste(rgba, mask=alpha)
@@ -267,13 +346,15 @@ def _frames_note(fmt: str | None, n_frames: int) -> list[str]:
     return [f"animated {kind}: using frame 1 of {n_frames}"]
 
 
-def _from_pil(im: Image.Image, *, name: str, max_pixels: int) -> LoadedImage:
+def _from_pil(im: Image.Image, *, name: str, max_pixels: int, max_decode_bytes: int) -> LoadedImage:
     """Decode (first frame), check, orient and convert an opened PIL image; PIL exceptions pass through."""
     _check_pixels(im.size, name, max_pixels)  # from the header: nothing is decoded yet
+    _check_memory(im, name, max_decode_bytes)
     n_frames = int(getattr(im, "n_frames", 1) or 1)
     if n_frames > 1:
         im.seek(0)
     im.load()
+    _check_memory(im, name, max_decode_bytes)  # a few formats only know their mode once decoded (GIF, APNG frames)
     mode, fmt = im.mode, im.format
     notes = _frames_note(fmt, n_frames)
     try:
@@ -289,7 +370,8 @@ def _from_pil(im: Image.Image, *, name: str, max_pixels: int) -> LoadedImage:
                        n_frames=n_frames, notes=tuple(notes + conversion))
 
 
-def _decode(data: bytes | None, pil: Image.Image | None, *, name: str, max_pixels: int) -> LoadedImage:
+def _decode(data: bytes | None, pil: Image.Image | None, *, name: str, max_pixels: int,
+            max_decode_bytes: int) -> LoadedImage:
     """Decode, turning every failure into ImageError.
 
     PIL's warnings are left alone: ``warnings.catch_warnings`` swaps process-wide state, which is not safe in a
@@ -298,9 +380,9 @@ def _decode(data: bytes | None, pil: Image.Image | None, *, name: str, max_pixel
     """
     try:
         if pil is not None:
-            return _from_pil(pil, name=name, max_pixels=max_pixels)
+            return _from_pil(pil, name=name, max_pixels=max_pixels, max_decode_bytes=max_decode_bytes)
         with Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS) as im:
-            return _from_pil(im, name=name, max_pixels=max_pixels)
+            return _from_pil(im, name=name, max_pixels=max_pixels, max_decode_bytes=max_decode_bytes)
     except VitvizError:
         raise
     except UnidentifiedImageError as e:
@@ -323,6 +405,7 @@ def load_image(
         name: str | None = None,
         max_bytes: int = MAX_UPLOAD_BYTES,
         max_pixels: int = MAX_PIXELS,
+        max_decode_bytes: int = MAX_DECODE_BYTES,
 ) -> LoadedImage:
     """Load an image as RGB (EXIF orientation applied, first frame), or raise ImageError saying why not.
 
@@ -332,8 +415,11 @@ def load_image(
         name: file name for messages only (never opened); defaults to the source's own name. Shown sanitised.
         max_bytes: refuse larger files, checked before reading where the source tells its size.
         max_pixels: refuse images with more pixels, checked from the header before decoding.
+        max_decode_bytes: refuse images whose decoding and conversion to RGB would hold more memory at once
+            (:func:`decode_bytes`: pixels times bytes per pixel of the file's colour mode and of each conversion),
+            checked from the header before decoding.
     """
-    for arg, value in (("max_bytes", max_bytes), ("max_pixels", max_pixels)):
+    for arg, value in (("max_bytes", max_bytes), ("max_pixels", max_pixels), ("max_decode_bytes", max_decode_bytes)):
         if not isinstance(value, int) or value < 1:
             raise ParameterError(f"{arg} must be a positive integer, got {value!r}")
     if name is None:
@@ -346,12 +432,12 @@ def load_image(
         name = name if isinstance(name, str) else None
     shown = _display_name(name)
     if isinstance(source, Image.Image):
-        return _decode(None, source, name=shown, max_pixels=max_pixels)
+        return _decode(None, source, name=shown, max_pixels=max_pixels, max_decode_bytes=max_decode_bytes)
     data = _read_bytes(source, name=shown, max_bytes=max_bytes)
     if not data:
         raise ImageError(f"'{shown}' is empty (0 bytes); upload the file again.")
     _check_structure(data, shown)
-    return _decode(data, None, name=shown, max_pixels=max_pixels)
+    return _decode(data, None, name=shown, max_pixels=max_pixels, max_decode_bytes=max_decode_bytes)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
