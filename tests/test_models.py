@@ -81,7 +81,7 @@ def test_pth_checkpoint_with_nesting_and_module_prefix(tmp_path):
     torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
     source, state = load_source(path, arch=ARCH)
     assert set(state) == set(model.state_dict())
-    with pytest.raises(CheckpointError, match="--arch"):
+    with pytest.raises(CheckpointError, match="say which timm architecture it is for"):
         load_source(path)  # a .pth has no metadata: the architecture must be given
 
 
