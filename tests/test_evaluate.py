@@ -1,0 +1,130 @@
+"""Evaluation over images: rows equal the per-image computation, summaries equal hand statistics, files read back."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from vitviz.errors import ModelError, ParameterError
+from vitviz.evaluate import (
+    MethodSummary,
+    Row,
+    bootstrap_interval,
+    evaluate,
+    prepare_image,
+    summarize,
+    summary_markdown,
+    write_plot,
+    write_rows_csv,
+    write_summary_csv,
+)
+from vitviz.explain import explain, random_map
+from vitviz.faithfulness import faithfulness
+from vitviz.models import describe_model
+
+from .helpers import tiny_vit
+
+
+def _photos(n=3):
+    rng = np.random.default_rng(0)
+    return [(f"img{i}", Image.fromarray(rng.integers(0, 256, size=(40 + 7 * i, 52, 3), dtype=np.uint8)))
+            for i in range(n)]
+
+
+def test_rows_are_each_image_times_each_method_with_random_always_included():
+    model = tiny_vit(num_classes=6)
+    info = describe_model(model)
+    photos = _photos()
+    seen = []
+    rows = evaluate(model, photos, methods=["chefer", "rollout:start=1"],
+                    progress=lambda d, t, n: seen.append((d, t, n)))
+    assert seen == [(1, 3, "img0"), (2, 3, "img1"), (3, 3, "img2")]
+    assert [(r.image, r.method) for r in rows] == [
+        (name, m) for name, _ in photos for m in ("chefer", "rollout:start=1", "random")]
+    for i, (name, photo) in enumerate(photos):
+        x = prepare_image(photo, info)
+        mine = [r for r in rows if r.image == name]
+        e = explain(model, x, method="chefer")
+        direct = faithfulness(model, x, e.map, target=e.target)
+        assert mine[0].target == e.target.label and mine[0].target_description == e.target_description
+        assert mine[0].score == pytest.approx(direct.score, abs=1e-6)
+        assert mine[0].morf == pytest.approx(tuple(direct.morf), abs=1e-6)
+        rand = faithfulness(model, x, random_map(info.grid, seed=i), target=e.target)  # seeded per image
+        assert mine[2].score == pytest.approx(rand.score, abs=1e-6)
+        for r in mine:
+            assert r.score == pytest.approx(r.lerf_auc - r.morf_auc) and r.score_kind == "probability"
+            assert len(r.morf) == len(r.lerf) == len(r.fractions) == 10 and r.perturbation == "tokens"
+
+
+def test_prepare_image_equals_timms_eval_transform():
+    model = tiny_vit(img_size=48, num_classes=3)
+    photo = _photos(2)[1][1]
+    cfg = {**timm.data.resolve_data_config(model=model), "input_size": (3, 48, 48)}  # the size the model is built at
+    want = timm.data.create_transform(**cfg)(photo).unsqueeze(0)
+    got = prepare_image(photo, describe_model(model))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_a_backbone_gets_the_embedding_target_and_never_a_class():
+    model = tiny_vit()
+    rows = evaluate(model, _photos(1), methods=["raw"], perturbation="pixels")
+    assert {r.target for r in rows} == {"embedding"} and {r.score_kind for r in rows} == {"cosine"}
+    with pytest.raises(ModelError, match="no classifier head"):
+        evaluate(model, _photos(1), methods=["raw"], target="class")
+    with pytest.raises(ParameterError):
+        evaluate(model, [], methods=["raw"])
+
+
+def _row(method, score, morf=0.5):
+    return Row(image="i", method=method, target="embedding", target_description="", perturbation="tokens",
+               score_kind="cosine", morf_auc=morf, lerf_auc=morf + score, score=score, seconds=0.1, curve_seconds=0.2,
+               fractions=(0.0, 0.5), morf=(1.0, morf), lerf=(1.0, morf + score))
+
+
+def test_summary_means_and_a_reproducible_bootstrap_interval():
+    rng = np.random.default_rng(5)
+    values = rng.normal(0.2, 0.1, size=400)
+    rows = [_row("a", float(v)) for v in values] + [_row("b", 0.3, morf=0.4)]
+    a, b = summarize(rows)
+    assert (a.method, a.n, b.method, b.n) == ("a", 400, "b", 1)
+    assert a.score == pytest.approx(values.mean()) and a.lerf_auc == pytest.approx(0.5 + values.mean())
+    half = 1.96 * values.std(ddof=1) / np.sqrt(values.size)  # the normal interval the bootstrap approaches
+    assert a.score_low == pytest.approx(values.mean() - half, abs=0.15 * half)
+    assert a.score_high == pytest.approx(values.mean() + half, abs=0.15 * half)
+    assert (b.score_low, b.score_high) == pytest.approx((0.3, 0.3))
+    assert summarize(rows) == [a, b]  # fixed seed: the same interval every time
+    assert b.morf == pytest.approx((1.0, 0.4)) and b.lerf == pytest.approx((1.0, 0.7))
+    assert bootstrap_interval([1.0, 2.0, 3.0], resamples=2000)[0] >= 1.0
+    with pytest.raises(ParameterError):
+        bootstrap_interval([])
+
+
+def test_writers_read_back(tmp_path):
+    rows = [_row("chefer", 0.25), _row("random", 0.01), _row("chefer", 0.35)]
+    summaries = summarize(rows)
+    with write_rows_csv(rows, tmp_path / "rows.csv").open() as f:
+        back = list(csv.DictReader(f))
+    assert [r["method"] for r in back] == ["chefer", "random", "chefer"]
+    assert float(back[2]["score"]) == pytest.approx(0.35) and back[0]["morf"] == "1 0.5"
+    with write_summary_csv(summaries, tmp_path / "summary.csv").open() as f:
+        back = list(csv.DictReader(f))
+    assert [(r["method"], int(r["n"])) for r in back] == [("chefer", 2), ("random", 1)]
+    assert float(back[0]["score"]) == pytest.approx(0.30)
+    table = summary_markdown(summaries)
+    lines = table.strip().splitlines()
+    assert lines[2].startswith("| chefer | tokens | 2 | 0.300 [") and lines[3].startswith("| random |")
+    png = write_plot(summaries, tmp_path / "curves.png")
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size == (960, 440)
+        px = np.asarray(im.convert("RGB"))
+    left, right = px[:, 50:380], px[:, 420:750]  # both panels have coloured curve pixels
+    for panel in (left, right):
+        assert ((panel[..., 0] != panel[..., 1]) | (panel[..., 1] != panel[..., 2])).any()
+    with pytest.raises(ParameterError):
+        write_plot([], tmp_path / "none.png")
+    assert isinstance(summaries[0], MethodSummary)

@@ -1,0 +1,104 @@
+"""Predictions of a classifier head and the names of its classes.
+
+Class names come from timm's bundled label info: :func:`timm.data.infer_imagenet_subset` guesses the ImageNet
+subset from the number of classes (1000 -> ImageNet-1k, 11821 -> ImageNet-12k, ...) and
+:class:`timm.data.ImageNetInfo` names each index with its WordNet lemma ("golden retriever"). A head whose size
+matches no known subset gets "class N". A model without a head (``num_classes == 0``, e.g. the default DINOv2
+backbone) has no classes at all: it never yields predictions (timm's guess would fall back to the pretrained
+config's 1000 classes, so the head is checked first).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from timm.data import ImageNetInfo, infer_imagenet_subset
+
+from .errors import ModelError, ParameterError
+
+__all__ = ["Prediction", "has_head", "label_set", "class_names", "class_name", "top_predictions", "predict"]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One class of a classifier's output for one image."""
+
+    index: int
+    name: str | None  # None when the label set is unknown
+    probability: float  # softmax over the head's classes
+    logit: float
+
+    def describe(self) -> str:
+        """``class 207 'golden retriever' (p = 0.83)``, or ``class 3 (p = 0.41)`` without a known name."""
+        named = f" '{self.name}'" if self.name else ""
+        return f"class {self.index}{named} (p = {self.probability:.2f})"
+
+
+def has_head(model: torch.nn.Module) -> bool:
+    """Whether ``model`` ends in a classifier (``num_classes > 0``); a backbone returns its embedding instead."""
+    return int(getattr(model, "num_classes", 0) or 0) > 0
+
+
+@functools.lru_cache(maxsize=8)
+def _names(subset: str) -> tuple[str, ...]:
+    info = ImageNetInfo(subset)
+    return tuple(info.index_to_description(i) for i in range(info.num_classes()))
+
+
+def label_set(model: torch.nn.Module) -> str | None:
+    """The ImageNet subset timm infers for ``model``'s head (``"imagenet-1k"``, ...), or None (unknown / no head)."""
+    if not has_head(model):
+        return None
+    subset = infer_imagenet_subset(model)
+    if subset is None or len(_names(subset)) != int(model.num_classes):
+        return None
+    return subset
+
+
+def class_names(model: torch.nn.Module) -> tuple[str, ...] | None:
+    """Every class name of ``model``'s head in index order, or None when the label set is unknown."""
+    subset = label_set(model)
+    return _names(subset) if subset else None
+
+
+def class_name(model: torch.nn.Module, index: int) -> str:
+    """The name of class ``index`` ("golden retriever"), or "class N" when the label set is unknown."""
+    if not has_head(model):
+        raise ModelError("the model has no classifier head, so it has no classes")
+    if not 0 <= index < int(model.num_classes):
+        raise ParameterError(f"class {index} does not exist: choose 0 to {int(model.num_classes) - 1}")
+    names = class_names(model)
+    return names[index] if names else f"class {index}"
+
+
+def top_predictions(logits: torch.Tensor, *, names: Sequence[str] | None = None, k: int = 5) -> tuple[Prediction, ...]:
+    """The ``k`` most probable classes of one image's logits (C,), most probable first."""
+    if logits.ndim != 1 or logits.numel() == 0:
+        raise ParameterError(f"expected one image's logits as a (C,) tensor, got shape {tuple(logits.shape)}")
+    if k < 1:
+        raise ParameterError(f"k must be at least 1, got {k}")
+    if names is not None and len(names) != logits.numel():
+        raise ParameterError(f"{len(names)} class names for {logits.numel()} logits")
+    logits = logits.detach().float().cpu()
+    probs = logits.softmax(-1)
+    top = torch.topk(probs, min(k, logits.numel()))
+    return tuple(
+        Prediction(index=i, name=names[i] if names else None, probability=float(probs[i]), logit=float(logits[i]))
+        for i in top.indices.tolist()
+    )
+
+
+def predict(model: torch.nn.Module, x: torch.Tensor, *, k: int = 5) -> tuple[Prediction, ...]:
+    """Top-``k`` predictions of ``model`` on one image ``x`` (1, 3, H, W): one plain forward, no gradients."""
+    if not has_head(model):
+        raise ModelError(
+            "the model has no classifier head (it is a backbone returning an embedding), so it makes no predictions"
+        )
+    if x.ndim != 4 or x.shape[0] != 1:
+        raise ParameterError(f"expected one image as a (1, 3, H, W) tensor, got shape {tuple(x.shape)}")
+    with torch.inference_mode():
+        logits = model(x)
+    return top_predictions(logits[0], names=class_names(model), k=k)
