@@ -67,7 +67,7 @@ def started(example: str | None = "cat.jpg") -> AppTest:
     return at
 
 
-TABS = ["Patch grid", "Position embeddings", "Attention rollout", "Heads", "Query patch", "Attention distance",
+TABS = ["Patch grid", "Position embeddings", "Attention rollout", "Explain", "Heads", "Query patch", "Attention distance",
         "Token norms", "Attention sinks", "Patch features", "Feature similarity"]
 
 
@@ -135,7 +135,7 @@ def test_example_renders_every_tab(calls):
         keys |= {el.key for el in at.get("plotly_chart")}
     assert keys == {"fig_grid", "fig_mosaic", "fig_simmap", "fig_rollout", "fig_heads", "fig_query",
                     "fig_query_heads", "fig_distance", "fig_norms", "fig_norm_hist", "fig_sinks", "fig_pca_0",
-                    "fig_similarity"}
+                    "fig_similarity", "fig_explain", "fig_explain_curves"}
     show(at, "Patch grid")
     n = (224 // P) ** 2  # N = HW / P^2 at the default 224 px centre crop
     text = status(at)
@@ -199,11 +199,11 @@ def test_attention_controls_reach_the_views_without_a_forward_pass(calls):
     assert heat["colorscale"][0][1] == "rgb(68, 1, 84)" and heat["opacity"] == pytest.approx(0.3)  # Viridis: #440154
     at.number_input(key="query_patch").set_value(5).run()
     assert at.session_state["query_patch"] == 5
-    assert "Patch 5 (row 0, col 5)" in show(at, "Query patch").tabs[4].markdown[0].value
+    assert "Patch 5 (row 0, col 5)" in show(at, "Query patch").tabs[5].markdown[0].value
     show(at, "Heads")
     at.radio(key="heads_source").set_value("query patch")
     at.selectbox(key="heads_layer").set_value(4).run()
-    assert "Layer 4: where patch 5 attends" in at.tabs[3].markdown[0].value
+    assert "Layer 4: where patch 5 attends" in at.tabs[4].markdown[0].value
     ok(at)
     assert len(calls) == 1  # nothing above re-ran the model
 
@@ -214,7 +214,7 @@ def test_clicks_pick_the_query_patch(calls):
     at = click(at, "fig_grid", 3.5 * P, 2.5 * P)  # centre of row 2, col 3
     ok(at)
     assert at.session_state["query_patch"] == 2 * gw + 3
-    assert "Patch 31 (row 2, col 3)" in show(at, "Query patch").tabs[4].markdown[0].value
+    assert "Patch 31 (row 2, col 3)" in show(at, "Query patch").tabs[5].markdown[0].value
     at = click(show(at, "Attention rollout"), "fig_rollout", 13 * P + 1, 0.2 * P)  # top-right patch, off centre
     assert at.session_state["query_patch"] == gw - 1
     # mosaic: tile (r, c) spans cells [r (gh+1), r (gh+1) + gh) x [c (gw+1), ...]; a tile cell of row 5, col 1
@@ -377,7 +377,7 @@ def test_figures_keep_their_true_colours_and_say_what_they_show(calls):
     text = at.tabs[2].markdown[0].value
     assert "raw attention of layer 11" in text and "CLS attention, raw CLS" not in text
     show(at, "Attention distance")
-    assert "attends to nearby patches" in at.tabs[5].markdown[0].value
+    assert "attends to nearby patches" in at.tabs[6].markdown[0].value
 
 
 def test_raw_view_has_one_layer_control(calls):
@@ -397,10 +397,10 @@ def test_heads_share_one_colour_range_by_default(calls):
     at = show(started(), "Heads")
     shared = json.loads(chart_proto(at, "fig_heads").spec)
     assert "coloraxis" in shared["layout"] and shared["layout"]["coloraxis"]["colorbar"]["title"]["text"]
-    assert "one colour range for all heads" in at.tabs[3].markdown[0].value
+    assert "one colour range for all heads" in at.tabs[4].markdown[0].value
     at.radio(key="heads_scale").set_value("per head").run()
     own = json.loads(chart_proto(at, "fig_heads").spec)
-    assert "coloraxis" not in own["layout"] and "each head its own range" in at.tabs[3].markdown[0].value
+    assert "coloraxis" not in own["layout"] and "each head its own range" in at.tabs[4].markdown[0].value
     assert chart_proto(at, "fig_heads").spec and len(calls) == 1
 
 
@@ -438,18 +438,34 @@ def test_token_views_from_the_same_pass_with_a_second_image(calls):
     """Token norms, sinks, PCA and similarity read the one pass; a second image costs one pass of its own."""
     at = started()
     ok(show(at, "Token norms"))
-    assert "length (L2 norm)" in at.tabs[6].markdown[0].value and "Prefix tokens" in at.tabs[6].caption[0].value
+    assert "length (L2 norm)" in at.tabs[7].markdown[0].value and "Prefix tokens" in at.tabs[7].caption[0].value
     ok(show(at, "Attention sinks"))
-    assert "Top receivers" in at.tabs[7].caption[0].value
+    assert "Top receivers" in at.tabs[8].caption[0].value
     for tab in ("Patch features", "Feature similarity"):
         ok(show(at, tab))
     assert len(calls) == 1
     at.file_uploader(key="upload2").set_value(("second.jpg", jpeg_bytes((120, 80)), "image/jpeg")).run()
     ok(show(at, "Patch features"))
-    assert "one basis fitted to both images" in at.tabs[8].markdown[0].value
+    assert "one basis fitted to both images" in at.tabs[9].markdown[0].value
     ok(show(at, "Feature similarity"))
-    assert "Best match in the second image" in at.tabs[9].caption[0].value
+    assert "Best match in the second image" in at.tabs[10].caption[0].value
     assert len(calls) == 2  # the second image's own pass, once
     at.checkbox(key="drop_artefacts").check().run()
     ok(show(at, "Attention rollout"))
     assert "artefact tokens left out" in at.tabs[2].markdown[0].value and len(calls) == 2
+
+
+def test_explain_view_states_its_target_and_faithfulness_and_never_a_missing_class(calls):
+    """The tiny checkpoint has no head: the targets are label-free (embedding, query patch), no predictions shown."""
+    at = show(started(), "Explain")
+    ok(at)
+    assert at.selectbox(key="explain_target").options[0] == "the image's own embedding (label-free)"
+    assert not any("class" in o for o in at.selectbox(key="explain_target").options)
+    text = at.tabs[3].markdown[0].value
+    assert "explains **the image's own CLS embedding**" in text and "a random map scores" in text
+    assert "LeGrad" in text and not [c for c in at.tabs[3].caption if "Predictions" in c.value]
+    curves = json.loads(chart_proto(at, "fig_explain_curves").spec)
+    assert [tr["name"] for tr in curves["data"]][2:] == ["random MoRF", "random LeRF"]
+    at.selectbox(key="explain_method").set_value("chefer").run()
+    ok(at)
+    assert "Chefer" in at.tabs[3].markdown[0].value and len(calls) == 1  # the explanation pass is its own

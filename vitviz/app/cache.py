@@ -20,11 +20,11 @@ import streamlit as st
 from vitviz import maps, tokens
 from vitviz.analysis import Analysis, analyze_with_fallback
 from vitviz.errors import CheckpointError
-from vitviz.image import LoadedImage, load_image
+from vitviz.image import LoadedImage, load_image, to_tensor
 from vitviz.models import CHECKPOINT_SUFFIXES, ModelInfo, ModelKey, ModelSource, build_for, load_source
 
 __all__ = ["AnalysisKey", "digest", "model_source", "uploaded_source", "model", "image", "analysis", "rollout_table",
-           "raw_maps", "query_maps", "distances", "TokenStats", "token_stats"]
+           "raw_maps", "query_maps", "distances", "TokenStats", "token_stats", "Explained", "explanation"]
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,30 @@ def token_stats(key: AnalysisKey, _res: Analysis) -> TokenStats:
     return TokenStats(norms, received, tokens.find_outliers(norms, num_prefix_tokens=p),
                       tokens.find_outliers(received, num_prefix_tokens=p),
                       tokens.artefact_tokens(norms, received, num_prefix_tokens=p))
+
+
+@dataclass(frozen=True)
+class Explained:
+    """One target explained by one method and by the random baseline, with both maps' faithfulness curves."""
+
+    explanation: object  # vitviz.explain.Explanation
+    curves: object  # vitviz.faithfulness.Curves of the method's map
+    random_curves: object  # ... of the seeded random map, the baseline
+
+
+@st.cache_resource(max_entries=16, show_spinner="Explaining: one forward and one backward, then the faithfulness "
+                   "curves (10 steps of token removal, against a random map)...")
+def explanation(key: AnalysisKey, method: str, target: str, _res: Analysis, _loaded) -> Explained:
+    """Computed once per (image, model, method, target) and shared, like the analysis."""
+    from vitviz.explain import explain_all
+    from vitviz.faithfulness import curves
+
+    built, info = model(key.model, _loaded)
+    param = next(built.parameters())
+    x = to_tensor(_res.pixels, mean=info.mean, std=info.std).to(device=param.device, dtype=param.dtype)
+    found, rnd = explain_all(built, x, methods=[method, "random"], target=target)
+    measured = curves(built, x, [found.map, rnd.map], target=found.target)
+    return Explained(found, measured[0], measured[1])
 
 
 @st.cache_data(max_entries=16, show_spinner=False)

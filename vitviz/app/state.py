@@ -22,7 +22,8 @@ COLORSCALES = ("Inferno", "Viridis", "Magma", "Plasma", "Turbo", "Jet", "Greys")
 PERSISTENT = ("example", "model", "arch", "patch_size", "img_size", "fit", "device", "precision", "layers", "view",
               "head", "head_fusion", "discard_ratio", "opacity", "colorscale", "query_patch", "heads_layer",
               "heads_source", "query_layer", "hub_name", "heads_scale", "raw_layer",
-              "drop_artefacts", "tokens_layer", "pca_layer", "pca_foreground", "sim_layer")
+              "drop_artefacts", "tokens_layer", "pca_layer", "pca_foreground", "sim_layer",
+              "explain_target", "explain_method")
 INITIAL: dict[str, Any] = dict(
     model="default", device="auto", precision="auto", img_size=DEFAULTS.img_size,
     fit=DEFAULTS.fit, view="rollout", head=ALL_HEADS, head_fusion=DEFAULTS.head_fusion,

@@ -1,6 +1,6 @@
 """The app's views, one module each with ``TITLE`` and ``render(ctx)``; the tabs appear in this order."""
 
-from . import distance, features, heads, norms, patch_grid, position, query, rollout, similarity, sinks
+from . import distance, explain, features, heads, norms, patch_grid, position, query, rollout, similarity, sinks
 
 __all__ = ["VIEWS"]
 
@@ -8,6 +8,7 @@ VIEWS = [
     patch_grid,
     position,
     rollout,
+    explain,
     heads,
     query,
     distance,

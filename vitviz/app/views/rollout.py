@@ -28,7 +28,8 @@ def render(ctx) -> None:
     a, info = ctx.attention, ctx.info
     maps, labels, active = ctx.cls_maps()
     st.markdown(f"{describe(ctx)} Brighter patches get more of the CLS token's attention; each layer's map is "
-                f"coloured from its own lowest to its highest value. {LAYERS_NOTE}")
+                f"coloured from its own lowest to its highest value. {LAYERS_NOTE} Attention is not explanation: "
+                "the Explain tab shows what the answer depends on and measures how faithful each map is.")
     unit = "share of CLS attention" if a.view == "rollout" else "CLS attention"
     chart(vf.layer_scrub_figure(ctx.res.pixels, maps, patch_size=info.patch_size, labels=labels, active=active,
                                 opacity=a.opacity, colorscale=a.colorscale, colorbar_title=unit), "fig_rollout")

@@ -1,0 +1,79 @@
+"""Explain: what the model's answer (a class, or its embedding) depends on, with the map's faithfulness beside it.
+
+Attention shows where attention goes; this view shows which patches the target depends on, and measures it:
+the target's score as the most relevant patches are removed (MoRF, should fall fast) and as the least relevant are
+removed (LeRF, should stay), against a random map. Score = area under LeRF − area under MoRF (random ≈ 0).
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from vitviz import figures as vf
+from vitviz.evaluate import DEFAULT_METHODS
+from vitviz.labels import has_head
+
+from .. import cache
+from ..state import keep
+from ..widgets import chart
+
+TITLE = "Explain"
+DEFAULT_METHOD = "legrad"  # the most faithful of the app's methods on the 91 photos (README, benchmarks/)
+METHODS = tuple(dict.fromkeys((DEFAULT_METHOD, *[m for m in DEFAULT_METHODS if m != "random"])))
+METHOD_TEXT = {"rollout": "attention rollout", "raw": "raw CLS attention of the last layer",
+               "chefer": "Chefer et al. 2021 relevance", "legrad": "LeGrad (Bousselham et al. 2024)",
+               "gradxattn": "gradient × attention, last layer"}
+
+
+def _method_label(label: str) -> str:
+    name, _, rest = label.partition(":")
+    return METHOD_TEXT.get(name, name) + (f" ({rest})" if rest else "") + (" — default" if label == DEFAULT_METHOD
+                                                                             else "")
+
+
+def _targets(ctx) -> list[str]:
+    """What can be explained: a classifier's top-5 classes and its embedding; a backbone's embedding (label-free,
+    Crabbé & van der Schaar 2022) or the query patch's feature. Never a class the model does not have."""
+    built, _info = cache.model(ctx.key.model, ctx.loaded)
+    patch = f"patch:{ctx.query}"
+    if not has_head(built):
+        return ["embedding", patch]
+    return ["class", "embedding", patch]
+
+
+def _target_text(target: str, ctx) -> str:
+    if target == "class":
+        return "the top-1 class"
+    if target == "embedding":
+        return "the image's own embedding (label-free)"
+    return f"the query patch {ctx.query}'s feature"
+
+
+def render(ctx) -> None:
+    info, a = ctx.info, ctx.attention
+    targets = _targets(ctx)
+    keep("explain_target", lambda v: v in targets, targets[0])
+    keep("explain_method", lambda v: v in METHODS, DEFAULT_METHOD)
+    left, right = st.columns(2)
+    target = left.selectbox("What to explain", targets, key="explain_target",
+                            format_func=lambda t: _target_text(t, ctx))
+    method = right.selectbox("Method", METHODS, key="explain_method", format_func=_method_label)
+    done = cache.explanation(ctx.key, method, target, ctx.res, ctx.loaded)
+    e, c, r = done.explanation, done.curves, done.random_curves
+    if e.predictions:
+        st.caption("Predictions: " + "; ".join(p.describe() for p in e.predictions))
+    st.markdown(f"**{_method_label(method)}** explains **{e.target_description}** ({e.passes}). Brighter patches "
+                f"matter more to it. Faithfulness, by removing patch tokens in 10 steps: score {c.score:+.3f} "
+                f"(LeRF area {c.lerf_auc:.3f} − MoRF area {c.morf_auc:.3f}; a random map scores {r.score:+.3f} "
+                f"on this image). Higher is more faithful to the model.")
+    cols = st.columns(2)
+    with cols[0]:
+        chart(vf.overlay_figure(ctx.res.pixels, e.map, patch_size=info.patch_size, opacity=a.opacity,
+                                colorscale=a.colorscale, highlight=ctx.query, colorbar_title="relevance"),
+              "fig_explain")
+    with cols[1]:
+        unit = "cosine with the full image's embedding" if c.score_kind == "cosine" else f"{c.score_kind} of target"
+        chart(vf.curves_figure(c.fractions, {"MoRF (most relevant removed first)": c.morf,
+                                             "LeRF (least relevant removed first)": c.lerf,
+                                             "random MoRF": r.morf, "random LeRF": r.lerf}, y_title=unit),
+              "fig_explain_curves", clickable=False)
