@@ -67,7 +67,8 @@ def started(example: str | None = "cat.jpg") -> AppTest:
     return at
 
 
-TABS = ["Patch grid", "Position embeddings", "Attention rollout", "Explain", "Heads", "Query patch", "Attention distance",
+TABS = ["Patch grid", "Position embeddings", "Attention rollout", "Explain", "Heads", "Query patch",
+        "Attention distance",
         "Token norms", "Attention sinks", "Patch features", "Feature similarity"]
 
 
