@@ -143,6 +143,8 @@ def test_a_bad_file_is_reported_by_the_worker_that_decodes_it_and_the_worker_goe
     assert got[0].error and got[0].image is None and "bad.png" in got[0].error
     assert got[1].image is not None and got[1].image.original_size == (20, 10) and got[1].error is None
     assert got[2].error and "missing.png" in got[2].error
+    assert list(loader([], workers=2)) == []  # a rank whose share is empty
+    assert [d.item.index for b in loader([items], workers=2) for d in b] == [0, 1, 2]  # one batch: decoded here
 
 
 # --- torchrun runs ----------------------------------------------------------------------------------------------------

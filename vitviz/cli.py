@@ -4,7 +4,8 @@
 settings; with ``--save-attention`` also every layer's attention), plus ``summary.csv``: one row per input in input
 order, ``status`` ``ok`` or ``failed`` (then ``error`` says why, and the failure is also printed once). Inputs are
 image files, folders (searched recursively) and text files listing paths (:mod:`vitviz.inputs`); they are decoded in
-``--workers`` DataLoader processes and run in batches of ``--batch-size`` images of one input size.
+``--workers`` DataLoader processes (by default none on the CPU, up to four per GPU) and run in batches of
+``--batch-size`` images of one input size.
 
 Every file is written atomically (temp name, then rename): an interrupted run never leaves a partial file under a
 final name and still writes the summary of what finished. ``--resume`` keeps an input whose ``.png`` and ``.npz``
@@ -30,6 +31,7 @@ import csv
 import functools
 import io
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -44,7 +46,7 @@ __all__ = ["main", "build_parser", "SUMMARY_FIELDS", "TIMING_FIELDS"]
 SUMMARY_FIELDS = ("image", "stem", "status", "width", "height", "box", "input_h", "input_w", "grid", "peak_row",
                   "peak_col", "forward_s", "total_s", "device", "notes", "error")
 TIMING_FIELDS = ("forward_s", "total_s")  # the only columns that differ between two runs of the same inputs
-DEFAULT_WORKERS = 1  # decoding beside the pass; benchmarks/results-distributed.md measures 0, 1 and 2
+GPU_WORKERS = 4  # decoding processes per GPU rank by default (fewer when the machine has fewer cores per rank)
 DEFAULT_DIST_TIMEOUT_S = 24 * 3600  # the final wait for the slowest rank; a dead rank is caught by torchrun first
 
 
@@ -69,8 +71,9 @@ def _add_analyze(sub) -> None:
     a.add_argument("--device", default=d.device, help="auto (CUDA, else MPS, else CPU), cpu, cuda or mps")
     a.add_argument("--precision", default=d.precision, help="auto, fp32, fp16 or bf16 (GPU only)")
     a.add_argument("--batch-size", type=int, default=None, help="images per pass (default: 16 on GPU, 1 on CPU)")
-    a.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
-                   help=f"decoding processes per rank, 0 = decode in the main process (default {DEFAULT_WORKERS})")
+    a.add_argument("--workers", type=int, default=None,
+                   help="decoding processes per rank, 0 = decode in the main process (default: 0 when the pass runs "
+                        f"on the CPU, else up to {GPU_WORKERS})")
     a.add_argument("--resume", action="store_true",
                    help="keep inputs whose outputs exist and were made with these options; do the rest")
     a.add_argument("--dist-timeout", type=float, default=DEFAULT_DIST_TIMEOUT_S,
@@ -110,7 +113,22 @@ class _Job:
     opacity: float
     save_attention: bool
     quiet: bool
+    workers: int  # DataLoader decoding processes
     run: str  # JSON of every option that shapes the outputs: what --resume compares
+
+
+def _workers(asked: int | None, device: str) -> int:
+    """On the CPU the pass already keeps every core busy and decoding is a small part of it: decode in the main
+    process (benchmarks/results-distributed.md: no gain from a worker on 2 cores). A GPU waits on decoding instead:
+    up to GPU_WORKERS per rank, sharing the cores among the ranks of this machine."""
+    if asked is not None:
+        if asked < 0:
+            raise VitvizError(f"workers must be 0 or more, got {asked}")
+        return asked
+    if device == "cpu":
+        return 0
+    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(GPU_WORKERS, (os.cpu_count() or 1) // ranks_here - 1))
 
 
 def _run_options(settings, *, arch: str | None, patch: int, layers: tuple[int, int], opacity: float,
@@ -135,8 +153,6 @@ def _job(args: argparse.Namespace, world) -> _Job:
     settings.check()
     if not 0.0 <= args.opacity <= 1.0:
         raise VitvizError(f"opacity must be in [0, 1], got {args.opacity}")
-    if args.workers < 0:
-        raise VitvizError(f"workers must be 0 or more, got {args.workers}")
     device = local_device(str(pick_device(settings.device)), world)
     batch = args.batch_size if args.batch_size is not None else (1 if device == "cpu" else 16)
     if batch < 1:
@@ -149,7 +165,7 @@ def _job(args: argparse.Namespace, world) -> _Job:
     run = _run_options(settings, arch=args.arch, patch=patch, layers=layers, opacity=args.opacity,
                        save_attention=args.save_attention)
     return _Job(settings, args.arch, patch, settings.precision, device, batch, args.out, args.opacity,
-                args.save_attention, args.quiet, run)
+                args.save_attention, args.quiet, _workers(args.workers, device), run)
 
 
 def _kept(item, *, out: Path, run: str) -> dict | None:
@@ -256,8 +272,7 @@ def _run_group(job: _Job, group: list, rows: dict[int, dict]) -> None:
         rows[d.item.index] = _write(job, d.item, d.image, res)
 
 
-def _run_batches(job: _Job, batches: list[list], rows: dict[int, dict], *, workers: int, resume: bool,
-                 world) -> None:
+def _run_batches(job: _Job, batches: list[list], rows: dict[int, dict], *, resume: bool, world) -> None:
     """Decode (in workers), run and write ``batches``; every input's row lands in ``rows`` under its index."""
     from .analysis import input_size_for
     from .inputs import group_by, loader
@@ -267,10 +282,9 @@ def _run_batches(job: _Job, batches: list[list], rows: dict[int, dict], *, worke
                               fit=job.settings.fit)
 
     skip = functools.partial(_kept, out=job.out, run=job.run) if resume else None
-    workers = min(workers, len(batches) - 1)  # one batch: nothing to overlap, no process to start
     bar = _progress(sum(map(len, batches)), job.quiet, world)
     try:
-        for decoded in loader(batches, workers=workers, skip=skip):
+        for decoded in loader(batches, workers=job.workers, skip=skip):
             for d in decoded:
                 if d.kept is not None:
                     rows[d.item.index] = d.kept
@@ -326,12 +340,13 @@ def _is_kept(row: dict) -> bool:
     return row["status"] == "ok" and row["forward_s"] == ""  # kept by --resume: not timed in this run
 
 
-def _finish(rows: list[dict], out: Path) -> int:
-    """The last line of a run; the number of failed inputs."""
+def _finish(rows: list[dict], out: Path, seconds: float) -> int:
+    """The last line of a run, with its pace over the inputs it handled (not the kept ones); the failures."""
     failed, kept = sum(r["status"] == "failed" for r in rows), sum(map(_is_kept, rows))
+    pace = f"{(len(rows) - kept) / seconds:.2f} images/s" if seconds > 0 else "-"
     print(f"vitviz: {len(rows) - failed} of {len(rows)} image(s) written to {out}"
-          + (f" ({kept} kept from an earlier run)" if kept else "") + (f", {failed} failed" if failed else ""),
-          file=sys.stderr)
+          + (f" ({kept} kept from an earlier run)" if kept else "") + (f", {failed} failed" if failed else "")
+          + f"; {seconds:.1f} s, {pace}", file=sys.stderr)
     return failed
 
 
@@ -344,10 +359,11 @@ def _run_analyze(args: argparse.Namespace) -> int:
     with process_group(world, device=job.device, timeout_s=args.dist_timeout):
         _prepare_out(args.out, world)
         items = _inputs(args, world)
+        t0 = time.perf_counter()  # every rank starts here together (the inputs were just shared out)
         mine = shard(chunks(items, job.batch), rank=world.rank, world=world.size)
         rows: dict[int, dict] = {}
         try:
-            _run_batches(job, mine, rows, workers=args.workers, resume=args.resume, world=world)
+            _run_batches(job, mine, rows, resume=args.resume, world=world)
         finally:  # also when interrupted: the summary of what finished
             ordered = [rows[i] for i in sorted(rows)]
             summary = args.out / "summary.csv"
@@ -360,7 +376,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
             merged = merge_indexed(parts, total=len(items))
             if world.distributed:
                 _write_summary(summary, merged)
-            failed = _finish(merged, args.out)
+            failed = _finish(merged, args.out, time.perf_counter() - t0)
         wait_all(world, timeout_s=args.dist_timeout)  # no rank leaves before summary.csv is written
     return 1 if failed and not world.launched else 0
 

@@ -173,9 +173,13 @@ class InputDataset(Dataset):
 def loader(batches: Sequence[Sequence[Item]], *, workers: int = 0, skip: Callable[[Item], Any] | None = None,
            prefetch: int = 4) -> DataLoader:
     """A DataLoader yielding one ``list[Decoded]`` per batch of ``batches``, in order, decoded by ``workers``
-    processes (0: in this process) that each run ``prefetch`` batches ahead."""
+    processes (0: in this process) that each run ``prefetch`` batches ahead.
+
+    No more workers than there are batches to overlap with the pass: one batch (or none) is decoded right here.
+    """
     if workers < 0:
         raise VitvizError(f"workers must be 0 or more, got {workers}")
+    workers = min(workers, max(len(batches) - 1, 0))
     flat = [item for batch in batches for item in batch]
     sampler, start = [], 0
     for batch in batches:
