@@ -52,7 +52,10 @@ def test_analyze_folder_writes_outputs_and_reports_the_bad_file(tmp_path, ckpt, 
     bad_lines = [line for line in err.splitlines() if "broken.jpg" in line]
     assert len(bad_lines) == 1 and "HTML" in bad_lines[0] and "3 of 4" in err
     rows = list(csv.DictReader((out / "summary.csv").open()))
-    assert sorted(r["stem"] for r in rows) == ["gray", "rotated", "wide_photo"]
+    # every input once, in input order (folder sorted); the bad one as failed with its reason, no outputs
+    assert [(r["stem"], r["status"]) for r in rows] == [("broken", "failed"), ("gray", "ok"), ("rotated", "ok"),
+                                                        ("wide_photo", "ok")]
+    assert "HTML" in rows[0]["error"] and not rows[0]["width"] and not (out / "broken.npz").exists()
     for stem in ("gray", "rotated", "wide_photo"):
         d = np.load(out / f"{stem}.npz")
         assert d["rollout"].shape == (4, 4) and d["rollout"].dtype == np.float32
@@ -102,9 +105,9 @@ def test_python_dash_m_entry_point(tmp_path, ckpt):
 def test_output_names_never_collide():
     from pathlib import Path
 
-    from vitviz.cli import _stems
+    from vitviz.inputs import output_stems
 
-    names = _stems([Path("x/a.jpg"), Path("y/a.png"), Path("a-2.jpg"), Path("A.gif"), Path("../../b c.png")])
+    names = output_stems([Path("x/a.jpg"), Path("y/a.png"), Path("a-2.jpg"), Path("A.gif"), Path("../../b c.png")])
     assert names == ["a", "a-2", "a-2-2", "A-3", "b_c"]
     assert len({n.lower() for n in names}) == len(names)
 
@@ -116,3 +119,70 @@ def test_bad_layer_range_refused_before_any_pass(tmp_path, ckpt, capsys):
     assert main(["analyze", str(img), "--out", str(out), "--model", str(ckpt), "--end-layer", "7"]) == 2
     assert "layers must be in 0 to 2" in capsys.readouterr().err
     assert not (out / "a.npz").exists()
+
+
+def _arrays(path):
+    with np.load(path) as d:
+        return {k: d[k] for k in d.files}
+
+
+def _untimed(path):
+    from vitviz.cli import TIMING_FIELDS
+
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in csv.DictReader(path.open())]
+
+
+def test_resume_keeps_whole_outputs_and_redoes_broken_or_missing_ones(tmp_path, ckpt, capsys):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    write_images(src)
+    args = ["analyze", str(src), "--out", str(out), "--model", str(ckpt), "--img-size", "32", "--quiet"]
+    assert main(args) == 1
+    first = {s: _arrays(out / f"{s}.npz") for s in ("gray", "rotated", "wide_photo")}
+    first_rows = _untimed(out / "summary.csv")
+    data = (out / "gray.npz").read_bytes()
+    (out / "gray.npz").write_bytes(data[: len(data) // 2])  # as a crash of the disk, not of vitviz, would leave it
+    (out / "rotated.png").unlink()
+    kept_inode = (out / "wide_photo.npz").stat().st_ino
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 1  # the bad file is tried again and fails again
+    err = capsys.readouterr().err
+    assert "3 of 4 image(s)" in err and "(1 kept from an earlier run)" in err
+    assert (out / "wide_photo.npz").stat().st_ino == kept_inode  # not written again
+    for stem, arrays in first.items():  # the redone ones are the same, bit for bit
+        again = _arrays(out / f"{stem}.npz")
+        assert again.keys() == arrays.keys() and all(np.array_equal(again[k], arrays[k]) for k in arrays)
+    assert _untimed(out / "summary.csv") == first_rows
+    rows = {r["stem"]: r for r in csv.DictReader((out / "summary.csv").open())}
+    assert rows["wide_photo"]["forward_s"] == "" and rows["gray"]["forward_s"] != ""  # kept rows: not timed here
+
+
+def test_resume_redoes_outputs_made_with_other_options_or_for_another_input(tmp_path, ckpt):
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "out"
+    a.mkdir(), b.mkdir()
+    Image.new("RGB", (40, 40), "red").save(a / "x.png")
+    Image.new("RGB", (40, 40), "blue").save(b / "x.png")
+    base = ["analyze", "--out", str(out), "--model", str(ckpt), "--img-size", "32", "--quiet"]
+    assert main([*base, str(a / "x.png"), "--discard", "0.5"]) == 0
+    inode = (out / "x.npz").stat().st_ino
+    assert main([*base, str(a / "x.png"), "--resume"]) == 0  # other options: done again
+    assert (out / "x.npz").stat().st_ino != inode
+    assert float(np.load(out / "x.npz")["discard_ratio"]) == pytest.approx(0.9)
+    inode = (out / "x.npz").stat().st_ino
+    assert main([*base, str(a / "x.png"), "--resume"]) == 0  # same options, same input: kept
+    assert (out / "x.npz").stat().st_ino == inode
+    assert main([*base, str(b / "x.png"), "--resume"]) == 0  # the name x now belongs to another image
+    assert (out / "x.npz").stat().st_ino != inode
+    assert np.load(out / "x.npz")["pixels"][0, 0].tolist() == [0, 0, 255]
+
+
+def test_list_files_and_nested_folders_as_inputs(tmp_path, ckpt):
+    (tmp_path / "d" / "deeper").mkdir(parents=True)
+    Image.new("RGB", (40, 40), "red").save(tmp_path / "d" / "deeper" / "r.png")
+    Image.new("RGB", (40, 40), "green").save(tmp_path / "g.png")
+    (tmp_path / "list.txt").write_text("g.png\nmissing.png\n")
+    out = tmp_path / "out"
+    assert main(["analyze", str(tmp_path / "d"), str(tmp_path / "list.txt"), "--out", str(out), "--model", str(ckpt),
+                 "--img-size", "32", "--quiet"]) == 1
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert [(r["stem"], r["status"]) for r in rows] == [("r", "ok"), ("g", "ok"), ("missing", "failed")]

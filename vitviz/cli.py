@@ -1,9 +1,25 @@
-"""Command line: ``vitviz analyze IMAGE... --out DIR``, ``vitviz app`` (also ``python -m vitviz``).
+"""Command line: ``vitviz analyze INPUT... --out DIR``, ``vitviz app`` (also ``python -m vitviz``).
 
 ``analyze`` writes per image ``STEM.png`` (rollout overlay on what the model saw) and ``STEM.npz`` (maps, geometry,
-settings; with ``--save-attention`` also every layer's attention), plus ``summary.csv`` for the batch. Every file is
-written atomically, and an interrupted run still writes the summary of what finished. A bad image is reported in
-one line and skipped; the exit code is 1 when any image failed, 2 for bad arguments, 130 when interrupted.
+settings; with ``--save-attention`` also every layer's attention), plus ``summary.csv``: one row per input in input
+order, ``status`` ``ok`` or ``failed`` (then ``error`` says why, and the failure is also printed once). Inputs are
+image files, folders (searched recursively) and text files listing paths (:mod:`vitviz.inputs`); they are decoded in
+``--workers`` DataLoader processes (by default none on the CPU, up to four per GPU) and run in batches of
+``--batch-size`` images of one input size.
+
+Every file is written atomically (temp name, then rename): an interrupted run never leaves a partial file under a
+final name and still writes the summary of what finished. ``--resume`` keeps an input whose ``.png`` and ``.npz``
+exist and verify (the npz reads back whole, and the options it was made with, stored in its ``run`` array, are this
+run's); its row comes from the npz's ``summary`` array, timing columns empty.
+
+Under ``torchrun`` (:mod:`vitviz.distributed`) each rank takes every WORLD_SIZE-th chunk of ``--batch-size`` inputs,
+writes their outputs and ``summary.rankR-of-W.csv``; rank 0 merges the ranks' rows into ``summary.csv``, in input
+order and the same as one process writes apart from the timing columns (and the GPU index in ``device``). It is
+written only when every rank finished: an interrupted or failed run leaves the per-rank summaries of what finished.
+
+Exit codes: 0 done; 1 done but an image failed (one process only: under torchrun a finished rank exits 0, so the
+launcher's status means "the run completed", failures are in summary.csv); 2 bad arguments; 130 on SIGINT, 143 on
+SIGTERM.
 
 ``app`` starts the Streamlit UI of an installed vitviz; options after ``--port`` are passed to streamlit.
 """
@@ -12,21 +28,26 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
+import json
+import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from . import __version__
 from .errors import VitvizError
-from .image import IMAGE_SUFFIXES
 
-__all__ = ["main", "build_parser", "collect_images"]
+__all__ = ["main", "build_parser", "SUMMARY_FIELDS", "TIMING_FIELDS"]
 
-SUMMARY_FIELDS = ("image", "stem", "width", "height", "box", "input_h", "input_w", "grid", "peak_row", "peak_col",
-                  "forward_s", "total_s", "device", "notes")
+SUMMARY_FIELDS = ("image", "stem", "status", "width", "height", "box", "input_h", "input_w", "grid", "peak_row",
+                  "peak_col", "forward_s", "total_s", "device", "notes", "error")
+TIMING_FIELDS = ("forward_s", "total_s")  # the only columns that differ between two runs of the same inputs
+GPU_WORKERS = 4  # decoding processes per GPU rank by default (fewer when the machine has fewer cores per rank)
+DEFAULT_DIST_TIMEOUT_S = 24 * 3600  # the final wait for the slowest rank; a dead rank is caught by torchrun first
 
 
 def _add_analyze(sub) -> None:
@@ -34,8 +55,9 @@ def _add_analyze(sub) -> None:
     from .settings import DEFAULTS, FITS
 
     d = DEFAULTS
-    a = sub.add_parser("analyze", help="rollout overlays and arrays for images or folders of images")
-    a.add_argument("images", nargs="+", type=Path, help="image files or folders (their images, not recursive)")
+    a = sub.add_parser("analyze", help="rollout overlays and arrays for images, folders or lists of images")
+    a.add_argument("images", nargs="+", type=Path,
+                   help="image files, folders (searched recursively) or .txt/.lst/.list files listing paths")
     a.add_argument("--out", type=Path, required=True, help="output folder (created)")
     a.add_argument("--model", default=d.model, help="'default', a timm model name, or a checkpoint file")
     a.add_argument("--arch", default=None, help="timm architecture of a checkpoint file without metadata")
@@ -49,6 +71,13 @@ def _add_analyze(sub) -> None:
     a.add_argument("--device", default=d.device, help="auto (CUDA, else MPS, else CPU), cpu, cuda or mps")
     a.add_argument("--precision", default=d.precision, help="auto, fp32, fp16 or bf16 (GPU only)")
     a.add_argument("--batch-size", type=int, default=None, help="images per pass (default: 16 on GPU, 1 on CPU)")
+    a.add_argument("--workers", type=int, default=None,
+                   help="decoding processes per rank, 0 = decode in the main process (default: 0 when the pass runs "
+                        f"on the CPU, else up to {GPU_WORKERS})")
+    a.add_argument("--resume", action="store_true",
+                   help="keep inputs whose outputs exist and were made with these options; do the rest")
+    a.add_argument("--dist-timeout", type=float, default=DEFAULT_DIST_TIMEOUT_S,
+                   help="under torchrun: seconds a rank waits for the others (default one day)")
     a.add_argument("--opacity", type=float, default=0.6, help="overlay opacity in the PNG")
     a.add_argument("--save-attention", action="store_true", help="also store attention (L x H x T x T) in the npz")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -70,34 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def collect_images(paths: Sequence[Path]) -> list[Path]:
-    """Files as given, folders expanded to their image files (sorted); missing paths and dangling links are kept so
-    that they are reported, never skipped in silence."""
-    found: list[Path] = []
-    for p in paths:
-        if p.is_dir():
-            found += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES and (q.is_file() or
-                                                                                           q.is_symlink()))
-        else:
-            found.append(p)
-    return found
-
-
-def _stems(paths: list[Path]) -> list[str]:
-    """Output stems, unique even when inputs share a name (a.jpg and a.png, two folders, or an 'a-2.jpg' too)."""
-    used: set[str] = set()
-    out = []
-    for p in paths:
-        stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in p.stem) or "image"
-        name, n = stem, 1
-        while name.lower() in used:  # lower: case-insensitive file systems
-            n += 1
-            name = f"{stem}-{n}"
-        used.add(name.lower())
-        out.append(name)
-    return out
-
-
 @dataclass(frozen=True)
 class _Job:
     """What one ``analyze`` run does, resolved from the arguments before any image is read."""
@@ -112,11 +113,37 @@ class _Job:
     opacity: float
     save_attention: bool
     quiet: bool
+    workers: int  # DataLoader decoding processes
+    run: str  # JSON of every option that shapes the outputs: what --resume compares
 
 
-def _job(args: argparse.Namespace) -> _Job:
+def _workers(asked: int | None, device: str) -> int:
+    """On the CPU the pass already keeps every core busy and decoding is a small part of it: decode in the main
+    process (benchmarks/results-distributed.md: no gain from a worker on 2 cores). A GPU waits on decoding instead:
+    up to GPU_WORKERS per rank, sharing the cores among the ranks of this machine."""
+    if asked is not None:
+        if asked < 0:
+            raise VitvizError(f"workers must be 0 or more, got {asked}")
+        return asked
+    if device == "cpu":
+        return 0
+    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(GPU_WORKERS, (os.cpu_count() or 1) // ranks_here - 1))
+
+
+def _run_options(settings, *, arch: str | None, patch: int, layers: tuple[int, int], opacity: float,
+                 save_attention: bool) -> str:
+    return json.dumps(dict(model=str(settings.model), arch=arch, patch_size=patch, img_size=settings.img_size,
+                           fit=settings.fit, start_layer=layers[0], end_layer=layers[1],
+                           head_fusion=settings.head_fusion, discard_ratio=settings.discard_ratio,
+                           precision=settings.precision, opacity=opacity, save_attention=save_attention),
+                      sort_keys=True)
+
+
+def _job(args: argparse.Namespace, world) -> _Job:
     """Settings checked, the model opened once, the layer range checked against it: bad arguments fail here."""
     from .device import pick_device
+    from .distributed import local_device
     from .models import get_model, native_patch_size, resolve_sizes
     from .settings import DEFAULTS
 
@@ -126,7 +153,7 @@ def _job(args: argparse.Namespace) -> _Job:
     settings.check()
     if not 0.0 <= args.opacity <= 1.0:
         raise VitvizError(f"opacity must be in [0, 1], got {args.opacity}")
-    device = str(pick_device(settings.device))
+    device = local_device(str(pick_device(settings.device)), world)
     batch = args.batch_size if args.batch_size is not None else (1 if device == "cpu" else 16)
     if batch < 1:
         raise VitvizError(f"batch size must be at least 1, got {batch}")
@@ -134,46 +161,55 @@ def _job(args: argparse.Namespace) -> _Job:
     patch, square = resolve_sizes(native_patch_size=native, patch_size=settings.patch_size, img_size=settings.img_size)
     _, info = get_model(settings.model, arch=args.arch, patch_size=patch, img_size=square, device=device,
                         precision=settings.precision)
-    settings.layer_range(info.depth)  # a bad layer range is refused before any image is run
+    layers = settings.layer_range(info.depth)  # a bad layer range is refused before any image is run
+    run = _run_options(settings, arch=args.arch, patch=patch, layers=layers, opacity=args.opacity,
+                       save_attention=args.save_attention)
     return _Job(settings, args.arch, patch, settings.precision, device, batch, args.out, args.opacity,
-                args.save_attention, args.quiet)
+                args.save_attention, args.quiet, _workers(args.workers, device), run)
 
 
-def _batches(job: _Job, paths: list[Path], failed: list[str]) -> Iterator[list[tuple[Path, str, object]]]:
-    """Decoded images in batches of one input size; unreadable ones go to ``failed`` with their reason."""
-    from .image import load_image
+def _kept(item, *, out: Path, run: str) -> dict | None:
+    """The summary row of ``item``'s outputs from an earlier run if they are whole and were made with ``run``'s
+    options, else None (then the input is done again). Runs in DataLoader workers (so: module level, picklable)."""
+    import zipfile
 
-    pending: list[tuple[Path, str, object]] = []
-    for path, stem in zip(paths, _stems(paths), strict=True):
-        try:
-            loaded = load_image(path, name=path.name)
-        except (VitvizError, OSError) as exc:
-            failed.append(f"{path}: {exc}")
-            continue
-        if pending and (job.settings.fit == "whole" or len(pending) >= job.batch):
-            yield pending
-            pending = []
-        pending.append((path, stem, loaded))
-    if pending:
-        yield pending
+    import numpy as np
+    from PIL import Image
+
+    npz, png = out / f"{item.stem}.npz", out / f"{item.stem}.png"
+    try:
+        with zipfile.ZipFile(npz) as z:
+            if z.testzip() is not None:  # reads every member: a CRC mismatch names it
+                return None
+        with np.load(npz) as d:
+            if "run" not in d.files or str(d["run"]) != run or "summary" not in d.files:
+                return None
+            row = json.loads(str(d["summary"]))
+        with Image.open(png) as im:
+            im.verify()
+    except Exception:  # missing, truncated, not ours: do it again
+        return None
+    if row.get("image") != str(item.path) or row.get("stem") != item.stem:
+        return None  # these names belonged to another input (the input list changed)
+    return {**row, "status": "ok", **dict.fromkeys(TIMING_FIELDS, "")}
 
 
-def _analyze(job: _Job, batch: list[tuple[Path, str, object]]):
+def _analyze(job: _Job, group: list):
     from .analysis import analyze_with_fallback, input_size_for
     from .models import get_model
 
-    size = input_size_for(batch[0][2].image, img_size=job.settings.img_size, patch_size=job.patch_size,
+    size = input_size_for(group[0].image.image, img_size=job.settings.img_size, patch_size=job.patch_size,
                           fit=job.settings.fit)
 
     def load(dev: str):
         return get_model(job.settings.model, arch=job.arch, patch_size=job.patch_size, img_size=size, device=dev,
                          precision=job.precision if dev == job.device else "auto")
 
-    return analyze_with_fallback(load, [b[2] for b in batch], device=job.device, fit=job.settings.fit)
+    return analyze_with_fallback(load, [d.image for d in group], device=job.device, fit=job.settings.fit)
 
 
-def _write(job: _Job, path: Path, stem: str, loaded, res) -> dict:
-    """The PNG and npz of one result, each written atomically; its summary row."""
+def _write(job: _Job, item, loaded, res) -> dict:
+    """The PNG and npz of one result, each written atomically; its summary row (also stored in the npz)."""
     import numpy as np
 
     from .export import export_arrays, write_atomic, write_npz
@@ -184,17 +220,24 @@ def _write(job: _Job, path: Path, stem: str, loaded, res) -> dict:
     info = res.info
     start, end = job.settings.layer_range(info.depth)
     heat = rollout_map(res.attention, info=info, settings=job.settings)
-    write_atomic(job.out / f"{stem}.png", overlay_png(res.pixels, heat, patch_size=info.patch_size,
-                                                      opacity=job.opacity))
+    peak_row, peak_col = divmod(int(np.argmax(heat)), info.grid[1])
+    row = dict(image=str(item.path), stem=item.stem, width=loaded.original_size[0], height=loaded.original_size[1],
+               box=" ".join(f"{v:.1f}" for v in res.box), input_h=info.img_size[0], input_w=info.img_size[1],
+               grid=f"{info.grid[0]}x{info.grid[1]}", peak_row=peak_row, peak_col=peak_col, device=res.device,
+               notes="; ".join(loaded.notes))
+    write_atomic(job.out / f"{item.stem}.png", overlay_png(res.pixels, heat, patch_size=info.patch_size,
+                                                           opacity=job.opacity))
     used = {**asdict(job.settings), "patch_size": info.patch_size, "img_size": list(info.img_size),
             "device": res.device, "start_layer": start, "end_layer": end}
-    write_npz(job.out / f"{stem}.npz", export_arrays(res, heat, settings=used, attention=job.save_attention))
-    peak_row, peak_col = divmod(int(np.argmax(heat)), info.grid[1])
-    return dict(image=str(path), stem=stem, width=loaded.original_size[0], height=loaded.original_size[1],
-                box=" ".join(f"{v:.1f}" for v in res.box), input_h=info.img_size[0], input_w=info.img_size[1],
-                grid=f"{info.grid[0]}x{info.grid[1]}", peak_row=peak_row, peak_col=peak_col,
-                forward_s=f"{res.seconds:.4f}", total_s=f"{res.seconds + time.perf_counter() - t0:.4f}",
-                device=res.device, notes="; ".join(loaded.notes))
+    extra = {"run": np.array(job.run), "summary": np.array(json.dumps(row))}
+    write_npz(job.out / f"{item.stem}.npz", export_arrays(res, heat, settings=used, attention=job.save_attention,
+                                                          extra=extra))
+    return {**row, "status": "ok", "forward_s": f"{res.seconds:.4f}",
+            "total_s": f"{res.seconds + time.perf_counter() - t0:.4f}"}
+
+
+def _failed(item, reason: str) -> dict:
+    return {"image": str(item.path), "stem": item.stem, "status": "failed", "error": reason}
 
 
 def _write_summary(path: Path, rows: list[dict]) -> None:
@@ -207,48 +250,135 @@ def _write_summary(path: Path, rows: list[dict]) -> None:
     write_atomic(path, buf.getvalue().encode())
 
 
-def _progress(total: int, quiet: bool):
-    if quiet or total <= 1:
+def _progress(total: int, quiet: bool, world):
+    if quiet or total <= 1 or not world.main:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True)
+    desc = f"rank 0 of {world.size}" if world.distributed else None
+    return tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True, desc=desc)
 
 
-def _run_batches(job: _Job, paths: list[Path], rows: list[dict], failed: list[str]) -> None:
-    bar = _progress(len(paths), job.quiet)
-    for batch in _batches(job, paths, failed):
-        try:
-            results, notice = _analyze(job, batch)
-        except VitvizError as exc:
-            failed += [f"{path}: {exc}" for path, _stem, _im in batch]
-            continue
-        if notice:
-            print(f"vitviz: {notice}", file=sys.stderr)
-        rows += [_write(job, path, stem, loaded, res) for (path, stem, loaded), res in zip(batch, results, strict=True)]
+def _run_group(job: _Job, group: list, rows: dict[int, dict]) -> None:
+    """One pass over decoded inputs of one input size; their rows (failed ones too) into ``rows``."""
+    try:
+        results, notice = _analyze(job, group)
+    except VitvizError as exc:
+        rows.update((d.item.index, _failed(d.item, str(exc))) for d in group)
+        return
+    if notice:
+        print(f"vitviz: {notice}", file=sys.stderr)
+    for d, res in zip(group, results, strict=True):
+        rows[d.item.index] = _write(job, d.item, d.image, res)
+
+
+def _run_batches(job: _Job, batches: list[list], rows: dict[int, dict], *, resume: bool, world) -> None:
+    """Decode (in workers), run and write ``batches``; every input's row lands in ``rows`` under its index."""
+    from .analysis import input_size_for
+    from .inputs import group_by, loader
+
+    def size_of(d):
+        return input_size_for(d.image.image, img_size=job.settings.img_size, patch_size=job.patch_size,
+                              fit=job.settings.fit)
+
+    skip = functools.partial(_kept, out=job.out, run=job.run) if resume else None
+    bar = _progress(sum(map(len, batches)), job.quiet, world)
+    try:
+        for decoded in loader(batches, workers=job.workers, skip=skip):
+            for d in decoded:
+                if d.kept is not None:
+                    rows[d.item.index] = d.kept
+                elif d.error is not None:
+                    rows[d.item.index] = _failed(d.item, d.error)
+            for group in group_by([d for d in decoded if d.image is not None], size_of):
+                _run_group(job, group, rows)
+            if bar:
+                bar.update(len(decoded))
+    finally:
         if bar:
-            bar.update(len(batch))
-    if bar:
-        bar.close()
+            bar.close()
+
+
+def _inputs(args: argparse.Namespace, world) -> list:
+    """The run's inputs, listed once by rank 0 and sent to the others, so every rank shares out the same list."""
+    from .distributed import broadcast, wait_all
+    from .inputs import collect_inputs, items_for
+
+    found: tuple[list, str | None] = ([], None)
+    if world.main:
+        try:
+            found = (collect_inputs(args.images, exclude=args.out), None)
+        except VitvizError as exc:
+            found = ([], str(exc))  # sent on, so that every rank stops with it
+    wait_all(world, timeout_s=args.dist_timeout)
+    paths, error = broadcast(found, world)
+    if error:
+        raise VitvizError(error)
+    if not paths:
+        raise VitvizError("no images found in the given paths")
+    return items_for(paths)
+
+
+def _prepare_out(out: Path, world) -> None:
+    """The output folder, and no summary left from an earlier run that could pass for this one's."""
+    out.mkdir(parents=True, exist_ok=True)
+    if world.main:
+        for old in [out / "summary.csv", *out.glob("summary.rank*-of-*.csv")]:
+            if world.distributed or old.name != "summary.csv":
+                old.unlink(missing_ok=True)
+
+
+def _print_failures(rows: list[dict], world) -> None:
+    """Each failed input in one line, by the rank that met it (so once in the whole run)."""
+    prefix = f"vitviz[rank {world.rank}]" if world.distributed else "vitviz"
+    for r in rows:
+        if r["status"] == "failed":
+            print(f"{prefix}: {r['image']}: {r['error']}", file=sys.stderr)
+
+
+def _is_kept(row: dict) -> bool:
+    return row["status"] == "ok" and row["forward_s"] == ""  # kept by --resume: not timed in this run
+
+
+def _finish(rows: list[dict], out: Path, seconds: float) -> int:
+    """The last line of a run, with its pace over the inputs it handled (not the kept ones); the failures."""
+    failed, kept = sum(r["status"] == "failed" for r in rows), sum(map(_is_kept, rows))
+    pace = f"{(len(rows) - kept) / seconds:.2f} images/s" if seconds > 0 else "-"
+    print(f"vitviz: {len(rows) - failed} of {len(rows)} image(s) written to {out}"
+          + (f" ({kept} kept from an earlier run)" if kept else "") + (f", {failed} failed" if failed else "")
+          + f"; {seconds:.1f} s, {pace}", file=sys.stderr)
+    return failed
 
 
 def _run_analyze(args: argparse.Namespace) -> int:
-    job = _job(args)
-    paths = collect_images(args.images)
-    if not paths:
-        raise VitvizError("no images found in the given paths")
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
-    failed: list[str] = []
-    try:
-        _run_batches(job, paths, rows, failed)
-    finally:  # also when interrupted: the summary of what finished
-        _write_summary(args.out / "summary.csv", rows)
-        for line in failed:
-            print(f"vitviz: {line}", file=sys.stderr)
-    print(f"vitviz: {len(rows)} of {len(paths)} image(s) written to {args.out}"
-          + (f", {len(failed)} failed" if failed else ""), file=sys.stderr)
-    return 1 if failed else 0
+    from .distributed import gather, merge_indexed, process_group, rank_path, shard, wait_all, world_from_env
+    from .inputs import chunks
+
+    world = world_from_env()
+    job = _job(args, world)
+    with process_group(world, device=job.device, timeout_s=args.dist_timeout):
+        _prepare_out(args.out, world)
+        items = _inputs(args, world)
+        t0 = time.perf_counter()  # every rank starts here together (the inputs were just shared out)
+        mine = shard(chunks(items, job.batch), rank=world.rank, world=world.size)
+        rows: dict[int, dict] = {}
+        try:
+            _run_batches(job, mine, rows, resume=args.resume, world=world)
+        finally:  # also when interrupted: the summary of what finished
+            ordered = [rows[i] for i in sorted(rows)]
+            summary = args.out / "summary.csv"
+            _write_summary(rank_path(summary, world) if world.distributed else summary, ordered)
+            _print_failures(ordered, world)
+        wait_all(world, timeout_s=args.dist_timeout)
+        parts = gather(sorted(rows.items()), world)
+        failed = 0
+        if world.main:
+            merged = merge_indexed(parts, total=len(items))
+            if world.distributed:
+                _write_summary(summary, merged)
+            failed = _finish(merged, args.out, time.perf_counter() - t0)
+        wait_all(world, timeout_s=args.dist_timeout)  # no rank leaves before summary.csv is written
+    return 1 if failed and not world.launched else 0
 
 
 def _run_app(args: argparse.Namespace, extra: list[str]) -> int:
@@ -258,15 +388,23 @@ def _run_app(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .distributed import Interrupted, interruptible
+
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "app":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "app":
+        return _run_app(args, extra)
     try:
-        return _run_app(args, extra) if args.command == "app" else _run_analyze(args)
+        with interruptible():
+            return _run_analyze(args)
     except VitvizError as exc:
         print(f"vitviz: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"vitviz: interrupted ({exc})", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("vitviz: interrupted", file=sys.stderr)
         return 130
