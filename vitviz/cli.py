@@ -21,6 +21,8 @@ Exit codes: 0 done; 1 done but an image failed (one process only: under torchrun
 launcher's status means "the run completed", failures are in summary.csv); 2 bad arguments; 130 on SIGINT, 143 on
 SIGTERM.
 
+``evaluate`` measures explanation methods' faithfulness over images (:mod:`vitviz.evaluate_cli`).
+
 ``app`` starts the Streamlit UI of an installed vitviz; options after ``--port`` are passed to streamlit.
 """
 
@@ -44,13 +46,14 @@ from .errors import VitvizError
 __all__ = ["main", "build_parser", "SUMMARY_FIELDS", "TIMING_FIELDS"]
 
 SUMMARY_FIELDS = ("image", "stem", "status", "width", "height", "box", "input_h", "input_w", "grid", "peak_row",
-                  "peak_col", "forward_s", "total_s", "device", "notes", "error")
+                  "peak_col", "map_method", "outliers", "forward_s", "total_s", "device", "notes", "error")
 TIMING_FIELDS = ("forward_s", "total_s")  # the only columns that differ between two runs of the same inputs
 GPU_WORKERS = 4  # decoding processes per GPU rank by default (fewer when the machine has fewer cores per rank)
 DEFAULT_DIST_TIMEOUT_S = 24 * 3600  # the final wait for the slowest rank; a dead rank is caught by torchrun first
 
 
 def _add_analyze(sub) -> None:
+    from .explain import DEFAULT_METHOD
     from .rollout import FUSIONS
     from .settings import DEFAULTS, FITS
 
@@ -80,6 +83,12 @@ def _add_analyze(sub) -> None:
                    help="under torchrun: seconds a rank waits for the others (default one day)")
     a.add_argument("--opacity", type=float, default=0.6, help="overlay opacity in the PNG")
     a.add_argument("--save-attention", action="store_true", help="also store attention (L x H x T x T) in the npz")
+    a.add_argument("--method", default=DEFAULT_METHOD,
+                   help=f"the explanation stored as 'map' in each npz (default {DEFAULT_METHOD}, the most faithful "
+                        "by the README's measurement; e.g. chefer, rollout:start=1,discard=0.9; 'none' to skip)")
+    a.add_argument("--save-features", action="store_true",
+                   help="also store every layer's tokens (L x T x D) and their norms (L x T) in the npz, and count "
+                        "outlier tokens per layer in the summary")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -94,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitviz", description="See how a Vision Transformer reads images.")
     parser.add_argument("--version", action="version", version=f"vitviz {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    from .evaluate_cli import add_parser as add_evaluate
+
     _add_analyze(sub)
+    add_evaluate(sub)
     _add_app(sub)
     return parser
 
@@ -115,6 +127,8 @@ class _Job:
     quiet: bool
     workers: int  # DataLoader decoding processes
     run: str  # JSON of every option that shapes the outputs: what --resume compares
+    method: str | None = None  # the explanation stored as ``map``; None: none
+    save_features: bool = False
 
 
 def _workers(asked: int | None, device: str) -> int:
@@ -144,6 +158,7 @@ def _job(args: argparse.Namespace, world) -> _Job:
     """Settings checked, the model opened once, the layer range checked against it: bad arguments fail here."""
     from .device import pick_device
     from .distributed import local_device
+    from .explain import Method
     from .models import get_model, native_patch_size, resolve_sizes
     from .settings import DEFAULTS
 
@@ -162,10 +177,12 @@ def _job(args: argparse.Namespace, world) -> _Job:
     _, info = get_model(settings.model, arch=args.arch, patch_size=patch, img_size=square, device=device,
                         precision=settings.precision)
     layers = settings.layer_range(info.depth)  # a bad layer range is refused before any image is run
+    method = None if args.method == "none" else Method.parse(args.method).label  # a bad method fails here
     run = _run_options(settings, arch=args.arch, patch=patch, layers=layers, opacity=args.opacity,
                        save_attention=args.save_attention)
+    run = json.dumps({**json.loads(run), "method": method, "save_features": args.save_features}, sort_keys=True)
     return _Job(settings, args.arch, patch, settings.precision, device, batch, args.out, args.opacity,
-                args.save_attention, args.quiet, _workers(args.workers, device), run)
+                args.save_attention, args.quiet, _workers(args.workers, device), run, method, args.save_features)
 
 
 def _kept(item, *, out: Path, run: str) -> dict | None:
@@ -205,7 +222,32 @@ def _analyze(job: _Job, group: list):
         return get_model(job.settings.model, arch=job.arch, patch_size=job.patch_size, img_size=size, device=dev,
                          precision=job.precision if dev == job.device else "auto")
 
-    return analyze_with_fallback(load, [d.image for d in group], device=job.device, fit=job.settings.fit)
+    return analyze_with_fallback(load, [d.image for d in group], device=job.device, fit=job.settings.fit,
+                                 tokens=job.save_features)
+
+
+def _explained(job: _Job, res) -> dict:
+    """The npz arrays of the default explanation (``map``, ``map_method``, ``map_target``) and of the tokens."""
+    import numpy as np
+
+    from .explain import explain
+    from .image import to_tensor
+    from .models import get_model
+    from .tokens import find_outliers, token_norms
+
+    info, out = res.info, {}
+    if job.method is not None:
+        model, _ = get_model(job.settings.model, arch=job.arch, patch_size=job.patch_size, img_size=info.img_size,
+                             device=res.device, precision=job.precision if res.device == job.device else "auto")
+        param = next(model.parameters())
+        x = to_tensor(res.pixels, mean=info.mean, std=info.std).to(device=param.device, dtype=param.dtype)
+        e = explain(model, x, method=job.method, target="auto")
+        out.update(map=e.map, map_method=np.array(e.method.label), map_target=np.array(e.target_description))
+    if res.tokens is not None:
+        norms = token_norms(res.tokens)
+        out.update(tokens=np.asarray(res.tokens, dtype=np.float32), token_norms=norms,
+                   outliers=find_outliers(norms, num_prefix_tokens=info.num_prefix_tokens).sum(axis=1))
+    return out
 
 
 def _write(job: _Job, item, loaded, res) -> dict:
@@ -229,7 +271,10 @@ def _write(job: _Job, item, loaded, res) -> dict:
                                                            opacity=job.opacity))
     used = {**asdict(job.settings), "patch_size": info.patch_size, "img_size": list(info.img_size),
             "device": res.device, "start_layer": start, "end_layer": end}
-    extra = {"run": np.array(job.run), "summary": np.array(json.dumps(row))}
+    extra = _explained(job, res)
+    row.update(map_method=job.method or "",
+               outliers=" ".join(str(int(n)) for n in extra["outliers"]) if "outliers" in extra else "")
+    extra.update(run=np.array(job.run), summary=np.array(json.dumps(row)))
     write_npz(job.out / f"{item.stem}.npz", export_arrays(res, heat, settings=used, attention=job.save_attention,
                                                           extra=extra))
     return {**row, "status": "ok", "forward_s": f"{res.seconds:.4f}",
@@ -398,6 +443,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_app(args, extra)
     try:
         with interruptible():
+            if args.command == "evaluate":
+                from .evaluate_cli import run
+
+                return run(args)
             return _run_analyze(args)
     except VitvizError as exc:
         print(f"vitviz: {exc}", file=sys.stderr)

@@ -43,6 +43,7 @@ from .rollout import FUSIONS, HeadFusion, cls_attention, rollout_matrices, rollo
 
 __all__ = [
     "METHOD_NAMES",
+    "DEFAULT_METHOD",
     "TargetKind",
     "MethodName",
     "Target",
@@ -67,6 +68,9 @@ __all__ = [
 TargetKind = Literal["auto", "class", "embedding", "patch"]
 MethodName = Literal["rollout", "raw", "chefer", "legrad", "gradxattn", "random"]
 METHOD_NAMES: tuple[str, ...] = ("rollout", "raw", "chefer", "legrad", "gradxattn", "random")
+# the app's and the CLI's default explanation: the most faithful that stays on the objects on the 91 photos
+# (README, benchmarks/results-faithfulness.md)
+DEFAULT_METHOD = "legrad"
 _TARGET_KINDS = ("auto", "class", "embedding", "patch")
 
 

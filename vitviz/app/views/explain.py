@@ -11,6 +11,7 @@ import streamlit as st
 
 from vitviz import figures as vf
 from vitviz.evaluate import DEFAULT_METHODS
+from vitviz.explain import DEFAULT_METHOD
 from vitviz.labels import has_head
 
 from .. import cache
@@ -18,7 +19,6 @@ from ..state import keep
 from ..widgets import chart
 
 TITLE = "Explain"
-DEFAULT_METHOD = "legrad"  # the most faithful of the app's methods on the 91 photos (README, benchmarks/)
 METHODS = tuple(dict.fromkeys((DEFAULT_METHOD, *[m for m in DEFAULT_METHODS if m != "random"])))
 METHOD_TEXT = {"rollout": "attention rollout", "raw": "raw CLS attention of the last layer",
                "chefer": "Chefer et al. 2021 relevance", "legrad": "LeGrad (Bousselham et al. 2024)",
