@@ -186,3 +186,56 @@ def test_list_files_and_nested_folders_as_inputs(tmp_path, ckpt):
                  "--img-size", "32", "--quiet"]) == 1
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert [(r["stem"], r["status"]) for r in rows] == [("r", "ok"), ("g", "ok"), ("missing", "failed")]
+
+
+def test_analyze_stores_the_default_explanation_and_the_tokens(tmp_path, ckpt):
+    """npz: 'map' is vitviz.explain's map for that image (by its own method name), tokens equal the one pass's."""
+    import torch
+
+    from vitviz.explain import DEFAULT_METHOD, explain
+    from vitviz.image import to_tensor
+    from vitviz.models import get_model
+    from vitviz.tokens import token_norms
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(src / "a.png")
+    assert main(["analyze", str(src), "--out", str(out), "--model", str(ckpt), "--img-size", "32", "--quiet",
+                 "--save-features"]) == 0
+    with np.load(out / "a.npz") as d:
+        assert str(d["map_method"]) == DEFAULT_METHOD and "embedding" in str(d["map_target"])
+        model, info = get_model(str(ckpt), img_size=32, device="cpu")
+        want = explain(model, to_tensor(d["pixels"], mean=info.mean, std=info.std), method=DEFAULT_METHOD)
+        np.testing.assert_allclose(d["map"], want.map, rtol=1e-5, atol=1e-7)
+        assert d["tokens"].shape == (3, 17, 32)
+        np.testing.assert_allclose(d["token_norms"], token_norms(torch.from_numpy(d["tokens"])), rtol=1e-6)
+    row = next(csv.DictReader((out / "summary.csv").open()))
+    assert row["map_method"] == DEFAULT_METHOD and len(row["outliers"].split()) == 3
+    assert main(["analyze", str(src), "--out", str(tmp_path / "o2"), "--model", str(ckpt), "--img-size", "32",
+                 "--quiet", "--method", "none"]) == 0
+    with np.load(tmp_path / "o2" / "a.npz") as d:
+        assert "map" not in d.files and "tokens" not in d.files
+
+
+def test_evaluate_writes_rows_summary_and_plot_with_random_included(tmp_path, ckpt, capsys):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i in range(2):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(src / f"{i}.png")
+    (src / "bad.jpg").write_bytes(b"not an image")
+    assert main(["evaluate", str(src), "--out", str(out), "--model", str(ckpt), "--img-size", "32",
+                 "--methods", "legrad;rollout:start=1,discard=0.5", "--steps", "4"]) == 0
+    rows = list(csv.DictReader((out / "rows.csv").open()))
+    assert sorted({r["method"] for r in rows}) == ["legrad", "random", "rollout:start=1,discard=0.5"]
+    assert len(rows) == 2 * 3 and all(r["target"] == "embedding" for r in rows)
+    for r in rows:  # score = LeRF AUC - MoRF AUC, by the trapezoid over the removed fractions written beside it
+        x, morf, lerf = (np.array(r[k].split(), float) for k in ("fractions", "morf", "lerf"))
+        assert float(r["score"]) == pytest.approx(np.trapezoid(lerf, x) - np.trapezoid(morf, x), abs=1e-5)
+    summary = list(csv.DictReader((out / "summary.csv").open()))
+    assert {s["method"] for s in summary} == {r["method"] for r in rows} and (out / "curves.png").stat().st_size
+    failures = list(csv.DictReader((out / "failures.csv").open()))
+    assert len(failures) == 1 and failures[0]["image"].endswith("bad.jpg") and failures[0]["error"]
+    assert "| method |" in capsys.readouterr().out
+    assert main(["evaluate", str(src / "0.png"), "--out", str(out), "--model", str(ckpt), "--target", "class:3"]) == 2
+    err = capsys.readouterr().err
+    assert "head" in err and "Traceback" not in err  # a backbone has no class to explain
