@@ -45,7 +45,9 @@ STEP_S = 60  # one rerun on 2 CPU cores takes a second or two; generous, bounded
 PATCH, GRID = 14, 16  # the default model at the app's defaults: 224 px centre crop, 14 px patches
 TABS = [("Patch grid", "01-patch-grid"), ("Position embeddings", "02-position-embedding"),
         ("Attention rollout", "03-rollout"), ("Heads", "04-heads"), ("Query patch", "05-query-patch"),
-        ("Attention distance", "06-attention-distance")]
+        ("Attention distance", "06-attention-distance"), ("Explain", "09-explain"), ("Token norms", "10-token-norms"),
+        ("Attention sinks", "11-attention-sinks"), ("Patch features", "12-patch-features"),
+        ("Feature similarity", "13-feature-similarity")]
 
 try:
     from playwright.sync_api import Page, sync_playwright
