@@ -168,6 +168,8 @@ def _job(args: argparse.Namespace, world) -> _Job:
     settings.check()
     if not 0.0 <= args.opacity <= 1.0:
         raise VitvizError(f"opacity must be in [0, 1], got {args.opacity}")
+    if not args.dist_timeout > 0:
+        raise VitvizError(f"the distributed timeout must be a positive number of seconds, got {args.dist_timeout}")
     device = local_device(str(pick_device(settings.device)), world)
     batch = args.batch_size if args.batch_size is not None else (1 if device == "cpu" else 16)
     if batch < 1:
