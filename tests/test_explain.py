@@ -234,12 +234,26 @@ def test_rollout_and_raw_attention_equal_references(layout):
 def test_shared_passes_give_the_same_maps_as_one_method_at_a_time():
     model = _model("registers", num_classes=4)
     x = _image(model)
-    methods = ["rollout:start=1", "raw", "chefer", "legrad", "gradxattn", "random:seed=3"]
+    methods = ["rollout:start=1", "raw", "chefer", "legrad", "legrad:start=-2", "gradxattn", "random:seed=3"]
     together = explain_all(model, x, methods=methods)
     for m, e in zip(methods, together, strict=True):
         alone = explain(model, x, method=m)
         np.testing.assert_array_equal(e.map, alone.map)
         assert e.method == alone.method == Method.parse(m)
+
+
+def test_gradients_of_some_layers_equal_those_of_all():
+    model = _model("registers", num_classes=4)
+    x = _image(model)
+    for per_layer in (False, True):
+        full = attention_gradients(model, x, per_layer=per_layer)
+        some = attention_gradients(model, x, per_layer=per_layer, layers=[-1, 1])
+        assert full.layers == (0, 1, 2) and some.layers == (1, 2)
+        torch.testing.assert_close(some.gradients, full.gradients[1:], rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(some.attention, full.attention)
+    assert explain(model, x, method="gradxattn").passes == "1 forward + 1 backward (through the last layer only)"
+    with pytest.raises(ParameterError, match="out of range"):
+        attention_gradients(model, x, layers=[3])
 
 
 def test_explanation_describes_its_target_and_cost():

@@ -246,17 +246,28 @@ def _check_input(model: torch.nn.Module, x: torch.Tensor) -> None:
 
 @dataclass(frozen=True)
 class AttentionGradients:
-    """One forward and one backward: every layer's attention A_l and ∂s/∂A_l, each (L, H, T, T), detached.
+    """One forward and one backward: every layer's attention A_l (L, H, T, T) and the gradients of some layers.
 
-    ``per_layer``: the gradients are LeGrad's ∂s_l/∂A_l, s_l the target read from layer l's own output tokens.
+    ``gradients`` (len(layers), H, T, T) holds ∂s/∂A_l for l in ``layers``; with ``per_layer`` LeGrad's
+    ∂s_l/∂A_l, s_l the target read from layer l's own output tokens. All detached.
     """
 
     attention: torch.Tensor
     gradients: torch.Tensor
+    layers: tuple[int, ...]
     target: Target  # resolved
     score: float  # the target's value s(x) on the image
     outputs: ModelOutputs  # final outputs, detached
     per_layer: bool
+
+
+def _layers(layers: Sequence[int] | None, depth: int) -> tuple[int, ...]:
+    if layers is None:
+        return tuple(range(depth))
+    out = tuple(sorted({int(v) if v >= 0 else depth + int(v) for v in layers}))
+    if not out or not all(0 <= v < depth for v in out):
+        raise ParameterError(f"gradient layers {list(layers)} are out of range: the model has layers 0 to {depth - 1}")
+    return out
 
 
 def attention_gradients(
@@ -265,6 +276,7 @@ def attention_gradients(
         *,
         target: Target | str = "auto",
         per_layer: bool = False,
+        layers: Sequence[int] | None = None,
 ) -> AttentionGradients:
     """Walk ``model``'s blocks on ``x`` (1, 3, H, W) with autograd, then one ``torch.autograd.grad``.
 
@@ -272,29 +284,32 @@ def attention_gradients(
     ``per_layer=True`` (LeGrad): each block's input is detached, so A_l reaches nothing but layer l's output, and
     ∂(Σ_l s_l)/∂A_l = ∂s_l/∂A_l exactly, with s_l the target read through the final norm and head from layer l's
     tokens (s_L = s): all layers' gradients from one backward, as LeGrad's L separate backwards would give them.
+    ``layers`` (default all; negative from the end): the gradients wanted. The backward then stops at the
+    earliest of them (the last layer alone costs about one block's backward).
     """
     _check_input(model, x)
+    wanted = _layers(layers, len(model.blocks))
     with torch.inference_mode(False), torch.enable_grad():
         t = embed_tokens(model, x.clone())  # a clone: an inference-mode input cannot be saved for backward
         probs: list[torch.Tensor] = []
-        layer_tokens: list[torch.Tensor] = []
-        for blk in model.blocks:
+        readouts: list[torch.Tensor] = []  # per_layer: layer l's tokens, for the wanted layers before the last
+        for layer, blk in enumerate(model.blocks):
             t = _block(blk, t.detach() if per_layer else t, probs)
-            layer_tokens.append(t)
+            if per_layer and layer in wanted and layer < len(model.blocks) - 1:
+                readouts.append(t)
         final = head_outputs(model, t)
         resolved = resolve_target(model, target, None if final.logits is None else final.logits[0])
         ref = _reference(model, resolved, final)
         score = target_score(model, resolved, final, ref)[0]
-        if per_layer:  # s_L is `score`; the others through the same norm and head
-            total = score + sum(target_score(model, resolved, head_outputs(model, o), ref)[0]
-                                for o in layer_tokens[:-1])
-        else:
-            total = score
-        grads = torch.autograd.grad(total, probs, allow_unused=True)
-    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(probs, grads, strict=True)]
+        # s_l of the wanted earlier layers through the same norm and head (s_L is the score itself; with A_L not
+        # wanted it contributes nothing to the gradients asked for)
+        total = score + sum(target_score(model, resolved, head_outputs(model, o), ref)[0] for o in readouts)
+        grads = torch.autograd.grad(total, [probs[i] for i in wanted], allow_unused=True)
+    grads = [torch.zeros_like(probs[i]) if g is None else g for i, g in zip(wanted, grads, strict=True)]
     return AttentionGradients(
         attention=torch.stack([p.detach()[0] for p in probs]),
         gradients=torch.stack([g.detach()[0] for g in grads]),
+        layers=wanted,
         target=resolved,
         score=float(score.detach()),
         outputs=ModelOutputs(
@@ -324,11 +339,10 @@ def chefer_map(attention: torch.Tensor, gradients: torch.Tensor, *, num_prefix_t
     return tokens_to_grid(row, num_prefix_tokens=num_prefix_tokens, grid=grid)
 
 
-def legrad_map(gradients: torch.Tensor, *, num_prefix_tokens: int, grid: tuple[int, int],
-               start_layer: int = 0) -> torch.Tensor:
-    """LeGrad (Bousselham et al. 2024), from per-layer gradients ∇A_l = ∂s_l/∂A_l (L, H, T, T):
+def legrad_map(gradients: torch.Tensor, *, num_prefix_tokens: int, grid: tuple[int, int]) -> torch.Tensor:
+    """LeGrad (Bousselham et al. 2024), from per-layer gradients ∇A_l = ∂s_l/∂A_l (K, H, T, T) of the K layers used:
 
-        Ê_l = 1/(H·T) Σ_h Σ_i (∇A_l)⁺[h, i, :],   E = Σ_{l ≥ start} Ê_l over the patch columns,   map = min-max(E)
+        Ê_l = 1/(H·T) Σ_h Σ_i (∇A_l)⁺[h, i, :],   E = Σ_l Ê_l over the patch columns,   map = min-max(E)
 
     Follows the paper and the authors' code (WalBouss/LeGrad, ``compute_legrad_clip``): s_l is the target read from
     layer l's tokens through the model's final norm and head (their ``ln_post`` and ``proj``), the gradient is
@@ -336,26 +350,25 @@ def legrad_map(gradients: torch.Tensor, *, num_prefix_tokens: int, grid: tuple[i
     row (CLS, prefix and patch queries), summed over layers and min-max normalised. Departures: s_l reads the
     model's own pooling (the CLS token for token pooling; their CLIP code averages all tokens) and the target
     here is a class logit or ⟨f(x), f_l(x)⟩ rather than a text embedding's similarity; the authors' wrapper
-    defaults to the last two layers (``layer_index=-2``), the paper aggregates all layers: ``start_layer``
-    chooses (default 0, all layers). One backward gives every layer's gradient (see :func:`attention_gradients`).
+    defaults to the last two layers (``layer_index=-2``), the paper aggregates all layers: the method's
+    ``start_layer`` chooses (default 0, all layers). One backward gives every layer's gradient (see
+    :func:`attention_gradients`), where the authors run one per layer.
     """
-    depth = gradients.shape[0]
-    start = start_layer if start_layer >= 0 else depth + start_layer
-    if not 0 <= start < depth:
-        raise ParameterError(f"LeGrad start layer {start_layer} is out of range for {depth} layers")
-    e = gradients[start:].clamp(min=0).mean(dim=(1, 2)).sum(dim=0)  # (T,): heads and queries averaged, layers summed
+    e = gradients.clamp(min=0).mean(dim=(1, 2)).sum(dim=0)  # (T,): heads and queries averaged, layers summed
     heat = tokens_to_grid(e, num_prefix_tokens=num_prefix_tokens, grid=grid)
     lo, hi = heat.min(), heat.max()
     return (heat - lo) / (hi - lo) if hi > lo else torch.zeros_like(heat)
 
 
-def grad_attention_map(attention: torch.Tensor, gradients: torch.Tensor, *, num_prefix_tokens: int,
-                       grid: tuple[int, int], layer: int = -1) -> torch.Tensor:
-    """Gradient × attention of one layer (default the last): the CLS row of E_h[(∇A_l ⊙ A_l)⁺] over the patches.
+def grad_attention_map(attention: torch.Tensor, gradient: torch.Tensor, *, num_prefix_tokens: int,
+                       grid: tuple[int, int]) -> torch.Tensor:
+    """Gradient × attention of one layer (the last, as vitviz uses it): A_l and ∇A_l (H, T, T) -> (gh, gw),
+
+        map = CLS row of E_h[(∇A_l ⊙ A_l)⁺] over the patches,
 
     Chefer et al.'s Ā_l alone, without the propagation through the earlier layers.
     """
-    abar_cls = (gradients[layer, :, 0] * attention[layer, :, 0]).clamp(min=0).mean(dim=0)  # (T,)
+    abar_cls = (gradient[:, 0] * attention[:, 0]).clamp(min=0).mean(dim=0)  # (T,)
     return tokens_to_grid(abar_cls, num_prefix_tokens=num_prefix_tokens, grid=grid)
 
 
@@ -447,21 +460,50 @@ class Explanation:
     notes: tuple[str, ...] = field(default=())
 
 
-_PASS_TEXT = {"capture": "1 forward (attention only)", "total": "1 forward + 1 backward",
-              "layer": "1 forward + 1 backward", "plain": "none (a forward only to resolve the target)"}
+def _layer_index(layer: int, depth: int, what: str) -> int:
+    index = layer if layer >= 0 else depth + layer
+    if not 0 <= index < depth:
+        raise ParameterError(f"{what} {layer} is out of range: the model has layers 0 to {depth - 1}")
+    return index
 
 
-def _pass_kind(method: Method) -> str:
-    return {"rollout": "capture", "raw": "capture", "chefer": "total", "gradxattn": "total",
-            "legrad": "layer"}.get(method.name, "plain")
+def _plan(methods: Sequence[Method], depth: int) -> list[tuple]:
+    """Each method's pass: ("capture",), ("total", layers), ("layer", layers) or ("plain",); shared where equal.
+
+    grad×attn needs the last layer's gradient only (a backward through one block) unless Chefer's pass runs
+    anyway; every LeGrad variant shares one per-layer pass from the earliest start layer among them.
+    """
+    chefer = any(m.name == "chefer" for m in methods)
+    starts = [_layer_index(m.start_layer, depth, "LeGrad start layer") for m in methods if m.name == "legrad"]
+    keys = []
+    for m in methods:
+        if m.name in ("rollout", "raw"):
+            keys.append(("capture",))
+        elif m.name == "chefer" or (m.name == "gradxattn" and chefer):
+            keys.append(("total", tuple(range(depth))))
+        elif m.name == "gradxattn":
+            keys.append(("total", (depth - 1,)))
+        elif m.name == "legrad":
+            keys.append(("layer", tuple(range(min(starts), depth))))
+        else:
+            keys.append(("plain",))
+    return keys
 
 
-def _run_pass(model: torch.nn.Module, x: torch.Tensor, kind: str, target: Target | str):
-    """(attention, gradients or None, outputs, resolved target) of one pass of ``kind``."""
-    if kind in ("total", "layer"):
-        g = attention_gradients(model, x, target=target, per_layer=kind == "layer")
-        return g.attention, g.gradients, g.outputs, g.target
-    if kind == "capture":
+def _passes_text(key: tuple, depth: int) -> str:
+    if key[0] == "capture":
+        return "1 forward (attention only)"
+    if key[0] == "plain":
+        return "none"
+    return "1 forward + 1 backward" + (" (through the last layer only)" if key[1] == (depth - 1,) else "")
+
+
+def _run_pass(model: torch.nn.Module, x: torch.Tensor, key: tuple, target: Target | str):
+    """(attention (L, H, T, T) or None, AttentionGradients or None, outputs, resolved target) of one pass."""
+    if key[0] in ("total", "layer"):
+        g = attention_gradients(model, x, target=target, per_layer=key[0] == "layer", layers=key[1])
+        return g.attention, g, g.outputs, g.target
+    if key[0] == "capture":
         cap = attention_forward(model, x, store_device=None)  # (1, L, H, T, T) and the normed features
         with torch.inference_mode():
             feats = cap.features
@@ -475,14 +517,8 @@ def _run_pass(model: torch.nn.Module, x: torch.Tensor, kind: str, target: Target
     return attn, None, out, resolve_target(model, target, None if out.logits is None else out.logits[0])
 
 
-def _layer_index(layer: int, depth: int, what: str) -> int:
-    index = layer if layer >= 0 else depth + layer
-    if not 0 <= index < depth:
-        raise ParameterError(f"{what} {layer} is out of range: the model has layers 0 to {depth - 1}")
-    return index
-
-
-def _method_map(model: torch.nn.Module, method: Method, attn, grads) -> torch.Tensor | np.ndarray:
+def _method_map(model: torch.nn.Module, method: Method, attn: torch.Tensor | None,
+                grads: AttentionGradients | None) -> torch.Tensor | np.ndarray:
     """The (gh, gw) map of ``method`` from its pass's attention (L, H, T, T) and gradients."""
     grid = tuple(int(v) for v in model.patch_embed.grid_size)
     p = int(model.num_prefix_tokens)
@@ -498,10 +534,12 @@ def _method_map(model: torch.nn.Module, method: Method, attn, grads) -> torch.Te
         rows = cls_attention(attn[layer : layer + 1], head_fusion=method.head_fusion)  # (1, T)
         return tokens_to_grid(rows[0], num_prefix_tokens=p, grid=grid)
     if method.name == "chefer":
-        return chefer_map(attn, grads, num_prefix_tokens=p, grid=grid)
+        return chefer_map(attn, grads.gradients, num_prefix_tokens=p, grid=grid)
     if method.name == "gradxattn":
-        return grad_attention_map(attn, grads, num_prefix_tokens=p, grid=grid)
-    return legrad_map(grads, num_prefix_tokens=p, grid=grid, start_layer=method.start_layer)
+        last = grads.layers.index(depth - 1)
+        return grad_attention_map(attn[-1], grads.gradients[last], num_prefix_tokens=p, grid=grid)
+    start = _layer_index(method.start_layer, depth, "LeGrad start layer")
+    return legrad_map(grads.gradients[grads.layers.index(start):], num_prefix_tokens=p, grid=grid)
 
 
 def _frozen(heat: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -521,34 +559,35 @@ def explain_all(
     """Explanations of one target on one image ``x`` (1, 3, H, W) by several methods, sharing their passes.
 
     At most three passes, each run only if a method needs it: one attention capture (rollout, raw), one
-    forward + backward for the total gradients (Chefer, grad×attn), one for LeGrad's per-layer gradients. Each
-    explanation's ``seconds`` is its own pass plus its map, i.e. what it costs alone.
+    forward + backward for the total gradients (Chefer; grad×attn alone backpropagates through the last layer
+    only), one for LeGrad's per-layer gradients (all its variants). Each explanation's ``seconds`` is its pass
+    (a shared pass is charged in full to each method using it) plus its map; the random map costs its map only.
     """
     _check_input(model, x)
     methods = [Method.parse(m) for m in methods]
     if not methods:
         raise ParameterError("no methods to explain with")
+    depth = len(model.blocks)
+    keys = _plan(methods, depth)
     # random maps need no pass: a plain forward resolves the target only when no other method runs a pass
-    kinds = [k for k in dict.fromkeys(_pass_kind(m) for m in methods) if k != "plain"] or ["plain"]
-    runs = {}
-    for kind in kinds:
+    runs: dict[tuple, tuple] = {}
+    for key in [k for k in dict.fromkeys(keys) if k != ("plain",)] or [("plain",)]:
         t0 = time.perf_counter()
-        runs[kind] = (_run_pass(model, x, kind, target), time.perf_counter() - t0)
-    (_a, _g, out, resolved), _s = runs[kinds[0]]
+        runs[key] = (_run_pass(model, x, key, target), time.perf_counter() - t0)
+    (_a, _g, out, resolved), _s = next(iter(runs.values()))
     logits = None if out.logits is None else out.logits[0]
     description = describe_target(model, resolved, logits)
     predictions = top_predictions(logits, names=class_names(model)) if logits is not None else ()
     explanations = []
-    for m in methods:
-        kind = _pass_kind(m)
-        (attn, grads, _o, _t), pass_seconds = runs[kind] if kind != "plain" else ((None, None, None, None), 0.0)
+    for m, key in zip(methods, keys, strict=True):
+        (attn, grads, _o, _t), pass_seconds = runs.get(key, ((None, None, None, None), 0.0))
         t0 = time.perf_counter()
         heat = _frozen(_method_map(model, m, attn, grads))
         explanations.append(Explanation(
             map=heat, method=m, target=resolved, target_description=description,
-            uses_target=kind in ("total", "layer"), predictions=predictions,
-            seconds=pass_seconds + time.perf_counter() - t0,
-            passes="none" if m.name == "random" else _PASS_TEXT[kind],
+            uses_target=key[0] in ("total", "layer"), predictions=predictions,
+            seconds=(pass_seconds if m.name != "random" else 0.0) + time.perf_counter() - t0,
+            passes=_passes_text(key, depth),
         ))
     return explanations
 
