@@ -247,6 +247,21 @@ def rollout_report(pasted: list[dict]) -> list[str]:
     return lines
 
 
+def blank_check(model, info) -> str:
+    """Layer 0 on images without objects: a flat grey canvas (every patch alike) and uniform noise."""
+    rng = np.random.default_rng(0)
+    blank = Image.new("RGB", (224, 224), (128, 128, 128))
+    noise = Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8))
+    p = info.num_prefix_tokens
+    parts = []
+    for name, rec in zip(("a flat grey image", "uniform noise"), measure(model, info, [blank, noise]), strict=True):
+        c = rec["cls0"][p:]
+        r = rec["received"][0, p:]
+        parts.append(f"{name}: top-1 patch {100 * c.max() / c.sum():.1f}% of the CLS's patch attention, it "
+                     f"receives {r.max() / np.median(r):.1f}x the median")
+    return "Layer 0 on images without objects: " + "; ".join(parts) + "."
+
+
 def foreground_check(pasted: list[dict]) -> str:
     prec = [(r["foreground"] & r["on_box"]).sum() / max(r["foreground"].sum(), 1) for r in pasted]
     rec = [(r["foreground"] & r["on_box"]).sum() / max(r["on_box"].sum(), 1) for r in pasted]
@@ -356,13 +371,14 @@ def photo_sections(photos, *, batch: int) -> list[str]:
     model, info = get_model("default", img_size=(224, 224))
     with torch.inference_mode():
         plain, pasted = run_photos(model, info, photos, batch=batch)
+        blank = blank_check(model, info)
     p = info.num_prefix_tokens
     lines = ["", f"## Outliers on {len(photos)} photos ({info.name}, {info.grid[0]}x{info.grid[1]} patches)", ""]
     for key, what in (("norm_out", "High-norm tokens"), ("sinks", "Attention sinks (received attention)")):
         lines += [f"### {what}: outlier tokens per layer (`find_outliers`)", "", *outlier_table(
             plain, pasted, key=key, p=p), ""]
     return lines + ["### Layer 0: what the CLS token attends to", "", *spike_report(plain, pasted, p=p, grid=info.grid),
-                    "", foreground_check(pasted), "", "## Artefact-aware rollout on the pasted scenes", "",
+                    "", blank, "", foreground_check(pasted), "", "## Artefact-aware rollout on the pasted scenes", "",
                     *rollout_report(pasted), ""]
 
 
