@@ -335,8 +335,9 @@ def header(threads: int) -> list[str]:
     import timm
 
     return [f"CPU {cpu}, {os.cpu_count()} cores, torch.set_num_threads({threads}); torch {torch.__version__}, "
-            f"timm {timm.__version__}, python {platform.python_version()}; load average at start "
-            f"{os.getloadavg()[0]:.2f}. {datetime.datetime.now():%Y-%m-%d %H:%M}."]
+            f"timm {timm.__version__}, python {platform.python_version()}; numpy's BLAS threads: "
+            f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset (one per core)')}; load average "
+            f"at start {os.getloadavg()[0]:.2f}. {datetime.datetime.now():%Y-%m-%d %H:%M}."]
 
 
 def main(argv: list[str] | None = None) -> None:
