@@ -248,6 +248,21 @@ def rollout_report(pasted: list[dict]) -> list[str]:
     return lines
 
 
+def blank_check(model, info) -> str:
+    """Layer 0 on images without objects: a flat grey canvas (every patch alike) and uniform noise."""
+    rng = np.random.default_rng(0)
+    blank = Image.new("RGB", (224, 224), (128, 128, 128))
+    noise = Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8))
+    p = info.num_prefix_tokens
+    parts = []
+    for name, rec in zip(("a flat grey image", "uniform noise"), measure(model, info, [blank, noise]), strict=True):
+        c = rec["cls0"][p:]
+        r = rec["received"][0, p:]
+        parts.append(f"{name}: top-1 patch {100 * c.max() / c.sum():.1f}% of the CLS's patch attention, it "
+                     f"receives {r.max() / np.median(r):.1f}x the median")
+    return "Layer 0 on images without objects: " + "; ".join(parts) + "."
+
+
 def foreground_check(pasted: list[dict]) -> str:
     prec = [(r["foreground"] & r["on_box"]).sum() / max(r["foreground"].sum(), 1) for r in pasted]
     rec = [(r["foreground"] & r["on_box"]).sum() / max(r["on_box"].sum(), 1) for r in pasted]
@@ -321,8 +336,9 @@ def header(threads: int) -> list[str]:
     import timm
 
     return [f"CPU {cpu}, {os.cpu_count()} cores, torch.set_num_threads({threads}); torch {torch.__version__}, "
-            f"timm {timm.__version__}, python {platform.python_version()}; load average at start "
-            f"{os.getloadavg()[0]:.2f}. {datetime.datetime.now():%Y-%m-%d %H:%M}."]
+            f"timm {timm.__version__}, python {platform.python_version()}; numpy's BLAS threads: "
+            f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset (one per core)')}; load average "
+            f"at start {os.getloadavg()[0]:.2f}. {datetime.datetime.now():%Y-%m-%d %H:%M}."]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -336,6 +352,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--view-repeats", type=int, default=15, help="timed rounds of the view rows")
     ap.add_argument("--no-timing", action="store_true", help="skip the timing sections")
     ap.add_argument("--only-timing", action="store_true", help="only the timing sections (no photo measurements)")
+    ap.add_argument("--no-capture", action="store_true", help="time the view computations only")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -357,13 +374,14 @@ def photo_sections(photos, *, batch: int) -> list[str]:
     model, info = get_model("default", img_size=(224, 224))
     with torch.inference_mode():
         plain, pasted = run_photos(model, info, photos, batch=batch)
+        blank = blank_check(model, info)
     p = info.num_prefix_tokens
     lines = ["", f"## Outliers on {len(photos)} photos ({info.name}, {info.grid[0]}x{info.grid[1]} patches)", ""]
     for key, what in (("norm_out", "High-norm tokens"), ("sinks", "Attention sinks (received attention)")):
         lines += [f"### {what}: outlier tokens per layer (`find_outliers`)", "", *outlier_table(
             plain, pasted, key=key, p=p), ""]
     return lines + ["### Layer 0: what the CLS token attends to", "", *spike_report(plain, pasted, p=p, grid=info.grid),
-                    "", foreground_check(pasted), "", "## Artefact-aware rollout on the pasted scenes", "",
+                    "", blank, "", foreground_check(pasted), "", "## Artefact-aware rollout on the pasted scenes", "",
                     *rollout_report(pasted), ""]
 
 
@@ -381,10 +399,11 @@ def timing_sections(args, photos) -> list[str]:
         model, info = get_model("default", patch_size=patch, img_size=(224, 224))
         x2, _ = batch_input([im for _n, im in photos[:2]], info)
         with torch.inference_mode():
-            cap_lines += capture_rows(name, model, info, x2[:1], repeats=args.p8_repeats if patch else args.repeats)
+            if not args.no_capture:
+                cap_lines += capture_rows(name, model, info, x2[:1], repeats=args.p8_repeats if patch else args.repeats)
             view_lines += view_rows(name, model, info, x2, repeats=args.view_repeats)
         print(f"  timed {name}", file=sys.stderr, flush=True)
-    return [*cap_lines, "", *view_lines]
+    return ([] if args.no_capture else [*cap_lines, ""]) + view_lines
 
 
 if __name__ == "__main__":

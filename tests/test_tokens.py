@@ -184,6 +184,10 @@ def test_received_attention_equals_a_loop_and_top_receivers_a_sort(variant):
             np.testing.assert_array_equal(val[layer], got[layer, idx[layer]])
     batched = received_attention(cap.attention)  # (B, L, T)
     np.testing.assert_array_equal(batched[0], got)
+    _model, two = _capture(variant, images=2)  # (B, L, H, T, T) is a transposed view of the capture's buffer
+    both = received_attention(two.attention)
+    for b in range(2):
+        np.testing.assert_allclose(both[b], two.attention[b].double().mean(dim=(-3, -2)).numpy(), atol=1e-6)
     half = received_attention(cap.attention[0].half().numpy())  # fp16 storage, as a numpy array
     np.testing.assert_allclose(half, got, atol=1e-4)
     with pytest.raises(ParameterError, match="k must be"):
