@@ -464,9 +464,12 @@ def test_explain_view_states_its_target_and_faithfulness_and_never_a_missing_cla
     assert not any("class" in o for o in at.selectbox(key="explain_target").options)
     text = at.tabs[3].markdown[0].value
     assert "explains **the image's own CLS embedding**" in text and "a random map scores" in text
-    assert "LeGrad" in text and not [c for c in at.tabs[3].caption if "Predictions" in c.value]
+    assert "attention rollout (start=1,discard=0.9) — default" in text  # the measured default
+    assert not [c for c in at.tabs[3].caption if "Predictions" in c.value]
     curves = json.loads(chart_proto(at, "fig_explain_curves").spec)
     assert [tr["name"] for tr in curves["data"]][2:] == ["random MoRF", "random LeRF"]
     at.selectbox(key="explain_method").set_value("chefer").run()
     ok(at)
     assert "Chefer" in at.tabs[3].markdown[0].value and len(calls) == 1  # the explanation pass is its own
+    at.selectbox(key="explain_method").set_value("legrad").run()
+    assert "LeGrad (Bousselham et al. 2024)" in at.tabs[3].markdown[0].value

@@ -68,9 +68,9 @@ __all__ = [
 TargetKind = Literal["auto", "class", "embedding", "patch"]
 MethodName = Literal["rollout", "raw", "chefer", "legrad", "gradxattn", "random"]
 METHOD_NAMES: tuple[str, ...] = ("rollout", "raw", "chefer", "legrad", "gradxattn", "random")
-# the app's and the CLI's default explanation: the most faithful that stays on the objects on the 91 photos
-# (README, benchmarks/results-faithfulness.md)
-DEFAULT_METHOD = "legrad"
+# the app's and the CLI's default explanation: the most faithful of the offered maps that also stays on the objects,
+# measured on the shared photos (README, benchmarks/results-faithfulness.md); LeGrad and Chefer scored lower there
+DEFAULT_METHOD = "rollout:start=1,discard=0.9"
 _TARGET_KINDS = ("auto", "class", "embedding", "patch")
 
 
