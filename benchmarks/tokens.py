@@ -352,6 +352,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-timing", action="store_true", help="skip the timing sections")
     ap.add_argument("--only-timing", action="store_true", help="only the timing sections (no photo measurements)")
     ap.add_argument("--no-capture", action="store_true", help="time the view computations only")
+    ap.add_argument("--no-views", action="store_true", help="time the capture only")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -400,9 +401,10 @@ def timing_sections(args, photos) -> list[str]:
         with torch.inference_mode():
             if not args.no_capture:
                 cap_lines += capture_rows(name, model, info, x2[:1], repeats=args.p8_repeats if patch else args.repeats)
-            view_lines += view_rows(name, model, info, x2, repeats=args.view_repeats)
+            if not args.no_views:
+                view_lines += view_rows(name, model, info, x2, repeats=args.view_repeats)
         print(f"  timed {name}", file=sys.stderr, flush=True)
-    return ([] if args.no_capture else [*cap_lines, ""]) + view_lines
+    return ([] if args.no_capture else [*cap_lines, ""]) + ([] if args.no_views else view_lines)
 
 
 if __name__ == "__main__":
