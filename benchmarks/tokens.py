@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
+import gc
 import os
 import platform
 import statistics
@@ -276,11 +278,29 @@ def foreground_check(pasted: list[dict]) -> str:
 # ------------------------------------------------------------------------------------------------------ timings
 
 
+def time_cpu_interleaved(fns: dict[str, Callable[[], object]], *, repeats: int, warmup: int = 2
+                         ) -> dict[str, list[float]]:
+    """Like ``bench.time_interleaved`` but reading the process's CPU time (all threads): on a machine shared
+    with other jobs, time spent waiting for a core is not counted. Meant for one thread (no spinning workers)."""
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    with torch.inference_mode():
+        for r in range(warmup + repeats):
+            k = r % len(names)
+            for name in names[k:] + names[:k]:
+                gc.collect()
+                t0 = time.process_time()
+                fns[name]()
+                if r >= warmup:
+                    times[name].append(time.process_time() - t0)
+    return times
+
+
 def _median_ms(times: dict[str, list[float]]) -> dict[str, tuple[float, float]]:
     return {k: (1e3 * statistics.median(v), 1e3 * min(v)) for k, v in times.items()}
 
 
-def capture_rows(name: str, model, info, x: torch.Tensor, *, repeats: int) -> list[str]:
+def capture_rows(name: str, model, info, x: torch.Tensor, *, repeats: int, cpu_clock: bool = False) -> list[str]:
     """The capture with and without tokens next to the plain fused forward, interleaved."""
     need = attention_bytes(depth=info.depth, heads=info.num_heads, tokens=info.num_tokens)
     store = torch.float16 if need > HALF_STORAGE_BYTES else torch.float32  # as analyze_batch decides
@@ -293,7 +313,8 @@ def capture_rows(name: str, model, info, x: torch.Tensor, *, repeats: int) -> li
         "capture with features": lambda: attention_forward(model, x, store_dtype=store),
         "capture with features, **tokens kept**": lambda: attention_forward(model, x, store_dtype=store, tokens=True),
     }
-    res = _median_ms(time_interleaved(fns, device=torch.device("cpu"), repeats=repeats, warmup=2))
+    timer = time_cpu_interleaved if cpu_clock else functools.partial(time_interleaved, device=torch.device("cpu"))
+    res = _median_ms(timer(fns, repeats=repeats, warmup=2))
     floor_med, floor_min = res[next(iter(fns))]
     store_name = str(store).removeprefix("torch.")
     return [f"| {name} | {info.num_tokens} | {store_name} | {label} | {med:.1f} | {mn:.1f} | {med / floor_med:.2f} | "
@@ -353,6 +374,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-timing", action="store_true", help="skip the timing sections")
     ap.add_argument("--only-timing", action="store_true", help="only the timing sections (no photo measurements)")
     ap.add_argument("--no-capture", action="store_true", help="time the view computations only")
+    ap.add_argument("--no-views", action="store_true", help="time the capture only")
+    ap.add_argument("--cpu-clock", action="store_true",
+                    help="capture rows by process CPU time, not wall time (with --threads 1 on a busy machine)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -386,9 +410,11 @@ def photo_sections(photos, *, batch: int) -> list[str]:
 
 
 def timing_sections(args, photos) -> list[str]:
+    clock = "process CPU time" if args.cpu_clock else "wall time"
     cap_lines = ["## Capture cost with and without tokens (interleaved)", "",
-                 f"Median (and minimum) of {args.repeats} (patch 14) and {args.p8_repeats} (patch 8) interleaved "
-                 "rounds after 2 warm-up rounds, one image; the storage dtype is the one `analyze` picks.", "",
+                 f"Median (and minimum) {clock} of {args.repeats} (patch 14) and {args.p8_repeats} (patch 8) "
+                 "interleaved rounds after 2 warm-up rounds, one image; the storage dtype is the one `analyze` "
+                 "picks.", "",
                  "| case | tokens | storage | row | median ms | min ms | x plain (medians) | x plain (minima) |",
                  "|---|---:|---|---|---:|---:|---:|---:|"]
     view_lines = ["## View computations (ms, interleaved)", "",
@@ -400,10 +426,12 @@ def timing_sections(args, photos) -> list[str]:
         x2, _ = batch_input([im for _n, im in photos[:2]], info)
         with torch.inference_mode():
             if not args.no_capture:
-                cap_lines += capture_rows(name, model, info, x2[:1], repeats=args.p8_repeats if patch else args.repeats)
-            view_lines += view_rows(name, model, info, x2, repeats=args.view_repeats)
+                cap_lines += capture_rows(name, model, info, x2[:1], repeats=args.p8_repeats if patch else args.repeats,
+                                          cpu_clock=args.cpu_clock)
+            if not args.no_views:
+                view_lines += view_rows(name, model, info, x2, repeats=args.view_repeats)
         print(f"  timed {name}", file=sys.stderr, flush=True)
-    return ([] if args.no_capture else [*cap_lines, ""]) + view_lines
+    return ([] if args.no_capture else [*cap_lines, ""]) + ([] if args.no_views else view_lines)
 
 
 if __name__ == "__main__":

@@ -90,6 +90,23 @@ def _block(blk: torch.nn.Module, x: torch.Tensor, probs: torch.Tensor) -> torch.
     return x + blk.ls2(blk.mlp(blk.norm2(x)))
 
 
+def _walk(blocks, t: torch.Tensor, buf: torch.Tensor, *, scratch: torch.Tensor | None, kept: torch.Tensor | None,
+          last_block: bool) -> torch.Tensor:
+    """Every block on t (B, T, C), its probabilities into buf[layer] (through ``scratch`` when that is given) and
+    its output into kept[layer] (when given); without ``last_block``, only the last layer's probabilities."""
+    for layer, blk in enumerate(blocks):
+        probs = buf[layer] if scratch is None else scratch
+        if layer == len(blocks) - 1 and not last_block:
+            _last_probs(blk, t, probs)
+        else:
+            t = _block(blk, t, probs)
+            if kept is not None:
+                kept[layer].copy_(t)
+        if scratch is not None:
+            buf[layer].copy_(scratch)
+    return t
+
+
 @dataclass(frozen=True)
 class Capture:
     """What one pass yields. ``attention`` is (B, L, H, T, T), rows sum to 1; ``features`` the normed tokens.
@@ -144,16 +161,7 @@ def attention_forward(
         scratch = None if compute == store_dtype else torch.empty(buf.shape[1:], device=t.device, dtype=compute)
         # every block's output: (L, B, T, D), filled as the walk goes (no list of tensors to stack afterwards)
         kept = torch.empty((depth, *t.shape), device=t.device, dtype=store_dtype) if tokens else None
-        for layer, blk in enumerate(model.blocks):
-            probs = buf[layer] if scratch is None else scratch
-            if layer == depth - 1 and not (features or tokens):
-                _last_probs(blk, t, probs)
-            else:
-                t = _block(blk, t, probs)
-                if kept is not None:
-                    kept[layer].copy_(t)
-            if scratch is not None:
-                buf[layer].copy_(scratch)
+        t = _walk(model.blocks, t, buf, scratch=scratch, kept=kept, last_block=features or tokens)
         attention, outputs = buf.transpose(0, 1), None  # (B, L, H, T, T), a view
         if kept is not None:
             outputs = kept.transpose(0, 1)  # (B, L, T, D), a view
