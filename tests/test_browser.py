@@ -40,8 +40,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 VIEWPORT = {"width": 1400, "height": 1000}
 START_S = 90  # server health
-FIRST_S = 180  # first render: the default model may be converted on a fresh machine
-STEP_S = 60  # one rerun on 2 CPU cores takes a second or two; generous, bounded
+FIRST_S = 300  # first render: the default model may be converted on a fresh machine
+STEP_S = 120  # one rerun on 2 CPU cores takes a second or two; generous, bounded
 PATCH, GRID = 14, 16  # the default model at the app's defaults: 224 px centre crop, 14 px patches
 TABS = [("Patch grid", "01-patch-grid"), ("Position embeddings", "02-position-embedding"),
         ("Attention rollout", "03-rollout"), ("Heads", "04-heads"), ("Query patch", "05-query-patch"),
