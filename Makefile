@@ -44,6 +44,10 @@ test: install-dev
 	$(BIN)/ruff check .
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
+# the declared lower bounds of the pure-Python dependencies, in a second venv that reuses this one's torch
+test-lower: install-dev
+	bash scripts/check-lower-bounds.sh
+
 # the browser test only, saving its screenshots into docs/ (the README's pictures); CI=true: no browser is an error
 screenshots: install-dev
 	CI=true VITVIZ_SCREENSHOTS=docs/screenshots HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests/test_browser.py
