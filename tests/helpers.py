@@ -6,13 +6,18 @@ and naive references (timm's own unfused path, loops and full matrix products) t
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
+import gc
 import io
+import os
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 import timm
 import torch
 from PIL import Image
@@ -121,3 +126,24 @@ def run_cli(paths, out: Path, ckpt: Path, *extra: str) -> int:
 
     return main(["analyze", *map(str, paths), "--out", str(out), "--model", str(ckpt), "--img-size", "32", "--quiet",
                  *extra])
+
+
+def peak_rss_growth(fn) -> tuple[int, object]:
+    """(peak RSS above the start while ``fn`` ran, what it returned or raised), from /proc (Linux)."""
+    gc.collect()
+    with contextlib.suppress(OSError):  # freed heap back to the system: growth then needs fresh pages
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM, the peak resident set size, to the current one
+    except OSError:
+        pytest.skip("cannot reset the peak RSS here (/proc/self/clear_refs)")
+    with open("/proc/self/statm") as f:
+        start = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    try:
+        out = fn()
+    except Exception as exc:  # noqa: BLE001 - the caller checks what it was
+        out = exc
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+    return peak - start, out

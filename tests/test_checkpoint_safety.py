@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import struct
 import zipfile
@@ -22,7 +21,7 @@ import vitviz.models as vm
 from vitviz.errors import CheckpointError
 from vitviz.models import build_model, load_source, read_checkpoint
 
-from .helpers import tiny_vit
+from .helpers import peak_rss_growth, tiny_vit
 
 ARCH = "vit_tiny_patch16_224"
 KW = dict(embed_dim=32, depth=2, num_heads=4, num_classes=0)
@@ -32,22 +31,6 @@ GiB = 2**30
 # ------------------------------------------------------------------------------------------------ spies and makers
 
 
-def peak_rss_growth(fn) -> tuple[int, object]:
-    """(peak RSS above the start while ``fn`` ran, what it returned or raised), from /proc (Linux)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM, the peak resident set size, to the current one
-    except OSError:
-        pytest.skip("cannot reset the peak RSS here (/proc/self/clear_refs)")
-    with open("/proc/self/statm") as f:
-        start = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    try:
-        out = fn()
-    except Exception as exc:  # noqa: BLE001 - the caller checks what it was
-        out = exc
-    with open("/proc/self/status") as f:
-        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
-    return peak - start, out
 
 
 class Seen(dict):

@@ -4,11 +4,7 @@ is refused from its header with the numbers in plain words; images within the bu
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import gc
 import io
-import os
 import struct
 import zlib
 
@@ -20,30 +16,11 @@ import vitviz.image as vi
 from vitviz.errors import ImageError
 from vitviz.image import MAX_DECODE_BYTES, decode_bytes, load_image
 
-from .helpers import encode, png_chunk
+from .helpers import encode, peak_rss_growth, png_chunk
 
 MB = 10**6  # decimal, as the messages state sizes
 
 
-def peak_rss_growth(fn) -> tuple[int, object]:
-    """(peak RSS above the start while ``fn`` ran, what it returned or raised), from /proc (Linux)."""
-    gc.collect()
-    with contextlib.suppress(OSError):  # freed heap back to the system: growth then needs fresh pages
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM, the peak resident set size, to the current one
-    except OSError:
-        pytest.skip("cannot reset the peak RSS here (/proc/self/clear_refs)")
-    with open("/proc/self/statm") as f:
-        start = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    try:
-        out = fn()
-    except Exception as exc:  # noqa: BLE001 - the caller checks what it was
-        out = exc
-    with open("/proc/self/status") as f:
-        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
-    return peak - start, out
 
 
 def flat_16bit_png(w: int, h: int, value: int = 1234) -> bytes:
