@@ -473,3 +473,19 @@ def test_explain_view_states_its_target_and_faithfulness_and_never_a_missing_cla
     assert "Chefer" in at.tabs[3].markdown[0].value and len(calls) == 1  # the explanation pass is its own
     at.selectbox(key="explain_method").set_value("legrad").run()
     assert "LeGrad (Bousselham et al. 2024)" in at.tabs[3].markdown[0].value
+
+
+def test_analyses_of_a_session_do_not_outlive_the_caches(calls):
+    """Issue 14: each upload's analysis was kept alive by a widget callback holding the script's globals (43 alive
+    after 44 uploads). Now only the caches hold them: after many distinct uploads, at most the cache's size live."""
+    import gc
+
+    from vitviz.analysis import Analysis
+
+    at = show(started(example=None), "Attention rollout")
+    for i in range(12):
+        at.file_uploader(key="upload").set_value((f"u{i}.jpg", jpeg_bytes((90 + i, 60)), "image/jpeg")).run()
+        ok(at)
+    gc.collect()
+    alive = [o for o in gc.get_objects() if isinstance(o, Analysis)]
+    assert len(calls) == 12 and len(alive) <= 4 + 1, f"{len(alive)} analyses alive after 12 uploads (cache: 4)"
