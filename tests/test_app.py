@@ -489,3 +489,35 @@ def test_analyses_of_a_session_do_not_outlive_the_caches(calls):
     gc.collect()
     alive = [o for o in gc.get_objects() if isinstance(o, Analysis)]
     assert len(calls) == 12 and len(alive) <= 4 + 1, f"{len(alive)} analyses alive after 12 uploads (cache: 4)"
+
+
+def test_a_checkpoint_whose_metadata_names_a_file_never_makes_the_server_read_it(calls, tmp_path, monkeypatch):
+    """Issue 14's attack through the app: an uploaded .safetensors whose 'kwargs' metadata is {"checkpoint_path":
+    <a planted file>}. The user gets one message; the planted file is never opened by torch, safetensors or timm."""
+    from safetensors.torch import save, save_file
+
+    planted = tmp_path / "planted.safetensors"
+    model = timm.create_model(ARCH, pretrained=False, num_classes=0, img_size=64)
+    save_file(model.state_dict(), str(planted))
+    opened: list[str] = []
+    real_open = open
+
+    def spy_open(file, *a, **k):
+        opened.append(str(file))
+        return real_open(file, *a, **k)
+
+    import safetensors
+
+    real_load, real_safe_open = torch.load, safetensors.safe_open
+    monkeypatch.setattr("builtins.open", spy_open)
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: (opened.append(str(f)), real_load(f, *a, **k))[1])
+    monkeypatch.setattr(safetensors, "safe_open",
+                        lambda f, *a, **k: (opened.append(str(f)), real_safe_open(f, *a, **k))[1])
+    meta = {"arch": ARCH, "kwargs": json.dumps({"img_size": 64, "checkpoint_path": str(planted)})}
+    data = save({k: v.contiguous() for k, v in model.state_dict().items()}, metadata=meta)
+    at = started()
+    at.selectbox(key="model").set_value("upload").run()
+    at.file_uploader(key="ckpt_upload").set_value(("evil.safetensors", data, "application/octet-stream")).run()
+    assert not at.exception and len(at.error) == 1
+    assert "'checkpoint_path' is never passed on" in err(at)
+    assert str(planted) not in opened and not any(str(planted) in s for s in opened)
