@@ -526,7 +526,9 @@ def _method_map(model: torch.nn.Module, method: Method, attn: torch.Tensor | Non
     if method.name == "random":
         return random_map(grid, seed=method.seed)
     if method.name == "rollout":
-        start = _layer_index(method.start_layer, depth, "rollout start layer")
+        # as Settings.layer_range: the default's layer 1 means layer 0 on a one-layer model
+        start = 0 if depth == 1 and method.start_layer == 1 else _layer_index(method.start_layer, depth,
+                                                                                 "rollout start layer")
         mats = rollout_matrices(attn[start:], head_fusion=method.head_fusion, discard_ratio=method.discard_ratio)
         return tokens_to_grid(rollout_row(mats, start=0, end=depth - start - 1), num_prefix_tokens=p, grid=grid)
     if method.name == "raw":
