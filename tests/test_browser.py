@@ -123,6 +123,14 @@ def app_url(tmp_path_factory):
 def browser():
     with sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        real_new_context = b.new_context
+
+        def new_context(**kwargs):  # every action bounded by STEP_S, not playwright's 30 s (a busy 2-core machine)
+            ctx = real_new_context(**kwargs)
+            ctx.set_default_timeout(STEP_S * 1000)
+            return ctx
+
+        b.new_context = new_context
         try:
             yield b
         finally:
@@ -259,8 +267,8 @@ def assert_map_equal(got: np.ndarray, want: np.ndarray) -> None:
 
 
 def pick_example(page: Page, name: str) -> None:
-    page.locator(".st-key-example").click()
-    page.get_by_role("option", name=name, exact=True).click()
+    page.locator(".st-key-example").click(timeout=STEP_S * 1000)
+    page.get_by_role("option", name=name, exact=True).click(timeout=STEP_S * 1000)
 
 
 def test_first_visit_latency_and_true_colours(app_url, browser):
@@ -405,7 +413,7 @@ def wait_query(page: Page, want: int, key: str) -> None:
     """Wait until the query patch input shows ``want`` and figure ``key`` is redrawn for it (the app names the query
     in a clickable figure's layout.selectionrevision), alone: the element of the previous query is gone."""
     query = page.locator('.st-key-query_patch input')
-    page.wait_for_function("([e, v]) => e.value === String(v)", arg=[query.element_handle(), want], timeout=10_000)
+    page.wait_for_function("([e, v]) => e.value === String(v)", arg=[query.element_handle(), want], timeout=STEP_S * 1000)
     page.wait_for_function(
         """([key, v]) => {
             const plots = document.querySelectorAll(`.st-key-${key} .js-plotly-plot`);
@@ -449,7 +457,7 @@ def test_click_on_patch_sets_query(app_url, browser):
         wait_query(page, click_patch(page, row=9, col=7, key="fig_rollout"), "fig_rollout")
         hover_at(page, "fig_rollout", 7.25 * PATCH, 9.75 * PATCH)  # off the centre of patch (9, 7): its hover, value
         hover = figure(page, "fig_rollout").locator(".hovertext")
-        hover.wait_for(timeout=10_000)
+        hover.wait_for(timeout=STEP_S * 1000)
         lines = hover.locator("tspan.line").all_text_contents()  # plotly draws each <br> line as a tspan
         assert lines[0] == "patch 151 · row 9, col 7" and lines[1].startswith("value "), lines
         set_query(page, 3, "fig_rollout")  # the rollout keeps a selected point until it is redrawn: a click on it
