@@ -413,7 +413,8 @@ def wait_query(page: Page, want: int, key: str) -> None:
     """Wait until the query patch input shows ``want`` and figure ``key`` is redrawn for it (the app names the query
     in a clickable figure's layout.selectionrevision), alone: the element of the previous query is gone."""
     query = page.locator('.st-key-query_patch input')
-    page.wait_for_function("([e, v]) => e.value === String(v)", arg=[query.element_handle(), want], timeout=STEP_S * 1000)
+    page.wait_for_function("([e, v]) => e.value === String(v)", arg=[query.element_handle(), want],
+                           timeout=STEP_S * 1000)
     page.wait_for_function(
         """([key, v]) => {
             const plots = document.querySelectorAll(`.st-key-${key} .js-plotly-plot`);
