@@ -17,6 +17,8 @@ Methods (the maps are over the patch tokens; prefix tokens, CLS + registers + di
 - ``chefer``: Chefer, Gur & Wolf 2021 (ICCV, "generic"), :func:`chefer_map`;
 - ``legrad``: Bousselham et al. 2024, :func:`legrad_map`;
 - ``gradxattn``: E_h[(∇A_L ⊙ A_L)⁺] of the last layer only, :func:`grad_attention_map`;
+- ``deletion``: greedy token deletion, the patches removed first that take the curves' score down fastest, one
+  forward + backward per step on the shrinking token set (:mod:`vitviz.deletion`);
 - ``random``: a seeded uniform map, the baseline every faithfulness table includes.
 
 The gradient methods cost one forward and one backward: :func:`attention_gradients` walks the blocks itself with
@@ -28,7 +30,7 @@ change; parameter ``.grad`` is never written), so one shared model may explain f
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
@@ -66,8 +68,10 @@ __all__ = [
 ]
 
 TargetKind = Literal["auto", "class", "embedding", "patch"]
-MethodName = Literal["rollout", "raw", "chefer", "legrad", "gradxattn", "random"]
-METHOD_NAMES: tuple[str, ...] = ("rollout", "raw", "chefer", "legrad", "gradxattn", "random")
+MethodName = Literal["rollout", "raw", "chefer", "legrad", "gradxattn", "deletion", "random"]
+METHOD_NAMES: tuple[str, ...] = ("rollout", "raw", "chefer", "legrad", "gradxattn", "deletion", "random")
+DELETION_STEPS = 32  # greedy deletion's default steps: more faithful than 16 on the shared photos (benchmarks/)
+Progress = Callable[[int, int], None]  # (steps done, steps in all) of a method that runs in steps
 # the app's and the CLI's default explanation: the most faithful of the offered maps that also stays on the objects,
 # measured on the shared photos (README, benchmarks/results-faithfulness.md); LeGrad and Chefer scored lower there
 DEFAULT_METHOD = "rollout:start=1,discard=0.9"
@@ -206,14 +210,22 @@ def target_score(model: torch.nn.Module, target: Target, out: ModelOutputs, ref:
 # ------------------------------------------------------------------------------------------- differentiable walk
 
 
-def _attend(attn: torch.nn.Module, x: torch.Tensor, keep: list[torch.Tensor]) -> torch.Tensor:
-    """timm Attention.forward, unfused and differentiable; appends its probabilities (B, H, T, T) to ``keep``."""
+def _attend(attn: torch.nn.Module, x: torch.Tensor, keep: list[torch.Tensor],
+            key_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """timm Attention.forward, unfused and differentiable; appends its probabilities (B, H, T, T) to ``keep``.
+
+    ``key_bias`` (B, T), optional: added to every query's logit for each key (b_j = log m_j for a presence m_j;
+    -inf removes token j as a key), in every head.
+    """
     B, T, _ = x.shape
     gate_proj = getattr(attn, "gate", None)  # newer timm only
     gate = gate_proj(x).sigmoid() if gate_proj is not None else None
     q, k, v = _qkv(attn, x)  # (B, H, T, d) each
     compute = torch.promote_types(q.dtype, torch.float32)  # softmax in fp32 at least, as the capture does
-    probs = (q.to(compute) @ k.to(compute).transpose(-2, -1)).mul(attn.scale).softmax(-1)
+    logits = (q.to(compute) @ k.to(compute).transpose(-2, -1)).mul(attn.scale)  # (B, H, T, T)
+    if key_bias is not None:
+        logits = logits + key_bias.to(compute)[:, None, None, :]
+    probs = logits.softmax(-1)
     if not probs.requires_grad:  # weights without requires_grad: our own probabilities are the leaves
         probs.requires_grad_()
     keep.append(probs)
@@ -224,12 +236,13 @@ def _attend(attn: torch.nn.Module, x: torch.Tensor, keep: list[torch.Tensor]) ->
     return attn.proj(out)
 
 
-def _block(blk: torch.nn.Module, x: torch.Tensor, keep: list[torch.Tensor]) -> torch.Tensor:
+def _block(blk: torch.nn.Module, x: torch.Tensor, keep: list[torch.Tensor],
+           key_bias: torch.Tensor | None = None) -> torch.Tensor:
     """One block in eval mode, as vitviz.attention's walk, but with autograd through the probabilities."""
     if type(blk) is ResPostBlock:
-        x = x + blk.norm1(_attend(blk.attn, x, keep))
+        x = x + blk.norm1(_attend(blk.attn, x, keep, key_bias))
         return x + blk.norm2(blk.mlp(x))
-    x = x + blk.ls1(_attend(blk.attn, blk.norm1(x), keep))
+    x = x + blk.ls1(_attend(blk.attn, blk.norm1(x), keep, key_bias))
     return x + blk.ls2(blk.mlp(blk.norm2(x)))
 
 
@@ -386,10 +399,11 @@ _METHOD_KEYS = {  # what each method reads; the other fields stay at their defau
     "chefer": (),
     "legrad": ("start_layer",),
     "gradxattn": (),
+    "deletion": ("steps",),
     "random": ("seed",),
 }
 _SHORT = {"start_layer": "start", "discard_ratio": "discard", "head_fusion": "fusion", "layer": "layer",
-          "seed": "seed"}
+          "steps": "steps", "seed": "seed"}
 
 
 @dataclass(frozen=True)
@@ -404,6 +418,7 @@ class Method:
     discard_ratio: float = 0.0  # rollout
     head_fusion: HeadFusion = "mean"  # rollout, raw
     layer: int = -1  # raw
+    steps: int = DELETION_STEPS  # deletion
     seed: int = 0  # random
 
     def __post_init__(self) -> None:
@@ -413,6 +428,8 @@ class Method:
             raise ParameterError(f"unknown head fusion {self.head_fusion!r}: choose one of {', '.join(FUSIONS)}")
         if not 0.0 <= self.discard_ratio < 1.0:
             raise ParameterError(f"discard ratio must be in [0, 1), got {self.discard_ratio}")
+        if not 2 <= self.steps <= 1024:
+            raise ParameterError(f"deletion steps must be from 2 to 1024, got {self.steps}")
         defaults = Method.__dataclass_fields__
         for f in fields(self)[1:]:
             if f.name not in _METHOD_KEYS[self.name] and getattr(self, f.name) != defaults[f.name].default:
@@ -426,7 +443,7 @@ class Method:
 
     @classmethod
     def parse(cls, text: str | Method) -> Method:
-        """``chefer``, ``legrad:start=-2``, ``rollout:start=1,discard=0.9,fusion=mean``, ``raw:layer=-1``, ..."""
+        """``chefer``, ``legrad:start=-2``, ``rollout:start=1,discard=0.9,fusion=mean``, ``deletion:steps=16``..."""
         if isinstance(text, Method):
             return text
         name, _, rest = str(text).strip().partition(":")
@@ -468,7 +485,8 @@ def _layer_index(layer: int, depth: int, what: str) -> int:
 
 
 def _plan(methods: Sequence[Method], depth: int) -> list[tuple]:
-    """Each method's pass: ("capture",), ("total", layers), ("layer", layers) or ("plain",); shared where equal.
+    """Each method's pass: ("capture",), ("total", layers), ("layer", layers), ("deletion", steps) or ("plain",);
+    shared where equal.
 
     grad×attn needs the last layer's gradient only (a backward through one block) unless Chefer's pass runs
     anyway; every LeGrad variant shares one per-layer pass from the earliest start layer among them.
@@ -485,6 +503,8 @@ def _plan(methods: Sequence[Method], depth: int) -> list[tuple]:
             keys.append(("total", (depth - 1,)))
         elif m.name == "legrad":
             keys.append(("layer", tuple(range(min(starts), depth))))
+        elif m.name == "deletion":
+            keys.append(("deletion", m.steps))
         else:
             keys.append(("plain",))
     return keys
@@ -495,11 +515,19 @@ def _passes_text(key: tuple, depth: int) -> str:
         return "1 forward (attention only)"
     if key[0] == "plain":
         return "none"
+    if key[0] == "deletion":
+        return f"{key[1]} forward + backward passes on shrinking token sets"
     return "1 forward + 1 backward" + (" (through the last layer only)" if key[1] == (depth - 1,) else "")
 
 
-def _run_pass(model: torch.nn.Module, x: torch.Tensor, key: tuple, target: Target | str):
-    """(attention (L, H, T, T) or None, AttentionGradients or None, outputs, resolved target) of one pass."""
+def _run_pass(model: torch.nn.Module, x: torch.Tensor, key: tuple, target: Target | str,
+              progress: Progress | None = None):
+    """(attention (L, H, T, T) or None, AttentionGradients or Deletion or None, outputs, resolved target)."""
+    if key[0] == "deletion":
+        from .deletion import deletion_order  # it builds on this module
+
+        d = deletion_order(model, x, target=target, steps=key[1], progress=progress)
+        return None, d, d.outputs, d.target
     if key[0] in ("total", "layer"):
         g = attention_gradients(model, x, target=target, per_layer=key[0] == "layer", layers=key[1])
         return g.attention, g, g.outputs, g.target
@@ -518,13 +546,15 @@ def _run_pass(model: torch.nn.Module, x: torch.Tensor, key: tuple, target: Targe
 
 
 def _method_map(model: torch.nn.Module, method: Method, attn: torch.Tensor | None,
-                grads: AttentionGradients | None) -> torch.Tensor | np.ndarray:
-    """The (gh, gw) map of ``method`` from its pass's attention (L, H, T, T) and gradients."""
+                grads) -> torch.Tensor | np.ndarray:
+    """The (gh, gw) map of ``method`` from its pass's attention (L, H, T, T) and gradients (or its Deletion)."""
     grid = tuple(int(v) for v in model.patch_embed.grid_size)
     p = int(model.num_prefix_tokens)
     depth = len(model.blocks)
     if method.name == "random":
         return random_map(grid, seed=method.seed)
+    if method.name == "deletion":
+        return grads.map
     if method.name == "rollout":
         # as Settings.layer_range: the default's layer 1 means layer 0 on a one-layer model
         start = 0 if depth == 1 and method.start_layer == 1 else _layer_index(method.start_layer, depth,
@@ -557,13 +587,15 @@ def explain_all(
         *,
         methods: Sequence[Method | str],
         target: Target | str = "auto",
+        progress: Progress | None = None,
 ) -> list[Explanation]:
     """Explanations of one target on one image ``x`` (1, 3, H, W) by several methods, sharing their passes.
 
     At most three passes, each run only if a method needs it: one attention capture (rollout, raw), one
     forward + backward for the total gradients (Chefer; grad×attn alone backpropagates through the last layer
-    only), one for LeGrad's per-layer gradients (all its variants). Each explanation's ``seconds`` is its pass
-    (a shared pass is charged in full to each method using it) plus its map; the random map costs its map only.
+    only), one for LeGrad's per-layer gradients (all its variants), and greedy deletion's steps (one run per step
+    count; ``progress(i, S)`` after each of its S steps). Each explanation's ``seconds`` is its pass (a shared pass
+    is charged in full to each method using it) plus its map; the random map costs its map only.
     """
     _check_input(model, x)
     methods = [Method.parse(m) for m in methods]
@@ -575,7 +607,7 @@ def explain_all(
     runs: dict[tuple, tuple] = {}
     for key in [k for k in dict.fromkeys(keys) if k != ("plain",)] or [("plain",)]:
         t0 = time.perf_counter()
-        runs[key] = (_run_pass(model, x, key, target), time.perf_counter() - t0)
+        runs[key] = (_run_pass(model, x, key, target, progress), time.perf_counter() - t0)
     (_a, _g, out, resolved), _s = next(iter(runs.values()))
     logits = None if out.logits is None else out.logits[0]
     description = describe_target(model, resolved, logits)
@@ -587,7 +619,7 @@ def explain_all(
         heat = _frozen(_method_map(model, m, attn, grads))
         explanations.append(Explanation(
             map=heat, method=m, target=resolved, target_description=description,
-            uses_target=key[0] in ("total", "layer"), predictions=predictions,
+            uses_target=key[0] in ("total", "layer", "deletion"), predictions=predictions,
             seconds=(pass_seconds if m.name != "random" else 0.0) + time.perf_counter() - t0,
             passes=_passes_text(key, depth),
         ))
@@ -600,6 +632,7 @@ def explain(
         *,
         method: Method | str = "chefer",
         target: Target | str = "auto",
+        progress: Progress | None = None,
 ) -> Explanation:
     """One explanation of ``target`` on one image ``x`` (1, 3, H, W): see :func:`explain_all`."""
-    return explain_all(model, x, methods=[method], target=target)[0]
+    return explain_all(model, x, methods=[method], target=target, progress=progress)[0]

@@ -56,6 +56,7 @@ __all__ = [
     "removal_orders",
     "auc",
     "run_kept",
+    "curve_score",
     "curves",
     "faithfulness",
 ]
@@ -132,9 +133,13 @@ def run_kept(model: torch.nn.Module, tokens: torch.Tensor, keep: torch.Tensor) -
     return head_outputs(model, model.blocks(torch.cat([prefix, patches], dim=1)))
 
 
-def _score(model: torch.nn.Module, target: Target, out: ModelOutputs, ref: torch.Tensor,
-           position: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(B,) score and, for a class target, (B,) logit; ``position`` (B,): where patch p sits in each sequence."""
+def curve_score(model: torch.nn.Module, target: Target, out: ModelOutputs, ref: torch.Tensor,
+                position: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the curves measure, (B,), and for a class target the (B,) logit beside it (differentiable).
+
+    ``ref``: the full image's embedding (or patch p's feature); ``position`` (B,): where patch p sits in each
+    sequence (patch targets).
+    """
     if target.kind == "class":
         logits = out.logits.float()
         return logits.softmax(-1)[:, target.index], logits[:, target.index]
@@ -172,7 +177,7 @@ def _token_steps(model, x, orders, counts, target, protect):
     ref = full.embedding[0] if resolved.kind == "embedding" else (
         full.tokens[0, p + resolved.index] if resolved.kind == "patch" else None)
     pos0 = torch.tensor([p + (protect or 0)], device=dev)
-    s0, l0 = _score(model, resolved, full, ref, pos0)
+    s0, l0 = curve_score(model, resolved, full, ref, pos0)
     M2 = 2 * len(orders)
     scores = np.empty((len(counts), M2))
     logits = np.empty((len(counts), M2)) if resolved.kind == "class" else None
@@ -186,7 +191,7 @@ def _token_steps(model, x, orders, counts, target, protect):
             sub = kept[a : a + size]
             out = run_kept(model, tokens, sub)
             pos = p + (sub == protect).int().argmax(dim=1) if protect is not None else None
-            s, lg = _score(model, resolved, out, ref, pos)
+            s, lg = curve_score(model, resolved, out, ref, pos)
             scores[i, a : a + size] = s.cpu().numpy()
             if logits is not None:
                 logits[i, a : a + size] = lg.cpu().numpy()
@@ -209,7 +214,7 @@ def _pixel_steps(model, x, orders, counts, target, protect):
     scores = np.empty((len(counts), M2))
     logits = np.empty((len(counts), M2)) if resolved.kind == "class" else None
     pos = None if protect is None else torch.tensor([p + protect], device=x.device)
-    s0, l0 = _score(model, resolved, full, ref, pos)
+    s0, l0 = curve_score(model, resolved, full, ref, pos)
     scores[0] = float(s0[0])
     if logits is not None:
         logits[0] = float(l0[0])
@@ -222,7 +227,7 @@ def _pixel_steps(model, x, orders, counts, target, protect):
         pixel_mask = masks.view(-1, 1, gh, gw).repeat_interleave(ps, 2).repeat_interleave(ps, 3)
         xb = torch.where(pixel_mask, mean, x)  # (b, 3, H, W)
         out = head_outputs(model, model.blocks(embed_tokens(model, xb)))
-        s, lg = _score(model, resolved, out, ref, None if pos is None else pos.expand(len(chunk)))
+        s, lg = curve_score(model, resolved, out, ref, None if pos is None else pos.expand(len(chunk)))
         for r, (i, j, _rm) in enumerate(chunk):
             scores[i, j] = float(s[r])
             if logits is not None:
