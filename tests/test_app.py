@@ -464,7 +464,8 @@ def test_explain_view_states_its_target_and_faithfulness_and_never_a_missing_cla
     assert not any("class" in o for o in at.selectbox(key="explain_target").options)
     text = at.tabs[3].markdown[0].value
     assert "explains **the image's own CLS embedding**" in text and "a random map scores" in text
-    assert "attention rollout (start=1,discard=0.9) — default" in text  # the measured default
+    assert "greedy token deletion — default" in text and "still to go when it was removed" in text  # measured
+    assert "forward + backward passes on shrinking token sets" in text
     assert not [c for c in at.tabs[3].caption if "Predictions" in c.value]
     curves = json.loads(chart_proto(at, "fig_explain_curves").spec)
     assert [tr["name"] for tr in curves["data"]][2:] == ["random MoRF", "random LeRF"]
@@ -473,6 +474,56 @@ def test_explain_view_states_its_target_and_faithfulness_and_never_a_missing_cla
     assert "Chefer" in at.tabs[3].markdown[0].value and len(calls) == 1  # the explanation pass is its own
     at.selectbox(key="explain_method").set_value("legrad").run()
     assert "LeGrad (Bousselham et al. 2024)" in at.tabs[3].markdown[0].value
+    at.selectbox(key="explain_method").set_value("rollout:start=1,discard=0.9").run()
+    assert "attention rollout (start=1,discard=0.9)" in at.tabs[3].markdown[0].value
+    assert "still to go" not in at.tabs[3].markdown[0].value and not at.get("progress")  # ready: no bar left
+
+
+def test_explanations_are_one_shared_job_with_progress_and_failures_are_not_kept(calls, monkeypatch):
+    """The cached resource is the job: two askers share one computation; progress reaches the asker's thread while
+    it runs; a failure is raised to each asker and not cached (asking again retries)."""
+    import threading
+    import time
+
+    import vitviz.explain
+    from vitviz.analysis import input_size_for
+    from vitviz.app import cache
+    from vitviz.app.state import app_model
+    from vitviz.models import ModelKey
+
+    name, arch = app_model()  # the tiny checkpoint, as the app loads it
+    loaded = cache.model_source(name, arch)
+    data = jpeg_bytes((96, 80))
+    image = cache.image(cache.digest(data), data, "x.jpg")
+    size = input_size_for(image.image, img_size=64, patch_size=P, fit="crop")
+    key = cache.AnalysisKey(ModelKey(name, arch, P, size, "cpu", "fp32"), cache.digest(data), "crop")
+    res, _notice = cache.analysis(key, image, loaded)
+    gate, real = threading.Event(), vitviz.explain.explain_all
+    runs: list[str] = []
+
+    def slow(*args, progress=None, **kwargs):
+        runs.append(kwargs["methods"][0])
+        assert gate.wait(10)
+
+        def paced(i, n):  # each step stays on show longer than the asker's poll interval
+            progress(i, n)
+            time.sleep(0.3)
+
+        return real(*args, progress=paced, **kwargs)
+
+    monkeypatch.setattr(vitviz.explain, "explain_all", slow)
+    seen: list[tuple[float, str]] = []
+    threading.Timer(0.5, gate.set).start()
+    first = cache.explanation(key, "deletion:steps=4", "embedding", res, loaded,
+                              progress=lambda f, t: seen.append((f, t)))
+    again = cache.explanation(key, "deletion:steps=4", "embedding", res, loaded)
+    assert first is again and runs == ["deletion:steps=4"]
+    assert any(t.startswith("Greedy deletion: step") for _f, t in seen) and seen[-1][0] >= seen[0][0]
+    assert first.explanation.method.label == "deletion:steps=4"
+    for _ in range(2):
+        with pytest.raises(ValueError, match="no classifier head"):
+            cache.explanation(key, "chefer", "class", res, loaded)
+    assert runs.count("chefer") == 2
 
 
 def test_analyses_of_a_session_do_not_outlive_the_caches(calls):

@@ -51,6 +51,8 @@ DEFAULT_METHODS: tuple[str, ...] = (
     "chefer",
     "legrad",
     "gradxattn",
+    "deletion",
+    "deletion:steps=16",
     "random",
 )
 Progress = Callable[[int, int, str], None]  # (done, total, image name)

@@ -73,8 +73,9 @@ METHOD_NAMES: tuple[str, ...] = ("rollout", "raw", "chefer", "legrad", "gradxatt
 DELETION_STEPS = 32  # greedy deletion's default steps: more faithful than 16 on the shared photos (benchmarks/)
 Progress = Callable[[int, int], None]  # (steps done, steps in all) of a method that runs in steps
 # the app's and the CLI's default explanation: the most faithful of the offered maps that also stays on the objects,
-# measured on the shared photos (README, benchmarks/results-faithfulness.md); LeGrad and Chefer scored lower there
-DEFAULT_METHOD = "rollout:start=1,discard=0.9"
+# measured on the shared photos (README, benchmarks/results-faithfulness.md); every attention and gradient map
+# scored lower there (the best of them: rollout from layer 1 with discard 0.9)
+DEFAULT_METHOD = "deletion"
 _TARGET_KINDS = ("auto", "class", "embedding", "patch")
 
 

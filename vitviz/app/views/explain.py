@@ -22,7 +22,11 @@ TITLE = "Explain"
 METHODS = tuple(dict.fromkeys((DEFAULT_METHOD, *[m for m in DEFAULT_METHODS if m != "random"])))
 METHOD_TEXT = {"rollout": "attention rollout", "raw": "raw CLS attention of the last layer",
                "chefer": "Chefer et al. 2021 relevance", "legrad": "LeGrad (Bousselham et al. 2024)",
-               "gradxattn": "gradient × attention, last layer"}
+               "gradxattn": "gradient × attention, last layer", "deletion": "greedy token deletion"}
+# how to read a map whose values are not a relevance on their own scale
+READING = {"deletion": "Patches were removed in steps, each step taking the patches whose presence the score "
+                       "leaned on most among those left; a patch's value is how much of the score was still to go "
+                       "when it was removed (dark: removed after the score had stopped falling)."}
 
 
 def _method_label(label: str) -> str:
@@ -49,6 +53,15 @@ def _target_text(target: str, ctx) -> str:
     return f"the query patch {ctx.query}'s feature"
 
 
+def _explained(ctx, method: str, target: str):
+    """The cached explanation; a progress bar while it is computed (none when it is ready)."""
+    slot = st.empty()
+    done = cache.explanation(ctx.key, method, target, ctx.res, ctx.loaded,
+                             progress=lambda fraction, text: slot.progress(fraction, text=text))
+    slot.empty()
+    return done
+
+
 def render(ctx) -> None:
     info, a = ctx.info, ctx.attention
     targets = _targets(ctx)
@@ -58,14 +71,14 @@ def render(ctx) -> None:
     target = left.selectbox("What to explain", targets, key="explain_target",
                             format_func=lambda t: _target_text(t, ctx))
     method = right.selectbox("Method", METHODS, key="explain_method", format_func=_method_label)
-    done = cache.explanation(ctx.key, method, target, ctx.res, ctx.loaded)
+    done = _explained(ctx, method, target)
     e, c, r = done.explanation, done.curves, done.random_curves
     if e.predictions:
         st.caption("Predictions: " + "; ".join(p.describe() for p in e.predictions))
     st.markdown(f"**{_method_label(method)}** explains **{e.target_description}** ({e.passes}). Brighter patches "
                 f"matter more to it. Faithfulness, by removing patch tokens in 10 steps: score {c.score:+.3f} "
                 f"(LeRF area {c.lerf_auc:.3f} − MoRF area {c.morf_auc:.3f}; a random map scores {r.score:+.3f} "
-                f"on this image). Higher is more faithful to the model.")
+                f"on this image). Higher is more faithful to the model. {READING.get(e.method.name, '')}")
     cols = st.columns(2)
     with cols[0]:
         chart(vf.overlay_figure(ctx.res.pixels, e.map, patch_size=info.patch_size, opacity=a.opacity,
