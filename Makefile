@@ -1,6 +1,7 @@
 # vitviz: two commands do all set-up on a fresh machine.
 #   make app    installs everything into .venv and starts the app on the embedded default model
-#   make test   installs everything the tests need (pip deps, Debian's chromium) and runs the tests
+#   make test   installs everything the tests need (pip deps, Debian's chromium) and runs the tests (in CI, also
+#               the fast tests against the declared lower bounds of the dependencies: make test-lower)
 # CPU-only machines can take PyTorch's CPU wheels (no CUDA libraries):
 #   make app TORCH_INDEX=https://download.pytorch.org/whl/cpu
 PYTHON ?= python3
@@ -40,9 +41,11 @@ install-dev: $(VENV)/.installed-dev
 app: install
 	$(BIN)/vitviz app --port $(PORT)
 
+# in CI (CI=true) also the declared lower bounds (test-lower): a second venv, a few more minutes
 test: install-dev
 	$(BIN)/ruff check .
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+	$(if $(filter true 1,$(CI)),bash scripts/check-lower-bounds.sh)
 
 # the declared lower bounds of the pure-Python dependencies, in a second venv that reuses this one's torch
 test-lower: install-dev

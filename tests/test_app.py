@@ -465,7 +465,7 @@ def test_explain_view_states_its_target_and_faithfulness_and_never_a_missing_cla
     text = at.tabs[3].markdown[0].value
     assert "explains **the image's own CLS embedding**" in text and "a random map scores" in text
     assert "greedy token deletion — default" in text and "still to go when it was removed" in text  # measured
-    assert "forward + backward passes on shrinking token sets" in text
+    assert "steps, each a forward and a forward + backward pass on the patches left" in text
     assert not [c for c in at.tabs[3].caption if "Predictions" in c.value]
     curves = json.loads(chart_proto(at, "fig_explain_curves").spec)
     assert [tr["name"] for tr in curves["data"]][2:] == ["random MoRF", "random LeRF"]

@@ -517,7 +517,7 @@ def _passes_text(key: tuple, depth: int) -> str:
     if key[0] == "plain":
         return "none"
     if key[0] == "deletion":
-        return f"{key[1]} forward + backward passes on shrinking token sets"
+        return f"{key[1]} steps, each a forward and a forward + backward pass on the patches left"
     return "1 forward + 1 backward" + (" (through the last layer only)" if key[1] == (depth - 1,) else "")
 
 
