@@ -479,13 +479,8 @@ def test_explain_view_states_its_target_and_faithfulness_and_never_a_missing_cla
     assert "still to go" not in at.tabs[3].markdown[0].value and not at.get("progress")  # ready: no bar left
 
 
-def test_explanations_are_one_shared_job_with_progress_and_failures_are_not_kept(calls, monkeypatch):
-    """The cached resource is the job: two askers share one computation; progress reaches the asker's thread while
-    it runs; a failure is raised to each asker and not cached (asking again retries)."""
-    import threading
-    import time
-
-    import vitviz.explain
+def _explain_inputs():
+    """(key, analysis, weights) of one image through the tiny default model, as the app's caches hold them."""
     from vitviz.analysis import input_size_for
     from vitviz.app import cache
     from vitviz.app.state import app_model
@@ -498,32 +493,90 @@ def test_explanations_are_one_shared_job_with_progress_and_failures_are_not_kept
     size = input_size_for(image.image, img_size=64, patch_size=P, fit="crop")
     key = cache.AnalysisKey(ModelKey(name, arch, P, size, "cpu", "fp32"), cache.digest(data), "crop")
     res, _notice = cache.analysis(key, image, loaded)
-    gate, real = threading.Event(), vitviz.explain.explain_all
-    runs: list[str] = []
+    return key, res, loaded
 
-    def slow(*args, progress=None, **kwargs):
-        runs.append(kwargs["methods"][0])
-        assert gate.wait(10)
 
-        def paced(i, n):  # each step stays on show longer than the asker's poll interval
-            progress(i, n)
-            time.sleep(0.3)
+class GatedExplain:
+    """vitviz.explain.explain_all held at a gate, then each progress step kept on show for ``pace`` seconds;
+    records the methods it ran and how many ran at once."""
 
-        return real(*args, progress=paced, **kwargs)
+    def __init__(self, monkeypatch, *, pace: float = 0.3):
+        import threading
 
-    monkeypatch.setattr(vitviz.explain, "explain_all", slow)
+        import vitviz.explain
+
+        self.gate, self.real, self.pace = threading.Event(), vitviz.explain.explain_all, pace
+        self.runs: list[str] = []
+        self.inside, self.most = 0, 0
+        self.lock = threading.Lock()
+        monkeypatch.setattr(vitviz.explain, "explain_all", self)
+
+    def __call__(self, *args, progress=None, **kwargs):
+        import time
+
+        with self.lock:
+            self.runs.append(kwargs["methods"][0])
+            self.inside += 1
+            self.most = max(self.most, self.inside)
+        try:
+            assert self.gate.wait(10)
+
+            def paced(i, n):  # each step stays on show longer than the asker's poll interval
+                progress(i, n)
+                time.sleep(self.pace)
+
+            return self.real(*args, progress=paced, **kwargs)
+        finally:
+            with self.lock:
+                self.inside -= 1
+
+
+def test_explanations_are_one_shared_job_with_progress_and_failures_are_not_kept(calls, monkeypatch):
+    """The cached resource is the job: two askers share one computation; progress reaches the asker's thread while
+    it runs; a failure is raised to each asker and not cached (asking again retries)."""
+    import threading
+
+    from vitviz.app import jobs
+
+    key, res, loaded = _explain_inputs()
+    gated = GatedExplain(monkeypatch)
     seen: list[tuple[float, str]] = []
-    threading.Timer(0.5, gate.set).start()
-    first = cache.explanation(key, "deletion:steps=4", "embedding", res, loaded,
-                              progress=lambda f, t: seen.append((f, t)))
-    again = cache.explanation(key, "deletion:steps=4", "embedding", res, loaded)
-    assert first is again and runs == ["deletion:steps=4"]
+    threading.Timer(0.5, gated.gate.set).start()
+    first = jobs.explanation(key, "deletion:steps=4", "embedding", res, loaded,
+                             progress=lambda f, t: seen.append((f, t)))
+    again = jobs.explanation(key, "deletion:steps=4", "embedding", res, loaded)
+    assert first is again and gated.runs == ["deletion:steps=4"]
     assert any(t.startswith("Greedy deletion: step") for _f, t in seen) and seen[-1][0] >= seen[0][0]
     assert first.explanation.method.label == "deletion:steps=4"
     for _ in range(2):
         with pytest.raises(ValueError, match="no classifier head"):
-            cache.explanation(key, "chefer", "class", res, loaded)
-    assert runs.count("chefer") == 2
+            jobs.explanation(key, "chefer", "class", res, loaded)
+    assert gated.runs.count("chefer") == 2
+
+
+def test_explanation_jobs_are_bounded_and_stop_when_nobody_waits(calls, monkeypatch):
+    """At most MAX_RUNNING jobs compute at once; a job nobody polls stops at its next step and is started afresh by
+    the next asker."""
+    import time
+
+    from vitviz.app import jobs
+
+    key, res, loaded = _explain_inputs()
+    monkeypatch.setattr(jobs, "ABANDON_S", 0.6)
+    gated = GatedExplain(monkeypatch, pace=0.4)
+    started = [jobs._job(key, f"deletion:steps={s}", "embedding", res, jobs.cache.model(key.model, loaded))
+               for s in (2, 3, 4)]  # nobody polls them
+    deadline = time.monotonic() + 20  # a loaded machine may take a while to start the threads
+    while len(gated.runs) < jobs.MAX_RUNNING and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert gated.most == jobs.MAX_RUNNING and len(gated.runs) == jobs.MAX_RUNNING  # the third waits for a slot
+    gated.gate.set()
+    for job in started:
+        assert job.done.wait(10) and isinstance(job.error, jobs.Abandoned), job.error
+    done = jobs.explanation(key, "deletion:steps=3", "embedding", res, loaded)  # asked again: computed afresh
+    assert done.explanation.method.label == "deletion:steps=3" and gated.runs.count("deletion:steps=3") == 2
+    assert gated.most <= jobs.MAX_RUNNING
 
 
 def test_analyses_of_a_session_do_not_outlive_the_caches(calls):

@@ -24,6 +24,7 @@ LAYOUTS = {
     "registers": dict(reg_tokens=2),
     "distilled": dict(arch="deit_tiny_distilled_patch16_224"),
     "non_square": dict(img_size=(24, 40)),
+    "avg_pool": dict(global_pool="avg"),  # the head averages the patches' own streams (fc_norm, no final norm)
 }
 TARGETS = ["embedding", "class", "patch:3"]
 
@@ -59,11 +60,23 @@ def hand_walk(model, seq, bias):
     return model.norm(t)
 
 
-def hand_score(model, feats, target: Target, ref, position):
+def hand_embedding(model, feats, bias):
+    """The head's input: the CLS token (timm's token pooling), or for an average pool the patches' mean weighted by
+    their presence exp(b) (a removed patch, b = -inf, drops out of the mean as it does from the sequence)."""
+    if model.global_pool != "avg":
+        return model.forward_head(feats, pre_logits=True)[0]
+    p = model.num_prefix_tokens
+    w = bias[p:].exp()
+    return model.fc_norm((feats[0, p:] * w[:, None]).sum(0) / w.sum())
+
+
+def hand_score(model, feats, target: Target, ref, position, bias):
     """What the curves measure: the class probability, or the cosine of the embedding / the patch's feature."""
     if target.kind == "class":
-        return torch.softmax(model.forward_head(feats)[0], dim=-1)[target.index]
-    f = model.forward_head(feats, pre_logits=True)[0] if target.kind == "embedding" else feats[0, position]
+        logits = model.head(hand_embedding(model, feats, bias)) if model.global_pool == "avg" else (
+            model.forward_head(feats)[0])  # a distilled DeiT averages two heads
+        return torch.softmax(logits, dim=-1)[target.index]
+    f = hand_embedding(model, feats, bias) if target.kind == "embedding" else feats[0, position]
     return F.cosine_similarity(f, ref, dim=0)
 
 
@@ -74,14 +87,15 @@ class Hand:
         self.model, self.p = model, int(model.num_prefix_tokens)
         with torch.no_grad():
             self.tokens = embed_tokens(model, x)  # checked against sequences built by hand in test_faithfulness
-            feats = hand_walk(model, self.tokens, torch.zeros(self.tokens.shape[1], dtype=self.tokens.dtype))
+            zero = torch.zeros(self.tokens.shape[1], dtype=self.tokens.dtype)
+            feats = hand_walk(model, self.tokens, zero)
+            embedding = hand_embedding(model, feats, zero)
         t = Target.parse(target)
         if t.kind == "class" and t.index is None:
-            t = Target("class", int(model.forward_head(feats)[0].argmax()))
+            t = Target("class", int(model(x)[0].argmax()))
         self.target = t
         self.protect = t.index if t.kind == "patch" else None
-        self.ref = None if t.kind == "class" else (
-            model.forward_head(feats, pre_logits=True)[0] if t.kind == "embedding" else feats[0, self.p + t.index])
+        self.ref = None if t.kind == "class" else embedding if t.kind == "embedding" else feats[0, self.p + t.index]
 
     def seq(self, kept):
         extra = [self.p + self.protect] if self.protect is not None else []
@@ -92,7 +106,7 @@ class Hand:
         seq = self.seq(kept)
         fixed = torch.zeros(seq.shape[1] - len(kept), dtype=seq.dtype)
         bias = torch.cat([fixed, torch.as_tensor(kept_bias, dtype=seq.dtype).expand(len(kept))])
-        return hand_score(self.model, hand_walk(self.model, seq, bias), self.target, self.ref, self.p)
+        return hand_score(self.model, hand_walk(self.model, seq, bias), self.target, self.ref, self.p, bias)
 
     def gradient(self, kept):
         b = torch.full((len(kept),), math.log(PRESENCE), dtype=self.tokens.dtype, requires_grad=True)
@@ -119,22 +133,37 @@ def naive_deletion(model, x, target, steps):
     return order, np.diff(counts), scores
 
 
-def test_a_key_bias_of_minus_infinity_is_token_removal():
-    """The premise: b_j = -inf for a patch gives the model on the sequence without it (the curves' removal)."""
-    model = _model("registers")
+@pytest.mark.parametrize("layout", ["registers", "avg_pool"])
+def test_a_key_bias_of_minus_infinity_is_token_removal(layout):
+    """The premise: b_j = -inf for a patch gives the model on the sequence without it (the curves' removal), in the
+    walk written here and in vitviz's own (explain._block and the presence-weighted head)."""
+    from vitviz.deletion import _weighted_outputs
+    from vitviz.explain import _block
+    from vitviz.faithfulness import run_kept
+
+    model = _model(layout)
     x = _image(model)
     hand = Hand(model, x, "embedding")
-    n = model.patch_embed.num_patches
+    n, p = model.patch_embed.num_patches, model.num_prefix_tokens
     kept = [1, 4, 5, 9, 12, 15]
     bias = torch.full((n,), -math.inf, dtype=torch.float64)
     bias[kept] = 0.0
     with torch.no_grad():
         masked = hand.score(list(range(n)), bias)
         removed = hand.score(kept)
-        feats = model.forward_features(x)
+        t = hand.tokens
+        full_bias = torch.cat([torch.zeros(1, p, dtype=torch.float64), bias[None]], dim=1)
+        for blk in model.blocks:
+            t = _block(blk, t, [], full_bias)
+        ours = _weighted_outputs(model, t, full_bias).embedding[0]
+        timm_removed = run_kept(model, hand.tokens, torch.tensor([kept])).embedding[0]
         whole = hand_walk(model, hand.tokens, torch.zeros(hand.tokens.shape[1], dtype=torch.float64))
     assert float(masked) == pytest.approx(float(removed), abs=1e-12)
-    torch.testing.assert_close(whole, feats)  # the hand walk is timm's forward
+    torch.testing.assert_close(ours, timm_removed)
+    short = torch.zeros(p + len(kept), dtype=torch.float64)  # the sequence without the removed patches
+    seq = hand.tokens[:, [*range(p), *(p + j for j in kept)]]
+    torch.testing.assert_close(hand_embedding(model, hand_walk(model, seq, short), short), timm_removed)
+    torch.testing.assert_close(whole, model.forward_features(x))  # the hand walk is timm's forward
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -170,7 +199,9 @@ def test_deletion_equals_the_naive_greedy_loop(layout, target):
     np.testing.assert_allclose(d.map.reshape(-1), deletion_values(np.array(order), sizes, np.array(scores),
                                                                   num_patches=d.map.size), atol=1e-5)
     assert d.map.shape == tuple(model.patch_embed.grid_size) and d.map.dtype == np.float32
-    assert d.scores[0] == pytest.approx(1.0 if not target.startswith("class") else d.scores[0])
+    with torch.no_grad():  # y_0 is the full image's score: 1 for a cosine, timm's own softmax for the class
+        want = torch.softmax(model(x)[0], -1)[d.target.index] if d.target.kind == "class" else 1.0
+    assert d.scores[0] == pytest.approx(float(want), abs=1e-6)
 
 
 def test_map_values_by_hand():
@@ -244,8 +275,16 @@ def test_bad_settings_and_models_are_refused():
     for bad in ("deletion:steps=1", "deletion:steps=x", "deletion:discard=0.5", "rollout:steps=4"):
         with pytest.raises(ParameterError):
             Method.parse(bad)
-    with pytest.raises(ParameterError, match="at least 2"):
-        deletion_order(model, x, steps=1)
+    for steps in (1, 2.5, True):
+        with pytest.raises(ParameterError, match="at least 2"):
+            deletion_order(model, x, steps=steps)
+    with pytest.raises(ParameterError, match="whole number"):
+        Method("deletion", steps=2.5)
+    assert deletion_order(model, x, steps=np.int64(3)).sizes.size == 3
+    maxpool = _model("avg_pool", dtype=torch.float32)
+    maxpool.global_pool = "max"  # a pool over the patches' own streams that presence weights cannot express
+    with pytest.raises(ModelError, match="'max' pooling"):
+        deletion(maxpool, _image(maxpool))
     backbone = _model("cls", num_classes=0, dtype=torch.float32)
     with pytest.raises(ModelError, match="no classifier head"):
         deletion(backbone, _image(backbone), target="class")

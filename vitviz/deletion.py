@@ -5,7 +5,7 @@ the target's score fall fast? This method answers that question of the model dir
 out of reach, and a one-shot ranking misses how redundant a ViT's tokens are (once a patch is gone, a similar
 patch carries what it carried), so the removal is greedy, and each step looks again at what is left:
 
-    K_0 = all N patches;   for i = 0..S-1:
+    K_0 = the N patches (but a patch target's own);   for i = 0..S-1:
         y_i = y(K_i)                           the curves' score on the prefix tokens and the kept patches K_i
         g_i = ∂y(K_i; b) / ∂b  at b = log ½    b (|K_i|,): a bias on the attention logits of K_i's keys in every
                                                layer and head; b_j = log m_j for a presence m_j ∈ (0, 1]
@@ -13,9 +13,11 @@ patch carries what it carried), so the removal is greedy, and each step looks ag
 
 with n_i = k_{i+1} - k_i, k_i = floor(i·N/S + ½) (the last step takes what is left). y is what the curves
 measure: the cosine of the embedding (patch p's feature) with the full image's, or the class probability. As
-m_j → 0 token j receives no attention anywhere and nothing reads its own stream: exactly its removal. The
-gradient is taken with every kept patch half present, the midpoint rule of the path from present to removed (a
-one-point integrated gradient); at m = 1 a cosine is at its maximum, its gradient zero, and it would rank nothing.
+m_j → 0 token j receives no attention anywhere and nothing reads its own stream: exactly its removal (an
+average-pooling head, which reads every patch's own stream, averages with the same weights m_j; other pools over
+the patches are refused). The gradient is taken with every kept patch half present, the midpoint rule of the
+path from present to removed (a one-point integrated gradient); at m = 1 a cosine is at its maximum, its gradient
+zero, and it would rank nothing.
 
 The map: a patch removed at step i, the r-th of n_i, gets
 
@@ -31,20 +33,24 @@ MoRF (2017). The map is built with the same token removal and score the curves m
 score is partly by construction: benchmarks/results-faithfulness.md also scores every map with pixel filling,
 which this method never sees.
 
-Cost: per step a plain forward (y_i) and a forward + backward (g_i) on the shrinking sequence, about
-4·Σ_i |K_i|/N ≈ 2·S plain forwards of the full image; no hook, flag or attribute is set on the model (the blocks
-are walked here, as in :mod:`vitviz.explain`).
+Cost: per step a plain forward (y_i) and a forward + backward (g_i) on the shrinking sequence, at most
+4·Σ_i |K_i|/N ≈ 2·S plain forwards of the full image (less: attention on shorter sequences is cheaper); no hook,
+flag or attribute is set on the model (the blocks are walked here, as in :mod:`vitviz.explain`).
+
+Precision: with bf16/fp16 weights the walk runs in that precision (softmax in fp32), so near-equal gradients may
+rank differently than in fp32.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .errors import ParameterError
+from .errors import ModelError, ParameterError
 from .explain import (
     DELETION_STEPS,
     ModelOutputs,
@@ -58,6 +64,7 @@ from .explain import (
     resolve_target,
 )
 from .faithfulness import curve_score, removed_counts
+from .labels import has_head
 
 __all__ = ["PRESENCE", "Deletion", "deletion_order", "deletion_values", "deletion"]
 
@@ -97,6 +104,26 @@ def _kept_score(model: torch.nn.Module, tokens: torch.Tensor, kept: torch.Tensor
     return float(score[0])
 
 
+def _check_pool(model: torch.nn.Module) -> None:
+    """Greedy deletion reads presence through attention, and through an average pool: refuse other pools."""
+    if getattr(model, "attn_pool", None) is not None or model.global_pool not in ("token", "avg"):
+        pool = "attention" if getattr(model, "attn_pool", None) is not None else repr(model.global_pool)
+        raise ModelError(f"greedy deletion needs a head reading the CLS token or averaging the patches, not {pool} "
+                         "pooling: choose another method")
+
+
+def _weighted_outputs(model: torch.nn.Module, t: torch.Tensor, bias: torch.Tensor) -> ModelOutputs:
+    """:func:`head_outputs` of tokens ``t`` (1, T', C), an average pool weighting each token by exp(``bias``) (T'),
+    its presence, as token removal drops it from the mean (a CLS-token head: unchanged)."""
+    if model.global_pool != "avg":
+        return head_outputs(model, t)
+    feats = model.norm(t)
+    start = 0 if getattr(model, "pool_include_prefix", False) else int(model.num_prefix_tokens)
+    w = bias[:, start:].exp().to(feats.dtype)[..., None]  # (1, T' - start, 1)
+    embedding = model.head_drop(model.fc_norm((feats[:, start:] * w).sum(1) / w.sum(1)))
+    return ModelOutputs(tokens=feats, embedding=embedding, logits=model.head(embedding) if has_head(model) else None)
+
+
 def _presence_gradient(model: torch.nn.Module, tokens: torch.Tensor, kept: torch.Tensor, *, target: Target,
                        ref: torch.Tensor, protect: int | None) -> torch.Tensor:
     """∂y/∂b_j (K,) at b = log PRESENCE for the ``kept`` patches: one forward and one backward of the walk."""
@@ -110,7 +137,8 @@ def _presence_gradient(model: torch.nn.Module, tokens: torch.Tensor, kept: torch
         bias = torch.cat([fixed, delta + math.log(PRESENCE)], dim=1)  # (1, T')
         for blk in model.blocks:
             t = _block(blk, t, [], bias)
-        score, _logit = curve_score(model, target, head_outputs(model, t), ref, torch.tensor([p], device=t.device))
+        out = _weighted_outputs(model, t, bias)
+        score, _logit = curve_score(model, target, out, ref, torch.tensor([p], device=t.device))
         (grad,) = torch.autograd.grad(score[0], delta)
     return grad.detach()[0]
 
@@ -122,8 +150,8 @@ def deletion_order(model: torch.nn.Module, x: torch.Tensor, *, target: Target | 
     ``steps`` S ≥ 2; more steps than patches are cut to one patch a step. ``progress(i, S)`` after each step.
     """
     _check_input(model, x)
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
-        raise ParameterError(f"deletion steps must be an integer of at least 2, got {steps!r}")
+    _check_pool(model)
+    steps = _whole_steps(steps)
     gh, gw = (int(v) for v in model.patch_embed.grid_size)
     with torch.inference_mode():
         tokens = embed_tokens(model, x)  # (1, T, C)
@@ -153,6 +181,16 @@ def deletion_order(model: torch.nn.Module, x: torch.Tensor, *, target: Target | 
     heat = deletion_values(order_np, sizes, np.asarray(scores), num_patches=gh * gw).reshape(gh, gw)
     return Deletion(order=order_np, sizes=sizes, scores=np.asarray(scores), map=heat, target=resolved,
                     outputs=full)
+
+
+def _whole_steps(steps) -> int:
+    try:
+        value = operator.index(steps)  # ints and numpy integers, not floats
+    except TypeError:
+        value = None
+    if value is None or isinstance(steps, bool) or value < 2:
+        raise ParameterError(f"deletion steps must be an integer of at least 2, got {steps!r}")
+    return value
 
 
 def deletion_values(order: np.ndarray, sizes: np.ndarray, scores: np.ndarray, *, num_patches: int) -> np.ndarray:

@@ -429,8 +429,8 @@ class Method:
             raise ParameterError(f"unknown head fusion {self.head_fusion!r}: choose one of {', '.join(FUSIONS)}")
         if not 0.0 <= self.discard_ratio < 1.0:
             raise ParameterError(f"discard ratio must be in [0, 1), got {self.discard_ratio}")
-        if not 2 <= self.steps <= 1024:
-            raise ParameterError(f"deletion steps must be from 2 to 1024, got {self.steps}")
+        if type(self.steps) is not int or not 2 <= self.steps <= 1024:
+            raise ParameterError(f"deletion steps must be a whole number from 2 to 1024, got {self.steps!r}")
         defaults = Method.__dataclass_fields__
         for f in fields(self)[1:]:
             if f.name not in _METHOD_KEYS[self.name] and getattr(self, f.name) != defaults[f.name].default:
@@ -592,10 +592,10 @@ def explain_all(
 ) -> list[Explanation]:
     """Explanations of one target on one image ``x`` (1, 3, H, W) by several methods, sharing their passes.
 
-    At most three passes, each run only if a method needs it: one attention capture (rollout, raw), one
-    forward + backward for the total gradients (Chefer; grad×attn alone backpropagates through the last layer
-    only), one for LeGrad's per-layer gradients (all its variants), and greedy deletion's steps (one run per step
-    count; ``progress(i, S)`` after each of its S steps). Each explanation's ``seconds`` is its pass (a shared pass
+    Each pass runs only if a method needs it: one attention capture (rollout, raw), one forward + backward for the
+    total gradients (Chefer; grad×attn alone backpropagates through the last layer only), one for LeGrad's
+    per-layer gradients (all its variants), and greedy deletion's steps (one run per step count; ``progress(i, S)``
+    after each of its S steps). Each explanation's ``seconds`` is its pass (a shared pass
     is charged in full to each method using it) plus its map; the random map costs its map only.
     """
     _check_input(model, x)

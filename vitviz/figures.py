@@ -436,9 +436,12 @@ def curves_figure(
         dash = "dot" if "random" in label.lower() else "solid"
         traces.append(go.Scatter(x=fractions, y=values, mode="lines+markers", name=label,
                                  line=dict(color=palette[k % 24], dash=dash)))
-    layout = dict(margin=dict(l=0, r=0, b=0, t=40 if title else 10),
-                  xaxis=dict(title=dict(text="share of patches removed"), range=[0, 1]),
-                  yaxis=dict(title=dict(text=y_title)),
+    # ticks and legend inside the figure's own box: a half-width column leaves no room for a legend at the side
+    layout = dict(margin=dict(l=10, r=10, b=10, t=40 if title else 10),
+                  xaxis=dict(title=dict(text="share of patches removed"), automargin=True,
+                             range=[0, max(1e-9, float(fractions.max())) * 1.02], tickformat=".0%"),
+                  yaxis=dict(title=dict(text=y_title), automargin=True),
+                  legend=dict(orientation="h", x=0, xanchor="left", y=-0.25, yanchor="top"),
                   title=dict(text=title, x=0.0, xanchor="left", font=dict(size=14)) if title else None)
     return go.Figure(data=traces, layout=layout)
 

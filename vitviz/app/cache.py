@@ -11,23 +11,20 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import streamlit as st
-import torch
 
 from vitviz import maps, tokens
 from vitviz.analysis import Analysis, analyze_with_fallback
-from vitviz.errors import CheckpointError, OutOfMemoryError
-from vitviz.image import LoadedImage, load_image, to_tensor
+from vitviz.errors import CheckpointError
+from vitviz.image import LoadedImage, load_image
 from vitviz.models import CHECKPOINT_SUFFIXES, ModelInfo, ModelKey, ModelSource, build_for, load_source
 
 __all__ = ["AnalysisKey", "digest", "model_source", "uploaded_source", "model", "image", "analysis", "rollout_table",
-           "raw_maps", "query_maps", "distances", "TokenStats", "token_stats", "Explained", "ExplainJob", "explanation"]
+           "raw_maps", "query_maps", "distances", "TokenStats", "token_stats"]
 
 
 @dataclass(frozen=True)
@@ -123,86 +120,6 @@ def token_stats(key: AnalysisKey, _res: Analysis) -> TokenStats:
     return TokenStats(norms, received, tokens.find_outliers(norms, num_prefix_tokens=p),
                       tokens.find_outliers(received, num_prefix_tokens=p),
                       tokens.artefact_tokens(norms, received, num_prefix_tokens=p))
-
-
-@dataclass(frozen=True)
-class Explained:
-    """One target explained by one method and by the random baseline, with both maps' faithfulness curves."""
-
-    explanation: object  # vitviz.explain.Explanation
-    curves: object  # vitviz.faithfulness.Curves of the method's map
-    random_curves: object  # ... of the seeded random map, the baseline
-
-
-class ExplainJob:
-    """An explanation being computed on a worker thread: how far it is, then its result or its error.
-
-    The job, not only its result, is the cached resource, so every session that asks for the same explanation
-    while it runs waits on the one computation, and each can show its progress (Streamlit elements cannot be
-    updated from inside a cached function: they would be replayed on a cache hit).
-    """
-
-    def __init__(self, method: str) -> None:
-        self.method = method
-        self.fraction = 0.0
-        self.stage = "Explaining..."
-        self.result: Explained | None = None
-        self.error: BaseException | None = None
-        self.done = threading.Event()
-
-
-def _explain_stage(job: ExplainJob, done: int, total: int) -> None:
-    job.fraction = 0.8 * done / total  # the curves after it cost about a fifth of a 32-step deletion
-    job.stage = f"Greedy deletion: step {done} of {total} (a forward and a backward pass on the patches left)"
-
-
-def _run_explanation(job: ExplainJob, built, info: ModelInfo, target: str, res: Analysis) -> None:
-    from vitviz.explain import Method, explain_all
-    from vitviz.faithfulness import curves
-
-    try:
-        param = next(built.parameters())
-        x = to_tensor(res.pixels, mean=info.mean, std=info.std).to(device=param.device, dtype=param.dtype)
-        if Method.parse(job.method).name != "deletion":
-            job.stage = "Explaining: one forward and one backward pass..."
-        found, rnd = explain_all(built, x, methods=[job.method, "random"], target=target,
-                                 progress=lambda i, n: _explain_stage(job, i, n))
-        job.fraction = max(job.fraction, 0.8)
-        job.stage = "Measuring faithfulness: 10 steps of token removal, against a random map..."
-        measured = curves(built, x, [found.map, rnd.map], target=found.target)
-        job.result = Explained(found, measured[0], measured[1])
-    except torch.OutOfMemoryError as exc:
-        job.error = OutOfMemoryError(f"the {param.device.type.upper()} ran out of memory for this explanation: "
-                                     "try a smaller image size or another method")
-        job.error.__cause__ = exc
-    except BaseException as exc:  # noqa: BLE001 - handed to the session that waits for it
-        job.error = exc
-    finally:
-        job.done.set()
-
-
-@st.cache_resource(max_entries=16, show_spinner=False)
-def _explain_job(key: AnalysisKey, method: str, target: str, _res: Analysis, _built) -> ExplainJob:
-    job = ExplainJob(method)
-    threading.Thread(target=_run_explanation, args=(job, *_built, target, _res), daemon=True,
-                     name="vitviz-explain").start()  # it calls no Streamlit function
-    return job
-
-
-def explanation(key: AnalysisKey, method: str, target: str, res: Analysis, loaded, *,
-                progress: Callable[[float, str], None] | None = None) -> Explained:
-    """Computed once per (image, model, method, target) and shared, like the analysis; ``progress(fraction, text)``
-    is called from this (the script's) thread while it runs. A failed explanation is not kept: asking again retries.
-    """
-    built = model(key.model, loaded)  # (model, info), from the cache in this thread
-    job = _explain_job(key, method, target, res, built)
-    while not job.done.wait(0.2):
-        if progress is not None:
-            progress(job.fraction, job.stage)
-    if job.error is not None:
-        _explain_job.clear(key, method, target, res, built)
-        raise job.error
-    return job.result
 
 
 @st.cache_data(max_entries=16, show_spinner=False)

@@ -14,7 +14,7 @@ from vitviz.evaluate import DEFAULT_METHODS
 from vitviz.explain import DEFAULT_METHOD
 from vitviz.labels import has_head
 
-from .. import cache
+from .. import cache, jobs
 from ..state import keep
 from ..widgets import chart
 
@@ -56,7 +56,7 @@ def _target_text(target: str, ctx) -> str:
 def _explained(ctx, method: str, target: str):
     """The cached explanation; a progress bar while it is computed (none when it is ready)."""
     slot = st.empty()
-    done = cache.explanation(ctx.key, method, target, ctx.res, ctx.loaded,
+    done = jobs.explanation(ctx.key, method, target, ctx.res, ctx.loaded,
                              progress=lambda fraction, text: slot.progress(fraction, text=text))
     slot.empty()
     return done

@@ -1,0 +1,146 @@
+"""Explanations as shared jobs: computed once on a worker thread, waited on (with progress) by every session asking.
+
+An explanation can take seconds on a CPU (greedy deletion runs 32 forward + backward steps). Streamlit elements
+cannot be updated from inside a cached function (they would be replayed on a cache hit), so the cached resource is
+the *job*, not only its result: the first session to ask starts it on a worker thread, every session asking for the
+same (image, model, method, target) waits on that one job and draws its own progress bar from it.
+
+Bounds: at most ``MAX_RUNNING`` jobs compute at once (the others wait for a slot), and a job nobody has polled for
+``ABANDON_S`` seconds (its sessions moved to another method or image) stops at its next step. A failed or stopped
+job is not kept: the first waiter to see the failure clears it, so asking again retries.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import streamlit as st
+import torch
+
+from vitviz.analysis import Analysis
+from vitviz.errors import OutOfMemoryError
+from vitviz.image import to_tensor
+from vitviz.models import ModelInfo
+
+from . import cache
+
+__all__ = ["Explained", "ExplainJob", "explanation", "MAX_RUNNING", "ABANDON_S"]
+
+MAX_RUNNING = 2  # explanation jobs computing at once, over all sessions (memory and cores are shared)
+ABANDON_S = 10.0  # a job nobody has polled for this long stops at its next step
+_SLOTS = threading.BoundedSemaphore(MAX_RUNNING)
+_POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class Explained:
+    """One target explained by one method and by the random baseline, with both maps' faithfulness curves."""
+
+    explanation: object  # vitviz.explain.Explanation
+    curves: object  # vitviz.faithfulness.Curves of the method's map
+    random_curves: object  # ... of the seeded random map, the baseline
+
+
+class Abandoned(Exception):
+    """Raised inside a job whose sessions stopped waiting for it."""
+
+
+class ExplainJob:
+    """An explanation being computed: how far it is (``fraction``, ``stage``), then its result or its error."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.fraction = 0.0
+        self.stage = "Waiting for another explanation to finish..."
+        self.result: Explained | None = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self.polled = time.monotonic()  # the last time a session waited on it
+        self._lock = threading.Lock()
+        self._cleared = False
+
+    def check(self) -> None:
+        """Stop here (raise :class:`Abandoned`) if no session has waited on the job for ``ABANDON_S``."""
+        if time.monotonic() - self.polled > ABANDON_S:
+            raise Abandoned("the explanation was left unfinished: nobody was waiting for it")
+
+    def first_to_clear(self) -> bool:
+        """True once: for the first waiter to see a failure, who removes the job from the cache."""
+        with self._lock:
+            first, self._cleared = not self._cleared, True
+            return first
+
+
+def _step(job: ExplainJob, done: int, total: int) -> None:
+    job.check()
+    job.fraction = 0.8 * done / total  # the curves after it cost about a fifth of a 32-step deletion
+    job.stage = f"Greedy deletion: step {done} of {total} (a forward and a backward pass on the patches left)"
+
+
+def _compute(job: ExplainJob, built, info: ModelInfo, target: str, res: Analysis) -> Explained:
+    from vitviz.explain import Method, explain_all
+    from vitviz.faithfulness import curves
+
+    param = next(built.parameters())
+    x = to_tensor(res.pixels, mean=info.mean, std=info.std).to(device=param.device, dtype=param.dtype)
+    job.stage = ("Greedy deletion: starting..." if Method.parse(job.method).name == "deletion"
+                 else "Explaining: one forward and one backward pass...")
+    found, rnd = explain_all(built, x, methods=[job.method, "random"], target=target,
+                             progress=lambda i, n: _step(job, i, n))
+    job.fraction = max(job.fraction, 0.8)
+    job.stage = "Measuring faithfulness: 10 steps of token removal, against a random map..."
+    measured = curves(built, x, [found.map, rnd.map], target=found.target)
+    return Explained(found, measured[0], measured[1])
+
+
+def _run(job: ExplainJob, built, info: ModelInfo, target: str, res: Analysis) -> None:
+    try:
+        while not _SLOTS.acquire(timeout=_POLL_S):
+            job.check()
+        try:
+            job.result = _compute(job, built, info, target, res)
+        finally:
+            _SLOTS.release()
+    except torch.OutOfMemoryError as exc:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        job.error = OutOfMemoryError("the GPU ran out of memory for this explanation: try a smaller image size or "
+                                     "another method")
+        traceback.clear_frames(exc.__traceback__)  # the frames hold the walk's tensors
+    except BaseException as exc:  # noqa: BLE001 - handed to the sessions waiting for it
+        job.error = exc
+        traceback.clear_frames(exc.__traceback__)
+    finally:
+        job.done.set()
+
+
+@st.cache_resource(max_entries=16, show_spinner=False)
+def _job(key: cache.AnalysisKey, method: str, target: str, _res: Analysis, _built) -> ExplainJob:
+    job = ExplainJob(method)
+    threading.Thread(target=_run, args=(job, *_built, target, _res), daemon=True,
+                     name="vitviz-explain").start()  # it calls no Streamlit function
+    return job
+
+
+def explanation(key: cache.AnalysisKey, method: str, target: str, res: Analysis, loaded, *,
+                progress: Callable[[float, str], None] | None = None) -> Explained:
+    """Computed once per (image, model, method, target) and shared, like the analysis; ``progress(fraction, text)``
+    is called from this (the script's) thread while it runs. A failed explanation is not kept: asking again retries.
+    """
+    built = cache.model(key.model, loaded)  # (model, info), from the cache in this thread
+    while True:
+        job = _job(key, method, target, res, built)
+        while not job.done.wait(_POLL_S):
+            job.polled = time.monotonic()
+            if progress is not None:
+                progress(job.fraction, job.stage)
+        if job.error is None:
+            return job.result
+        if job.first_to_clear():
+            _job.clear(key, method, target, res, built)
+        if not isinstance(job.error, Abandoned):  # a job stopped for want of askers: ask it again
+            raise job.error
