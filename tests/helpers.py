@@ -13,6 +13,7 @@ import gc
 import io
 import os
 import struct
+import threading
 import zlib
 from pathlib import Path
 
@@ -51,6 +52,29 @@ def eager_reference(model, x):
     with torch.no_grad():
         feats = ref.forward_features(x)
     return torch.stack(probs, dim=1), feats
+
+
+def in_threads(work, *, workers: int, rounds: int) -> dict[tuple[int, int], object]:
+    """``work(worker, round)`` from ``workers`` threads at once, ``rounds`` calls each: the results by (worker,
+    round). The first exception of any thread is raised here."""
+    got: dict[tuple[int, int], object] = {}
+    errors: list[BaseException] = []
+
+    def run(worker):
+        try:
+            for r in range(rounds):
+                got[(worker, r)] = work(worker, r)
+        except BaseException as exc:  # noqa: BLE001 - raised below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return got
 
 
 def hook_state(model: torch.nn.Module) -> tuple:

@@ -8,7 +8,6 @@ matrices and loops, one layer and one backward at a time, exactly as the equatio
 from __future__ import annotations
 
 import copy
-import threading
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from vitviz.errors import ModelError, ParameterError, VitvizError
 from vitviz.explain import Method, Target, attention_gradients, explain, explain_all
 from vitviz.labels import class_name, class_names, has_head, label_set, predict, top_predictions
 
-from .helpers import hook_state, naive_rollout, tiny_vit
+from .helpers import hook_state, in_threads, naive_rollout, tiny_vit
 
 LAYOUTS = {
     "cls": dict(),
@@ -377,23 +376,13 @@ def test_threads_on_one_shared_model_get_the_single_thread_results():
     images = [_image(model, seed=s) for s in range(4)]
     methods = ["chefer", "legrad", "rollout:start=1", "gradxattn"]
     want = [[e.map for e in explain_all(model, x, methods=methods)] for x in images]
-    got: dict[tuple[int, int], list[np.ndarray]] = {}
-    errors: list[BaseException] = []
 
-    def work(worker):
-        try:
-            for rep in range(3):
-                i = (worker + rep) % len(images)
-                got[(worker, rep)] = (i, [e.map for e in explain_all(model, images[i], methods=methods)])
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+    def work(worker, rep):
+        i = (worker + rep) % len(images)
+        return i, [e.map for e in explain_all(model, images[i], methods=methods)]
 
-    threads = [threading.Thread(target=work, args=(w,)) for w in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and len(got) == 12
+    got = in_threads(work, workers=4, rounds=3)
+    assert len(got) == 12
     for i, maps in got.values():
         for a, b in zip(maps, want[i], strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
