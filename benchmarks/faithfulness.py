@@ -290,6 +290,21 @@ def table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def subsets(rows: list[dict]) -> list[str]:
+    """Mean token-removal scores on the ImageNet validation photos (``n0…`` names) and the first 20 of them, beside
+    all photos: the issue's "for scale" numbers came from 20 ImageNet photos."""
+    imagenet = sorted({r["photo"] for r in rows if str(r["photo"]).startswith("n0")})
+    groups = {"all": None, f"{len(imagenet)} ImageNet": set(imagenet), "first 20 ImageNet": set(imagenet[:20])}
+    lines = ["| method | " + " | ".join(groups) + " |", "|---|" + "---:|" * len(groups)]
+    for s in _summary(rows):
+        cells = []
+        for names in groups.values():
+            got = [r["score"] for r in rows if r["method"] == s["method"] and (names is None or r["photo"] in names)]
+            cells.append(f"{np.mean(got):.3f}" if got else "—")
+        lines.append(f"| {s['method']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def report(rows: list[dict], timing: list[str] | None, *, machine: str, n_photos: int,
            minutes: tuple[float, float]) -> str:
     lines = [
@@ -308,6 +323,10 @@ def report(rows: list[dict], timing: list[str] | None, *, machine: str, n_photos
         "holds); an even or random map scores 0.25 on both. Seconds: median per map (its own pass(es) and map).",
         "",
         *table(rows),
+        "",
+        "Token-removal score by subset of the photos:",
+        "",
+        *subsets(rows),
     ]
     if timing:
         lines += ["", "## Timing (CPU, interleaved rounds)", "", *timing]

@@ -223,7 +223,7 @@ def _attend(attn: torch.nn.Module, x: torch.Tensor, keep: list[torch.Tensor],
     gate = gate_proj(x).sigmoid() if gate_proj is not None else None
     q, k, v = _qkv(attn, x)  # (B, H, T, d) each
     compute = torch.promote_types(q.dtype, torch.float32)  # softmax in fp32 at least, as the capture does
-    logits = (q.to(compute) @ k.to(compute).transpose(-2, -1)).mul(attn.scale)  # (B, H, T, T)
+    logits = (q.to(compute) * attn.scale) @ k.to(compute).transpose(-2, -1)  # (B, H, T, T); scale on the smaller q
     if key_bias is not None:
         logits = logits + key_bias.to(compute)[:, None, None, :]
     probs = logits.softmax(-1)
@@ -260,19 +260,30 @@ def _check_input(model: torch.nn.Module, x: torch.Tensor) -> None:
 
 @dataclass(frozen=True)
 class AttentionGradients:
-    """One forward and one backward: every layer's attention A_l (L, H, T, T) and the gradients of some layers.
+    """One forward and one backward: every layer's attention A_l (H, T, T each) and the gradients of some layers.
 
-    ``gradients`` (len(layers), H, T, T) holds ∂s/∂A_l for l in ``layers``; with ``per_layer`` LeGrad's
-    ∂s_l/∂A_l, s_l the target read from layer l's own output tokens. All detached.
+    ``gradients_by_layer`` holds ∂s/∂A_l (H, T, T) for l in ``layers``; with ``per_layer`` LeGrad's ∂s_l/∂A_l,
+    s_l the target read from layer l's own output tokens. All detached. Kept per layer, as the walk made them: the
+    maps read them layer by layer, and ``attention`` / ``gradients`` stack them (a copy) for whoever wants one tensor.
     """
 
-    attention: torch.Tensor
-    gradients: torch.Tensor
+    attention_by_layer: tuple[torch.Tensor, ...]
+    gradients_by_layer: tuple[torch.Tensor, ...]
     layers: tuple[int, ...]
     target: Target  # resolved
     score: float  # the target's value s(x) on the image
     outputs: ModelOutputs  # final outputs, detached
     per_layer: bool
+
+    @property
+    def attention(self) -> torch.Tensor:
+        """(L, H, T, T)."""
+        return torch.stack(self.attention_by_layer)
+
+    @property
+    def gradients(self) -> torch.Tensor:
+        """(len(layers), H, T, T)."""
+        return torch.stack(self.gradients_by_layer)
 
 
 def _layers(layers: Sequence[int] | None, depth: int) -> tuple[int, ...]:
@@ -321,8 +332,8 @@ def attention_gradients(
         grads = torch.autograd.grad(total, [probs[i] for i in wanted], allow_unused=True)
     grads = [torch.zeros_like(probs[i]) if g is None else g for i, g in zip(wanted, grads, strict=True)]
     return AttentionGradients(
-        attention=torch.stack([p.detach()[0] for p in probs]),
-        gradients=torch.stack([g.detach()[0] for g in grads]),
+        attention_by_layer=tuple(p.detach()[0] for p in probs),
+        gradients_by_layer=tuple(g.detach()[0] for g in grads),
         layers=wanted,
         target=resolved,
         score=float(score.detach()),
@@ -338,22 +349,24 @@ def attention_gradients(
 # ------------------------------------------------------------------------------------------------------- maps
 
 
-def chefer_map(attention: torch.Tensor, gradients: torch.Tensor, *, num_prefix_tokens: int,
-               grid: tuple[int, int]) -> torch.Tensor:
+def chefer_map(attention: torch.Tensor | Sequence[torch.Tensor], gradients: torch.Tensor | Sequence[torch.Tensor], *,
+               num_prefix_tokens: int, grid: tuple[int, int]) -> torch.Tensor:
     """Chefer, Gur & Wolf 2021 ("generic attention-model explainability", ICCV), eqs. (5)-(6) with self-attention:
 
         Ā_l = E_h[(∇A_l ⊙ A_l)⁺],   R⁰ = I,   R^l = R^{l-1} + Ā_l · R^{l-1}   (l = 1..L)
 
     and the map is R^L's CLS row over the patch tokens. R^L = (I + Ā_L) ··· (I + Ā_1), so only that row is formed,
-    as vector–matrix products (O(L·T²)). (L, H, T, T) attention and total gradients -> (gh, gw).
+    as vector–matrix products (O(L·T²)). (L, H, T, T) attention and total gradients (or L tensors of (H, T, T)
+    each) -> (gh, gw).
     """
-    abar = (gradients * attention).clamp(min=0).mean(dim=1)  # (L, T, T)
+    abar = torch.stack([(g * a).clamp(min=0).mean(dim=0) for a, g in zip(attention, gradients, strict=True)])
     abar.diagonal(dim1=-2, dim2=-1).add_(1.0)  # I + Ā_l, in place on our own tensor
     row = rollout_row(abar, start=0, end=abar.shape[0] - 1, source=0)  # e_CLS · (I+Ā_L) ··· (I+Ā_1): (T,)
     return tokens_to_grid(row, num_prefix_tokens=num_prefix_tokens, grid=grid)
 
 
-def legrad_map(gradients: torch.Tensor, *, num_prefix_tokens: int, grid: tuple[int, int]) -> torch.Tensor:
+def legrad_map(gradients: torch.Tensor | Sequence[torch.Tensor], *, num_prefix_tokens: int,
+               grid: tuple[int, int]) -> torch.Tensor:
     """LeGrad (Bousselham et al. 2024), from per-layer gradients ∇A_l = ∂s_l/∂A_l (K, H, T, T) of the K layers used:
 
         Ê_l = 1/(H·T) Σ_h Σ_i (∇A_l)⁺[h, i, :],   E = Σ_l Ê_l over the patch columns,   map = min-max(E)
@@ -368,7 +381,7 @@ def legrad_map(gradients: torch.Tensor, *, num_prefix_tokens: int, grid: tuple[i
     ``start_layer`` chooses (default 0, all layers). One backward gives every layer's gradient (see
     :func:`attention_gradients`), where the authors run one per layer.
     """
-    e = gradients.clamp(min=0).mean(dim=(1, 2)).sum(dim=0)  # (T,): heads and queries averaged, layers summed
+    e = sum(g.clamp(min=0).mean(dim=(0, 1)) for g in gradients)  # (T,): heads and queries averaged, layers summed
     heat = tokens_to_grid(e, num_prefix_tokens=num_prefix_tokens, grid=grid)
     lo, hi = heat.min(), heat.max()
     return (heat - lo) / (hi - lo) if hi > lo else torch.zeros_like(heat)
@@ -531,7 +544,7 @@ def _run_pass(model: torch.nn.Module, x: torch.Tensor, key: tuple, target: Targe
         return None, d, d.outputs, d.target
     if key[0] in ("total", "layer"):
         g = attention_gradients(model, x, target=target, per_layer=key[0] == "layer", layers=key[1])
-        return g.attention, g, g.outputs, g.target
+        return g.attention_by_layer, g, g.outputs, g.target
     if key[0] == "capture":
         cap = attention_forward(model, x, store_device=None)  # (1, L, H, T, T) and the normed features
         with torch.inference_mode():
@@ -567,12 +580,12 @@ def _method_map(model: torch.nn.Module, method: Method, attn: torch.Tensor | Non
         rows = cls_attention(attn[layer : layer + 1], head_fusion=method.head_fusion)  # (1, T)
         return tokens_to_grid(rows[0], num_prefix_tokens=p, grid=grid)
     if method.name == "chefer":
-        return chefer_map(attn, grads.gradients, num_prefix_tokens=p, grid=grid)
+        return chefer_map(attn, grads.gradients_by_layer, num_prefix_tokens=p, grid=grid)
     if method.name == "gradxattn":
         last = grads.layers.index(depth - 1)
-        return grad_attention_map(attn[-1], grads.gradients[last], num_prefix_tokens=p, grid=grid)
+        return grad_attention_map(attn[-1], grads.gradients_by_layer[last], num_prefix_tokens=p, grid=grid)
     start = _layer_index(method.start_layer, depth, "LeGrad start layer")
-    return legrad_map(grads.gradients[grads.layers.index(start):], num_prefix_tokens=p, grid=grid)
+    return legrad_map(grads.gradients_by_layer[grads.layers.index(start):], num_prefix_tokens=p, grid=grid)
 
 
 def _frozen(heat: torch.Tensor | np.ndarray) -> np.ndarray:
