@@ -472,6 +472,7 @@ def test_explain_view_states_its_target_and_faithfulness_and_never_a_missing_cla
     at.selectbox(key="explain_method").set_value("chefer").run()
     ok(at)
     assert "Chefer" in at.tabs[3].markdown[0].value and len(calls) == 1  # the explanation pass is its own
+    assert "the default, greedy token deletion, was the most faithful" in at.tabs[3].markdown[0].value
     at.selectbox(key="explain_method").set_value("legrad").run()
     assert "LeGrad (Bousselham et al. 2024)" in at.tabs[3].markdown[0].value
     at.selectbox(key="explain_method").set_value("rollout:start=1,discard=0.9").run()

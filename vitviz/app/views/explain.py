@@ -23,6 +23,8 @@ METHODS = tuple(dict.fromkeys((DEFAULT_METHOD, *[m for m in DEFAULT_METHODS if m
 METHOD_TEXT = {"rollout": "attention rollout", "raw": "raw CLS attention of the last layer",
                "chefer": "Chefer et al. 2021 relevance", "legrad": "LeGrad (Bousselham et al. 2024)",
                "gradxattn": "gradient × attention, last layer", "deletion": "greedy token deletion"}
+MEASURED = (f" On the photos we measured (README), the default, {METHOD_TEXT[DEFAULT_METHOD.partition(':')[0]]}, was "
+            "the most faithful of these methods.")
 # how to read a map whose values are not a relevance on their own scale
 READING = {"deletion": "Patches were removed in steps, each step taking the patches whose presence the score "
                        "leaned on most among those left; a patch's value is how much of the score was still to go "
@@ -78,7 +80,8 @@ def render(ctx) -> None:
     st.markdown(f"**{_method_label(method)}** explains **{e.target_description}** ({e.passes}). Brighter patches "
                 f"matter more to it. Faithfulness, by removing patch tokens in 10 steps: score {c.score:+.3f} "
                 f"(LeRF area {c.lerf_auc:.3f} − MoRF area {c.morf_auc:.3f}; a random map scores {r.score:+.3f} "
-                f"on this image). Higher is more faithful to the model. {READING.get(e.method.name, '')}")
+                f"on this image). Higher is more faithful to the model. {READING.get(e.method.name, '')}"
+                f"{'' if method == DEFAULT_METHOD else MEASURED}")
     cols = st.columns(2)
     with cols[0]:
         chart(vf.overlay_figure(ctx.res.pixels, e.map, patch_size=info.patch_size, opacity=a.opacity,
