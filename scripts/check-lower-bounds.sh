@@ -80,4 +80,6 @@ print("lower-bound venv:", ", ".join(f"{n} {md.version(n)}" for n in names))
 print(f"torch {torch.__version__} from {torch.__file__}")
 EOF
 
-HF_HUB_OFFLINE=1 "$LOWER/bin/python" -m pytest -m "not slow and not browser" -q -p no:cacheprovider "$@"
+# the browser test is left out: its module insists on playwright when CI=true, and it tests no floor of ours
+HF_HUB_OFFLINE=1 "$LOWER/bin/python" -m pytest -m "not slow and not browser" --ignore=tests/test_browser.py -q \
+    -p no:cacheprovider "$@"
