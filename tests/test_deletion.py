@@ -251,6 +251,7 @@ def test_progress_and_more_steps_than_patches():
     d = deletion_order(model, x, target="embedding", steps=40, progress=lambda i, s: seen.append((i, s)))
     n = model.patch_embed.num_patches  # 16: one patch a step
     assert seen == [(i, n) for i in range(1, n + 1)] and d.sizes.tolist() == [1] * n
+    assert explain(model, x, method="deletion:steps=40").passes.startswith(f"{n} steps")  # the steps it really ran
 
 
 def test_explain_runs_it_as_a_method_and_leaves_the_model_alone():

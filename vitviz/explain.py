@@ -635,7 +635,7 @@ def explain_all(
             map=heat, method=m, target=resolved, target_description=description,
             uses_target=key[0] in ("total", "layer", "deletion"), predictions=predictions,
             seconds=(pass_seconds if m.name != "random" else 0.0) + time.perf_counter() - t0,
-            passes=_passes_text(key, depth),
+            passes=_passes_text(("deletion", grads.sizes.size) if key[0] == "deletion" else key, depth),
         ))
     return explanations
 
