@@ -1,0 +1,103 @@
+"""Plain charts: a histogram of patch values, faithfulness curves, mean attention distance per head; and any figure
+as a standalone HTML page.
+
+Pure functions: numpy arrays in, a :class:`plotly.graph_objects.Figure` (or HTML text) out.
+"""
+
+import numpy as np
+import plotly.graph_objects as go
+
+from ..errors import ParameterError
+from ._common import _PALETTE
+
+__all__ = ["histogram_figure", "curves_figure", "attention_distance_figure", "figure_html"]
+
+
+def histogram_figure(
+    values: np.ndarray,
+    *,
+    marked: np.ndarray | None = None,
+    title: str | None = None,
+    x_title: str = "value",
+    log_x: bool = True,
+    extra: dict[str, np.ndarray] | None = None,
+) -> go.Figure:
+    """A histogram of ``values`` (patches), the ``marked`` ones (e.g. outliers) in their own colour; ``extra``
+    named values (e.g. the CLS token, registers) as vertical lines."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if values.size == 0:
+        raise ParameterError("values must hold at least one value.")
+    marked = np.zeros(values.shape, bool) if marked is None else np.asarray(marked, bool).ravel()
+    x = np.log10(np.maximum(values, 1e-12)) if log_x else values
+    traces = [go.Histogram(x=x[~marked], name="patches", marker=dict(color="rgb(120, 120, 140)"), nbinsx=60)]
+    if marked.any():
+        traces.append(go.Histogram(x=x[marked], name="outliers", marker=dict(color="rgb(0, 229, 255)"), nbinsx=60))
+    layout = dict(barmode="overlay", margin=dict(l=0, r=0, b=0, t=40 if title else 10),
+                  xaxis=dict(title=dict(text=f"log10 {x_title}" if log_x else x_title)),
+                  yaxis=dict(title=dict(text="patches")), showlegend=True,
+                  title=dict(text=title, x=0.0, xanchor="left", font=dict(size=14)) if title else None)
+    fig = go.Figure(data=traces, layout=layout)
+    for k, (name, v) in enumerate((extra or {}).items()):
+        for val in np.atleast_1d(v):
+            pos = float(np.log10(max(float(val), 1e-12)) if log_x else val)
+            fig.add_vline(x=pos, line=dict(color=_PALETTE[k % len(_PALETTE)], dash="dot"), annotation_text=name)
+    return fig
+
+
+def curves_figure(
+    fractions: np.ndarray,
+    curves: dict[str, np.ndarray],
+    *,
+    title: str | None = None,
+    y_title: str = "score",
+) -> go.Figure:
+    """Line plots against the removed fraction (faithfulness curves): ``curves`` maps a label to its values."""
+    fractions = np.asarray(fractions, dtype=np.float64)
+    traces = []
+    for k, (label, values) in enumerate(curves.items()):
+        values = np.asarray(values, dtype=np.float64)
+        if values.shape != fractions.shape:
+            raise ParameterError(f"curve {label!r} has {values.size} values for {fractions.size} fractions.")
+        dash = "dot" if "random" in label.lower() else "solid"
+        traces.append(go.Scatter(x=fractions, y=values, mode="lines+markers", name=label,
+                                 line=dict(color=_PALETTE[k % len(_PALETTE)], dash=dash)))
+    # ticks and legend inside the figure's own box: a half-width column leaves no room for a legend at the side
+    layout = dict(margin=dict(l=10, r=10, b=10, t=40 if title else 10),
+                  xaxis=dict(title=dict(text="share of patches removed"), automargin=True,
+                             range=[0, max(1e-9, float(fractions.max())) * 1.02], tickformat=".0%"),
+                  yaxis=dict(title=dict(text=y_title), automargin=True),
+                  legend=dict(orientation="h", x=0, xanchor="left", y=-0.25, yanchor="top"),
+                  title=dict(text=title, x=0.0, xanchor="left", font=dict(size=14)) if title else None)
+    return go.Figure(data=traces, layout=layout)
+
+
+def attention_distance_figure(dist: np.ndarray, *, title: str | None = None) -> go.Figure:
+    """ViT paper Fig. 7 (right): mean attention distance (pixels) per head against depth, one colour per head.
+
+    ``dist`` is ``(layers, heads)``; layers are numbered from 0, as timm's ``blocks`` and the app's layer controls.
+    """
+    dist = np.asarray(dist, dtype=np.float64)
+    if dist.ndim != 2 or dist.size == 0:
+        raise ParameterError(f"dist must be (layers, heads), got shape {dist.shape}.")
+    n_layers, n_heads = dist.shape
+    layers = np.arange(n_layers)
+    traces = [
+        go.Scatter(
+            x=layers, y=dist[:, k], mode="markers", name=f"head {k}",
+            marker=dict(size=7, color=_PALETTE[k % len(_PALETTE)]),
+            hovertemplate=f"layer %{{x}} · head {k}<br>%{{y:.1f}} px<extra></extra>",
+        )
+        for k in range(n_heads)
+    ]
+    layout = dict(
+        title=dict(text=title or "Mean attention distance", x=0.0, xanchor="left", font=dict(size=14)),
+        xaxis=dict(title=dict(text="network depth (layer)"), dtick=1, range=[-0.5, n_layers - 0.5], automargin=True),
+        yaxis=dict(title=dict(text="mean attention distance (pixels)"), rangemode="tozero", automargin=True),
+        margin=dict(l=0, r=0, b=0, t=40), legend=dict(title=dict(text="head")),
+    )
+    return go.Figure(data=traces, layout=layout)
+
+
+def figure_html(fig: go.Figure) -> str:
+    """Standalone HTML page of ``fig`` with plotly.js inlined, so it works offline."""
+    return fig.to_html(include_plotlyjs=True, full_html=True, config={"displaylogo": False})
