@@ -38,8 +38,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from vitviz.analysis import HALF_STORAGE_BYTES, Analysis, analyze, analyze_batch, attention_bytes  # noqa: E402
-from vitviz.attention import attention_forward  # noqa: E402
+from vitviz.analysis.maps import attention_distance, query_attention_maps, rollout_table  # noqa: E402
+from vitviz.analysis.onepass import HALF_STORAGE_BYTES, Analysis, analyze, analyze_batch, attention_bytes  # noqa: E402
+from vitviz.analysis.posembed import patch_pos_embed, pos_embed_similarity  # noqa: E402
 from vitviz.figures import (  # noqa: E402
     MOSAIC_MAX_TOKENS,
     attention_distance_figure,
@@ -50,15 +51,14 @@ from vitviz.figures import (  # noqa: E402
     similarity_map_figure,
     similarity_mosaic_figure,
 )
-from vitviz.image import fit_image, to_tensor  # noqa: E402
-from vitviz.maps import attention_distance, query_attention_maps, rollout_table  # noqa: E402
+from vitviz.inputs.image import fit_image, to_tensor  # noqa: E402
 from vitviz.models import (  # noqa: E402
     ModelInfo,
     describe_model,
     get_model,  # noqa: E402
 )
-from vitviz.posembed import patch_pos_embed, pos_embed_similarity  # noqa: E402
 from vitviz.settings import DEFAULTS  # noqa: E402
+from vitviz.walk.capture import attention_forward  # noqa: E402
 
 __all__ = [
     "CASES",
@@ -496,7 +496,7 @@ def _app_rows(args: argparse.Namespace) -> tuple[list[str], list[Check]]:
     from streamlit.testing.v1 import AppTest
 
     import vitviz.models
-    from vitviz.image import load_image
+    from vitviz.inputs.image import load_image
     from vitviz.models import get_model
 
     root = Path(__file__).resolve().parents[1]

@@ -81,8 +81,8 @@ def forward_only(photos: Path, *, device: str, precision: str, batch: int, worke
 
     if threads:
         torch.set_num_threads(threads)
-    from vitviz.image import fit_image, to_tensor
-    from vitviz.inputs import chunks, collect_inputs, items_for, loader
+    from vitviz.inputs.folders import chunks, collect_inputs, items_for, loader
+    from vitviz.inputs.image import fit_image, to_tensor
     from vitviz.models import get_model
 
     model, info = get_model("default", img_size=224, device=device, precision=precision)

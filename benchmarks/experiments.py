@@ -37,10 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench  # noqa: E402
 
-from vitviz.attention import attention_forward  # noqa: E402
-from vitviz.maps import rollout_table  # noqa: E402
-from vitviz.posembed import patch_pos_embed, pos_embed_similarity  # noqa: E402
-from vitviz.rollout import rollout_all, rollout_matrices, tokens_to_grid  # noqa: E402
+from vitviz.analysis.maps import rollout_table  # noqa: E402
+from vitviz.analysis.posembed import patch_pos_embed, pos_embed_similarity  # noqa: E402
+from vitviz.analysis.rollout import rollout_all, rollout_matrices, tokens_to_grid  # noqa: E402
+from vitviz.walk.capture import attention_forward  # noqa: E402
 
 __all__ = [
     "capture_inplace",
@@ -135,7 +135,7 @@ def discard_by_keep(a: torch.Tensor, ratio: float, *, keep_column: int = 0) -> t
     num = int(ratio * T * (T - 1))
     keep = T * T - num  # the protected column (T entries, +inf) is always among the kept
     if num == 0 or num <= keep:
-        from vitviz.rollout import discard_lowest
+        from vitviz.analysis.rollout import discard_lowest
 
         return discard_lowest(a, ratio, keep_column=keep_column)
     flat = a.reshape(-1, T * T)

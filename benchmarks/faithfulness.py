@@ -34,7 +34,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +49,8 @@ from scenes import mass_inside, pasted_scene  # noqa: E402
 from vitviz import models as _models  # noqa: E402
 from vitviz.evaluate import bootstrap_interval, prepare_image  # noqa: E402
 from vitviz.explain import Method, explain, explain_all  # noqa: E402
-from vitviz.faithfulness import curves, faithfulness, removed_counts  # noqa: E402
-from vitviz.image import to_tensor  # noqa: E402
+from vitviz.inputs.image import to_tensor  # noqa: E402
+from vitviz.metrics.faithfulness import curves, faithfulness, removed_counts  # noqa: E402
 
 __all__ = ["METHODS", "load_default", "measure_photo", "time_rows", "report", "main"]
 
@@ -88,7 +87,7 @@ def photo_paths(folder: Path) -> list[Path]:
 
 
 def _methods(index: int) -> list[Method]:
-    return [replace(m, seed=index) if m.name == "random" else m for m in map(Method.parse, METHODS)]
+    return [m.with_settings(seed=index) if m.name == "random" else m for m in map(Method.parse, METHODS)]
 
 
 def feature_similarity(model, x: torch.Tensor) -> tuple[np.ndarray, float]:

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench  # noqa: E402
 
-from vitviz.attention import attention_forward  # noqa: E402
+from vitviz.walk.capture import attention_forward  # noqa: E402
 
 
 def tiny_vit(dtype=torch.float32):

@@ -38,12 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import time_interleaved  # noqa: E402
 from scenes import mass_inside, pasted_scene  # noqa: E402
 
-from vitviz.analysis import HALF_STORAGE_BYTES, attention_bytes  # noqa: E402
-from vitviz.attention import attention_forward  # noqa: E402
-from vitviz.image import fit_image, to_tensor  # noqa: E402
-from vitviz.models import get_model  # noqa: E402
-from vitviz.rollout import cls_attention, rollout_matrices, rollout_row, tokens_to_grid  # noqa: E402
-from vitviz.tokens import (  # noqa: E402
+from vitviz.analysis.onepass import HALF_STORAGE_BYTES, attention_bytes  # noqa: E402
+from vitviz.analysis.rollout import cls_attention, rollout_matrices, rollout_row, tokens_to_grid  # noqa: E402
+from vitviz.analysis.tokens import (  # noqa: E402
     best_matches,
     cosine_similarity,
     find_outliers,
@@ -53,6 +50,9 @@ from vitviz.tokens import (  # noqa: E402
     received_attention,
     token_norms,
 )
+from vitviz.inputs.image import fit_image, to_tensor  # noqa: E402
+from vitviz.models import get_model  # noqa: E402
+from vitviz.walk.capture import attention_forward  # noqa: E402
 
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "photos"
 SUFFIXES = {".jpg", ".jpeg", ".png"}

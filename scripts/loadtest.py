@@ -65,7 +65,7 @@ def _setup(img_size: int, torch_threads: int | None) -> None:
     global _MODEL
     import torch
 
-    from vitviz.image import load_image
+    from vitviz.inputs.image import load_image
     from vitviz.models import get_model
 
     if torch_threads:
@@ -76,8 +76,8 @@ def _setup(img_size: int, torch_threads: int | None) -> None:
 
 
 def _one(i: int) -> float:
-    from vitviz.analysis import analyze
-    from vitviz.maps import rollout_map
+    from vitviz.analysis.onepass import analyze
+    from vitviz.analysis.maps import rollout_map
     from vitviz.settings import DEFAULTS
 
     model, info, images = _MODEL

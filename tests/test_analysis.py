@@ -11,9 +11,9 @@ import timm
 import torch
 from PIL import Image
 
-from vitviz.analysis import analysis_bytes, analyze, attention_bytes
+from vitviz.analysis.onepass import analysis_bytes, analyze, attention_bytes
 from vitviz.errors import ParameterError, ResourceError
-from vitviz.maps import attention_distance, query_attention_maps, raw_attention_maps, rollout_map, rollout_table
+from vitviz.analysis.maps import attention_distance, query_attention_maps, raw_attention_maps, rollout_map, rollout_table
 from vitviz.models import describe_model
 from vitviz.settings import DEFAULTS, Settings
 
@@ -134,8 +134,8 @@ _PEAK = """
 import sys, numpy as np, torch
 sys.path.insert(0, {root!r})
 from tests.helpers import tiny_vit
-from vitviz.analysis import analysis_bytes, analyze
-from vitviz.maps import attention_distance, rollout_table
+from vitviz.analysis.onepass import analysis_bytes, analyze
+from vitviz.analysis.maps import attention_distance, rollout_table
 from vitviz.models import describe_model
 from PIL import Image
 torch.set_num_threads(1)
@@ -188,7 +188,7 @@ def default_model():
 @needs_default
 def test_default_position_embedding_has_2d_structure(default_model):
     """ViT paper Fig. 7: each patch's most similar patches are its spatial neighbours."""
-    from vitviz.posembed import nearest_neighbour_offsets, patch_pos_embed, pos_embed_similarity
+    from vitviz.analysis.posembed import nearest_neighbour_offsets, patch_pos_embed, pos_embed_similarity
 
     model, info = default_model
     sim = pos_embed_similarity(patch_pos_embed(model))
@@ -230,7 +230,7 @@ def test_default_rollout_lands_on_the_object(default_model):
 
 
 def test_out_of_memory_is_typed_and_falls_back_to_cpu(monkeypatch):
-    import vitviz.analysis as va
+    import vitviz.analysis.onepass as va
     from vitviz.errors import OutOfMemoryError
 
     model = tiny_vit()
@@ -270,7 +270,7 @@ def test_out_of_memory_is_typed_and_falls_back_to_cpu(monkeypatch):
 
 def test_large_captures_are_kept_in_half_precision(monkeypatch):
     """Above HALF_STORAGE_BYTES the attention is stored in fp16 (softmax computed in fp32): maps barely move."""
-    import vitviz.analysis as va
+    import vitviz.analysis.onepass as va
 
     model = tiny_vit(depth=4)
     info = describe_model(model)
@@ -290,7 +290,7 @@ def test_large_captures_are_kept_in_half_precision(monkeypatch):
 
 @pytest.mark.parametrize("kwargs,n", [(dict(), 1), (dict(reg_tokens=2, img_size=(24, 40)), 1), (dict(), 3)])
 def test_attention_estimate_is_the_captured_size(kwargs, n):
-    from vitviz.analysis import analyze_batch
+    from vitviz.analysis.onepass import analyze_batch
 
     model = tiny_vit(ARCH, **{"img_size": 32, "patch_size": 8, **kwargs})
     info = describe_model(model)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from timm.models.vision_transformer import ResPostBlock
 
-from vitviz.attention import attention_forward, capture_attention, check_capturable
+from vitviz.walk.capture import attention_forward, capture_attention, check_capturable
 from vitviz.errors import ModelError, ParameterError
 
 from .helpers import eager_reference, hook_state, tiny_vit

@@ -141,9 +141,9 @@ def browser():
 @pytest.fixture(scope="module")
 def reference():
     """What the library computes for an example image at the app's defaults (224 px centre crop, native patch)."""
-    from vitviz import analysis as va
-    from vitviz import maps
-    from vitviz.image import load_image
+    from vitviz.analysis import onepass as va
+    from vitviz.analysis import maps
+    from vitviz.inputs.image import load_image
     from vitviz.models import get_model
     from vitviz.settings import DEFAULTS
 

@@ -17,7 +17,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-import vitviz.models as vm
+import vitviz.models.checkpoints as vm
 from vitviz.errors import CheckpointError
 from vitviz.models import build_model, load_source, read_checkpoint
 

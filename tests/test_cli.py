@@ -105,7 +105,7 @@ def test_python_dash_m_entry_point(tmp_path, ckpt):
 def test_output_names_never_collide():
     from pathlib import Path
 
-    from vitviz.inputs import output_stems
+    from vitviz.inputs.folders import output_stems
 
     names = output_stems([Path("x/a.jpg"), Path("y/a.png"), Path("a-2.jpg"), Path("A.gif"), Path("../../b c.png")])
     assert names == ["a", "a-2", "a-2-2", "A-3", "b_c"]
@@ -193,9 +193,9 @@ def test_analyze_stores_the_default_explanation_and_the_tokens(tmp_path, ckpt):
     import torch
 
     from vitviz.explain import DEFAULT_METHOD, explain
-    from vitviz.image import to_tensor
+    from vitviz.inputs.image import to_tensor
     from vitviz.models import get_model
-    from vitviz.tokens import token_norms
+    from vitviz.analysis.tokens import token_norms
 
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()

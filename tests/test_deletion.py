@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vitviz.deletion import PRESENCE, _presence_gradient, deletion, deletion_order, deletion_values
+from vitviz.explain.deletion import PRESENCE, _presence_gradient, deletion, deletion_order, deletion_values
 from vitviz.errors import ModelError, ParameterError
 from vitviz.explain import Method, Target, embed_tokens, explain, explain_all
-from vitviz.faithfulness import curves
+from vitviz.metrics.faithfulness import curves
 
 from .helpers import hook_state, in_threads, tiny_vit
 
@@ -135,10 +135,10 @@ def naive_deletion(model, x, target, steps):
 @pytest.mark.parametrize("layout", ["registers", "avg_pool"])
 def test_a_key_bias_of_minus_infinity_is_token_removal(layout):
     """The premise: b_j = -inf for a patch gives the model on the sequence without it (the curves' removal), in the
-    walk written here and in vitviz's own (explain._block and the presence-weighted head)."""
-    from vitviz.deletion import _weighted_outputs
-    from vitviz.explain import _block
-    from vitviz.faithfulness import run_kept
+    walk written here and in vitviz's own (vitviz.walk.blocks.walk and the presence-weighted head)."""
+    from vitviz.explain.deletion import _weighted_outputs
+    from vitviz.walk.blocks import Interventions, KeptProbs, walk
+    from vitviz.metrics.faithfulness import run_kept
 
     model = _model(layout)
     x = _image(model)
@@ -152,8 +152,7 @@ def test_a_key_bias_of_minus_infinity_is_token_removal(layout):
         removed = hand.score(kept)
         t = hand.tokens
         full_bias = torch.cat([torch.zeros(1, p, dtype=torch.float64), bias[None]], dim=1)
-        for blk in model.blocks:
-            t = _block(blk, t, [], full_bias)
+        t = walk(model, t, probs=KeptProbs(), interventions=Interventions(key_bias=full_bias))
         ours = _weighted_outputs(model, t, full_bias).embedding[0]
         timm_removed = run_kept(model, hand.tokens, torch.tensor([kept])).embedding[0]
         whole = hand_walk(model, hand.tokens, torch.zeros(hand.tokens.shape[1], dtype=torch.float64))

@@ -2,7 +2,7 @@
 loopback only) of a tiny checkpoint over a folder of tiny images, compared array by array with one process.
 
 The runs that must be stopped part way go through a small launcher script written here: it stands a gate in for
-``vitviz.image.load_image`` that holds one chosen input until the test says so (or kills the rank there), so an
+``vitviz.inputs.image.load_image`` that holds one chosen input until the test says so (or kills the rank there), so an
 interruption lands at a known point instead of racing the clock.
 """
 
@@ -35,7 +35,7 @@ from vitviz.distributed import (
     shard,
     world_from_env,
 )
-from vitviz.inputs import chunks, collect_inputs, items_for, loader
+from vitviz.inputs.folders import chunks, collect_inputs, items_for, loader
 
 from .helpers import encode, noise
 
@@ -47,10 +47,10 @@ BAD = "sub/broken.jpg"
 GATED = """
 import os, sys, time
 from pathlib import Path
-import vitviz.image
+import vitviz.inputs.image
 
 gate, release = os.environ["GATE_NAME"], Path(os.environ["GATE_RELEASE"])
-real = vitviz.image.load_image
+real = vitviz.inputs.image.load_image
 
 def gated(source, **kw):
     if Path(source).name == gate:
@@ -61,7 +61,7 @@ def gated(source, **kw):
     return real(source, **kw)
 
 rank = os.environ.get("RANK", "single")
-vitviz.image.load_image = gated
+vitviz.inputs.image.load_image = gated
 Path(os.environ["GATE_DIR"], f"pid-{rank}").write_text(str(os.getpid()))
 from vitviz.cli import main
 code = main(sys.argv[1:])

@@ -24,7 +24,7 @@ from vitviz.evaluate import (
     write_summary_csv,
 )
 from vitviz.explain import explain, random_map
-from vitviz.faithfulness import faithfulness
+from vitviz.metrics.faithfulness import faithfulness
 from vitviz.models import describe_model
 
 from .helpers import tiny_vit

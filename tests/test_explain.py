@@ -16,7 +16,7 @@ from timm.models.vision_transformer import ResPostBlock
 
 from vitviz.errors import ModelError, ParameterError, VitvizError
 from vitviz.explain import Method, Target, attention_gradients, explain, explain_all
-from vitviz.labels import class_name, class_names, has_head, label_set, predict, top_predictions
+from vitviz.models.labels import class_name, class_names, has_head, label_set, predict, top_predictions
 
 from .helpers import hook_state, in_threads, naive_rollout, tiny_vit
 
@@ -326,9 +326,9 @@ def test_targets_and_methods_parse_and_refuse_bad_input():
         with pytest.raises(ParameterError):
             Target.parse(bad)
     m = Method.parse("rollout:start=1, discard=0.9,fusion=max")
-    assert m == Method("rollout", start_layer=1, discard_ratio=0.9, head_fusion="max")
+    assert m == Method("rollout", start=1, discard=0.9, fusion="max")
     assert Method.parse(m.label) == m and m.label == "rollout:start=1,discard=0.9,fusion=max"
-    assert Method.parse("chefer").label == "chefer" and Method.parse("legrad:start=-2").start_layer == -2
+    assert Method.parse("chefer").label == "chefer" and Method.parse("legrad:start=-2").settings.start == -2
     for bad in ("nope", "chefer:start=1", "rollout:discard=1.0", "rollout:fusion=median", "raw:layer=x",
                 "rollout:start"):
         with pytest.raises(ParameterError):

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import vitviz.faithfulness as faith
+import vitviz.metrics.faithfulness as faith
 from vitviz.errors import ParameterError
 from vitviz.explain import Target, embed_tokens
-from vitviz.faithfulness import auc, curves, faithfulness, removal_orders, removed_counts, run_kept
+from vitviz.metrics.faithfulness import auc, curves, faithfulness, removal_orders, removed_counts, run_kept
 
 from .helpers import hook_state, tiny_vit
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-import vitviz.image as vimage
+import vitviz.inputs.image as vimage
 from vitviz.errors import ImageError, ParameterError
-from vitviz.image import fit_image, load_image, patch_box, to_tensor, whole_image_size
+from vitviz.inputs.image import fit_image, load_image, patch_box, to_tensor, whole_image_size
 
 from .helpers import encode, png_header_only
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-import vitviz.image as vi
+import vitviz.inputs.image as vi
 from vitviz.errors import ImageError
-from vitviz.image import MAX_DECODE_BYTES, decode_bytes, load_image
+from vitviz.inputs.image import MAX_DECODE_BYTES, decode_bytes, load_image
 
 from .helpers import encode, peak_rss_growth, png_chunk
 
@@ -85,7 +85,7 @@ _PEAKS = """
 import json, sys
 sys.path.insert(0, {root!r})
 from tests.helpers import peak_rss_growth
-from vitviz.image import load_image
+from vitviz.inputs.image import load_image
 out = {{}}
 for mode, path, need in json.load(open({jobs!r})):
     data = open(path, "rb").read()

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitviz.analysis import analyze, input_size_for
+from vitviz.analysis.onepass import analyze, input_size_for
 from vitviz.errors import ImageError
-from vitviz.image import MAX_UPLOAD_BYTES, load_image
-from vitviz.maps import rollout_map
+from vitviz.inputs.image import MAX_UPLOAD_BYTES, load_image
+from vitviz.analysis.maps import rollout_map
 from vitviz.settings import Settings
 
 from .helpers import bad_crc_png, encode, noise, png_header_only, run_cli, tiny_vit, truncated_jpeg
@@ -73,7 +73,7 @@ def test_bad_files_are_refused_with_a_typed_message(tmp_path, ckpt, capsys, case
 
 BOMB_PROBE = """
 import resource, sys, time, tracemalloc
-from vitviz.image import load_image
+from vitviz.inputs.image import load_image
 from vitviz.errors import ImageError
 data = open(sys.argv[1], "rb").read()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -70,7 +70,7 @@ def test_every_view_module_is_registered_once_and_has_render():
 def test_server_options_are_defined_once():
     """.streamlit/config.toml (for ``streamlit run app.py``) says what vitviz.app.config passes to ``vitviz app``."""
     from vitviz.app.config import SERVER_OPTIONS
-    from vitviz.image import MAX_UPLOAD_BYTES
+    from vitviz.inputs.image import MAX_UPLOAD_BYTES
 
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
@@ -82,16 +82,104 @@ def test_server_options_are_defined_once():
 
 
 def test_the_package_root_re_exports_the_main_api():
-    from vitviz import Settings, analyze, get_model, load_image, rollout_map
+    from vitviz import Settings, analyze, explain, faithfulness, get_model, load_image, rollout_map
 
-    assert analyze is importlib.import_module("vitviz.analysis").analyze
-    assert rollout_map is importlib.import_module("vitviz.maps").rollout_map
-    assert get_model is importlib.import_module("vitviz.models").get_model
-    assert load_image is importlib.import_module("vitviz.image").load_image
+    assert analyze is importlib.import_module("vitviz.analysis.onepass").analyze
+    assert rollout_map is importlib.import_module("vitviz.analysis.maps").rollout_map
+    assert get_model is importlib.import_module("vitviz.models.build").get_model
+    assert load_image is importlib.import_module("vitviz.inputs.image").load_image
     assert Settings is importlib.import_module("vitviz.settings").Settings
-    assert set(vitviz.__all__) <= set(dir(vitviz))
+    assert explain is importlib.import_module("vitviz.explain") and callable(explain.explain)
+    assert faithfulness is importlib.import_module("vitviz.metrics.faithfulness") and callable(faithfulness.curves)
     with pytest.raises(AttributeError):
         vitviz.not_a_thing  # noqa: B018
+
+
+@pytest.mark.parametrize("package", ["vitviz", "vitviz.walk", "vitviz.models", "vitviz.inputs", "vitviz.analysis",
+                                     "vitviz.explain", "vitviz.metrics", "vitviz.figures"])
+def test_every_exported_name_imports(package):
+    """Each name a package's ``__all__`` promises is really there (a lazy table can name a module or an attribute
+    that does not exist: this imports each one)."""
+    module = importlib.import_module(package)
+    missing = []
+    for name in module.__all__:
+        try:
+            getattr(module, name)
+        except (AttributeError, ImportError) as exc:
+            missing.append(f"{name}: {exc}")
+    assert not missing, missing
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _edges(path: Path, known: set[str]) -> set[str]:
+    """Modules of vitviz that ``path`` imports anywhere in it (function-level imports too): ``from X import y``
+    counts X, and X.y where that is a module."""
+    me = _module_name(path)
+    base = me.split(".") if path.name == "__init__.py" else me.split(".")[:-1]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name in known}
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level:
+                mod = ".".join(base[: len(base) - node.level + 1] + ([mod] if mod else []))
+            if mod in known:
+                out.add(mod)
+            out |= {f"{mod}.{a.name}" for a in node.names if f"{mod}.{a.name}" in known}
+    return out - {me}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(graph[n]):
+            if state.get(m) == 1:
+                return stack[stack.index(m):] + [m]
+            if m not in state and (found := visit(m)):
+                return found
+        state[n] = 2
+        stack.pop()
+        return None
+
+    for n in sorted(graph):
+        if n not in state and (found := visit(n)):
+            return found
+    return None
+
+
+def test_the_import_graph_has_no_cycle():
+    paths = _modules()
+    known = {_module_name(p) for p in paths}
+    graph = {_module_name(p): _edges(p, known) for p in paths}
+    assert _cycle({"a": {"b"}, "b": {"a"}}) == ["a", "b", "a"], "the check must be able to find a cycle"
+    assert "vitviz.targets" in graph["vitviz.explain.passes"], "the check must see the imports"
+    assert _cycle(graph) is None, f"import cycle: {' -> '.join(_cycle(graph))}"
+
+
+def test_layers_import_downwards_only():
+    """Metrics never import methods (they take finished maps); the library never imports the CLI or the app."""
+    paths = _modules()
+    known = {_module_name(p) for p in paths}
+    for p in paths:
+        me, deps = _module_name(p), _edges(p, known)
+        if me.startswith("vitviz.metrics"):
+            assert not any(d.startswith("vitviz.explain") for d in deps), (me, deps)
+        if not me.startswith(("vitviz.cli", "vitviz.app", "vitviz.__main__")):
+            assert not any(d.startswith(("vitviz.cli", "vitviz.app")) for d in deps), (me, deps)
+
+
+def test_no_library_module_runs_past_500_lines():
+    long = [f"{p.relative_to(ROOT)} ({n})" for p in _modules() if (n := len(p.read_text().splitlines())) > 500]
+    assert not long, long
 
 
 def test_version_needs_no_torch():

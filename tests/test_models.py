@@ -144,7 +144,7 @@ def test_hub_failure_is_a_clear_message_without_network(monkeypatch):
     def offline(*_a, **_k):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load this file")
 
-    import vitviz.models as vm
+    import vitviz.models.hub as vm
 
     monkeypatch.setattr(vm, "_hub_reachable", lambda: True)  # reachable, but the download itself fails
     monkeypatch.setattr(timm, "create_model", offline)
@@ -154,7 +154,7 @@ def test_hub_failure_is_a_clear_message_without_network(monkeypatch):
 
 def test_an_unreachable_hub_fails_at_once_without_asking_it(monkeypatch):
     """No cached weights and no Hub: one sentence, before timm's download (which retries for minutes) is tried."""
-    import vitviz.models as vm
+    import vitviz.models.hub as vm
 
     def never(*_a, **_k):
         raise AssertionError("the download must not be attempted")
@@ -170,7 +170,7 @@ def test_an_unreachable_hub_fails_at_once_without_asking_it(monkeypatch):
 def test_the_hub_probe_never_touches_the_network_when_offline(monkeypatch):
     import socket
 
-    import vitviz.models as vm
+    import vitviz.models.hub as vm
 
     def no_network(*_a, **_k):
         raise AssertionError("no connection may be attempted offline")

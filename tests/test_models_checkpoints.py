@@ -12,8 +12,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from vitviz.analysis import analyze
-from vitviz.attention import check_capturable
+from vitviz.analysis.onepass import analyze
+from vitviz.walk.capture import check_capturable
 from vitviz.cli import main
 from vitviz.errors import CheckpointError, ModelError
 from vitviz.models import build_model, load_source

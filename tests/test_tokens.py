@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from vitviz.attention import attention_forward
+from vitviz.walk.capture import attention_forward
 from vitviz.errors import ParameterError
-from vitviz.tokens import (
+from vitviz.analysis.tokens import (
     artefact_tokens,
     best_matches,
     cosine_similarity,
@@ -391,7 +391,7 @@ def test_default_model_tokens_equal_forward_intermediates():
 
 
 def test_top_eigenpairs_fall_back_to_a_full_decomposition():
-    from vitviz.tokens import _top_eigenpairs
+    from vitviz.analysis.tokens import _top_eigenpairs
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(200, 60))

@@ -1,17 +1,18 @@
 """vitviz: see how a Vision Transformer reads an image.
 
-A plain library: model loading and description (:mod:`vitviz.models`), image loading (:mod:`vitviz.image`), the
-one-pass capture (:mod:`vitviz.attention`), the analysis pass (:mod:`vitviz.analysis`), rollout
-(:mod:`vitviz.rollout`) and the maps derived from a pass (:mod:`vitviz.maps`), position embeddings
-(:mod:`vitviz.posembed`), the export format (:mod:`vitviz.export`), plotly figure builders (:mod:`vitviz.figures`)
-and the CLI (:mod:`vitviz.cli`).
-
-Only :mod:`vitviz.app` imports streamlit; nothing else in the package does (tests/test_layout.py checks it).
+A plain library in layers, each a subpackage that imports only the ones listed before it:
+:mod:`vitviz.walk` (the one walk of the blocks and the one-pass capture), :mod:`vitviz.models` (sources,
+checkpoints, building, class names), :mod:`vitviz.inputs` (images and the CLI's inputs), :mod:`vitviz.analysis`
+(maps derived from a pass: rollout, tokens, position embeddings), :mod:`vitviz.targets` (what is explained),
+:mod:`vitviz.explain` (explanation methods with one shape), :mod:`vitviz.metrics` (faithfulness of finished maps),
+:mod:`vitviz.figures` (plotly figures and PNG overlays), the CLI (:mod:`vitviz.cli`) and the app (:mod:`vitviz.app`,
+the only package that imports streamlit).
 
 The main API is re-exported here and imported on first use, so ``import vitviz`` (and ``vitviz --version``) stays
 fast::
 
     from vitviz import analyze, get_model, load_image, rollout_map, Settings
+    from vitviz import explain, faithfulness       # the modules: explain.explain(...), faithfulness.curves(...)
 """
 
 from __future__ import annotations
@@ -31,17 +32,20 @@ from .errors import (
 
 __version__ = "0.2.0"
 
-_LAZY = {
-    "load_image": "image",
-    "get_model": "models",
-    "describe_model": "models",
-    "analyze": "analysis",
-    "analyze_batch": "analysis",
-    "Analysis": "analysis",
-    "rollout_map": "maps",
-    "rollout_table": "maps",
-    "Settings": "settings",
-    "DEFAULTS": "settings",
+_LAZY = {  # name -> (module, attribute); attribute None: the module itself
+    "load_image": ("inputs.image", "load_image"),
+    "get_model": ("models.build", "get_model"),
+    "describe_model": ("models.build", "describe_model"),
+    "analyze": ("analysis.onepass", "analyze"),
+    "analyze_batch": ("analysis.onepass", "analyze_batch"),
+    "Analysis": ("analysis.onepass", "Analysis"),
+    "rollout_map": ("analysis.maps", "rollout_map"),
+    "rollout_table": ("analysis.maps", "rollout_table"),
+    "Settings": ("settings", "Settings"),
+    "DEFAULTS": ("settings", "DEFAULTS"),
+    "Target": ("targets", "Target"),
+    "explain": ("explain", None),
+    "faithfulness": ("metrics.faithfulness", None),
 }
 
 __all__ = [
@@ -61,7 +65,9 @@ __all__ = [
 def __getattr__(name: str):
     if name not in _LAZY:
         raise AttributeError(f"module 'vitviz' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    module, attribute = _LAZY[name]
+    value = importlib.import_module(f".{module}", __name__)
+    value = value if attribute is None else getattr(value, attribute)
     globals()[name] = value  # once imported, a plain attribute
     return value
 

@@ -53,8 +53,8 @@ DEFAULT_DIST_TIMEOUT_S = 24 * 3600  # the final wait for the slowest rank; a dea
 
 
 def _add_analyze(sub) -> None:
+    from .analysis.rollout import FUSIONS
     from .explain import DEFAULT_METHOD
-    from .rollout import FUSIONS
     from .settings import DEFAULTS, FITS
 
     d = DEFAULTS
@@ -215,7 +215,7 @@ def _kept(item, *, out: Path, run: str) -> dict | None:
 
 
 def _analyze(job: _Job, group: list):
-    from .analysis import analyze_with_fallback, input_size_for
+    from .analysis.onepass import analyze_with_fallback, input_size_for
     from .models import get_model
 
     size = input_size_for(group[0].image.image, img_size=job.settings.img_size, patch_size=job.patch_size,
@@ -233,10 +233,10 @@ def _explained(job: _Job, res) -> dict:
     """The npz arrays of the default explanation (``map``, ``map_method``, ``map_target``) and of the tokens."""
     import numpy as np
 
+    from .analysis.tokens import find_outliers, token_norms
     from .explain import explain
-    from .image import to_tensor
+    from .inputs.image import to_tensor
     from .models import get_model
-    from .tokens import find_outliers, token_norms
 
     info, out = res.info, {}
     if job.method is not None:
@@ -257,9 +257,9 @@ def _write(job: _Job, item, loaded, res) -> dict:
     """The PNG and npz of one result, each written atomically; its summary row (also stored in the npz)."""
     import numpy as np
 
+    from .analysis.maps import rollout_map
     from .export import export_arrays, write_atomic, write_npz
     from .figures import overlay_png
-    from .maps import rollout_map
 
     t0 = time.perf_counter()
     info = res.info
@@ -322,8 +322,8 @@ def _run_group(job: _Job, group: list, rows: dict[int, dict]) -> None:
 
 def _run_batches(job: _Job, batches: list[list], rows: dict[int, dict], *, resume: bool, world) -> None:
     """Decode (in workers), run and write ``batches``; every input's row lands in ``rows`` under its index."""
-    from .analysis import input_size_for
-    from .inputs import group_by, loader
+    from .analysis.onepass import input_size_for
+    from .inputs.folders import group_by, loader
 
     def size_of(d):
         return input_size_for(d.image.image, img_size=job.settings.img_size, patch_size=job.patch_size,
@@ -350,7 +350,7 @@ def _run_batches(job: _Job, batches: list[list], rows: dict[int, dict], *, resum
 def _inputs(args: argparse.Namespace, world) -> list:
     """The run's inputs, listed once by rank 0 and sent to the others, so every rank shares out the same list."""
     from .distributed import broadcast, wait_all
-    from .inputs import collect_inputs, items_for
+    from .inputs.folders import collect_inputs, items_for
 
     found: tuple[list, str | None] = ([], None)
     if world.main:
@@ -400,7 +400,7 @@ def _finish(rows: list[dict], out: Path, seconds: float) -> int:
 
 def _run_analyze(args: argparse.Namespace) -> int:
     from .distributed import gather, merge_indexed, process_group, rank_path, shard, wait_all, world_from_env
-    from .inputs import chunks
+    from .inputs.folders import chunks
 
     world = world_from_env()
     job = _job(args, world)

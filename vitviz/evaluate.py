@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +23,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .errors import ParameterError
 from .explain import Method, Target, explain_all
-from .faithfulness import Perturbation, curves
-from .image import LoadedImage, fit_image, to_tensor
+from .inputs.image import LoadedImage, fit_image, to_tensor
+from .metrics.faithfulness import Perturbation, curves
 from .models import ModelInfo, describe_model
 
 __all__ = [
@@ -124,7 +124,7 @@ def evaluate_image(
 ) -> list[Row]:
     """Rows for one image ``x`` (1, 3, H, W): each method's map of ``target`` and its curves (random included)."""
     wanted = _with_random(methods)
-    run = [replace(m, seed=m.seed + seed) if m.name == "random" else m for m in wanted]  # a fresh map per image
+    run = [m.with_settings(seed=m.settings.seed + seed) if m.name == "random" else m for m in wanted]  # fresh per image
     explanations = explain_all(model, x, methods=run, target=target)
     resolved = explanations[0].target
     measured = curves(model, x, [e.map for e in explanations], target=resolved, perturbation=perturbation,

@@ -22,7 +22,7 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(sub) -> None:
     from .evaluate import DEFAULT_METHODS
-    from .faithfulness import PERTURBATIONS
+    from .metrics.faithfulness import PERTURBATIONS
     from .settings import DEFAULTS, FITS
 
     a = sub.add_parser("evaluate", help="faithfulness of explanation methods over images (MoRF/LeRF curves)")
@@ -62,7 +62,7 @@ def _model(args: argparse.Namespace, device: str):
 
 def _rows_for(model, info, item, args, methods) -> tuple[list, str | None]:
     from .evaluate import evaluate_image, prepare_image
-    from .image import load_image
+    from .inputs.image import load_image
 
     try:
         image = load_image(item.path, name=item.path.name)

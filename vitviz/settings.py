@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import get_args
 
+from .analysis.rollout import FUSIONS, HeadFusion, check_layer_range
 from .errors import ParameterError
-from .image import Fit
-from .rollout import FUSIONS, HeadFusion, check_layer_range
+from .inputs.image import Fit
 
 __all__ = ["FITS", "Settings", "DEFAULTS"]
 

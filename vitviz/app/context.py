@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vitviz.analysis import Analysis
-from vitviz.image import LoadedImage
+from vitviz.analysis.onepass import Analysis
+from vitviz.inputs.image import LoadedImage
 from vitviz.models import ModelInfo
 
 from . import cache

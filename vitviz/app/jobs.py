@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import streamlit as st
 import torch
 
-from vitviz.analysis import Analysis
+from vitviz.analysis.onepass import Analysis
 from vitviz.errors import OutOfMemoryError
-from vitviz.image import to_tensor
+from vitviz.inputs.image import to_tensor
 from vitviz.models import ModelInfo
 
 from . import cache
@@ -83,7 +83,7 @@ def _step(job: ExplainJob, done: int, total: int) -> None:
 
 def _compute(job: ExplainJob, built, info: ModelInfo, target: str, res: Analysis) -> Explained:
     from vitviz.explain import Method, explain_all
-    from vitviz.faithfulness import curves
+    from vitviz.metrics.faithfulness import curves
 
     param = next(built.parameters())
     x = to_tensor(res.pixels, mean=info.mean, std=info.std).to(device=param.device, dtype=param.dtype)

@@ -12,7 +12,7 @@ import streamlit as st
 from vitviz import figures as vf
 from vitviz.evaluate import DEFAULT_METHODS
 from vitviz.explain import DEFAULT_METHOD
-from vitviz.labels import has_head
+from vitviz.models.labels import has_head
 
 from .. import cache, jobs
 from ..state import keep

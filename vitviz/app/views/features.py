@@ -6,7 +6,7 @@ import numpy as np
 import streamlit as st
 
 from vitviz import figures as vf
-from vitviz import tokens as vt
+from vitviz.analysis import tokens as vt
 
 from .. import cache
 from ..widgets import chart

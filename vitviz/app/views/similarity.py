@@ -6,7 +6,7 @@ import numpy as np
 import streamlit as st
 
 from vitviz import figures as vf
-from vitviz import tokens as vt
+from vitviz.analysis import tokens as vt
 
 from ..widgets import chart
 from ._tokens import layer_ui

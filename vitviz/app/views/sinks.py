@@ -6,8 +6,8 @@ import numpy as np
 import streamlit as st
 
 from vitviz import figures as vf
-from vitviz.pretrained import DEFAULT_MODEL_NAME
-from vitviz.tokens import top_receivers
+from vitviz.analysis.tokens import top_receivers
+from vitviz.models.pretrained import DEFAULT_MODEL_NAME
 
 from .. import cache
 from ..widgets import chart

@@ -45,8 +45,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import ParameterError
-from .explain import ModelOutputs, Target, _check_input, embed_tokens, head_outputs, resolve_target
+from ..errors import ParameterError
+from ..targets import ModelOutputs, Target, check_one_image, embed_tokens, head_outputs, resolve_target
 
 __all__ = [
     "Perturbation",
@@ -248,7 +248,7 @@ def curves(
 
     ``target`` as in :mod:`vitviz.explain` (pass an explanation's resolved target to score what it explained).
     """
-    _check_input(model, x)
+    check_one_image(model, x)
     if perturbation not in PERTURBATIONS:
         raise ParameterError(f"unknown perturbation {perturbation!r}: choose tokens or pixels")
     grid = tuple(int(v) for v in model.patch_embed.grid_size)

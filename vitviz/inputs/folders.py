@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 
 from torch.utils.data import DataLoader, Dataset
 
+from ..errors import VitvizError
 from . import image as _image  # looked up at call time, so a test can stand a slow decoder in for load_image
-from .errors import VitvizError
 from .image import IMAGE_SUFFIXES, LoadedImage
 
 __all__ = ["LIST_SUFFIXES", "Item", "Decoded", "collect_inputs", "output_stems", "items_for", "chunks",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .errors import ModelError
+from ..errors import ModelError
 
 __all__ = ["patch_pos_embed", "pos_embed_similarity", "nearest_neighbour_offsets"]
 

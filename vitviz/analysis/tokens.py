@@ -22,7 +22,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .errors import ParameterError
+from ..errors import ParameterError
 
 __all__ = [
     "split_prefix",

@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import ParameterError
-from .models import ModelInfo
+from ..errors import ParameterError
+from ..models import ModelInfo
+from ..settings import DEFAULTS, Settings
 from .rollout import (
     HeadFusion,
     check_layer_range,
@@ -21,7 +22,6 @@ from .rollout import (
     rollout_row,
     tokens_to_grid,
 )
-from .settings import DEFAULTS, Settings
 
 __all__ = [
     "rollout_table",

@@ -35,7 +35,7 @@ which this method never sees.
 
 Cost: per step a plain forward (y_i) and a forward + backward (g_i) on the shrinking sequence, at most
 4·Σ_i |K_i|/N ≈ 2·S plain forwards of the full image (less: attention on shorter sequences is cheaper); no hook,
-flag or attribute is set on the model (the blocks are walked here, as in :mod:`vitviz.explain`).
+flag or attribute is set on the model (the blocks are walked by :func:`vitviz.walk.blocks.walk` with a key bias).
 
 Precision: with bf16/fp16 weights the walk runs in that precision (softmax in fp32), so near-equal gradients may
 rank differently than in fp32.
@@ -50,23 +50,26 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import ModelError, ParameterError
-from .explain import (
-    DELETION_STEPS,
+from ..errors import ModelError, ParameterError
+from ..metrics.faithfulness import curve_score, removed_counts
+from ..models.labels import has_head
+from ..targets import (
     ModelOutputs,
-    Progress,
     Target,
-    _block,
-    _check_input,
-    _reference,
+    check_one_image,
     embed_tokens,
     head_outputs,
     resolve_target,
+    target_reference,
 )
-from .faithfulness import curve_score, removed_counts
-from .labels import has_head
+from ..walk.blocks import Interventions, KeptProbs, walk
+from ._base import MethodSpec, PassResult, Progress
 
-__all__ = ["PRESENCE", "Deletion", "deletion_order", "deletion_values", "deletion"]
+__all__ = ["DELETION", "DELETION_STEPS", "PRESENCE", "Deletion", "DeletionSettings", "deletion_order",
+           "deletion_values", "deletion"]
+
+DELETION_STEPS = 32  # the default steps: more faithful than 16 on the shared photos (benchmarks/)
+MAX_STEPS = 1024
 
 # the presence m at which each step's gradient is taken: the midpoint of the way from present (m = 1) to removed
 # (m = 0). At m = 1 a cosine score is at its maximum, so its gradient there is zero and ranks nothing.
@@ -125,7 +128,7 @@ def _weighted_outputs(model: torch.nn.Module, t: torch.Tensor, bias: torch.Tenso
 
 
 def _presence_gradient(model: torch.nn.Module, tokens: torch.Tensor, kept: torch.Tensor, *, target: Target,
-                       ref: torch.Tensor, protect: int | None) -> torch.Tensor:
+                       ref: torch.Tensor, protect: int | None, interrupt=None) -> torch.Tensor:
     """∂y/∂b_j (K,) at b = log PRESENCE for the ``kept`` patches: one forward and one backward of the walk."""
     p = int(model.num_prefix_tokens)
     with torch.inference_mode(False), torch.enable_grad():
@@ -135,8 +138,7 @@ def _presence_gradient(model: torch.nn.Module, tokens: torch.Tensor, kept: torch
         delta = torch.zeros(1, kept.numel(), device=tokens.device, dtype=torch.float32, requires_grad=True)
         fixed = delta.new_zeros(1, t.shape[1] - kept.numel())  # prefix tokens and the protected patch: present
         bias = torch.cat([fixed, delta + math.log(PRESENCE)], dim=1)  # (1, T')
-        for blk in model.blocks:
-            t = _block(blk, t, [], bias)
+        t = walk(model, t, probs=KeptProbs(), interventions=Interventions(key_bias=bias, interrupt=interrupt))
         out = _weighted_outputs(model, t, bias)
         score, _logit = curve_score(model, target, out, ref, torch.tensor([p], device=t.device))
         (grad,) = torch.autograd.grad(score[0], delta)
@@ -144,12 +146,13 @@ def _presence_gradient(model: torch.nn.Module, tokens: torch.Tensor, kept: torch
 
 
 def deletion_order(model: torch.nn.Module, x: torch.Tensor, *, target: Target | str = "auto",
-                   steps: int = DELETION_STEPS, progress: Progress | None = None) -> Deletion:
+                   steps: int = DELETION_STEPS, progress: Progress | None = None, interrupt=None) -> Deletion:
     """The greedy deletion of ``x``'s (1, 3, H, W) patches for ``target``; see the module docstring.
 
-    ``steps`` S ≥ 2; more steps than patches are cut to one patch a step. ``progress(i, S)`` after each step.
+    ``steps`` S ≥ 2; more steps than patches are cut to one patch a step. ``progress(i, S)`` after each step;
+    ``interrupt()`` before every block of the gradient walk and every step (it raises to stop).
     """
-    _check_input(model, x)
+    check_one_image(model, x)
     _check_pool(model)
     steps = _whole_steps(steps)
     gh, gw = (int(v) for v in model.patch_embed.grid_size)
@@ -158,7 +161,7 @@ def deletion_order(model: torch.nn.Module, x: torch.Tensor, *, target: Target | 
         full = head_outputs(model, model.blocks(tokens))
     resolved = resolve_target(model, target, None if full.logits is None else full.logits[0])
     protect = resolved.index if resolved.kind == "patch" else None
-    ref = _reference(model, resolved, full)
+    ref = target_reference(model, resolved, full)
     kept = torch.tensor([j for j in range(gh * gw) if j != protect], device=x.device)
     if kept.numel() == 0:
         raise ParameterError("there are no patches to remove besides the target patch")
@@ -167,8 +170,10 @@ def deletion_order(model: torch.nn.Module, x: torch.Tensor, *, target: Target | 
     counts = np.append(first, kept.numel())  # k_0..k_S
     order, scores = [], []
     for i in range(steps):
+        if interrupt is not None:
+            interrupt()
         y = _kept_score(model, tokens, kept, target=resolved, ref=ref, protect=protect)
-        g = _presence_gradient(model, tokens, kept, target=resolved, ref=ref, protect=protect)
+        g = _presence_gradient(model, tokens, kept, target=resolved, ref=ref, protect=protect, interrupt=interrupt)
         rank = torch.argsort(g, descending=True, stable=True)
         n = int(counts[i + 1] - counts[i])
         order.append(kept[rank[:n]].cpu())
@@ -213,3 +218,33 @@ def deletion(model: torch.nn.Module, x: torch.Tensor, *, target: Target | str = 
              steps: int = DELETION_STEPS, progress: Progress | None = None) -> np.ndarray:
     """The greedy-deletion map (gh, gw) float32 of ``target`` on ``x``: :func:`deletion_order`'s ``map``."""
     return deletion_order(model, x, target=target, steps=steps, progress=progress).map
+
+
+@dataclass(frozen=True)
+class DeletionSettings:
+    steps: int = DELETION_STEPS
+
+    def __post_init__(self) -> None:
+        if type(self.steps) is not int or not 2 <= self.steps <= MAX_STEPS:
+            raise ParameterError(f"deletion steps must be a whole number from 2 to {MAX_STEPS}, got {self.steps!r}")
+
+
+@dataclass(frozen=True)
+class DeletionPass:
+    """Greedy deletion's own loop: S steps, each a forward and a forward + backward on the patches left."""
+
+    steps: int
+
+    def text(self, depth: int) -> str:
+        return f"{self.steps} steps, each a forward and a forward + backward pass on the patches left"
+
+    def run(self, model: torch.nn.Module, x: torch.Tensor, target: Target | str, *, progress: Progress | None = None,
+            interrupt=None) -> PassResult:
+        d = deletion_order(model, x, target=target, steps=self.steps, progress=progress, interrupt=interrupt)
+        return PassResult(outputs=d.outputs, target=d.target, extra=d,
+                          passes=DeletionPass(int(d.sizes.size)).text(len(model.blocks)))  # the steps that ran
+
+
+DELETION = MethodSpec(name="deletion", title="greedy token deletion (most faithful by token removal)",
+                      settings=DeletionSettings, needs=lambda s, geo: DeletionPass(s.steps),
+                      map=lambda s, run, geo: run.extra.map)

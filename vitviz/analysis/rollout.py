@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .errors import ParameterError
+from ..errors import ParameterError
 
 __all__ = [
     "HeadFusion",

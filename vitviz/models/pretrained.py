@@ -24,8 +24,8 @@ from typing import BinaryIO
 import torch
 import torch.nn.functional as F
 
-from .errors import CheckpointError, ModelError, ModelUnavailableError, ParameterError
-from .export import write_atomic
+from ..errors import CheckpointError, ModelError, ModelUnavailableError, ParameterError
+from ..export import write_atomic
 
 __all__ = [
     "DEFAULT_MODEL_NAME",

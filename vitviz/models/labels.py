@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from timm.data import ImageNetInfo, infer_imagenet_subset
 
-from .errors import ModelError, ParameterError
+from ..errors import ModelError, ParameterError
 
 __all__ = ["Prediction", "has_head", "label_set", "class_names", "class_name", "top_predictions", "predict"]
 

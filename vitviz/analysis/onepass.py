@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .attention import attention_forward
-from .errors import OutOfMemoryError, ResourceError
-from .image import Fit, FittedImage, LoadedImage, fit_image, to_tensor, whole_image_size
-from .models import MAX_IMG_SIZE, ModelInfo, describe_model
+from ..errors import OutOfMemoryError, ResourceError
+from ..inputs.image import Fit, FittedImage, LoadedImage, fit_image, to_tensor, whole_image_size
+from ..models import MAX_IMG_SIZE, ModelInfo, describe_model
+from ..walk.capture import attention_forward
 from .posembed import patch_pos_embed, pos_embed_similarity
 
 __all__ = [

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageMode, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError, ParameterError, VitvizError
+from ..errors import ImageError, ParameterError, VitvizError
 
 __all__ = [
     "MAX_UPLOAD_BYTES",

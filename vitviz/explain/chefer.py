@@ -1,0 +1,61 @@
+"""Gradient-weighted attention: Chefer, Gur & Wolf 2021 (ICCV, "generic") and its last layer alone (gradient ×
+attention), from one forward + one backward (:class:`.passes.Gradients`, total gradients ∂s/∂A_l)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..analysis.rollout import rollout_row, tokens_to_grid
+from ._base import Geometry, MethodSpec, PassResult
+from .passes import Gradients
+
+__all__ = ["CHEFER", "GRADXATTN", "chefer_map", "grad_attention_map"]
+
+
+def chefer_map(attention: torch.Tensor | Sequence[torch.Tensor], gradients: torch.Tensor | Sequence[torch.Tensor], *,
+               num_prefix_tokens: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Chefer, Gur & Wolf 2021 ("generic attention-model explainability", ICCV), eqs. (5)-(6) with self-attention:
+
+        Ā_l = E_h[(∇A_l ⊙ A_l)⁺],   R⁰ = I,   R^l = R^{l-1} + Ā_l · R^{l-1}   (l = 1..L)
+
+    and the map is R^L's CLS row over the patch tokens. R^L = (I + Ā_L) ··· (I + Ā_1), so only that row is formed,
+    as vector–matrix products (O(L·T²)). (L, H, T, T) attention and total gradients (or L tensors of (H, T, T)
+    each) -> (gh, gw).
+    """
+    abar = torch.stack([(g * a).clamp(min=0).mean(dim=0) for a, g in zip(attention, gradients, strict=True)])
+    abar.diagonal(dim1=-2, dim2=-1).add_(1.0)  # I + Ā_l, in place on our own tensor
+    row = rollout_row(abar, start=0, end=abar.shape[0] - 1, source=0)  # e_CLS · (I+Ā_L) ··· (I+Ā_1): (T,)
+    return tokens_to_grid(row, num_prefix_tokens=num_prefix_tokens, grid=grid)
+
+
+def grad_attention_map(attention: torch.Tensor, gradient: torch.Tensor, *, num_prefix_tokens: int,
+                       grid: tuple[int, int]) -> torch.Tensor:
+    """Gradient × attention of one layer (the last, as vitviz uses it): A_l and ∇A_l (H, T, T) -> (gh, gw),
+
+        map = CLS row of E_h[(∇A_l ⊙ A_l)⁺] over the patches,
+
+    Chefer et al.'s Ā_l alone, without the propagation through the earlier layers.
+    """
+    abar_cls = (gradient[:, 0] * attention[:, 0]).clamp(min=0).mean(dim=0)  # (T,)
+    return tokens_to_grid(abar_cls, num_prefix_tokens=num_prefix_tokens, grid=grid)
+
+
+def _chefer(s, run: PassResult, geo: Geometry) -> torch.Tensor:
+    return chefer_map(run.attention, run.extra.gradients_by_layer, num_prefix_tokens=geo.num_prefix_tokens,
+                      grid=geo.grid)
+
+
+def _gradxattn(s, run: PassResult, geo: Geometry) -> torch.Tensor:
+    g = run.extra
+    last = g.layers.index(geo.depth - 1)
+    return grad_attention_map(run.attention[-1], g.gradients_by_layer[last], num_prefix_tokens=geo.num_prefix_tokens,
+                              grid=geo.grid)
+
+
+CHEFER = MethodSpec(name="chefer", title="Chefer et al. 2021 (gradient-weighted attention rolled out)",
+                    needs=lambda s, geo: Gradients(per_layer=False, layers=tuple(range(geo.depth))), map=_chefer)
+# the last layer's gradient alone: a backward through one block, unless Chefer's pass runs anyway (merged)
+GRADXATTN = MethodSpec(name="gradxattn", title="gradient × attention, last layer",
+                       needs=lambda s, geo: Gradients(per_layer=False, layers=(geo.depth - 1,)), map=_gradxattn)

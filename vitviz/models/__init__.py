@@ -1,0 +1,53 @@
+"""Models and checkpoints: sources (the embedded default, the Hub, files), safe checkpoint reading, building at
+the sizes asked for, description, class names."""
+
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "DEFAULT_MODEL": "_arch",
+    "CHECKPOINT_SUFFIXES": "_arch",
+    "ModelSource": "_arch",
+    "MAX_IMG_SIZE": "build",
+    "ModelInfo": "build",
+    "describe_model": "build",
+    "patch_size_range": "build",
+    "resolve_sizes": "build",
+    "load_source": "build",
+    "build_model": "build",
+    "ModelKey": "build",
+    "build_for": "build",
+    "get_model": "build",
+    "native_patch_size": "build",
+    "ARCH_KWARGS": "checkpoints",
+    "MAX_CHECKPOINT_BYTES": "checkpoints",
+    "MAX_CHECKPOINT_EXPANSION": "checkpoints",
+    "MAX_DEPTH": "checkpoints",
+    "MAX_STATE_PER_MODEL": "checkpoints",
+    "read_checkpoint": "checkpoints",
+    "check_arch": "hub",
+    "hub_cached": "hub",
+    "is_model_name": "hub",
+    "list_pretrained_vits": "hub",
+    "list_vit_models": "hub",
+    "Prediction": "labels",
+    "class_names": "labels",
+    "has_head": "labels",
+    "top_predictions": "labels",
+}
+
+__all__ = [*_LAZY]
+
+
+def __getattr__(name: str):
+    # imported on first use: a package import never pulls in its siblings' dependencies (no import cycles)
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,189 @@
+"""The one walk of a timm Vision Transformer's blocks; every intervention is an argument, nothing is set on the model.
+
+Everything in vitviz that runs a ViT's blocks itself runs them here: the one-pass capture (probabilities written into
+preallocated buffers, :class:`BufferProbs`), the gradient methods (probabilities kept for autograd,
+:class:`KeptProbs`), greedy deletion (a key bias on the attention logits) and whoever needs a head removed
+(a per-head scale). No hook, flag or attribute touches the model, so several threads may walk one shared model.
+
+A block is computed as timm's own ``Block.forward`` / ``ResPostBlock.forward`` in eval mode (drop-path and dropout
+are identities there) with the standard ``Attention`` unfused:
+
+    q, k, v = qkv(x) split into heads, with the attention's own q/k norms
+    A = softmax(q·kᵀ·scale + b)          b: an optional key bias (B, T), added to every query's logit for key j
+    out = proj(norm(A·v ⊙ gate))         each head's slice of A·v scaled by s_{l,h} when a head scale is given
+
+Supported blocks are ``Block`` (pre-norm) and ``ResPostBlock`` (post-norm) with ``timm.layers.Attention``;
+:func:`check_walkable` refuses anything else with the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
+
+from ..errors import ModelError
+
+__all__ = ["BLOCKS", "Interventions", "BufferProbs", "KeptProbs", "check_walkable", "embed", "walk"]
+
+BLOCKS = (Block, ResPostBlock)
+
+
+def check_walkable(model: torch.nn.Module) -> None:
+    """Raise :class:`ModelError` unless vitviz can walk ``model``'s blocks and read their attention."""
+    name = type(model).__name__
+    if not isinstance(model, VisionTransformer):
+        raise ModelError(
+            f"{name} is not a plain Vision Transformer: vitviz needs a timm VisionTransformer "
+            "(global self-attention over patch tokens with absolute position embeddings)"
+        )
+    if getattr(model, "pos_embed", None) is None:
+        raise ModelError(f"{name} has no absolute position embedding (relative or rotary positions are not supported)")
+    if not model.has_class_token:
+        raise ModelError(f"{name} has no CLS token, so there is no CLS attention to roll out")
+    for i, blk in enumerate(model.blocks):
+        if type(blk) not in BLOCKS or type(blk.attn) is not Attention:
+            raise ModelError(
+                f"block {i} of {name} is a {type(blk).__name__} with {type(getattr(blk, 'attn', None)).__name__}: "
+                "vitviz reads attention from timm Block/ResPostBlock with the standard Attention only"
+            )
+
+
+@dataclass(frozen=True)
+class Interventions:
+    """What the walk changes or watches, all optional; the default walk is the model's own forward.
+
+    ``key_bias`` (B, T): added to every query's logit for key j in every layer and head (b_j = log m_j for a
+    presence m_j; -inf removes token j as a key). ``head_scale`` (L, H): multiplies head h's output in layer l
+    before the projection (0 ablates it). ``detach_inputs``: each block's input is detached, so layer l's
+    attention reaches nothing but layer l's own output (LeGrad's per-layer gradients from one backward).
+    ``interrupt``: called before each block; it raises to stop the walk (an abandoned or timed-out job).
+    """
+
+    key_bias: torch.Tensor | None = None
+    head_scale: torch.Tensor | None = None
+    detach_inputs: bool = False
+    interrupt: Callable[[], None] | None = None
+
+
+class BufferProbs:
+    """The capture: softmax(q·kᵀ·scale) written in place into ``buf[layer]`` (L, B, H, T, T), no (T, T) temporaries.
+
+    With a ``scratch`` (B, H, T, T) in a wider dtype (fp32 under half-precision storage) the softmax is computed
+    there, copied into the buffer, and the block reads the wider one, as it would without storage.
+    """
+
+    def __init__(self, buf: torch.Tensor, scratch: torch.Tensor | None = None) -> None:
+        self.buf, self.scratch = buf, scratch
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, scale: float,
+                 key_bias: torch.Tensor | None) -> torch.Tensor:
+        out = self.buf[layer] if self.scratch is None else self.scratch
+        B, H, T, d = q.shape
+        flat = out.view(B * H, T, T)
+        q, k = q.reshape(B * H, T, d).to(out.dtype), k.reshape(B * H, T, d).to(out.dtype)
+        torch.baddbmm(flat, q, k.transpose(1, 2), beta=0, alpha=scale, out=flat)  # logits straight into the buffer
+        if key_bias is not None:
+            out.add_(key_bias.to(out.dtype)[:, None, None, :])
+        torch.ops.aten._softmax.out(out, -1, False, out=out)  # in place
+        if self.scratch is not None:
+            self.buf[layer].copy_(out)
+        return out
+
+
+class KeptProbs:
+    """Autograd: differentiable probabilities (softmax in fp32 at least), kept per layer in ``kept``."""
+
+    def __init__(self) -> None:
+        self.kept: list[torch.Tensor] = []
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, scale: float,
+                 key_bias: torch.Tensor | None) -> torch.Tensor:
+        compute = torch.promote_types(q.dtype, torch.float32)
+        logits = (q.to(compute) * scale) @ k.to(compute).transpose(-2, -1)  # (B, H, T, T); scale on the smaller q
+        if key_bias is not None:
+            logits = logits + key_bias.to(compute)[:, None, None, :]
+        probs = logits.softmax(-1)
+        if not probs.requires_grad:  # weights without requires_grad: our own probabilities are the leaves
+            probs.requires_grad_()
+        self.kept.append(probs)
+        return probs
+
+
+Probs = Callable[[int, torch.Tensor, torch.Tensor, float, "torch.Tensor | None"], torch.Tensor]
+
+
+def embed(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, T, C): patch embedding, prefix tokens and position embeddings, as timm's forward does."""
+    return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+
+
+def _qkv(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (B, T, C) -> q, k, v, each (B, H, T, d), with the attention's own q/k norms applied."""
+    B, T, _ = x.shape
+    qkv = attn.qkv(x).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+def _attention(attn: Attention, x: torch.Tensor, layer: int, probs: Probs, how: Interventions) -> torch.Tensor:
+    """timm Attention.forward, unfused, its probabilities made by ``probs``: x (B, T, C) -> (B, T, C)."""
+    B, T, _ = x.shape
+    gate_proj = getattr(attn, "gate", None)  # newer timm only
+    gate = gate_proj(x).sigmoid() if gate_proj is not None else None
+    q, k, v = _qkv(attn, x)
+    a = probs(layer, q, k, attn.scale, how.key_bias)
+    mixed = a.to(v.dtype) @ v  # (B, H, T, d)
+    if how.head_scale is not None:
+        mixed = mixed * how.head_scale[layer].to(mixed.dtype)[None, :, None, None]
+    out = attn.norm(mixed.transpose(1, 2).reshape(B, T, attn.num_heads * attn.head_dim))
+    if gate is not None:
+        out = out * gate
+    return attn.proj(out)
+
+
+def _block(blk: torch.nn.Module, x: torch.Tensor, layer: int, probs: Probs, how: Interventions) -> torch.Tensor:
+    if type(blk) is ResPostBlock:  # post-norm (ResPostBlock): the norms sit after attention and MLP
+        x = x + blk.norm1(_attention(blk.attn, x, layer, probs, how))
+        return x + blk.norm2(blk.mlp(x))
+    x = x + blk.ls1(_attention(blk.attn, blk.norm1(x), layer, probs, how))
+    return x + blk.ls2(blk.mlp(blk.norm2(x)))
+
+
+def _probs_only(blk: torch.nn.Module, x: torch.Tensor, layer: int, probs: Probs, how: Interventions) -> None:
+    """Only ``blk``'s probabilities, from the same input and ops as :func:`_block`; nothing after them."""
+    q, k, _v = _qkv(blk.attn, x if type(blk) is ResPostBlock else blk.norm1(x))
+    probs(layer, q, k, blk.attn.scale, how.key_bias)
+
+
+def walk(
+        model: torch.nn.Module,
+        tokens: torch.Tensor,
+        *,
+        probs: Probs,
+        interventions: Interventions = Interventions(),
+        taps: Callable[[int, torch.Tensor], None] | None = None,
+        last_block: bool = True,
+) -> torch.Tensor:
+    """Every block of ``model`` on ``tokens`` (B, T, C) -> the last block's output (B, T, C), un-normed.
+
+    ``probs`` makes each layer's attention probabilities (:class:`BufferProbs`, :class:`KeptProbs`);
+    ``taps(layer, output)`` sees every block's output; without ``last_block`` the last block stops once its
+    probabilities exist (its value mixing, projection and MLP feed nothing but the features), and the tokens
+    entering it are returned.
+    """
+    how, depth = interventions, len(model.blocks)
+    for layer, blk in enumerate(model.blocks):
+        if how.interrupt is not None:
+            how.interrupt()
+        x = tokens.detach() if how.detach_inputs else tokens
+        if layer == depth - 1 and not last_block:
+            _probs_only(blk, x, layer, probs, how)
+            return tokens
+        tokens = _block(blk, x, layer, probs, how)
+        if taps is not None:
+            taps(layer, tokens)
+    return tokens
