@@ -26,6 +26,8 @@ _LAZY = {
     "MAX_DEPTH": "checkpoints",
     "MAX_STATE_PER_MODEL": "checkpoints",
     "read_checkpoint": "checkpoints",
+    "check_dense": "checkpoints",
+    "upload_param_cap": "checkpoints",
     "check_arch": "hub",
     "hub_cached": "hub",
     "is_model_name": "hub",

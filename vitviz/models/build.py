@@ -155,21 +155,27 @@ def resolve_sizes(
     for side in (h, w):
         if not p <= side <= max_img_size:
             raise ParameterError(f"image size {side} is out of range: choose {p} to {max_img_size} px (patch size {p})")
-    h, w = (max(MIN_GRID, math.floor(side / p + 0.5)) * p for side in (h, w))  # nearest whole patch, halves up
+    # the nearest whole number of patches (halves up), but never past the largest size allowed
+    h, w = (max(MIN_GRID, min(math.floor(side / p + 0.5), max_img_size // p)) * p for side in (h, w))
     return p, (h, w)
 
 
 # ---------------------------------------------------------------------------------------------------------- sources
 
 
-@functools.lru_cache(maxsize=1)
 def load_source(
         name_or_path: str | os.PathLike = DEFAULT_MODEL,
         *,
         arch: str | None = None,
         progress: Progress | None = None,
+        max_params: int | None = None,
+        shown_name: str | None = None,
 ) -> tuple[ModelSource, dict[str, torch.Tensor]]:
-    """The weights of a model at its native sizes, and how to build it: default, hub name or checkpoint file."""
+    """The weights of a model at its native sizes, and how to build it: default, hub name or checkpoint file.
+
+    A checkpoint file's architecture may have at most ``max_params`` parameters (None: no cap; the app passes
+    :func:`~vitviz.models.checkpoints.upload_param_cap` for uploads); ``shown_name`` names the file in messages.
+    """
     text = str(name_or_path).strip()
     if text in ("", DEFAULT_MODEL, DEFAULT_MODEL_NAME):
         state = load_default_state_dict(progress=progress)
@@ -183,7 +189,7 @@ def load_source(
         return src, state
     path = Path(text).expanduser()
     if path.suffix.lower() in CHECKPOINT_SUFFIXES or path.exists():
-        return _file_source(path, arch)
+        return _file_source(path, arch, max_params=max_params, name=shown_name)
     return _hub_source(text, progress)
 
 

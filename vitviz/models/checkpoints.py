@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import zipfile
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from ._arch import _LOADS_FILES, CHECKPOINT_SUFFIXES, ModelSource, _create
 from .hub import _suggest, is_model_name, list_vit_models
 
 __all__ = ["ARCH_KWARGS", "MAX_CHECKPOINT_BYTES", "MAX_CHECKPOINT_EXPANSION", "MAX_DEPTH", "MAX_STATE_PER_MODEL",
-           "read_checkpoint"]
+           "read_checkpoint", "check_dense", "upload_param_cap"]
 
 MAX_CHECKPOINT_BYTES = 8 * 10**9  # tensors read into memory at most: timm's largest ViT, ViT-gigantic/14, fits in fp32
 MAX_CHECKPOINT_EXPANSION = 4  # a torch zip may hold this many times its file size (torch.save does not compress)
@@ -42,6 +43,7 @@ MAX_NATIVE_PATCH_SIZE = 64
 MAX_NATIVE_IMG_SIZE = 2048  # px per side of the grid a checkpoint was trained at
 MAX_REG_TOKENS = 16
 MAX_NUM_CLASSES = 100_000
+DEFAULT_MAX_PARAMS = 350_000_000  # uploads: ViT-L/14 (304 M) fits; ViT-H and ViT-g do not
 
 _ARCH_NAME = re.compile(r"[a-z0-9_]{1,100}(\.[a-z0-9_]{1,100})?")  # a registered name and tag, never hf-hub:/local-dir:
 _NEVER_KWARGS = {  # kwargs a checkpoint's metadata may never set, and why
@@ -379,21 +381,84 @@ def _file_spec(
     return ModelSource(name=name, arch=arch, kind="file", kwargs=kwargs), probe
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t`` owns one value of its storage per element: no stride-0 (broadcast) or overlapping dimensions,
+    and the storage holds every element it addresses (transposed or permuted layouts are dense too)."""
+    dims = sorted((st, n) for st, n in zip(t.stride(), t.shape, strict=True) if n > 1)
+    expected = 1
+    for st, n in dims:
+        if st != expected:
+            return False
+        expected *= n
+    need = (t.storage_offset() + t.numel()) * t.element_size()
+    return t.untyped_storage().nbytes() >= need
+
+
+def check_dense(state: dict[str, torch.Tensor], *, what: str) -> None:
+    """Refuse tensors that are views of less memory than their shape (``torch.full((1,), v).expand(*shape)``
+    survives ``torch.save`` and ``torch.load(weights_only=True)``: a tiny file can then claim a huge model)."""
+    bad = [k for k, t in state.items() if t.numel() > 1 and not _dense(t)]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise CheckpointError(f"{what} was refused: its tensors {', '.join(bad[:3])}{more} are not stored whole (a "
+                              "few values repeated to fill their shape); a checkpoint stores every weight")
+
+
+def _check_stored_bytes(state: dict[str, torch.Tensor], *, what: str) -> None:
+    """The storages must hold every value the tensors claim (a tensor shared whole by two names counts once): dense
+    tensors can still overlap each other, all slices of one small storage."""
+    claims = {(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)): t.numel() * t.element_size()
+              for t in state.values()}
+    need, have = sum(claims.values()), _state_bytes(state)
+    if have < need:
+        raise CheckpointError(f"{what} was refused: its tensors claim {_gigabytes(need)} but it stores only "
+                              f"{_gigabytes(have)} (tensors overlapping in memory): a checkpoint stores every weight")
+
+
+def upload_param_cap() -> int | None:
+    """The most parameters a model loaded from an uploaded checkpoint may have: ``VITVIZ_MAX_PARAMS`` (0: no cap),
+    by default ViT-L's size, what a small shared CPU server still answers within its job time limit."""
+    text = os.environ.get("VITVIZ_MAX_PARAMS", "").strip()
+    try:
+        value = int(float(text)) if text else DEFAULT_MAX_PARAMS
+    except ValueError:
+        raise CheckpointError(f"VITVIZ_MAX_PARAMS={text!r} is not a number of parameters") from None
+    return value if value > 0 else None
+
+
+def _check_params(probe: VisionTransformer, pos_rows: int, max_params: int | None, *, what: str) -> None:
+    if max_params is None:
+        return
+    numel = sum(math.prod(v.shape) for k, v in probe.state_dict().items() if k != "pos_embed")
+    numel += pos_rows * int(probe.embed_dim)
+    if numel > max_params:
+        raise CheckpointError(f"{what} was refused: its architecture has {numel / 1e6:,.0f} million parameters; this "
+                              f"server takes models of at most {max_params / 1e6:,.0f} million")
+
+
 def _file_source(
         path: Path,
         arch: str | None,
         *,
         max_bytes: int = MAX_CHECKPOINT_BYTES,
+        max_params: int | None = None,
+        name: str | None = None,
 ) -> tuple[ModelSource, dict[str, torch.Tensor]]:
     """A checkpoint file's source and weights; every size is checked before the tensors are read (safetensors) or
-    before they are expanded (torch zip), and the tensors must fit the architecture's size."""
-    size, what = _checked_file(path, max_bytes), repr(path.name)
-    if path.suffix.lower() == ".safetensors":
+    before they are expanded (torch zip), the tensors must be stored whole and fit the architecture's size, and the
+    architecture must have at most ``max_params`` parameters. ``name``: the file's name as the user knows it."""
+    name = name or path.name
+    size, what = _checked_file(path, max_bytes), repr(name)
+    if path.suffix.lower() == ".safetensors":  # safetensors stores every tensor whole (the format checks offsets)
         header = _safetensors_header(path)
-        source, probe = _file_spec(header.shapes, header.metadata, arch=arch, name=path.name)
+        source, probe = _file_spec(header.shapes, header.metadata, arch=arch, name=name)
+        _check_params(probe, header.shapes["pos_embed"][1], max_params, what=what)
         _check_state_size(header.nbytes, probe, header.shapes["pos_embed"][1], what=what)
         return source, _safetensors_state(path)
     state = _torch_state(path, size, max_bytes)
-    source, probe = _file_spec({k: tuple(v.shape) for k, v in state.items()}, {}, arch=arch, name=path.name)
+    check_dense(state, what=what)
+    _check_stored_bytes(state, what=what)
+    source, probe = _file_spec({k: tuple(v.shape) for k, v in state.items()}, {}, arch=arch, name=name)
+    _check_params(probe, state["pos_embed"].shape[1], max_params, what=what)
     _check_state_size(_state_bytes(state), probe, state["pos_embed"].shape[1], what=what)
     return source, state

@@ -19,6 +19,7 @@ __all__ = ["check_arch", "hub_cached", "is_model_name", "list_pretrained_vits", 
 Progress = Callable[[str], None]
 
 
+@functools.lru_cache(maxsize=1)
 def list_vit_models() -> tuple[str, ...]:
     """timm architecture names of the VisionTransformer family (a few, e.g. parallel-block or CLS-less ones, are
     refused with their reason when loaded)."""
@@ -114,11 +115,3 @@ def _hub_source(name: str, progress: Progress | None) -> tuple[ModelSource, dict
             from exc
     check_capturable(model)
     return ModelSource(name=name, arch=name, kind="hub"), model.state_dict()
-
-
-# ------------------------------------------------------------------------------------------------------ checkpoints
-#
-# A checkpoint file is untrusted input (the app takes uploads). Three rules keep it from doing more than hold weights:
-# its metadata only ever selects an architecture from a whitelist of settings with checked types and ranges (never a
-# path, a loader, a callable or a pretrained config: timm's create_model loads files from those); nothing is read into
-# memory before its size is known and within budget; and the tensors must be about the size of the architecture.
