@@ -386,3 +386,28 @@ def test_threads_on_one_shared_model_get_the_single_thread_results():
     for i, maps in got.values():
         for a, b in zip(maps, want[i], strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_interrupt_is_asked_before_every_block_and_stops_the_walk():
+    """The walk asks ``interrupt`` before each block: a one-pass method asks once per layer, and raising stops it."""
+    model = tiny_vit()
+    x = torch.randn(1, 3, 32, 32)
+    asked = []
+    explain(model, x, method="chefer", target="embedding", interrupt=lambda: asked.append(1))
+    assert len(asked) == len(model.blocks)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_second():
+        asked.append(1)
+        if len(asked) == 2:
+            raise Stop
+
+    asked.clear()
+    with pytest.raises(Stop):
+        explain(model, x, method="legrad", target="embedding", interrupt=stop_at_second)
+    assert len(asked) == 2
+    asked.clear()
+    explain(model, x, method="deletion:steps=2", target="embedding", interrupt=lambda: asked.append(1))
+    assert len(asked) == 2 * (1 + len(model.blocks))  # each step: once before it, once per block of its walk

@@ -5,13 +5,15 @@ cannot be updated from inside a cached function (they would be replayed on a cac
 the *job*, not only its result: the first session to ask starts it on a worker thread, every session asking for the
 same (image, model, method, target) waits on that one job and draws its own progress bar from it.
 
-Bounds: at most ``MAX_RUNNING`` jobs compute at once (the others wait for a slot), and a job nobody has polled for
-``ABANDON_S`` seconds (its sessions moved to another method or image) stops at its next step. A failed or stopped
-job is not kept: the first waiter to see the failure clears it, so asking again retries.
+Bounds: at most ``MAX_RUNNING`` jobs compute at once (the others wait for a slot); a job nobody has polled for
+``ABANDON_S`` seconds (its sessions moved to another method or image) stops before the next block it would walk;
+a job running longer than ``max_job_seconds()`` stops there too, with a message. A failed or stopped job is not
+kept: the first waiter to see the failure clears it, so asking again retries.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import traceback
@@ -22,16 +24,17 @@ import streamlit as st
 import torch
 
 from vitviz.analysis.onepass import Analysis
-from vitviz.errors import OutOfMemoryError
+from vitviz.errors import OutOfMemoryError, ResourceError
 from vitviz.inputs.image import to_tensor
 from vitviz.models import ModelInfo
 
 from . import cache
 
-__all__ = ["Explained", "ExplainJob", "explanation", "MAX_RUNNING", "ABANDON_S"]
+__all__ = ["Explained", "ExplainJob", "explanation", "max_job_seconds", "MAX_RUNNING", "ABANDON_S"]
 
 MAX_RUNNING = 2  # explanation jobs computing at once, over all sessions (memory and cores are shared)
-ABANDON_S = 10.0  # a job nobody has polled for this long stops at its next step
+ABANDON_S = 10.0  # a job nobody has polled for this long stops before its next block
+DEFAULT_MAX_JOB_S = 300.0  # one explanation's time at most, from its start (waiting for a slot not counted)
 _SLOTS = threading.BoundedSemaphore(MAX_RUNNING)
 _POLL_S = 0.2
 
@@ -60,19 +63,34 @@ class ExplainJob:
         self.error: BaseException | None = None
         self.done = threading.Event()
         self.polled = time.monotonic()  # the last time a session waited on it
+        self.started: float | None = None  # when it got a slot and began to compute
+        self.limit = max_job_seconds()
         self._lock = threading.Lock()
         self._cleared = False
 
     def check(self) -> None:
-        """Stop here (raise :class:`Abandoned`) if no session has waited on the job for ``ABANDON_S``."""
-        if time.monotonic() - self.polled > ABANDON_S:
+        """Stop here (raise :class:`Abandoned`) if no session has waited on the job for ``ABANDON_S``, or with a
+        :class:`ResourceError` once it has computed for longer than ``max_job_seconds()``."""
+        now = time.monotonic()
+        if now - self.polled > ABANDON_S:
             raise Abandoned("the explanation was left unfinished: nobody was waiting for it")
+        if self.started is not None and now - self.started > self.limit:
+            raise ResourceError(f"this explanation was stopped after {self.limit:.0f} s, the longest one job may run "
+                                "on this server: try a faster method, a smaller image size or a smaller model")
 
     def first_to_clear(self) -> bool:
         """True once: for the first waiter to see a failure, who removes the job from the cache."""
         with self._lock:
             first, self._cleared = not self._cleared, True
             return first
+
+
+def max_job_seconds() -> float:
+    """``VITVIZ_MAX_JOB_SECONDS`` (the operator's bound on one explanation), else ``DEFAULT_MAX_JOB_S``."""
+    try:
+        return float(os.environ.get("VITVIZ_MAX_JOB_SECONDS", DEFAULT_MAX_JOB_S))
+    except ValueError:
+        return DEFAULT_MAX_JOB_S
 
 
 def _step(job: ExplainJob, done: int, total: int) -> None:
@@ -90,7 +108,7 @@ def _compute(job: ExplainJob, built, info: ModelInfo, target: str, res: Analysis
     job.stage = ("Greedy deletion: starting..." if Method.parse(job.method).name == "deletion"
                  else "Explaining: one forward and one backward pass...")
     found, rnd = explain_all(built, x, methods=[job.method, "random"], target=target,
-                             progress=lambda i, n: _step(job, i, n))
+                             progress=lambda i, n: _step(job, i, n), interrupt=job.check)
     job.fraction = max(job.fraction, 0.8)
     job.stage = "Measuring faithfulness: 10 steps of token removal, against a random map..."
     measured = curves(built, x, [found.map, rnd.map], target=found.target)
@@ -102,6 +120,7 @@ def _run(job: ExplainJob, built, info: ModelInfo, target: str, res: Analysis) ->
         while not _SLOTS.acquire(timeout=_POLL_S):
             job.check()
         try:
+            job.started = time.monotonic()
             job.result = _compute(job, built, info, target, res)
         finally:
             _SLOTS.release()
