@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
+import vitviz.inputs.fit as vfit
 import vitviz.inputs.image as vimage
 from vitviz.errors import ImageError, ParameterError
 from vitviz.inputs.image import fit_image, load_image, patch_box, to_tensor, whole_image_size
@@ -463,7 +464,7 @@ def test_crop_extreme_aspect_close_to_timm_without_full_resize(w, h):
 def test_region_path_equals_full_path_on_normal_image(monkeypatch):
     im = Image.fromarray(_RNG.integers(0, 256, (480, 640, 3), dtype=np.uint8))
     full = fit_image(im, input_size=(224, 224)).pixels.astype(int)
-    monkeypatch.setattr(vimage, "_FULL_RESIZE_PIXELS", 0)
+    monkeypatch.setattr(vfit, "_FULL_RESIZE_PIXELS", 0)
     region = fit_image(im, input_size=(224, 224)).pixels.astype(int)
     assert np.abs(full - region).max() <= 3
 

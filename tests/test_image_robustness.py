@@ -310,3 +310,19 @@ def test_file_names_with_spaces_unicode_and_dotdot_stay_inside_out(tmp_path, ckp
         assert f"'{shown}'" in str(err.value)
 
 
+
+
+def test_a_png_text_chunk_bomb_is_refused_in_a_users_words(tmp_path):
+    """A tiny PNG whose compressed text chunk unpacks past Pillow's limit: refused, with no Pillow internals."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("bomb", "A" * (PngImagePlugin.MAX_TEXT_CHUNK + 10), zip=True)
+    path = tmp_path / "bomb.png"
+    Image.new("RGB", (8, 8)).save(path, "PNG", pnginfo=info)
+    assert path.stat().st_size < 10_000
+    with pytest.raises(ImageError) as err:
+        load_image(path)
+    text = str(err.value)
+    assert "bomb.png" in text and "metadata" in text
+    assert "MAX_TEXT_CHUNK" not in text and "truncated" not in text and "Decompressed" not in text

@@ -10,7 +10,7 @@ from typing import get_args
 
 from .analysis.rollout import FUSIONS, HeadFusion, check_layer_range
 from .errors import ParameterError
-from .inputs.image import Fit
+from .inputs.fit import Fit
 
 __all__ = ["FITS", "Settings", "DEFAULTS"]
 

@@ -24,7 +24,8 @@ import torch
 from PIL import Image
 
 from ..errors import OutOfMemoryError, ResourceError
-from ..inputs.image import Fit, FittedImage, LoadedImage, fit_image, to_tensor, whole_image_size
+from ..inputs.fit import Fit, FittedImage, fit_image, to_tensor, whole_image_size
+from ..inputs.image import LoadedImage
 from ..models import MAX_IMG_SIZE, ModelInfo, describe_model
 from ..walk.capture import attention_forward
 from .posembed import patch_pos_embed, pos_embed_similarity

@@ -7,11 +7,11 @@ import importlib
 
 _LAZY = {
     "LoadedImage": "image",
-    "FittedImage": "image",
+    "FittedImage": "fit",
     "load_image": "image",
     "decode_bytes": "image",
-    "fit_image": "image",
-    "to_tensor": "image",
+    "fit_image": "fit",
+    "to_tensor": "fit",
     "IMAGE_SUFFIXES": "image",
     "MAX_UPLOAD_BYTES": "image",
     "collect_inputs": "folders",
