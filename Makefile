@@ -1,5 +1,7 @@
 # vitviz: two commands do all set-up on a fresh machine.
-#   make app    installs everything into .venv and starts the app on the embedded default model
+#   make app    installs everything into .venv and starts the app on the embedded default model, on
+#               http://127.0.0.1:8501 (this machine only; VITVIZ_HOST=0.0.0.0 make app exposes it: put it behind
+#               authentication then, see README)
 #   make test   installs everything the tests need (pip deps, Debian's chromium) and runs the tests (in CI, also
 #               the fast tests against the declared lower bounds of the dependencies: make test-lower)
 # CPU-only machines can take PyTorch's CPU wheels (no CUDA libraries):

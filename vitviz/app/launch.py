@@ -11,16 +11,19 @@ import sys
 import threading
 from pathlib import Path
 
-from .config import streamlit_flags
+from .config import SERVER_OPTIONS, streamlit_flags
+from .config import host as listen_host
 
 __all__ = ["ENTRY", "launch", "streamlit_argv", "warm"]
 
 ENTRY = Path(__file__).with_name("entry.py")
 
 
-def streamlit_argv(*, port: int, streamlit_args: list[str]) -> list[str]:
-    """``streamlit run`` arguments; options given by the user come last and win."""
-    return ["streamlit", "run", str(ENTRY), *streamlit_flags(), "--server.port", str(port), *streamlit_args]
+def streamlit_argv(*, port: int, streamlit_args: list[str], host: str | None = None) -> list[str]:
+    """``streamlit run`` arguments, listening on ``host`` (None: ``$VITVIZ_HOST``, else 127.0.0.1); options given by
+    the user come last and win."""
+    options = {**SERVER_OPTIONS, "server.address": listen_host(host)}
+    return ["streamlit", "run", str(ENTRY), *streamlit_flags(options), "--server.port", str(port), *streamlit_args]
 
 
 def warm() -> None:
@@ -29,7 +32,7 @@ def warm() -> None:
     Best effort: whatever fails here (no default model on this machine, say) is left for the page to report.
     """
     try:
-        from vitviz.analysis import input_size_for
+        from vitviz.analysis.onepass import input_size_for
         from vitviz.models import ModelKey
         from vitviz.settings import DEFAULTS
 
@@ -50,12 +53,13 @@ def warm() -> None:
         print(f"vitviz: warm-up skipped ({type(exc).__name__}: {exc})", file=sys.stderr)
 
 
-def launch(*, port: int, streamlit_args: list[str]) -> int:
-    """Run the Streamlit server in this process (Ctrl-C stops it), warming the caches beside it."""
+def launch(*, port: int, streamlit_args: list[str], host: str | None = None) -> int:
+    """Run the Streamlit server in this process (Ctrl-C stops it), warming the caches beside it; it listens on
+    ``host`` (None: ``$VITVIZ_HOST``, else 127.0.0.1 only)."""
     from streamlit.web import cli as stcli
 
     threading.Thread(target=warm, name="vitviz-warm-up", daemon=True).start()
-    sys.argv = streamlit_argv(port=port, streamlit_args=streamlit_args)
+    sys.argv = streamlit_argv(port=port, streamlit_args=streamlit_args, host=host)
     try:
         stcli.main()
     except SystemExit as exc:
