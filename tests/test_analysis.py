@@ -11,9 +11,15 @@ import timm
 import torch
 from PIL import Image
 
+from vitviz.analysis.maps import (
+    attention_distance,
+    query_attention_maps,
+    raw_attention_maps,
+    rollout_map,
+    rollout_table,
+)
 from vitviz.analysis.onepass import analysis_bytes, analyze, attention_bytes
 from vitviz.errors import ParameterError, ResourceError
-from vitviz.analysis.maps import attention_distance, query_attention_maps, raw_attention_maps, rollout_map, rollout_table
 from vitviz.models import describe_model
 from vitviz.settings import DEFAULTS, Settings
 

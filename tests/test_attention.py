@@ -8,8 +8,8 @@ import pytest
 import torch
 from timm.models.vision_transformer import ResPostBlock
 
-from vitviz.walk.capture import attention_forward, capture_attention, check_capturable
 from vitviz.errors import ModelError, ParameterError
+from vitviz.walk.capture import attention_forward, capture_attention, check_capturable
 
 from .helpers import eager_reference, hook_state, tiny_vit
 

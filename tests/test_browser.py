@@ -141,8 +141,8 @@ def browser():
 @pytest.fixture(scope="module")
 def reference():
     """What the library computes for an example image at the app's defaults (224 px centre crop, native patch)."""
-    from vitviz.analysis import onepass as va
     from vitviz.analysis import maps
+    from vitviz.analysis import onepass as va
     from vitviz.inputs.image import load_image
     from vitviz.models import get_model
     from vitviz.settings import DEFAULTS

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
+from vitviz.analysis.maps import rollout_map
 from vitviz.analysis.onepass import analyze
 from vitviz.errors import ImageError, ResourceError, VitvizError
 from vitviz.inputs.image import load_image
-from vitviz.analysis.maps import rollout_map
 from vitviz.models import describe_model
 from vitviz.settings import Settings
 

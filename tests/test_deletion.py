@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vitviz.explain.deletion import PRESENCE, _presence_gradient, deletion, deletion_order, deletion_values
 from vitviz.errors import ModelError, ParameterError
 from vitviz.explain import Method, Target, embed_tokens, explain, explain_all
+from vitviz.explain.deletion import PRESENCE, _presence_gradient, deletion, deletion_order, deletion_values
 from vitviz.metrics.faithfulness import curves
 
 from .helpers import hook_state, in_threads, tiny_vit
@@ -137,8 +137,8 @@ def test_a_key_bias_of_minus_infinity_is_token_removal(layout):
     """The premise: b_j = -inf for a patch gives the model on the sequence without it (the curves' removal), in the
     walk written here and in vitviz's own (vitviz.walk.blocks.walk and the presence-weighted head)."""
     from vitviz.explain.deletion import _weighted_outputs
-    from vitviz.walk.blocks import Interventions, KeptProbs, walk
     from vitviz.metrics.faithfulness import run_kept
+    from vitviz.walk.blocks import Interventions, KeptProbs, walk
 
     model = _model(layout)
     x = _image(model)

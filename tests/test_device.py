@@ -49,8 +49,8 @@ def test_half_precision_model_through_the_pipeline():
     """The GPU recipe (half weights, fp32 softmax, fp16/fp32 storage) run on CPU with bf16 weights."""
     from PIL import Image
 
-    from vitviz.analysis.onepass import analyze
     from vitviz.analysis.maps import rollout_map
+    from vitviz.analysis.onepass import analyze
     from vitviz.models import describe_model
 
     from .conftest import tiny_vit

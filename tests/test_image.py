@@ -13,7 +13,6 @@ import torch
 from PIL import Image, ImageFile
 
 import vitviz.inputs.fit as vfit
-import vitviz.inputs.image as vimage
 from vitviz.errors import ImageError, ParameterError
 from vitviz.inputs.image import fit_image, load_image, patch_box, to_tensor, whole_image_size
 

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vitviz.analysis.maps import rollout_map
 from vitviz.analysis.onepass import analyze, input_size_for
 from vitviz.errors import ImageError
 from vitviz.inputs.image import MAX_UPLOAD_BYTES, load_image
-from vitviz.analysis.maps import rollout_map
 from vitviz.settings import Settings
 
 from .helpers import bad_crc_png, encode, noise, png_header_only, run_cli, tiny_vit, truncated_jpeg

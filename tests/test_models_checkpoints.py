@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import save_file
 
 from vitviz.analysis.onepass import analyze
-from vitviz.walk.capture import check_capturable
 from vitviz.cli import main
 from vitviz.errors import CheckpointError, ModelError
 from vitviz.models import build_model, load_source
+from vitviz.walk.capture import check_capturable
 
 from .helpers import encode, noise, tiny_vit
 

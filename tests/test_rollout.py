@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from vitviz.errors import ParameterError
 from vitviz.analysis.rollout import (
     cls_attention,
     discard_lowest,
@@ -18,6 +17,7 @@ from vitviz.analysis.rollout import (
     rollout_row,
     tokens_to_grid,
 )
+from vitviz.errors import ParameterError
 
 from .helpers import naive_rollout, random_attention
 

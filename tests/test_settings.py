@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from vitviz.analysis.maps import query_attention_maps, rollout_map
+from vitviz.analysis.rollout import fuse_heads
 from vitviz.errors import ParameterError
 from vitviz.inputs.image import load_image, patch_box, whole_image_size
-from vitviz.analysis.maps import query_attention_maps, rollout_map
 from vitviz.models import describe_model, resolve_sizes
-from vitviz.analysis.rollout import fuse_heads
 from vitviz.settings import Settings
 
 from .helpers import encode, noise, run_cli, tiny_vit

@@ -11,8 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from vitviz.walk.capture import attention_forward
-from vitviz.errors import ParameterError
 from vitviz.analysis.tokens import (
     artefact_tokens,
     best_matches,
@@ -27,6 +25,8 @@ from vitviz.analysis.tokens import (
     token_norms,
     top_receivers,
 )
+from vitviz.errors import ParameterError
+from vitviz.walk.capture import attention_forward
 
 from .helpers import tiny_vit
 
