@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-import vitviz.analysis
+import vitviz.analysis.onepass
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 ARCH = "vit_tiny_patch16_224"  # 12 layers x 3 heads, P = 16: fast at the app's image sizes
@@ -50,13 +50,13 @@ def calls(monkeypatch, tiny_checkpoint) -> list[int]:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: set it where it is used
     monkeypatch.delenv("VITVIZ_CHECKPOINT_DIR", raising=False)
     seen: list[int] = []
-    real = vitviz.analysis.analyze_batch
+    real = vitviz.analysis.onepass.analyze_batch
 
     def counting(*args, **kwargs):
         seen.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(vitviz.analysis, "analyze_batch", counting)
+    monkeypatch.setattr(vitviz.analysis.onepass, "analyze_batch", counting)
     return seen
 
 
@@ -78,9 +78,14 @@ def show(at: AppTest, tab: str) -> AppTest:
     return at.run()
 
 
+def read(markdown: str) -> str:
+    """Escaped Markdown as the user reads it: without the backslashes and the invisible word joiners (U+2060)."""
+    return re.sub(r"\\(.)", r"\1", markdown).replace("\u2060", "")
+
+
 def err(at: AppTest, i: int = 0) -> str:
     """An error message as the user reads it (the app escapes Markdown in messages: file names show as typed)."""
-    return re.sub(r"\\(.)", r"\1", at.error[i].value)
+    return read(at.error[i].value)
 
 
 def ok(at: AppTest) -> None:
@@ -89,7 +94,8 @@ def ok(at: AppTest) -> None:
 
 
 def status(at: AppTest) -> str:
-    return next(c.value for c in at.caption if "forward pass" in c.value)
+    """The status line as the user reads it (names in it are Markdown-escaped)."""
+    return read(next(c.value for c in at.caption if "forward pass" in c.value))
 
 
 def spec(at: AppTest, key: str) -> dict:
@@ -260,7 +266,8 @@ def test_offline_hub_model_shows_error_and_app_recovers(calls):
     assert len(calls) == 1
 
 
-def test_uploaded_checkpoint_with_architecture(calls, tiny_checkpoint):
+def test_uploaded_checkpoint_with_architecture(calls, tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # a temp folder of our own: others' runs share /tmp
     at = started()
     at.selectbox(key="model").set_value("upload").run()
     ok(at)
@@ -273,7 +280,7 @@ def test_uploaded_checkpoint_with_architecture(calls, tiny_checkpoint):
     ok(at)
     text = status(at)
     assert "../../evil name.pth" in text and ARCH in text  # the user's name, shown as typed (escaped)
-    assert not list(Path(tempfile.gettempdir()).glob("vitviz-upload-*")), "the uploaded file must not stay on disk"
+    assert not list(tmp_path.iterdir()), "the uploaded file must not stay on disk"
     at.text_input(key="arch").set_value("vit_small_patch16_224").run()  # a real name, but not these weights
     assert "do not fit architecture 'vit_small_patch16_224'" in err(at)
     at.selectbox(key="model").set_value("default").run()
@@ -307,7 +314,7 @@ def test_gpu_out_of_memory_falls_back_to_the_cpu_with_a_notice(calls, monkeypatc
     """The first pass runs out of accelerator memory (simulated): the app says so and shows the CPU result."""
     from vitviz.errors import OutOfMemoryError
 
-    counting = vitviz.analysis.analyze_batch
+    counting = vitviz.analysis.onepass.analyze_batch
 
     def oom_once(*args, **kwargs):
         if not calls:
@@ -315,7 +322,7 @@ def test_gpu_out_of_memory_falls_back_to_the_cpu_with_a_notice(calls, monkeypatc
             raise OutOfMemoryError("the CUDA ran out of memory for 1 image(s) at 14x14 patches (1 MB of attention)")
         return counting(*args, **kwargs)
 
-    monkeypatch.setattr(vitviz.analysis, "analyze_batch", oom_once)
+    monkeypatch.setattr(vitviz.analysis.onepass, "analyze_batch", oom_once)
     at = started()
     assert not at.exception and not at.error
     assert len(at.warning) == 1 and "ran out of memory" in at.warning[0].value and "CPU instead" in at.warning[0].value
@@ -418,10 +425,10 @@ def test_the_query_patch_keeps_its_place_when_the_grid_changes(calls):
 
 def test_image_sizes_offered_fit_the_memory_budget(calls, monkeypatch):
     """Only sizes whose whole analysis fits the server's budget are offered, and the largest works."""
-    from vitviz.analysis import analysis_bytes, max_square_size
+    from vitviz.analysis.onepass import analysis_bytes, max_square_size
 
     budget = 64 * 2**20
-    monkeypatch.setattr(vitviz.analysis, "MAX_ANALYSIS_BYTES", budget)
+    monkeypatch.setattr(vitviz.analysis.onepass, "MAX_ANALYSIS_BYTES", budget)
     at = started()
     at.slider(key="patch_size").set_value(8).run()
     top = int(at.slider(key="img_size").max)
@@ -482,7 +489,7 @@ def test_explain_view_states_its_target_and_faithfulness_and_never_a_missing_cla
 
 def _explain_inputs():
     """(key, analysis, weights) of one image through the tiny default model, as the app's caches hold them."""
-    from vitviz.analysis import input_size_for
+    from vitviz.analysis.onepass import input_size_for
     from vitviz.app import cache
     from vitviz.app.state import app_model
     from vitviz.models import ModelKey
@@ -585,7 +592,7 @@ def test_analyses_of_a_session_do_not_outlive_the_caches(calls):
     after 44 uploads). Now only the caches hold them: after many distinct uploads, at most the cache's size live."""
     import gc
 
-    from vitviz.analysis import Analysis
+    from vitviz.analysis.onepass import Analysis
 
     at = show(started(example=None), "Attention rollout")
     for i in range(12):
@@ -626,3 +633,109 @@ def test_a_checkpoint_whose_metadata_names_a_file_never_makes_the_server_read_it
     assert not at.exception and len(at.error) == 1
     assert "'checkpoint_path' is never passed on" in err(at)
     assert str(planted) not in opened and not any(str(planted) in s for s in opened)
+
+
+# --------------------------------------------------------------------------------------------- user names shown
+
+
+UNESCAPED = re.compile(r"(?<!\\)[:\[\]*_`$<>#|~&/]")  # what Markdown or Streamlit would interpret, not escaped
+# what Streamlit 1.67's Markdown replaces in the parsed text (backslashes no longer count there): its logo, arrows
+STREAMLIT_TEXT = re.compile(r":streamlit:|(^|\s)(<->|->|<-|--|>=|<=|~=)(\s|$)")
+
+
+@pytest.mark.parametrize("name", [":red[red].png", ":smile: :material/home: **b** $x$.pth", "a&amp;b <i>x</i>.png",
+                                  "[l](http://x) ![i](y) `c` ~~s~~ _u_ |t|.png", "1. list.png", "# h.png",
+                                  "x\n===\n- y.png", "a -> b <-> c -- d >= e.png", ":streamlit: \\:q\\:.png"])
+def test_md_escape_leaves_nothing_for_markdown_to_interpret(name):
+    """The escaped name reads as the name (line breaks as spaces), and nothing in it is left for Markdown or
+    Streamlit's own rules to turn into formatting, a directive, an emoji, an icon, a list, a heading or an arrow.
+    (Checked once in chromium on Streamlit 1.67: each of these renders as typed in st.markdown, st.error and
+    st.caption.)"""
+    from vitviz.app.widgets import md_escape
+
+    shown = md_escape(name)
+    assert read(shown) == " ".join(re.split(r"\n+", name))
+    assert not UNESCAPED.search(shown) and "\n" not in shown, shown
+    assert not STREAMLIT_TEXT.search(re.sub(r"\\(.)", r"\1", shown)), shown
+    assert not re.match(r"\s*\d+[.)]", shown), shown  # an ordered list
+
+
+@pytest.mark.parametrize("name", ["my-weights.pth", "../../evil name.pth", "..\\..\\win.PTH", "a\x00b\nc\x7f.bin",
+                                  "x" * 300 + ".pth", "名前" * 100 + ".safetensors", "/", "../.pth", " .. .pt"])
+def test_an_upload_is_stored_under_the_users_file_name_and_nothing_else(name, tmp_path):
+    """The temp file is named as the user's file (so messages name it), but is one plain file name in its folder."""
+    from vitviz.app.cache import upload_file_name
+
+    suffix = Path(name).suffix.lower()
+    stored = upload_file_name(name, suffix)
+    assert stored.lower().endswith(suffix) and stored not in ("", ".", "..") and len(stored.encode()) <= 255
+    assert not any(ch in stored for ch in "/\\\x00\n\x7f"), stored
+    assert (tmp_path / stored).parent == tmp_path
+    (tmp_path / stored).write_bytes(b"x")  # a name this file system takes
+    if name in ("my-weights.pth", "../../evil name.pth", "..\\..\\win.PTH"):
+        assert stored == re.split(r"[\\/]", name)[-1]  # the user's own name
+
+
+@pytest.mark.parametrize("kind", ["text.pth", "cut zip.pth", "text.safetensors"])
+def test_a_refused_checkpoint_is_named_by_the_users_file_name(calls, tiny_checkpoint, kind, tmp_path, monkeypatch):
+    """The server reads an upload from a temp file; its messages name the user's file, never that temp file."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # a temp folder of our own: others' runs share /tmp
+    suffix = Path(kind).suffix
+    data = {"text.pth": b"these are not tensors\n" * 20, "text.safetensors": b"\x10\x00\x00\x00\x00\x00\x00\x00{}x",
+            "cut zip.pth": tiny_checkpoint.read_bytes()[:20_000]}[kind]
+    at = started()
+    at.selectbox(key="model").set_value("upload").run()
+    at.text_input(key="arch").set_value(ARCH)
+    at.file_uploader(key="ckpt_upload").set_value((f"my-weights{suffix}", data, "application/octet-stream")).run()
+    assert not at.exception and len(at.error) == 1
+    shown = err(at)
+    assert f"'my-weights{suffix}'" in shown, shown
+    assert "vitviz-upload" not in shown and str(tmp_path) not in shown, shown
+    assert not list(tmp_path.iterdir()), "the uploaded file must not stay on disk"
+
+
+def test_markdown_in_names_is_shown_as_typed(calls, tiny_checkpoint):
+    """Streamlit renders ``:red[red]`` red, ``:smile:`` as an emoji, ``:material/home:`` as an icon, ``**b**`` bold:
+    an image, checkpoint or architecture name the user gave is shown literally, its Markdown escaped."""
+    at = started(example=None)
+    at.file_uploader(key="upload").set_value((":red[red].png", b"", "image/png")).run()  # empty: refused by name
+    assert len(at.error) == 1
+    body = at.error[0].value  # the Markdown source Streamlit renders
+    assert r"\:red\[red\]" in body and not UNESCAPED.search(body), body
+    assert "':red[red].png' is empty" in err(at)
+
+    at.file_uploader(key="upload").set_value(("red.jpg", jpeg_bytes(), "image/jpeg")).run()
+    ok(at)
+    at.selectbox(key="model").set_value("upload").run()
+    at.text_input(key="arch").set_value(":red[x]").run()  # a typed architecture: refused, by what was typed
+    body = at.error[0].value
+    assert r"\:red\[x\]" in body and not UNESCAPED.search(body), body
+    at.text_input(key="arch").set_value(ARCH)
+    name = ":smile: :material/home: **b** $x$.pth"
+    at.file_uploader(key="ckpt_upload").set_value((name, tiny_checkpoint.read_bytes(), "application/octet-stream"))
+    at.run()
+    ok(at)
+    shown = status(at)
+    assert name in shown  # as the user reads it
+    raw = next(c.value for c in at.caption if "forward pass" in c.value)
+    assert r"\:smile\: \:material\/home\: \*\*b\*\* \$x\$.pth" in raw, raw
+
+
+def test_an_abandoned_job_stops_inside_its_pass_and_a_long_one_is_bounded(calls, monkeypatch):
+    """A one-pass method has no steps: the job must still stop between blocks once nobody waits (before, it ran to
+    its end); and a job past the operator's time limit stops with a sentence."""
+    import time
+
+    from vitviz.app import jobs
+
+    key, res, loaded = _explain_inputs()
+    monkeypatch.setattr(jobs, "ABANDON_S", 0.3)
+    gated = GatedExplain(monkeypatch)
+    job = jobs._job(key, "chefer", "embedding", res, jobs.cache.model(key.model, loaded))  # nobody polls it
+    time.sleep(0.5)  # abandoned while held at the gate, before its walk starts
+    gated.gate.set()
+    assert job.done.wait(10) and isinstance(job.error, jobs.Abandoned), job.error
+    monkeypatch.setattr(jobs, "ABANDON_S", 60.0)
+    monkeypatch.setenv("VITVIZ_MAX_JOB_SECONDS", "0.000001")
+    with pytest.raises(ValueError, match="stopped after"):
+        jobs.explanation(key, "legrad", "embedding", res, loaded)

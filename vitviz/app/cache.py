@@ -10,21 +10,26 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
+import unicodedata
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import streamlit as st
 
-from vitviz import maps, tokens
-from vitviz.analysis import Analysis, analyze_with_fallback
-from vitviz.errors import CheckpointError
-from vitviz.image import LoadedImage, load_image
+from vitviz.analysis import maps, tokens
+from vitviz.analysis.onepass import Analysis, analyze_with_fallback
+from vitviz.errors import CheckpointError, ParameterError
+from vitviz.inputs.image import LoadedImage, load_image
 from vitviz.models import CHECKPOINT_SUFFIXES, ModelInfo, ModelKey, ModelSource, build_for, load_source
 
-__all__ = ["AnalysisKey", "digest", "model_source", "uploaded_source", "model", "image", "analysis", "rollout_table",
-           "raw_maps", "query_maps", "distances", "TokenStats", "token_stats"]
+from .bytecache import ByteLRU
+
+__all__ = ["AnalysisKey", "digest", "model_source", "upload_file_name", "uploaded_source", "model", "image",
+           "image_cache_bytes", "image_bytes", "DEFAULT_IMAGE_CACHE_MB", "analysis", "rollout_table", "raw_maps",
+           "query_maps", "distances", "TokenStats", "token_stats"]
 
 
 @dataclass(frozen=True)
@@ -47,23 +52,50 @@ def model_source(name: str, arch: str | None) -> tuple[ModelSource, dict]:
     return load_source(name, arch=arch)
 
 
+def upload_file_name(filename: str, suffix: str) -> str:
+    """The name an uploaded checkpoint is stored under while it is read, so every message names the user's file:
+    the last component of the user's name, without control characters, within a file name's length."""
+    base = "".join(ch for ch in re.split(r"[\\/]", filename)[-1] if unicodedata.category(ch)[0] != "C").strip()
+    if base in ("", ".", "..") or Path(base).suffix.lower() != suffix:
+        base = "checkpoint" + suffix
+    stem = base[: len(base) - len(suffix)]
+    return stem.encode()[: 200 - len(suffix)].decode(errors="ignore") + base[len(stem):]
+
+
+def _read_upload(name: str, data: bytes, arch: str | None) -> tuple[ModelSource, dict]:
+    """``load_source`` on ``data`` written as ``name`` into a private temp folder (0700), removed at once."""
+    def unstored(exc: OSError) -> CheckpointError:
+        return CheckpointError(f"could not store the uploaded checkpoint {name!r} on the server "
+                               f"({exc.strerror or exc})")
+
+    try:
+        tmp = tempfile.TemporaryDirectory(prefix="vitviz-upload-", ignore_cleanup_errors=True)
+    except OSError as exc:
+        raise unstored(exc) from exc
+    with tmp as folder:
+        path = Path(folder) / name
+        try:
+            path.write_bytes(data)
+        except OSError as exc:
+            raise unstored(exc) from exc
+        try:
+            return load_source(path, arch=arch)
+        except ValueError as exc:  # the loader names the file by its last component; never show the folder
+            if folder not in str(exc):
+                raise
+            raise CheckpointError(str(exc).replace(str(path), name).replace(folder, "")) from exc
+
+
 @st.cache_resource(max_entries=2, show_spinner="Reading the checkpoint...")
 def uploaded_source(digest: str, arch: str | None, filename: str, _data: bytes) -> tuple[ModelSource, dict]:
     """An uploaded checkpoint's weights, keyed by its sha256. The file exists on the server only while it is read
-    (a private temp file, deleted at once); the model is named by the user's file name."""
+    (under the user's file name in a private temp folder, deleted at once), so messages name the user's file; the
+    model is named by the user's file name."""
     suffix = Path(filename).suffix.lower()
+    name = upload_file_name(filename, suffix)
     if suffix not in CHECKPOINT_SUFFIXES:
-        raise CheckpointError(f"checkpoint files must end in {', '.join(CHECKPOINT_SUFFIXES)}")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix="vitviz-upload-", suffix=suffix)
-        with os.fdopen(fd, "wb") as f:
-            f.write(_data)
-    except OSError as exc:
-        raise CheckpointError(f"could not store the uploaded checkpoint on the server ({exc.strerror or exc})") from exc
-    try:
-        source, state = load_source(tmp, arch=arch)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+        raise CheckpointError(f"{name!r}: checkpoint files must end in {', '.join(CHECKPOINT_SUFFIXES)}")
+    source, state = _read_upload(name, _data, arch)
     return replace(source, name=filename), state
 
 
@@ -73,10 +105,39 @@ def model(key: ModelKey, _loaded: tuple[ModelSource, dict]):
     return build_for(key, *_loaded)
 
 
-@st.cache_resource(max_entries=4, show_spinner=False)
-def image(digest: str, _data: bytes, name: str) -> LoadedImage:
-    """The decoded image (read-only), keyed by the bytes' sha256."""
-    return load_image(_data, name=name)
+DEFAULT_IMAGE_CACHE_MB = 512  # two of the largest images the app takes (64 megapixels: 256 MB each)
+
+
+def image_cache_bytes() -> int:
+    """The decoded-image cache's budget: ``VITVIZ_IMAGE_CACHE_MB`` (MB of 2^20 bytes), read on every insertion."""
+    raw = os.environ.get("VITVIZ_IMAGE_CACHE_MB", "").strip() or str(DEFAULT_IMAGE_CACHE_MB)
+    try:
+        mb = float(raw)
+    except ValueError:
+        mb = -1.0
+    if not mb >= 0 or mb == float("inf"):
+        raise ParameterError(f"VITVIZ_IMAGE_CACHE_MB must be a number of MB (0 or more), got {raw!r}")
+    return int(mb * 2**20)
+
+
+def image_bytes(loaded: LoadedImage) -> int:
+    """The pixel memory of a decoded image: PIL keeps multi-band images in 4-byte pixels."""
+    im = loaded.image
+    per_pixel = 4 if len(im.getbands()) > 1 or im.mode in ("I", "F") else 2 if im.mode.startswith("I;16") else 1
+    return im.width * im.height * per_pixel
+
+
+_IMAGES: ByteLRU[LoadedImage] = ByteLRU(image_cache_bytes, image_bytes)
+
+
+def image(digest: str, data: bytes, name: str) -> LoadedImage:
+    """The decoded image (read-only), keyed by the bytes' sha256 and the name. Shared by every session, bounded by
+    bytes (``VITVIZ_IMAGE_CACHE_MB``; least recently used first out): one 64-megapixel photo outweighs hundreds of
+    small ones, so a count of entries bounds nothing."""
+    return _IMAGES.get((digest, name), lambda: load_image(data, name=name))
+
+
+image.clear = _IMAGES.clear  # type: ignore[attr-defined]  # as on the st.cache_* functions
 
 
 @st.cache_resource(max_entries=4, show_spinner="Running the model...")

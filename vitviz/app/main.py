@@ -52,7 +52,7 @@ def _weights(choice: ModelChoice):
 
 def _analysis(choice: ModelChoice, inputs: InputChoice, image: ImageChoice, loaded):
     """The one cached pass over the image, and its key."""
-    from vitviz.analysis import input_size_for
+    from vitviz.analysis.onepass import input_size_for
 
     try:
         decoded = cache.image(image.digest, image.data, image.name)
@@ -63,7 +63,7 @@ def _analysis(choice: ModelChoice, inputs: InputChoice, image: ImageChoice, load
     except ValueError as exc:
         fail(exc)
     if notice:  # the GPU was full (other sessions, a big grid): this analysis ran on the CPU
-        st.warning(notice)
+        st.warning(md_escape(notice))
     return res, key, decoded
 
 
@@ -82,8 +82,8 @@ def _status(res, inputs: InputChoice) -> None:
     info = res.info
     st.sidebar.caption(f"Model input: **{info.img_size[1]} x {info.img_size[0]} px** = {info.grid[1]} x "
                        f"{info.grid[0]} patches of {inputs.patch_size} px.")
-    notes = f" · notes: {'; '.join(res.notes)}" if res.notes else ""
-    st.caption(f"**{md_escape(info.name)}** ({info.arch}) · {res.device}, {res.dtype} · "
+    notes = f" · notes: {md_escape('; '.join(res.notes))}" if res.notes else ""
+    st.caption(f"**{md_escape(info.name)}** ({md_escape(info.arch)}) · {res.device}, {res.dtype} · "
                f"grid {info.grid[0]}x{info.grid[1]} · {token_text(info)} · forward pass {res.seconds * 1000:.0f} ms · "
                f"{res.fit_description}{notes}")
 

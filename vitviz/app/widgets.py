@@ -16,12 +16,24 @@ from vitviz import figures as vf
 
 __all__ = ["fail", "chart", "clicked_patch", "on_click", "md_escape"]
 
-_MARKDOWN = re.compile(r"([\\`*_\[\]<>#|~$])")  # what makes emphasis, code, links, html, headings, maths
+# what makes emphasis, code, links, html, headings, lists, maths, entities; and Streamlit's own directives:
+# ``:red[x]`` colours, ``:smile:`` emoji, ``:material/home:`` icons (Streamlit rewrites ":material/" before parsing)
+_MARKDOWN = re.compile(r"([\\`*_\[\]<>#|~$:/&!+=-])")
+_LINE_BREAKS = re.compile(r"[\r\n\v\f\x1c-\x1e\x85\u2028\u2029]+")  # a name must not start a new Markdown block
+_ORDERED = re.compile(r"^(\s*\d+)([.)])")  # "1. x" at the start would be a numbered list
+# Streamlit replaces these in the parsed text, where a backslash no longer counts: " -> " becomes an arrow, " >= " a
+# sign, ":streamlit:" its logo. An invisible WORD JOINER (U+2060) after the first character keeps them as typed.
+_REPLACED = re.compile(r"(?<!\S)([<>~-])(->|-|=|>)(?!\S)|(:)(streamlit:)")
+WORD_JOINER = "\u2060"
 
 
 def md_escape(text: str) -> str:
-    """``text`` shown literally inside Markdown (a file name such as ``**x**.pth`` or ``[a](b)`` stays as typed)."""
-    return _MARKDOWN.sub(r"\\\1", str(text))
+    """``text`` shown literally inside Markdown or any Streamlit element that renders it (st.markdown, caption,
+    error, info, warning, success, titles): a file name such as ``**x**.pth``, ``[a](b)`` or ``:red[x].png`` stays
+    as typed. Every user-supplied string (file names, typed model names, messages that quote them) goes through it."""
+    text = _LINE_BREAKS.sub(" ", str(text))
+    text = _REPLACED.sub(lambda m: WORD_JOINER.join(g for g in m.groups() if g is not None), text)
+    return _ORDERED.sub(r"\1\\\2", _MARKDOWN.sub(r"\\\1", text))
 
 
 def fail(exc: Exception) -> NoReturn:
