@@ -8,9 +8,10 @@ from pathlib import Path
 
 import streamlit as st
 
-from vitviz.analysis import max_square_size
+from vitviz.analysis.onepass import max_square_size
+from vitviz.analysis.rollout import FUSIONS
 from vitviz.device import available_devices, pick_device, pick_dtype
-from vitviz.image import IMAGE_SUFFIXES, MAX_UPLOAD_BYTES
+from vitviz.inputs.image import IMAGE_SUFFIXES, MAX_UPLOAD_BYTES
 from vitviz.models import (
     CHECKPOINT_SUFFIXES,
     ModelInfo,
@@ -20,7 +21,6 @@ from vitviz.models import (
     list_pretrained_vits,
     patch_size_range,
 )
-from vitviz.rollout import FUSIONS
 from vitviz.settings import DEFAULTS, FITS
 
 from .cache import digest
