@@ -739,3 +739,27 @@ def test_an_abandoned_job_stops_inside_its_pass_and_a_long_one_is_bounded(calls,
     monkeypatch.setenv("VITVIZ_MAX_JOB_SECONDS", "0.000001")
     with pytest.raises(ValueError, match="stopped after"):
         jobs.explanation(key, "legrad", "embedding", res, loaded)
+
+
+def test_a_stride_zero_checkpoint_upload_is_refused_before_any_model_is_built(calls, tmp_path, monkeypatch):
+    """Issue 23's attack through the app: a tiny .pt whose tensors are stride-0 views, naming a 1.8-billion-parameter
+    architecture. Refused by name, no model built, and the uploader says the server's model-size cap."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        giant = timm.create_model("vit_gigantic_patch14_224", num_classes=0)
+    shapes = {k: v.shape for k, v in giant.state_dict().items()}
+    path = tmp_path / "evil.pt"
+    torch.save({k: torch.full((1,), 1e-3).expand(*s) for k, s in shapes.items()}, path)
+    built = []
+    real = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: built.append(a[0]) or real(*a, **k))
+    at = started()
+    at.selectbox(key="model").set_value("upload").run()
+    assert any("million parameters" in c.value for c in at.sidebar.caption), "the uploader states the cap"
+    at.text_input(key="arch").set_value("vit_gigantic_patch14_224")
+    at.file_uploader(key="ckpt_upload").set_value(("evil.pt", path.read_bytes(), "application/octet-stream")).run()
+    assert not at.exception and len(at.error) == 1
+    assert "'evil.pt'" in err(at) and "not stored whole" in err(at), err(at)
+    assert not [b for b in built if "gigantic" in str(b)], f"the attacker's model was built: {built}"

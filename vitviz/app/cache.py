@@ -24,6 +24,7 @@ from vitviz.analysis.onepass import Analysis, analyze_with_fallback
 from vitviz.errors import CheckpointError, ParameterError
 from vitviz.inputs.image import LoadedImage, load_image
 from vitviz.models import CHECKPOINT_SUFFIXES, ModelInfo, ModelKey, ModelSource, build_for, load_source
+from vitviz.models.checkpoints import upload_param_cap
 
 from .bytecache import ByteLRU
 
@@ -79,7 +80,7 @@ def _read_upload(name: str, data: bytes, arch: str | None) -> tuple[ModelSource,
         except OSError as exc:
             raise unstored(exc) from exc
         try:
-            return load_source(path, arch=arch)
+            return load_source(path, arch=arch, max_params=upload_param_cap())
         except ValueError as exc:  # the loader names the file by its last component; never show the folder
             if folder not in str(exc):
                 raise

@@ -21,6 +21,7 @@ from vitviz.models import (
     list_pretrained_vits,
     patch_size_range,
 )
+from vitviz.models.checkpoints import upload_param_cap
 from vitviz.settings import DEFAULTS, FITS
 
 from .cache import digest
@@ -83,6 +84,13 @@ class AttentionChoice:
     def head(self) -> str | int:
         """What the maps fuse: a fusion name for all heads, else one head's index."""
         return self.fusion if self.head_choice == ALL_HEADS else int(self.head_choice)
+
+
+def _upload_limits() -> str:
+    """What this server takes as an uploaded model, in one line under the uploader."""
+    cap = upload_param_cap()
+    models = "models of any size" if cap is None else f"models of up to {cap / 1e6:,.0f} million parameters"
+    return f"Up to {MAX_UPLOAD_BYTES // 10**6} MB a file; {models} (the operator's limits)."
 
 
 def image_ui() -> ImageChoice | None:
@@ -160,6 +168,7 @@ def _checkpoint(choice: str) -> ModelChoice:
         ckpt = sb.file_uploader("Checkpoint file", type=[s.lstrip(".") for s in CHECKPOINT_SUFFIXES],
                                 key="ckpt_upload", help="Weights of a timm ViT. Pickles that would run code are "
                                 "refused. Files over the upload limit can be offered by the server's operator.")
+        sb.caption(_upload_limits())
     arch_text = sb.text_input("Architecture (timm name)", key="arch", placeholder="e.g. vit_small_patch16_224",
                               help="The timm architecture the weights belong to; optional where a .safetensors file "
                                    "names it in its metadata.")
