@@ -192,10 +192,10 @@ def test_analyze_stores_the_default_explanation_and_the_tokens(tmp_path, ckpt):
     """npz: 'map' is vitviz.explain's map for that image (by its own method name), tokens equal the one pass's."""
     import torch
 
+    from vitviz.analysis.tokens import token_norms
     from vitviz.explain import DEFAULT_METHOD, explain
     from vitviz.inputs.image import to_tensor
     from vitviz.models import get_model
-    from vitviz.analysis.tokens import token_norms
 
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
@@ -240,3 +240,91 @@ def test_evaluate_writes_rows_summary_and_plot_with_random_included(tmp_path, ck
     assert main(["evaluate", str(src / "0.png"), "--out", str(out), "--model", str(ckpt), "--target", "class:3"]) == 2
     err = capsys.readouterr().err
     assert "head" in err and "Traceback" not in err  # a backbone has no class to explain
+
+
+def test_an_unknown_method_is_one_sentence_naming_the_known_ones_before_any_model(tmp_path, capsys):
+    img = tmp_path / "a.png"
+    Image.new("RGB", (40, 40)).save(img)
+    missing = str(tmp_path / "no-such-model.safetensors")  # the method is refused before the model is looked for
+    for argv in (["analyze", str(img), "--method", "nonsense"], ["evaluate", str(img), "--methods", "legrad;nonsense"]):
+        assert main([*argv, "--out", str(tmp_path / "o"), "--model", missing]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert "'nonsense'" in err and "rollout" in err and "deletion" in err, err
+    proc = subprocess.run([sys.executable, "-m", "vitviz", "analyze", str(img), "--out", str(tmp_path / "o"),
+                           "--method", "nonsense"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "deletion" in proc.stderr
+
+
+def test_help_lists_every_registered_method_and_evaluates_defaults(capsys):
+    from vitviz.evaluate import DEFAULT_METHODS
+    from vitviz.explain.registry import METHODS
+
+    for command in ("analyze", "evaluate"):
+        with pytest.raises(SystemExit) as stop:
+            main([command, "--help"])
+        out = capsys.readouterr().out
+        assert stop.value.code == 0
+        assert all(m.name in out and m.title in out for m in METHODS), out
+    assert all(f"  {m}\n" in out for m in DEFAULT_METHODS), out  # evaluate's default --methods, one a line
+
+
+def test_building_the_parser_imports_no_torch():
+    """(A choice given on the command line, like --fit whole, is checked against the library's list: that imports
+    torch, as the run itself does.)"""
+    probe = ("import sys, vitviz.cli as c; p = c.build_parser(); p.parse_args(['analyze', 'x', '--out', 'o']); "
+             "p.parse_args(['evaluate', 'x', '--out', 'o']); p.parse_known_args(['app', '--host', '::1']); "
+             "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+SHARED = ("images", "out", "model", "arch", "patch_size", "img_size", "fit", "device", "precision", "batch_size",
+          "workers", "dist_timeout", "quiet")
+
+
+def test_analyze_and_evaluate_share_their_options_and_defaults():
+    from vitviz.cli import build_parser
+    from vitviz.cli._common import resolve
+    from vitviz.settings import DEFAULTS
+
+    parser = build_parser()
+    a, e = (resolve(parser.parse_args([command, "x.png", "--out", "o"])) for command in ("analyze", "evaluate"))
+    assert {k: getattr(a, k) for k in SHARED} == {k: getattr(e, k) for k in SHARED}
+    for key in ("model", "patch_size", "img_size", "fit", "device", "precision"):
+        assert getattr(a, key) == getattr(DEFAULTS, key), key
+    assert (a.start_layer, a.head_fusion, a.discard) == (DEFAULTS.start_layer, DEFAULTS.head_fusion,
+                                                         DEFAULTS.discard_ratio)
+
+
+def test_app_passes_port_host_and_streamlit_options_to_the_launcher(monkeypatch):
+    import vitviz.app.launch
+
+    calls = []
+    monkeypatch.setattr(vitviz.app.launch, "launch", lambda **kwargs: calls.append(kwargs) or 0)
+    assert main(["app", "--port", "8600", "--host", "0.0.0.0", "--server.headless", "true"]) == 0
+    assert main(["app"]) == 0
+    assert calls == [dict(port=8600, host="0.0.0.0", streamlit_args=["--server.headless", "true"]),
+                     dict(port=8501, host=None, streamlit_args=[])]
+
+
+def test_a_checkpoint_without_its_architecture_names_the_flag(tmp_path, capsys):
+    model = tiny_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1)
+    bare = tmp_path / "bare.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(bare))  # no metadata
+    img = tmp_path / "a.png"
+    Image.new("RGB", (40, 40)).save(img)
+    assert main(["analyze", str(img), "--out", str(tmp_path / "o"), "--model", str(bare), "--method", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "architecture" in err and "--arch NAME" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_library_messages_are_worded_for_the_terminal():
+    from vitviz.cli._common import for_terminal
+    from vitviz.errors import ModelUnavailableError, ParameterError
+
+    text = for_terminal(ModelUnavailableError("the weights of 'x' are not on this server. Use the embedded default "
+                                              "model or a checkpoint file."))
+    assert "on this machine" in text and "server" not in text and "--model default or --model FILE" in text
+    assert for_terminal(ParameterError("discard ratio must be in [0, 1), got 2")) == ("discard ratio must be in [0, "
+                                                                                      "1), got 2")

@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from vitviz.cli import TIMING_FIELDS, main
-from vitviz.distributed import (
+from vitviz.cli.distributed import (
     Interrupted,
     MergeError,
     World,

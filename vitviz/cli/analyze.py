@@ -1,10 +1,10 @@
-"""Command line: ``vitviz analyze INPUT... --out DIR``, ``vitviz app`` (also ``python -m vitviz``).
+"""``vitviz analyze INPUT... --out DIR``: rollout overlays, maps and arrays per image, and ``summary.csv``.
 
-``analyze`` writes per image ``STEM.png`` (rollout overlay on what the model saw) and ``STEM.npz`` (maps, geometry,
-settings; with ``--save-attention`` also every layer's attention), plus ``summary.csv``: one row per input in input
-order, ``status`` ``ok`` or ``failed`` (then ``error`` says why, and the failure is also printed once). Inputs are
-image files, folders (searched recursively) and text files listing paths (:mod:`vitviz.inputs`); they are decoded in
-``--workers`` DataLoader processes (by default none on the CPU, up to four per GPU) and run in batches of
+Writes per image ``STEM.png`` (rollout overlay on what the model saw) and ``STEM.npz`` (maps, geometry, settings; with
+``--save-attention`` also every layer's attention), plus ``summary.csv``: one row per input in input order,
+``status`` ``ok`` or ``failed`` (then ``error`` says why, and the failure is also printed once). Inputs are image
+files, folders (searched recursively) and text files listing paths (:mod:`vitviz.inputs.folders`); they are decoded
+in ``--workers`` DataLoader processes (by default none on the CPU, up to four per GPU) and run in batches of
 ``--batch-size`` images of one input size.
 
 Every file is written atomically (temp name, then rename): an interrupted run never leaves a partial file under a
@@ -12,18 +12,12 @@ final name and still writes the summary of what finished. ``--resume`` keeps an 
 exist and verify (the npz reads back whole, and the options it was made with, stored in its ``run`` array, are this
 run's); its row comes from the npz's ``summary`` array, timing columns empty.
 
-Under ``torchrun`` (:mod:`vitviz.distributed`) each rank takes every WORLD_SIZE-th chunk of ``--batch-size`` inputs,
-writes their outputs and ``summary.rankR-of-W.csv``; rank 0 merges the ranks' rows into ``summary.csv``, in input
-order and the same as one process writes apart from the timing columns (and the GPU index in ``device``). It is
-written only when every rank finished: an interrupted or failed run leaves the per-rank summaries of what finished.
-
-Exit codes: 0 done; 1 done but an image failed (one process only: under torchrun a finished rank exits 0, so the
-launcher's status means "the run completed", failures are in summary.csv); 2 bad arguments; 130 on SIGINT, 143 on
-SIGTERM.
-
-``evaluate`` measures explanation methods' faithfulness over images (:mod:`vitviz.evaluate_cli`).
-
-``app`` starts the Streamlit UI of an installed vitviz; options after ``--port`` are passed to streamlit.
+Under ``torchrun`` (:mod:`vitviz.cli.distributed`) each rank takes every WORLD_SIZE-th chunk of ``--batch-size``
+inputs, writes their outputs and ``summary.rankR-of-W.csv``; rank 0 merges the ranks' rows into ``summary.csv``, in
+input order and the same as one process writes apart from the timing columns (and the GPU index in ``device``). It
+is written only when every rank finished: an interrupted or failed run leaves the per-rank summaries of what
+finished. A finished rank exits 0 under torchrun (the launcher's status means "the run completed"); one process
+exits 1 when an image failed.
 """
 
 from __future__ import annotations
@@ -33,83 +27,57 @@ import csv
 import functools
 import io
 import json
-import os
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from . import __version__
-from .errors import VitvizError
+from ..errors import VitvizError
+from ._common import (
+    FUSIONS,
+    Lazy,
+    batch_size,
+    check_common,
+    collect,
+    for_terminal,
+    parse_methods,
+    progress,
+    setting,
+    workers,
+)
 
-__all__ = ["main", "build_parser", "SUMMARY_FIELDS", "TIMING_FIELDS"]
+__all__ = ["SUMMARY_FIELDS", "TIMING_FIELDS", "add_parser", "run"]
 
 SUMMARY_FIELDS = ("image", "stem", "status", "width", "height", "box", "input_h", "input_w", "grid", "peak_row",
                   "peak_col", "map_method", "outliers", "forward_s", "total_s", "device", "notes", "error")
 TIMING_FIELDS = ("forward_s", "total_s")  # the only columns that differ between two runs of the same inputs
-GPU_WORKERS = 4  # decoding processes per GPU rank by default (fewer when the machine has fewer cores per rank)
-DEFAULT_DIST_TIMEOUT_S = 24 * 3600  # the final wait for the slowest rank; a dead rank is caught by torchrun first
 
 
-def _add_analyze(sub) -> None:
-    from .analysis.rollout import FUSIONS
-    from .explain import DEFAULT_METHOD
-    from .settings import DEFAULTS, FITS
-
-    d = DEFAULTS
-    a = sub.add_parser("analyze", help="rollout overlays and arrays for images, folders or lists of images")
-    a.add_argument("images", nargs="+", type=Path,
-                   help="image files, folders (searched recursively) or .txt/.lst/.list files listing paths")
-    a.add_argument("--out", type=Path, required=True, help="output folder (created)")
-    a.add_argument("--model", default=d.model, help="'default', a timm model name, or a checkpoint file")
-    a.add_argument("--arch", default=None, help="timm architecture of a checkpoint file without metadata")
-    a.add_argument("--patch-size", type=int, default=d.patch_size, help="patch size (default: the model's own)")
-    a.add_argument("--img-size", type=int, default=d.img_size, help=f"input size in px (default {d.img_size})")
-    a.add_argument("--fit", choices=FITS, default=d.fit, help="centre crop (timm eval) or whole image")
-    a.add_argument("--start-layer", type=int, default=d.start_layer, help=f"first layer (default {d.start_layer})")
-    a.add_argument("--end-layer", type=int, default=d.end_layer, help="last layer, -1 = last (default)")
-    a.add_argument("--head-fusion", choices=FUSIONS, default=d.head_fusion)
-    a.add_argument("--discard", type=float, default=d.discard_ratio, help="discard ratio in [0, 1)")
-    a.add_argument("--device", default=d.device, help="auto (CUDA, else MPS, else CPU), cpu, cuda or mps")
-    a.add_argument("--precision", default=d.precision, help="auto, fp32, fp16 or bf16 (GPU only)")
-    a.add_argument("--batch-size", type=int, default=None, help="images per pass (default: 16 on GPU, 1 on CPU)")
-    a.add_argument("--workers", type=int, default=None,
-                   help="decoding processes per rank, 0 = decode in the main process (default: 0 when the pass runs "
-                        f"on the CPU, else up to {GPU_WORKERS})")
+def add_parser(sub, parent: argparse.ArgumentParser) -> None:
+    a = sub.add_parser("analyze", parents=[parent], add_help=False,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       help="rollout overlays and arrays for images, folders or lists of images",
+                       description="Rollout overlays (STEM.png), maps and arrays (STEM.npz) per image, and "
+                                   "summary.csv.")
+    a.add_argument("--start-layer", type=int, default=setting("start_layer"),
+                   help="first layer (default %(default)s)")
+    a.add_argument("--end-layer", type=int, default=setting("end_layer"), help="last layer, -1 = last (default)")
+    a.add_argument("--head-fusion", choices=FUSIONS, default=setting("head_fusion"), metavar="FUSION",
+                   help="%(choices)s: how a layer's heads are fused (default %(default)s)")
+    a.add_argument("--discard", type=float, default=setting("discard_ratio"),
+                   help="discard ratio in [0, 1) (default %(default)s)")
     a.add_argument("--resume", action="store_true",
                    help="keep inputs whose outputs exist and were made with these options; do the rest")
-    a.add_argument("--dist-timeout", type=float, default=DEFAULT_DIST_TIMEOUT_S,
-                   help="under torchrun: seconds a rank waits for the others (default one day)")
-    a.add_argument("--opacity", type=float, default=0.6, help="overlay opacity in the PNG")
+    a.add_argument("--opacity", type=float, default=0.6, help="overlay opacity in the PNG (default %(default)s)")
     a.add_argument("--save-attention", action="store_true", help="also store attention (L x H x T x T) in the npz")
-    a.add_argument("--method", default=DEFAULT_METHOD,
-                   help=f"the explanation stored as 'map' in each npz (default {DEFAULT_METHOD}, the most faithful "
-                        "by the README's measurement, about 2 x its 32 steps forward passes per image; one-pass "
-                        "methods: rollout:start=1,discard=0.9, chefer, legrad, ...; 'none' to skip)")
+    a.add_argument("--method", default=Lazy("vitviz.explain.registry", "DEFAULT_METHOD"),
+                   help="the explanation stored as 'map' in each npz (default %(default)s, the most faithful by the "
+                        "README's measurement, about 2 x its 32 steps forward passes per image; one-pass methods: "
+                        "rollout:start=1,discard=0.9, chefer, legrad, ...; 'none' to skip); the methods are listed "
+                        "below")
     a.add_argument("--save-features", action="store_true",
                    help="also store every layer's tokens (L x T x D) and their norms (L x T) in the npz, and count "
                         "outlier tokens per layer in the summary")
-    a.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def _add_app(sub) -> None:
-    a = sub.add_parser("app", help="start the web app (streamlit); further options go to streamlit",
-                       description="Start the vitviz web app. Options other than --port are passed to streamlit, "
-                                   "e.g. --server.address 127.0.0.1 --server.headless true.")
-    a.add_argument("--port", type=int, default=8501, help="port to serve on (default 8501)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vitviz", description="See how a Vision Transformer reads images.")
-    parser.add_argument("--version", action="version", version=f"vitviz {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    from .evaluate_cli import add_parser as add_evaluate
-
-    _add_analyze(sub)
-    add_evaluate(sub)
-    _add_app(sub)
-    return parser
 
 
 @dataclass(frozen=True)
@@ -132,20 +100,6 @@ class _Job:
     save_features: bool = False
 
 
-def _workers(asked: int | None, device: str) -> int:
-    """On the CPU the pass already keeps every core busy and decoding is a small part of it: decode in the main
-    process (benchmarks/results-distributed.md: no gain from a worker on 2 cores). A GPU waits on decoding instead:
-    up to GPU_WORKERS per rank, sharing the cores among the ranks of this machine."""
-    if asked is not None:
-        if asked < 0:
-            raise VitvizError(f"workers must be 0 or more, got {asked}")
-        return asked
-    if device == "cpu":
-        return 0
-    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, min(GPU_WORKERS, (os.cpu_count() or 1) // ranks_here - 1))
-
-
 def _run_options(settings, *, arch: str | None, patch: int, layers: tuple[int, int], opacity: float,
                  save_attention: bool) -> str:
     return json.dumps(dict(model=str(settings.model), arch=arch, patch_size=patch, img_size=settings.img_size,
@@ -156,36 +110,33 @@ def _run_options(settings, *, arch: str | None, patch: int, layers: tuple[int, i
 
 
 def _job(args: argparse.Namespace, world) -> _Job:
-    """Settings checked, the model opened once, the layer range checked against it: bad arguments fail here."""
-    from .device import pick_device
+    """Options checked, the model opened once, the layer range checked against it: bad arguments fail here, the
+    ones that need no model before it is opened."""
+    from ..device import pick_device
+    from ..models import get_model, native_patch_size, resolve_sizes
+    from ..settings import DEFAULTS
     from .distributed import local_device
-    from .explain import Method
-    from .models import get_model, native_patch_size, resolve_sizes
-    from .settings import DEFAULTS
 
+    check_common(args)
+    method = None if args.method == "none" else parse_methods([args.method])[0].label  # before any model is opened
     settings = replace(DEFAULTS, model=args.model, patch_size=args.patch_size, img_size=args.img_size, fit=args.fit,
                        start_layer=args.start_layer, end_layer=args.end_layer, head_fusion=args.head_fusion,
                        discard_ratio=args.discard, device=args.device, precision=args.precision)
     settings.check()
     if not 0.0 <= args.opacity <= 1.0:
         raise VitvizError(f"opacity must be in [0, 1], got {args.opacity}")
-    if not args.dist_timeout > 0:
-        raise VitvizError(f"the distributed timeout must be a positive number of seconds, got {args.dist_timeout}")
     device = local_device(str(pick_device(settings.device)), world)
-    batch = args.batch_size if args.batch_size is not None else (1 if device == "cpu" else 16)
-    if batch < 1:
-        raise VitvizError(f"batch size must be at least 1, got {batch}")
     native = native_patch_size(settings.model, arch=args.arch)
     patch, square = resolve_sizes(native_patch_size=native, patch_size=settings.patch_size, img_size=settings.img_size)
     _, info = get_model(settings.model, arch=args.arch, patch_size=patch, img_size=square, device=device,
                         precision=settings.precision)
     layers = settings.layer_range(info.depth)  # a bad layer range is refused before any image is run
-    method = None if args.method == "none" else Method.parse(args.method).label  # a bad method fails here
     run = _run_options(settings, arch=args.arch, patch=patch, layers=layers, opacity=args.opacity,
                        save_attention=args.save_attention)
     run = json.dumps({**json.loads(run), "method": method, "save_features": args.save_features}, sort_keys=True)
-    return _Job(settings, args.arch, patch, settings.precision, device, batch, args.out, args.opacity,
-                args.save_attention, args.quiet, _workers(args.workers, device), run, method, args.save_features)
+    return _Job(settings, args.arch, patch, settings.precision, device, batch_size(args.batch_size, device), args.out,
+                args.opacity, args.save_attention, args.quiet, workers(args.workers, device), run, method,
+                args.save_features)
 
 
 def _kept(item, *, out: Path, run: str) -> dict | None:
@@ -215,8 +166,8 @@ def _kept(item, *, out: Path, run: str) -> dict | None:
 
 
 def _analyze(job: _Job, group: list):
-    from .analysis.onepass import analyze_with_fallback, input_size_for
-    from .models import get_model
+    from ..analysis.onepass import analyze_with_fallback, input_size_for
+    from ..models import get_model
 
     size = input_size_for(group[0].image.image, img_size=job.settings.img_size, patch_size=job.patch_size,
                           fit=job.settings.fit)
@@ -233,10 +184,10 @@ def _explained(job: _Job, res) -> dict:
     """The npz arrays of the default explanation (``map``, ``map_method``, ``map_target``) and of the tokens."""
     import numpy as np
 
-    from .analysis.tokens import find_outliers, token_norms
-    from .explain import explain
-    from .inputs.image import to_tensor
-    from .models import get_model
+    from ..analysis.tokens import find_outliers, token_norms
+    from ..explain import explain
+    from ..inputs.image import to_tensor
+    from ..models import get_model
 
     info, out = res.info, {}
     if job.method is not None:
@@ -257,9 +208,9 @@ def _write(job: _Job, item, loaded, res) -> dict:
     """The PNG and npz of one result, each written atomically; its summary row (also stored in the npz)."""
     import numpy as np
 
-    from .analysis.maps import rollout_map
-    from .export import export_arrays, write_atomic, write_npz
-    from .figures import overlay_png
+    from ..analysis.maps import rollout_map
+    from ..export import export_arrays, write_atomic, write_npz
+    from ..figures import overlay_png
 
     t0 = time.perf_counter()
     info = res.info
@@ -289,7 +240,7 @@ def _failed(item, reason: str) -> dict:
 
 
 def _write_summary(path: Path, rows: list[dict]) -> None:
-    from .export import write_atomic
+    from ..export import write_atomic
 
     buf = io.StringIO(newline="")
     w = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS)
@@ -298,21 +249,12 @@ def _write_summary(path: Path, rows: list[dict]) -> None:
     write_atomic(path, buf.getvalue().encode())
 
 
-def _progress(total: int, quiet: bool, world):
-    if quiet or total <= 1 or not world.main:
-        return None
-    from tqdm import tqdm
-
-    desc = f"rank 0 of {world.size}" if world.distributed else None
-    return tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True, desc=desc)
-
-
 def _run_group(job: _Job, group: list, rows: dict[int, dict]) -> None:
     """One pass over decoded inputs of one input size; their rows (failed ones too) into ``rows``."""
     try:
         results, notice = _analyze(job, group)
     except VitvizError as exc:
-        rows.update((d.item.index, _failed(d.item, str(exc))) for d in group)
+        rows.update((d.item.index, _failed(d.item, for_terminal(exc))) for d in group)
         return
     if notice:
         print(f"vitviz: {notice}", file=sys.stderr)
@@ -322,15 +264,15 @@ def _run_group(job: _Job, group: list, rows: dict[int, dict]) -> None:
 
 def _run_batches(job: _Job, batches: list[list], rows: dict[int, dict], *, resume: bool, world) -> None:
     """Decode (in workers), run and write ``batches``; every input's row lands in ``rows`` under its index."""
-    from .analysis.onepass import input_size_for
-    from .inputs.folders import group_by, loader
+    from ..analysis.onepass import input_size_for
+    from ..inputs.folders import group_by, loader
 
     def size_of(d):
         return input_size_for(d.image.image, img_size=job.settings.img_size, patch_size=job.patch_size,
                               fit=job.settings.fit)
 
     skip = functools.partial(_kept, out=job.out, run=job.run) if resume else None
-    bar = _progress(sum(map(len, batches)), job.quiet, world)
+    bar = progress(sum(map(len, batches)), job.quiet, world)
     try:
         for decoded in loader(batches, workers=job.workers, skip=skip):
             for d in decoded:
@@ -345,26 +287,6 @@ def _run_batches(job: _Job, batches: list[list], rows: dict[int, dict], *, resum
     finally:
         if bar:
             bar.close()
-
-
-def _inputs(args: argparse.Namespace, world) -> list:
-    """The run's inputs, listed once by rank 0 and sent to the others, so every rank shares out the same list."""
-    from .distributed import broadcast, wait_all
-    from .inputs.folders import collect_inputs, items_for
-
-    found: tuple[list, str | None] = ([], None)
-    if world.main:
-        try:
-            found = (collect_inputs(args.images, exclude=args.out), None)
-        except VitvizError as exc:
-            found = ([], str(exc))  # sent on, so that every rank stops with it
-    wait_all(world, timeout_s=args.dist_timeout)
-    paths, error = broadcast(found, world)
-    if error:
-        raise VitvizError(error)
-    if not paths:
-        raise VitvizError("no images found in the given paths")
-    return items_for(paths)
 
 
 def _prepare_out(out: Path, world) -> None:
@@ -398,15 +320,15 @@ def _finish(rows: list[dict], out: Path, seconds: float) -> int:
     return failed
 
 
-def _run_analyze(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    from ..inputs.folders import chunks
     from .distributed import gather, merge_indexed, process_group, rank_path, shard, wait_all, world_from_env
-    from .inputs.folders import chunks
 
     world = world_from_env()
     job = _job(args, world)
     with process_group(world, device=job.device, timeout_s=args.dist_timeout):
         _prepare_out(args.out, world)
-        items = _inputs(args, world)
+        items = collect(args, world)
         t0 = time.perf_counter()  # every rank starts here together (the inputs were just shared out)
         mine = shard(chunks(items, job.batch), rank=world.rank, world=world.size)
         rows: dict[int, dict] = {}
@@ -427,40 +349,3 @@ def _run_analyze(args: argparse.Namespace) -> int:
             failed = _finish(merged, args.out, time.perf_counter() - t0)
         wait_all(world, timeout_s=args.dist_timeout)  # no rank leaves before summary.csv is written
     return 1 if failed and not world.launched else 0
-
-
-def _run_app(args: argparse.Namespace, extra: list[str]) -> int:
-    from .app.launch import launch
-
-    return launch(port=args.port, streamlit_args=extra)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from .distributed import Interrupted, interruptible
-
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "app":
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command == "app":
-        return _run_app(args, extra)
-    try:
-        with interruptible():
-            if args.command == "evaluate":
-                from .evaluate_cli import run
-
-                return run(args)
-            return _run_analyze(args)
-    except VitvizError as exc:
-        print(f"vitviz: {exc}", file=sys.stderr)
-        return 2
-    except Interrupted as exc:
-        print(f"vitviz: interrupted ({exc})", file=sys.stderr)
-        return 128 + exc.signum
-    except KeyboardInterrupt:
-        print("vitviz: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
