@@ -55,7 +55,7 @@ DEFAULT_METHODS: tuple[str, ...] = (
     "deletion:steps=16",
     "random",
 )
-Progress = Callable[[int, int, str], None]  # (done, total, image name)
+ImageProgress = Callable[[int, int, str], None]  # (images done, images in all, the last one's name)
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,7 @@ def evaluate(
         perturbation: Perturbation = "tokens",
         steps: int = 10,
         fit: str = "crop",
-        progress: Progress | None = None,
+        progress: ImageProgress | None = None,
 ) -> list[Row]:
     """Rows for every (name, image) x method; ``progress(done, total, name)`` after each image."""
     if not images:

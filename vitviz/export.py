@@ -17,10 +17,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["EXPORT_SETTINGS", "export_arrays", "npz_bytes", "write_atomic", "write_npz"]
+__all__ = ["EXPORT_SETTINGS", "ATTENTION_MAP_KEY", "export_arrays", "npz_bytes", "read_attention_map", "write_atomic",
+           "write_npz"]
 
 # the settings every export records as arrays of their own (besides the full JSON under ``settings``)
 EXPORT_SETTINGS = ("start_layer", "end_layer", "head_fusion", "discard_ratio")
+# the CLS-attention map the settings select (rollout, or one layer's raw attention), and what it is; files written
+# before 0.3 kept it under "rollout" whatever it was
+ATTENTION_MAP_KEY = "attention_map"
+_OLD_ATTENTION_MAP_KEY = "rollout"
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
@@ -50,18 +55,29 @@ def write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> Path
     return write_atomic(path, npz_bytes(arrays))
 
 
+def read_attention_map(arrays: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """The CLS-attention map of an ``.npz`` written by any version (``attention_map``, before 0.3 ``rollout``)."""
+    for key in (ATTENTION_MAP_KEY, _OLD_ATTENTION_MAP_KEY):
+        if key in arrays:
+            return arrays[key]
+    return None
+
+
 def export_arrays(res: Any, heat: np.ndarray, *, settings: Mapping[str, Any], attention: bool = False,
                   extra: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """The arrays of one :class:`~vitviz.analysis.Analysis` and the map ``heat`` drawn from it, as saved in ``.npz``.
+    """The arrays of one :class:`~vitviz.analysis.Analysis` and the CLS-attention map ``heat`` drawn from it (the
+    rollout, or one layer's raw attention: ``attention_map_kind``), as saved in ``.npz``.
 
-    ``settings`` holds what produced ``heat`` (at least :data:`EXPORT_SETTINGS`); it is stored as JSON under
-    ``settings`` and those four also as arrays of their own. ``extra`` adds named arrays (an explanation map, ...).
+    ``settings`` holds what produced ``heat`` (at least :data:`EXPORT_SETTINGS`; ``view`` "rollout" or "raw"); it is
+    stored as JSON under ``settings`` and those four also as arrays of their own. ``extra`` adds named arrays (an
+    explanation map, ...).
     """
     missing = [k for k in EXPORT_SETTINGS if k not in settings]
     assert not missing, f"export settings lack {missing}"
     info = res.info
     arrays = dict(
-        rollout=np.asarray(heat, dtype=np.float32),
+        attention_map=np.asarray(heat, dtype=np.float32),
+        attention_map_kind=np.array(str(settings.get("view", "rollout"))),
         pos_sim=res.pos_sim.astype(np.float32),
         grid=np.array(info.grid, dtype=np.int32),
         patch_size=np.int32(info.patch_size),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -14,8 +15,9 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ..errors import CheckpointError
 
-__all__ = ["CHECKPOINT_SUFFIXES", "DEFAULT_MODEL", "ModelSource"]
+__all__ = ["CHECKPOINT_SUFFIXES", "DEFAULT_MODEL", "ModelSource", "Status"]
 
+Status = Callable[[str], None]  # a line for a person while weights load ("Loading ... from the Hugging Face Hub")
 DEFAULT_MODEL = "default"
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 _LOADS_FILES = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict", "checkpoint_path",

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from timm.models.vision_transformer import VisionTransformer
 from ..device import pick_device, pick_dtype
 from ..errors import CheckpointError, ParameterError
 from ..walk.capture import check_capturable
-from ._arch import CHECKPOINT_SUFFIXES, DEFAULT_MODEL, ModelSource, _create, _native
+from ._arch import CHECKPOINT_SUFFIXES, DEFAULT_MODEL, ModelSource, Status, _create, _native
 from .checkpoints import _file_source
 from .hub import _hub_source
 from .pretrained import (
@@ -57,8 +56,6 @@ __all__ = [
 
 MAX_IMG_SIZE = 1036  # px per side; 74 patches of 14, 64 of 16
 MIN_GRID = 1
-
-Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -167,7 +164,7 @@ def load_source(
         name_or_path: str | os.PathLike = DEFAULT_MODEL,
         *,
         arch: str | None = None,
-        progress: Progress | None = None,
+        progress: Status | None = None,
         max_params: int | None = None,
         shown_name: str | None = None,
 ) -> tuple[ModelSource, dict[str, torch.Tensor]]:

@@ -5,18 +5,15 @@ from __future__ import annotations
 import difflib
 import functools
 import socket
-from collections.abc import Callable
 
 import timm
 import torch
 
 from ..errors import ModelError, ModelUnavailableError
 from ..walk.capture import check_capturable
-from ._arch import CHECKPOINT_SUFFIXES, ModelSource
+from ._arch import CHECKPOINT_SUFFIXES, ModelSource, Status
 
 __all__ = ["check_arch", "hub_cached", "is_model_name", "list_pretrained_vits", "list_vit_models"]
-
-Progress = Callable[[str], None]
 
 
 @functools.lru_cache(maxsize=1)
@@ -101,7 +98,7 @@ def _unavailable(name: str, detail: str = "") -> ModelUnavailableError:
     )
 
 
-def _hub_source(name: str, progress: Progress | None) -> tuple[ModelSource, dict[str, torch.Tensor]]:
+def _hub_source(name: str, progress: Status | None) -> tuple[ModelSource, dict[str, torch.Tensor]]:
     if not is_model_name(name):
         raise _unknown_name(name)
     if not hub_cached(name) and not _hub_reachable():

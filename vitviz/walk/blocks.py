@@ -12,6 +12,10 @@ are identities there) with the standard ``Attention`` unfused:
     A = softmax(q·kᵀ·scale + b)          b: an optional key bias (B, T), added to every query's logit for key j
     out = proj(norm(A·v ⊙ gate))         each head's slice of A·v scaled by s_{l,h} when a head scale is given
 
+Relevance propagation (AttnLRP, Achtibat et al. 2024, and its CP-LRP variant) is input × gradient of a walk whose
+backward follows rules instead of the chain rule: :class:`Rules` makes the softmax probabilities, the normalisation
+statistics and the activation's slope constants of the backward (the forward values are unchanged).
+
 Supported blocks are ``Block`` (pre-norm) and ``ResPostBlock`` (post-norm) with ``timm.layers.Attention``;
 :func:`check_walkable` refuses anything else with the reason.
 """
@@ -27,7 +31,7 @@ from timm.models.vision_transformer import Block, ResPostBlock, VisionTransforme
 
 from ..errors import ModelError
 
-__all__ = ["BLOCKS", "Interventions", "BufferProbs", "KeptProbs", "check_walkable", "embed", "walk"]
+__all__ = ["BLOCKS", "Rules", "Interventions", "BufferProbs", "KeptProbs", "check_walkable", "embed", "walk"]
 
 BLOCKS = (Block, ResPostBlock)
 
@@ -53,6 +57,21 @@ def check_walkable(model: torch.nn.Module) -> None:
 
 
 @dataclass(frozen=True)
+class Rules:
+    """Backward rules of relevance propagation, as constants in the backward (the forward is unchanged).
+
+    ``constant_attention``: the softmax probabilities A are constants, so relevance flows through the values only
+    (CP-LRP, Ali et al. 2022; AttnLRP's recommendation for ViTs). ``constant_norms``: a LayerNorm's 1/σ is a
+    constant, the centring stays (the identity rule for normalisation). ``identity_activations``: GELU/SiLU pass
+    relevance on unchanged, y = x · (f(x)/x) with the ratio constant (the identity rule).
+    """
+
+    constant_attention: bool = True
+    constant_norms: bool = True
+    identity_activations: bool = True
+
+
+@dataclass(frozen=True)
 class Interventions:
     """What the walk changes or watches, all optional; the default walk is the model's own forward.
 
@@ -61,12 +80,14 @@ class Interventions:
     before the projection (0 ablates it). ``detach_inputs``: each block's input is detached, so layer l's
     attention reaches nothing but layer l's own output (LeGrad's per-layer gradients from one backward).
     ``interrupt``: called before each block; it raises to stop the walk (an abandoned or timed-out job).
+    ``rules``: relevance-propagation rules for the backward (:class:`Rules`).
     """
 
     key_bias: torch.Tensor | None = None
     head_scale: torch.Tensor | None = None
     detach_inputs: bool = False
     interrupt: Callable[[], None] | None = None
+    rules: Rules | None = None
 
 
 class BufferProbs:
@@ -116,9 +137,52 @@ class KeptProbs:
 Probs = Callable[[int, torch.Tensor, torch.Tensor, float, "torch.Tensor | None"], torch.Tensor]
 
 
-def embed(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, T, C): patch embedding, prefix tokens and position embeddings, as timm's forward does."""
-    return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+def embed(model: torch.nn.Module, x: torch.Tensor, *, pos_embed: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, T, C): patch embedding, prefix tokens and position embeddings, as timm's forward does.
+
+    ``pos_embed`` (shaped as ``model.pos_embed``) replaces the model's own position embeddings, e.g. zeros to take
+    them away. They are added to the last rows of the sequence in either layout: all tokens (original ViT, DeiT)
+    or the patches only (``no_embed_class``, DeiT-3); exact up to one rounding of the swap.
+    """
+    t = model._pos_embed(model.patch_embed(x))
+    if pos_embed is not None:
+        own = model.pos_embed
+        if tuple(pos_embed.shape) != tuple(own.shape):
+            raise ModelError(f"position embeddings of shape {tuple(pos_embed.shape)} do not fit this model's "
+                             f"{tuple(own.shape)}")
+        rows = own.shape[1]
+        t = torch.cat([t[:, :-rows], t[:, -rows:] - own + pos_embed.to(t.dtype)], dim=1)
+    return model.norm_pre(model.patch_drop(t))
+
+
+def _norm(norm: torch.nn.Module, x: torch.Tensor, rules: Rules | None) -> torch.Tensor:
+    """``norm(x)``; under ``constant_norms`` a LayerNorm's 1/σ is a constant of the backward."""
+    if rules is None or not rules.constant_norms or isinstance(norm, torch.nn.Identity):
+        return norm(x)
+    if not isinstance(norm, torch.nn.LayerNorm):
+        raise ModelError(f"relevance propagation has no rule for a {type(norm).__name__} normalisation yet")
+    centred = x - x.mean(-1, keepdim=True)
+    sigma = (centred.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt().detach()
+    y = centred / sigma
+    return y * norm.weight + norm.bias if norm.elementwise_affine else y
+
+
+def _activation(act: torch.nn.Module, x: torch.Tensor, rules: Rules | None) -> torch.Tensor:
+    """``act(x)``; under ``identity_activations``, x · (act(x)/x) with the ratio a constant of the backward."""
+    y = act(x)
+    if rules is None or not rules.identity_activations:
+        return y
+    ratio = torch.where(x == 0, torch.zeros_like(y), y / torch.where(x == 0, torch.ones_like(x), x))
+    return x * ratio.detach()
+
+
+def _mlp(mlp: torch.nn.Module, x: torch.Tensor, rules: Rules | None) -> torch.Tensor:
+    """timm ``Mlp.forward`` (fc1, act, norm, fc2; dropouts are identities in eval mode), with the rules."""
+    if rules is None:
+        return mlp(x)
+    if not hasattr(mlp, "fc1") or not hasattr(mlp, "act"):
+        raise ModelError(f"relevance propagation has no rule for a {type(mlp).__name__} MLP yet")
+    return mlp.fc2(_norm(mlp.norm, _activation(mlp.act, mlp.fc1(x), rules), rules))
 
 
 def _qkv(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -136,26 +200,29 @@ def _attention(attn: Attention, x: torch.Tensor, layer: int, probs: Probs, how: 
     gate = gate_proj(x).sigmoid() if gate_proj is not None else None
     q, k, v = _qkv(attn, x)
     a = probs(layer, q, k, attn.scale, how.key_bias)
+    if how.rules is not None and how.rules.constant_attention:
+        a = a.detach()
     mixed = a.to(v.dtype) @ v  # (B, H, T, d)
     if how.head_scale is not None:
         mixed = mixed * how.head_scale[layer].to(mixed.dtype)[None, :, None, None]
-    out = attn.norm(mixed.transpose(1, 2).reshape(B, T, attn.num_heads * attn.head_dim))
+    out = _norm(attn.norm, mixed.transpose(1, 2).reshape(B, T, attn.num_heads * attn.head_dim), how.rules)
     if gate is not None:
         out = out * gate
     return attn.proj(out)
 
 
 def _block(blk: torch.nn.Module, x: torch.Tensor, layer: int, probs: Probs, how: Interventions) -> torch.Tensor:
+    r = how.rules
     if type(blk) is ResPostBlock:  # post-norm (ResPostBlock): the norms sit after attention and MLP
-        x = x + blk.norm1(_attention(blk.attn, x, layer, probs, how))
-        return x + blk.norm2(blk.mlp(x))
-    x = x + blk.ls1(_attention(blk.attn, blk.norm1(x), layer, probs, how))
-    return x + blk.ls2(blk.mlp(blk.norm2(x)))
+        x = x + _norm(blk.norm1, _attention(blk.attn, x, layer, probs, how), r)
+        return x + _norm(blk.norm2, _mlp(blk.mlp, x, r), r)
+    x = x + blk.ls1(_attention(blk.attn, _norm(blk.norm1, x, r), layer, probs, how))
+    return x + blk.ls2(_mlp(blk.mlp, _norm(blk.norm2, x, r), r))
 
 
 def _probs_only(blk: torch.nn.Module, x: torch.Tensor, layer: int, probs: Probs, how: Interventions) -> None:
     """Only ``blk``'s probabilities, from the same input and ops as :func:`_block`; nothing after them."""
-    q, k, _v = _qkv(blk.attn, x if type(blk) is ResPostBlock else blk.norm1(x))
+    q, k, _v = _qkv(blk.attn, x if type(blk) is ResPostBlock else _norm(blk.norm1, x, how.rules))
     probs(layer, q, k, blk.attn.scale, how.key_bias)
 
 
