@@ -13,11 +13,12 @@ from .baseline import RANDOM
 from .chefer import CHEFER, GRADXATTN
 from .deletion import DELETION
 from .legrad import LEGRAD
+from .lrp import LRP
 from .rollout import RAW, ROLLOUT
 
 __all__ = ["METHODS", "METHOD_NAMES", "DEFAULT_METHOD", "Method", "method_spec"]
 
-METHODS: tuple[MethodSpec, ...] = (ROLLOUT, RAW, CHEFER, LEGRAD, GRADXATTN, DELETION, RANDOM)
+METHODS: tuple[MethodSpec, ...] = (ROLLOUT, RAW, CHEFER, LEGRAD, GRADXATTN, LRP, DELETION, RANDOM)
 METHOD_NAMES: tuple[str, ...] = tuple(m.name for m in METHODS)
 # the app's and the CLI's default explanation: the most faithful of the offered maps that also stays on the objects,
 # measured on the shared photos (README, benchmarks/results-faithfulness.md)

@@ -31,7 +31,8 @@ from timm.models.vision_transformer import Block, ResPostBlock, VisionTransforme
 
 from ..errors import ModelError
 
-__all__ = ["BLOCKS", "Rules", "Interventions", "BufferProbs", "KeptProbs", "check_walkable", "embed", "walk"]
+__all__ = ["BLOCKS", "Rules", "Interventions", "BufferProbs", "KeptProbs", "softmax_probs", "check_walkable", "embed",
+           "apply_norm", "walk"]
 
 BLOCKS = (Block, ResPostBlock)
 
@@ -134,6 +135,16 @@ class KeptProbs:
         return probs
 
 
+def softmax_probs(layer: int, q: torch.Tensor, k: torch.Tensor, scale: float,
+                  key_bias: torch.Tensor | None) -> torch.Tensor:
+    """Differentiable probabilities kept nowhere (softmax in fp32 at least): for walks that read no attention."""
+    compute = torch.promote_types(q.dtype, torch.float32)
+    logits = (q.to(compute) * scale) @ k.to(compute).transpose(-2, -1)
+    if key_bias is not None:
+        logits = logits + key_bias.to(compute)[:, None, None, :]
+    return logits.softmax(-1)
+
+
 Probs = Callable[[int, torch.Tensor, torch.Tensor, float, "torch.Tensor | None"], torch.Tensor]
 
 
@@ -155,7 +166,7 @@ def embed(model: torch.nn.Module, x: torch.Tensor, *, pos_embed: torch.Tensor | 
     return model.norm_pre(model.patch_drop(t))
 
 
-def _norm(norm: torch.nn.Module, x: torch.Tensor, rules: Rules | None) -> torch.Tensor:
+def apply_norm(norm: torch.nn.Module, x: torch.Tensor, rules: Rules | None) -> torch.Tensor:
     """``norm(x)``; under ``constant_norms`` a LayerNorm's 1/σ is a constant of the backward."""
     if rules is None or not rules.constant_norms or isinstance(norm, torch.nn.Identity):
         return norm(x)
@@ -182,7 +193,7 @@ def _mlp(mlp: torch.nn.Module, x: torch.Tensor, rules: Rules | None) -> torch.Te
         return mlp(x)
     if not hasattr(mlp, "fc1") or not hasattr(mlp, "act"):
         raise ModelError(f"relevance propagation has no rule for a {type(mlp).__name__} MLP yet")
-    return mlp.fc2(_norm(mlp.norm, _activation(mlp.act, mlp.fc1(x), rules), rules))
+    return mlp.fc2(apply_norm(mlp.norm, _activation(mlp.act, mlp.fc1(x), rules), rules))
 
 
 def _qkv(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -205,7 +216,7 @@ def _attention(attn: Attention, x: torch.Tensor, layer: int, probs: Probs, how: 
     mixed = a.to(v.dtype) @ v  # (B, H, T, d)
     if how.head_scale is not None:
         mixed = mixed * how.head_scale[layer].to(mixed.dtype)[None, :, None, None]
-    out = _norm(attn.norm, mixed.transpose(1, 2).reshape(B, T, attn.num_heads * attn.head_dim), how.rules)
+    out = apply_norm(attn.norm, mixed.transpose(1, 2).reshape(B, T, attn.num_heads * attn.head_dim), how.rules)
     if gate is not None:
         out = out * gate
     return attn.proj(out)
@@ -214,15 +225,15 @@ def _attention(attn: Attention, x: torch.Tensor, layer: int, probs: Probs, how: 
 def _block(blk: torch.nn.Module, x: torch.Tensor, layer: int, probs: Probs, how: Interventions) -> torch.Tensor:
     r = how.rules
     if type(blk) is ResPostBlock:  # post-norm (ResPostBlock): the norms sit after attention and MLP
-        x = x + _norm(blk.norm1, _attention(blk.attn, x, layer, probs, how), r)
-        return x + _norm(blk.norm2, _mlp(blk.mlp, x, r), r)
-    x = x + blk.ls1(_attention(blk.attn, _norm(blk.norm1, x, r), layer, probs, how))
-    return x + blk.ls2(_mlp(blk.mlp, _norm(blk.norm2, x, r), r))
+        x = x + apply_norm(blk.norm1, _attention(blk.attn, x, layer, probs, how), r)
+        return x + apply_norm(blk.norm2, _mlp(blk.mlp, x, r), r)
+    x = x + blk.ls1(_attention(blk.attn, apply_norm(blk.norm1, x, r), layer, probs, how))
+    return x + blk.ls2(_mlp(blk.mlp, apply_norm(blk.norm2, x, r), r))
 
 
 def _probs_only(blk: torch.nn.Module, x: torch.Tensor, layer: int, probs: Probs, how: Interventions) -> None:
     """Only ``blk``'s probabilities, from the same input and ops as :func:`_block`; nothing after them."""
-    q, k, _v = _qkv(blk.attn, x if type(blk) is ResPostBlock else _norm(blk.norm1, x, how.rules))
+    q, k, _v = _qkv(blk.attn, x if type(blk) is ResPostBlock else apply_norm(blk.norm1, x, how.rules))
     probs(layer, q, k, blk.attn.scale, how.key_bias)
 
 

@@ -1,0 +1,94 @@
+"""AttnLRP (CP-LRP in attention) against properties that hold by the rules' own equations: with every bias at zero
+the network under the rules is linear in its tokens given the constants, so the relevance of all tokens sums to the
+score exactly (Euler); the pixel relevance of a patch equals its token's when the patch embedding has no bias and
+no position embedding is added; the walk's rules themselves are checked against a hand forward in test_walk.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vitviz.errors import ModelError, ParameterError
+from vitviz.explain import explain
+from vitviz.explain.lrp import relevance
+
+from .helpers import hook_state, in_threads, tiny_vit
+
+LAYOUTS = {
+    "cls": {},
+    "registers": {"reg_tokens": 2},
+    "distilled": {"arch": "deit_tiny_distilled_patch16_224"},
+    "post_norm_qk": {"block_fn": "post", "qk_norm": True},
+    "avg_pool": {"global_pool": "avg", "class_token": False, "fc_norm": True},
+}
+
+
+def _model(layout: str, *, num_classes: int = 4, zero_bias: bool = False):
+    kwargs = dict(LAYOUTS[layout])
+    if kwargs.pop("block_fn", None) == "post":
+        from timm.models.vision_transformer import ResPostBlock
+
+        kwargs["block_fn"] = ResPostBlock
+    if layout == "avg_pool":
+        kwargs["class_token"] = True  # vitviz needs a CLS token; the head still averages the patches
+    model = tiny_vit(img_size=32, patch_size=8, depth=2, num_classes=num_classes, **kwargs).double()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # timm initialises biases at zero: give them values, or take them away
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(torch.zeros_like(p) if zero_bias else 0.3 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("target", ["embedding", "class", "patch:5"])
+def test_with_zero_biases_the_relevance_of_all_tokens_is_the_score(layout, target):
+    model = _model(layout, zero_bias=True)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    rel, _out, _t, score = relevance(model, x, target=target)
+    assert abs(score) > 1e-3
+    assert float(rel.sum()) == pytest.approx(score, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["cls", "avg_pool"])
+def test_with_biases_conservation_is_only_approximate_and_the_map_is_the_patch_tokens(layout):
+    model = _model(layout)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    rel, _out, _t, score = relevance(model, x, target="embedding")
+    assert abs(float(rel.sum()) - score) > 1e-6  # the biases hold some of the score: not conserved exactly
+    e = explain(model, x, method="lrp", target="embedding")
+    p = model.num_prefix_tokens
+    assert e.map.shape == (4, 4)
+    torch.testing.assert_close(torch.from_numpy(e.map).double(), rel[0, p:].reshape(4, 4).float().double())
+
+
+def test_pixel_relevance_per_patch_equals_the_tokens_without_bias_or_position():
+    model = _model("cls", zero_bias=True)
+    with torch.no_grad():
+        model.pos_embed.zero_()
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    tokens = explain(model, x, method="lrp:at=tokens", target="class").map
+    pixels = explain(model, x, method="lrp:at=pixels", target="class").map
+    torch.testing.assert_close(torch.from_numpy(pixels), torch.from_numpy(tokens), rtol=1e-5, atol=1e-6)
+
+
+def test_lrp_leaves_no_state_and_threads_agree():
+    model = _model("registers").float()
+    x = torch.randn(1, 3, 32, 32)
+    before = hook_state(model)
+    alone = explain(model, x, method="lrp", target="class").map
+    got = in_threads(lambda w, r: explain(model, x, method="lrp", target="class").map, workers=4, rounds=2)
+    for m in got.values():  # other threads' BLAS splits may differ in the last bits
+        torch.testing.assert_close(torch.from_numpy(m), torch.from_numpy(alone), rtol=1e-5, atol=1e-7)
+    assert hook_state(model) == before
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.nn.functional.softmax.__module__ == "torch.nn.functional"  # nothing patched process-wide
+    assert type(model.blocks[0].attn).forward.__module__ == "timm.layers.attention"
+
+
+def test_unsupported_heads_and_settings_are_refused_with_a_sentence():
+    model = tiny_vit(img_size=32, patch_size=8, depth=2, global_pool="map")
+    with pytest.raises(ModelError, match="no rule for 'map' pooling"):
+        explain(model, torch.randn(1, 3, 32, 32), method="lrp", target="embedding")
+    with pytest.raises(ParameterError, match="at="):
+        explain(_model("cls"), torch.randn(1, 3, 32, 32, dtype=torch.float64), method="lrp:at=logits")
