@@ -59,7 +59,7 @@ def test_with_biases_conservation_is_only_approximate_and_the_map_is_the_patch_t
     e = explain(model, x, method="lrp", target="embedding")
     p = model.num_prefix_tokens
     assert e.map.shape == (4, 4)
-    torch.testing.assert_close(torch.from_numpy(e.map).double(), rel[0, p:].reshape(4, 4).float().double())
+    torch.testing.assert_close(torch.tensor(e.map, dtype=torch.float64), rel[0, p:].reshape(4, 4).float().double())
 
 
 def test_pixel_relevance_per_patch_equals_the_tokens_without_bias_or_position():
