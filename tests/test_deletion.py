@@ -10,43 +10,27 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import ResPostBlock
 
 from vitviz.errors import ModelError, ParameterError
 from vitviz.explain import Method, Target, embed_tokens, explain, explain_all
 from vitviz.explain.deletion import PRESENCE, _presence_gradient, deletion, deletion_order, deletion_values
 from vitviz.metrics.faithfulness import curves
 
-from .helpers import hook_state, in_threads, tiny_vit
+from .helpers import LAYOUTS, hook_state, in_threads, layout_image, layout_model
 
-LAYOUTS = {
-    "cls": dict(),
-    "registers": dict(reg_tokens=2),
-    "distilled": dict(arch="deit_tiny_distilled_patch16_224"),
-    "non_square": dict(img_size=(24, 40)),
-    "avg_pool": dict(global_pool="avg"),  # the head averages the patches' own streams (fc_norm, no final norm)
-}
 TARGETS = ["embedding", "class", "patch:3"]
 
 
-def _model(layout="cls", *, num_classes=5, dtype=torch.float64, seed=0):
-    kwargs = dict(LAYOUTS[layout])
-    arch = kwargs.pop("arch", "vit_tiny_patch16_224")
-    return tiny_vit(arch, num_classes=num_classes, seed=seed, **kwargs).to(dtype)
-
-
-def _image(model, seed=0):
-    h, w = model.patch_embed.img_size
-    dtype = next(model.parameters()).dtype
-    return torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-
-
 def hand_walk(model, seq, bias):
-    """timm's pre-norm blocks with the attention written out head by head: softmax(q_h·k_hᵀ/√d + b)·v_h, where the
-    bias b (T,) is added to every query's logit of each key. ``seq`` (1, T, C) -> final normed tokens (1, T, C)."""
+    """timm's blocks with the attention written out head by head: softmax(q_h·k_hᵀ/√d + b)·v_h, where the bias b (T,)
+    is added to every query's logit of each key; pre-norm t + ls(f(norm(t))) or post-norm (ResPostBlock)
+    t + norm(f(t)). ``seq`` (1, T, C) -> final normed tokens (1, T, C)."""
     t = seq
     for blk in model.blocks:
         a = blk.attn
-        h = blk.norm1(t)
+        post = isinstance(blk, ResPostBlock)
+        h = t if post else blk.norm1(t)
         T, H, d = h.shape[1], a.num_heads, a.head_dim
         qkv = (h[0] @ a.qkv.weight.T + a.qkv.bias).reshape(T, 3, H, d)
         heads = []
@@ -54,8 +38,12 @@ def hand_walk(model, seq, bias):
             q, k, v = a.q_norm(qkv[:, 0, j]), a.k_norm(qkv[:, 1, j]), qkv[:, 2, j]
             heads.append(torch.softmax(q @ k.T / math.sqrt(d) + bias, dim=-1) @ v)
         out = torch.cat(heads, dim=-1) @ a.proj.weight.T + a.proj.bias
-        t = t + blk.ls1(out[None])
-        t = t + blk.ls2(blk.mlp(blk.norm2(t)))
+        if post:
+            t = t + blk.norm1(out[None])
+            t = t + blk.norm2(blk.mlp(t))
+        else:
+            t = t + blk.ls1(out[None])
+            t = t + blk.ls2(blk.mlp(blk.norm2(t)))
     return model.norm(t)
 
 
@@ -132,7 +120,7 @@ def naive_deletion(model, x, target, steps):
     return order, np.diff(counts), scores
 
 
-@pytest.mark.parametrize("layout", ["registers", "avg_pool"])
+@pytest.mark.parametrize("layout", ["registers", "post_norm", "avg_pool"])
 def test_a_key_bias_of_minus_infinity_is_token_removal(layout):
     """The premise: b_j = -inf for a patch gives the model on the sequence without it (the curves' removal), in the
     walk written here and in vitviz's own (vitviz.walk.blocks.walk and the presence-weighted head)."""
@@ -140,8 +128,8 @@ def test_a_key_bias_of_minus_infinity_is_token_removal(layout):
     from vitviz.metrics.faithfulness import run_kept
     from vitviz.walk.blocks import Interventions, KeptProbs, walk
 
-    model = _model(layout)
-    x = _image(model)
+    model = layout_model(layout, num_classes=5, dtype=torch.float64)
+    x = layout_image(model)
     hand = Hand(model, x, "embedding")
     n, p = model.patch_embed.num_patches, model.num_prefix_tokens
     kept = [1, 4, 5, 9, 12, 15]
@@ -166,8 +154,8 @@ def test_a_key_bias_of_minus_infinity_is_token_removal(layout):
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_presence_gradient_equals_finite_differences(target):
-    model = _model("distilled")
-    x = _image(model, seed=1)
+    model = layout_model("distilled", num_classes=5, dtype=torch.float64)
+    x = layout_image(model, seed=1)
     hand = Hand(model, x, target)
     kept = [j for j in [0, 2, 3, 5, 6, 7, 8, 11, 13, 14] if j != hand.protect]
     got = _presence_gradient(model, hand.tokens, torch.tensor(kept), target=hand.target, ref=hand.ref,
@@ -187,8 +175,8 @@ def test_presence_gradient_equals_finite_differences(target):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("target", TARGETS)
 def test_deletion_equals_the_naive_greedy_loop(layout, target):
-    model = _model(layout)
-    x = _image(model, seed=2)
+    model = layout_model(layout, num_classes=5, dtype=torch.float64)
+    x = layout_image(model, seed=2)
     d = deletion_order(model, x, target=target, steps=5)
     order, sizes, scores = naive_deletion(model, x, target, steps=5)
     assert d.order.tolist() == order
@@ -221,8 +209,8 @@ def test_map_values_by_hand():
 def test_its_scores_are_the_curves_morf_at_the_same_steps(target):
     """With the curves' 10 steps, the deletion's own scores y_i are the MoRF curve of its removal order (the curves
     build their sequences with run_kept, sorted; deletion keeps the protected patch first and ranks the rest)."""
-    model = _model("non_square", dtype=torch.float32)
-    x = _image(model, seed=3)
+    model = layout_model("non_square", num_classes=5)
+    x = layout_image(model, seed=3)
     d = deletion_order(model, x, target=target, steps=10)
     rank = np.empty(d.map.size, dtype=np.float32)
     rank[d.order] = -np.arange(d.order.size)  # strictly falling along the removal: no ties
@@ -233,8 +221,8 @@ def test_its_scores_are_the_curves_morf_at_the_same_steps(target):
 
 
 def test_patch_target_never_removes_its_patch_and_every_other_patch_goes_once():
-    model = _model("cls")
-    x = _image(model)
+    model = layout_model("cls", num_classes=5, dtype=torch.float64)
+    x = layout_image(model)
     d = deletion_order(model, x, target="patch:6", steps=4)
     n = model.patch_embed.num_patches
     assert sorted(d.order.tolist()) == [j for j in range(n) if j != 6]
@@ -244,8 +232,8 @@ def test_patch_target_never_removes_its_patch_and_every_other_patch_goes_once():
 
 
 def test_progress_and_more_steps_than_patches():
-    model = _model("cls", dtype=torch.float32)
-    x = _image(model)
+    model = layout_model("cls", num_classes=5)
+    x = layout_image(model)
     seen = []
     d = deletion_order(model, x, target="embedding", steps=40, progress=lambda i, s: seen.append((i, s)))
     n = model.patch_embed.num_patches  # 16: one patch a step
@@ -254,8 +242,8 @@ def test_progress_and_more_steps_than_patches():
 
 
 def test_explain_runs_it_as_a_method_and_leaves_the_model_alone():
-    model = _model("registers", dtype=torch.float32)
-    x = _image(model)
+    model = layout_model("registers", num_classes=5)
+    x = layout_image(model)
     before = hook_state(model)
     e, r = explain_all(model, x, methods=["deletion:steps=6", "rollout"], target="class")
     assert e.method == Method("deletion", steps=6) and e.method.label == "deletion:steps=6"
@@ -269,8 +257,8 @@ def test_explain_runs_it_as_a_method_and_leaves_the_model_alone():
 
 
 def test_bad_settings_and_models_are_refused():
-    model = _model("cls", dtype=torch.float32)
-    x = _image(model)
+    model = layout_model("cls", num_classes=5)
+    x = layout_image(model)
     for bad in ("deletion:steps=1", "deletion:steps=x", "deletion:discard=0.5", "rollout:steps=4"):
         with pytest.raises(ParameterError):
             Method.parse(bad)
@@ -280,24 +268,25 @@ def test_bad_settings_and_models_are_refused():
     with pytest.raises(ParameterError, match="whole number"):
         Method("deletion", steps=2.5)
     assert deletion_order(model, x, steps=np.int64(3)).sizes.size == 3
-    maxpool = _model("avg_pool", dtype=torch.float32)
+    maxpool = layout_model("avg_pool", num_classes=5)
     maxpool.global_pool = "max"  # a pool over the patches' own streams that presence weights cannot express
     with pytest.raises(ModelError, match="'max' pooling"):
-        deletion(maxpool, _image(maxpool))
-    backbone = _model("cls", num_classes=0, dtype=torch.float32)
+        deletion(maxpool, layout_image(maxpool))
+    backbone = layout_model("cls")
     with pytest.raises(ModelError, match="no classifier head"):
-        deletion(backbone, _image(backbone), target="class")
-    assert explain(backbone, _image(backbone), method="deletion:steps=4").predictions == ()
+        deletion(backbone, layout_image(backbone), target="class")
+    assert explain(backbone, layout_image(backbone), method="deletion:steps=4").predictions == ()
     with pytest.raises(ParameterError):
         deletion(model, torch.randn(1, 3, 16, 16))
 
 
 def test_half_precision_and_threads_on_one_shared_model():
-    model = _model("registers", dtype=torch.float32)
-    images = [_image(model, seed=s) for s in range(3)]
+    model = layout_model("registers", num_classes=5)
+    images = [layout_image(model, seed=s) for s in range(3)]
     want = [deletion(model, x, target="embedding", steps=5) for x in images]
-    bf = _model("registers", dtype=torch.bfloat16)  # as on a GPU: the walk in bf16, its softmax in fp32
-    d_bf = deletion_order(bf, _image(bf), steps=4)
+    # as on a GPU: the walk in bf16, its softmax in fp32
+    bf = layout_model("registers", num_classes=5, dtype=torch.bfloat16)
+    d_bf = deletion_order(bf, layout_image(bf), steps=4)
     vals = d_bf.map.reshape(-1)[d_bf.order]
     assert np.isfinite(d_bf.map).all() and (d_bf.map >= 0).all() and (np.diff(vals) <= 1e-6).all()
 

@@ -14,26 +14,7 @@ from vitviz.errors import ParameterError
 from vitviz.explain import Target, embed_tokens
 from vitviz.metrics.faithfulness import auc, curves, faithfulness, removal_orders, removed_counts, run_kept
 
-from .helpers import hook_state, tiny_vit
-
-LAYOUTS = {
-    "cls": dict(),
-    "registers": dict(reg_tokens=2),
-    "registers_no_embed_class": dict(reg_tokens=2, no_embed_class=True),
-    "distilled": dict(arch="deit_tiny_distilled_patch16_224"),
-    "non_square": dict(img_size=(24, 40)),
-}
-
-
-def _model(layout="cls", *, num_classes=0, seed=0):
-    kwargs = dict(LAYOUTS[layout])
-    arch = kwargs.pop("arch", "vit_tiny_patch16_224")
-    return tiny_vit(arch, num_classes=num_classes, seed=seed, **kwargs)
-
-
-def _image(model, seed=0):
-    h, w = model.patch_embed.img_size
-    return torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(seed))
+from .helpers import LAYOUTS, hook_state, layout_image, layout_model
 
 
 def eager(model):
@@ -79,8 +60,8 @@ def hand_embedding(ref, x, kept):
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_token_removal_equals_the_model_on_a_hand_built_sequence(layout):
-    model = _model(layout)
-    x = _image(model)
+    model = layout_model(layout)
+    x = layout_image(model)
     n = model.patch_embed.num_patches
     kept = sorted(np.random.default_rng(1).choice(n, size=n // 2, replace=False).tolist())
     with torch.inference_mode():
@@ -98,11 +79,11 @@ def test_token_removal_equals_the_model_on_a_hand_built_sequence(layout):
         torch.testing.assert_close(whole.tokens, model.forward_features(x), atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("layout", ["cls", "registers_no_embed_class", "distilled", "non_square"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_curves_score_the_hand_built_sequences_in_the_maps_order(layout):
     """A map rising with the patch index: MoRF keeps patches 0..N-k-1, LeRF keeps k..N-1; cosine to the full image."""
-    model = _model(layout)
-    x = _image(model)
+    model = layout_model(layout)
+    x = layout_image(model)
     gh, gw = model.patch_embed.grid_size
     n = gh * gw
     heat = np.arange(n, dtype=np.float32).reshape(gh, gw)
@@ -121,8 +102,8 @@ def test_curves_score_the_hand_built_sequences_in_the_maps_order(layout):
 
 
 def test_class_target_records_probability_and_logit_of_the_top1_class():
-    model = _model("registers", num_classes=7)
-    x = _image(model)
+    model = layout_model("registers", num_classes=7)
+    x = layout_image(model)
     gh, gw = model.patch_embed.grid_size
     n = gh * gw
     heat = np.arange(n, dtype=np.float32)[::-1].reshape(gh, gw).copy()  # MoRF removes from patch 0 upward
@@ -140,8 +121,8 @@ def test_class_target_records_probability_and_logit_of_the_top1_class():
 
 
 def test_patch_target_keeps_its_patch_and_scores_its_feature():
-    model = _model()
-    x = _image(model)
+    model = layout_model()
+    x = layout_image(model)
     gh, gw = model.patch_embed.grid_size
     n, p = gh * gw, model.num_prefix_tokens
     probe = n - 1
@@ -159,8 +140,8 @@ def test_patch_target_keeps_its_patch_and_scores_its_feature():
 
 
 def test_pixel_perturbation_fills_removed_patches_with_the_channel_mean():
-    model = _model("non_square", num_classes=5)
-    x = _image(model)
+    model = layout_model("non_square", num_classes=5)
+    x = layout_image(model)
     gh, gw = model.patch_embed.grid_size
     ps = model.patch_embed.patch_size[0]
     n = gh * gw
@@ -191,29 +172,33 @@ def test_removed_counts_orders_and_areas_by_hand():
     np.testing.assert_array_equal(morf, [0, 2, 1])
     assert auc(np.array([0.0, 0.1, 0.2]), np.array([1.0, 0.5, 0.25])) == pytest.approx(0.1 * 1.5 / 2 + 0.1 * 0.75 / 2)
     assert auc(np.arange(10) / 10, 1 - np.arange(10) / 10) == pytest.approx(0.9 - 0.81 / 2)  # ∫₀^0.9 (1 - x) dx
-    model = _model()
-    c = faithfulness(model, _image(model), np.random.default_rng(2).random((4, 4)), target="embedding")
+    model = layout_model()
+    c = faithfulness(model, layout_image(model), np.random.default_rng(2).random((4, 4)), target="embedding")
     assert c.morf_auc == pytest.approx(sum(0.1 * (c.morf[i] + c.morf[i + 1]) / 2 for i in range(9)))
     assert c.lerf_auc == pytest.approx(sum(0.1 * (c.lerf[i] + c.lerf[i + 1]) / 2 for i in range(9)))
     np.testing.assert_allclose(c.fractions, np.arange(10) / 10)
 
 
 def test_a_constant_map_scores_zero_and_random_maps_about_zero():
-    model = _model("registers")
-    x = _image(model)
+    model = layout_model("registers")
+    x = layout_image(model)
     flat = faithfulness(model, x, np.ones((4, 4)), target="embedding")
     assert flat.score == pytest.approx(0.0, abs=1e-6)  # the same inputs both ways
     scores = [c.score for c in curves(model, x, [np.random.default_rng(s).random((4, 4)) for s in range(80)],
                                       target="embedding")]
     se = np.std(scores) / np.sqrt(len(scores))
     assert se > 0 and abs(np.mean(scores)) < 3 * se
-    structured = faithfulness(model, x, -np.arange(16.0).reshape(4, 4), target="embedding")
-    assert abs(structured.score) > 3 * se  # the test can tell a map from noise
+    ref = eager(model)  # an informative map by hand: how far each patch's removal alone turns the embedding
+    full = hand_embedding(ref, x, range(16))
+    occlusion = [1 - float(F.cosine_similarity(hand_embedding(ref, x, [k for k in range(16) if k != j]), full, dim=0))
+                 for j in range(16)]
+    structured = faithfulness(model, x, np.array(occlusion).reshape(4, 4), target="embedding")
+    assert structured.score > 3 * se  # the test can tell a map from noise
 
 
 def test_reversed_map_swaps_the_curves_and_batching_changes_nothing(monkeypatch):
-    model = _model("cls", num_classes=4)
-    x = _image(model)
+    model = layout_model("cls", num_classes=4)
+    x = layout_image(model)
     maps = [np.random.default_rng(s).random((4, 4)) for s in range(3)]
     together = curves(model, x, maps + [-maps[0]])
     np.testing.assert_allclose(together[3].morf, together[0].lerf, atol=1e-6)
@@ -242,8 +227,8 @@ def test_reversed_map_swaps_the_curves_and_batching_changes_nothing(monkeypatch)
 
 
 def test_curves_leave_the_model_alone_and_refuse_bad_input():
-    model = _model(num_classes=3)
-    x = _image(model)
+    model = layout_model(num_classes=3)
+    x = layout_image(model)
     before = hook_state(model)
     faithfulness(model, x, np.ones((4, 4)), perturbation="pixels")
     faithfulness(model, x, np.ones((4, 4)))
