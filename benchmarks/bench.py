@@ -21,10 +21,8 @@ import json
 import os
 import platform
 import re
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +35,9 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _timing import interleaved, median_ms, min_ms, timed  # noqa: E402
 
 from vitviz.analysis.maps import attention_distance, query_attention_maps, rollout_table  # noqa: E402
 from vitviz.analysis.onepass import HALF_STORAGE_BYTES, Analysis, analyze, analyze_batch, attention_bytes  # noqa: E402
@@ -114,21 +115,10 @@ def time_interleaved(
         repeats: int = 7,
         warmup: int = 2,
 ) -> dict[str, list[float]]:
-    """Seconds per call of each fn, round-robin: every round runs each fn once, the order rotated per round."""
-    names = list(fns)
-    times: dict[str, list[float]] = {n: [] for n in names}
+    """Seconds per call of each fn in inference mode, round-robin (:func:`_timing.interleaved`): every round runs
+    each fn once, the order rotated per round, the device synchronised before and after every call."""
     with torch.inference_mode():
-        for r in range(warmup + repeats):
-            k = r % len(names)
-            for name in names[k:] + names[:k]:
-                gc.collect()
-                sync(device)
-                t0 = time.perf_counter()
-                fns[name]()
-                sync(device)
-                if r >= warmup:
-                    times[name].append(time.perf_counter() - t0)
-    return times
+        return interleaved(fns, repeats=repeats, warmup=warmup, sync=lambda: sync(device))
 
 
 # ----------------------------------------------------------------------------------------------------------- memory
@@ -390,10 +380,6 @@ def measure_memory(case_name: str, variant: str, args: argparse.Namespace) -> di
 # ----------------------------------------------------------------------------------------------------------- report
 
 
-def _ms(seconds: list[float]) -> float:
-    return statistics.median(seconds) * 1e3
-
-
 def _machine(device: torch.device, threads: int) -> str:
     cpu = platform.processor() or "?"
     with contextlib.suppress(OSError, TypeError):
@@ -423,12 +409,12 @@ def _forward_rows(case: Case, args: argparse.Namespace) -> tuple[list[str], list
     peer = PeerRollout(case.model)
     t = time_interleaved(forward_variants(case, peer), device=case.device, repeats=args.repeats, warmup=args.warmup)
     peer.close()
-    floor, low, n = _ms(t["plain"]), min(t["plain"]), case.info.num_tokens
-    rows = [f"| {case.name} | {n} | {ROW_LABELS[k]} | {_ms(v):.1f} | {min(v) * 1e3:.1f} | {_ms(v) / floor:.2f} | "
-            f"{min(v) / low:.2f} |" for k, v in t.items()]
+    floor, low, n = median_ms(t["plain"]), min(t["plain"]), case.info.num_tokens
+    rows = [f"| {case.name} | {n} | {ROW_LABELS[k]} | {median_ms(v):.1f} | {min_ms(v):.1f} | "
+            f"{median_ms(v) / floor:.2f} | {min(v) / low:.2f} |" for k, v in t.items()]
     if case.name not in ("default-p14", "default-p8"):
         return rows, []
-    limit, ratio = TARGETS["ratio_p14" if case.name == "default-p14" else "ratio_p8"], _ms(t["analysis"]) / floor
+    limit, ratio = TARGETS["ratio_p14" if case.name == "default-p14" else "ratio_p8"], median_ms(t["analysis"]) / floor
     text = f"full analysis ≤ {limit:.2f}× plain forward ({case.name}): {ratio:.2f}×"
     if _noisy(t):
         text += f" — NOISY (a median over 1.25× its minimum; ratio of minima {min(t['analysis']) / low:.2f}×)"
@@ -437,7 +423,7 @@ def _forward_rows(case: Case, args: argparse.Namespace) -> tuple[list[str], list
 
 def _noisy(times: dict[str, list[float]]) -> bool:
     """Another job took the cores during part of the rounds: medians then mix quiet and loaded rounds."""
-    return any(_ms(v) > 1.25 * min(v) * 1e3 for v in times.values())
+    return any(median_ms(v) > 1.25 * min_ms(v) for v in times.values())
 
 
 def _control_rows(case: Case, args: argparse.Namespace) -> tuple[list[str], list[Check]]:
@@ -445,8 +431,8 @@ def _control_rows(case: Case, args: argparse.Namespace) -> tuple[list[str], list
     table = rollout_table(a.attention, info=a.info)
     t = time_interleaved(control_variants(a, table), device=torch.device("cpu"),
                          repeats=args.repeats, warmup=args.warmup)
-    c = {k: _ms(v) for k, v in t.items()}
-    rows = [f"| {case.name} | {k} | {c[k]:.1f} | {min(v) * 1e3:.1f} |" for k, v in t.items()]
+    c = {k: median_ms(v) for k, v in t.items()}
+    rows = [f"| {case.name} | {k} | {c[k]:.1f} | {min_ms(v):.1f} |" for k, v in t.items()]
     data = max(v for k, v in c.items() if k.startswith("data:"))
     tabs = {tab: sum(c.get(k, 0.0) for k in views) for tab, views in APP_TABS.items()}
     worst = max(tabs, key=tabs.get)
@@ -463,7 +449,7 @@ def _batch_row(case: Case, args: argparse.Namespace) -> str:
     b = time_interleaved({"plain": lambda: case.model(xb),
                           "batch": lambda: analyze_batch(case.model, images, info=case.info)},
                          device=case.device, repeats=args.repeats, warmup=args.warmup)
-    tp, tb = _ms(b["plain"]), _ms(b["batch"])
+    tp, tb = median_ms(b["plain"]), median_ms(b["batch"])
     return f"| {case.name} | {n} | {n / tp * 1e3:.2f} | {n / tb * 1e3:.2f} | {tb / tp:.2f} |"
 
 
@@ -505,34 +491,33 @@ def _app_rows(args: argparse.Namespace) -> tuple[list[str], list[Check]]:
     data = (root / "assets" / APP_IMAGES[0]).read_bytes()
     times: dict[str, list[float]] = {k: [] for k in ("plain", "decode", "page", "first", "second")}
 
-    def timed(key: str, fn: Callable[[], object], *, keep: bool) -> object:
-        t0 = time.perf_counter()
-        out = fn()
+    def step(key: str, fn: Callable[[], object], *, keep: bool) -> object:
+        out, seconds = timed(fn)
         if keep:
-            times[key].append(time.perf_counter() - t0)
+            times[key].append(seconds)
         return out
 
     for r in range(args.warmup + args.repeats):
         keep = r >= args.warmup
         with torch.inference_mode():
-            timed("plain", lambda: model(x), keep=keep)
-        timed("decode", lambda: load_image(data, name=APP_IMAGES[0]), keep=keep)
+            step("plain", lambda: model(x), keep=keep)
+        step("decode", lambda: load_image(data, name=APP_IMAGES[0]), keep=keep)
         st.cache_data.clear()
         st.cache_resource.clear()
         vitviz.models._NATIVE.clear()  # the architecture's geometry, cached per process by vitviz
         gc.collect()
-        at = timed("page", lambda: AppTest.from_file(str(root / "app.py"), default_timeout=300).run(), keep=keep)
+        at = step("page", lambda: AppTest.from_file(str(root / "app.py"), default_timeout=300).run(), keep=keep)
         for key, image in zip(("first", "second"), APP_IMAGES, strict=True):
-            timed(key, lambda image=image, at=at: at.selectbox(key="example").set_value(image).run(), keep=keep)
+            step(key, lambda image=image, at=at: at.selectbox(key="example").set_value(image).run(), keep=keep)
             if at.exception or at.error:
                 raise RuntimeError(f"the app failed on {image}: {[e.value for e in [*at.exception, *at.error]]}")
-    ms = {k: _ms(v) for k, v in times.items()}
+    ms = {k: median_ms(v) for k, v in times.items()}
     budget = 3 * ms["plain"] + ms["decode"]
     labels = {"plain": "plain forward (default model, 224 px)", "decode": f"decode {APP_IMAGES[0]} (`load_image`)",
               "page": "page load, empty caches (reads the cached weights)",
               "first": "first image: model build + analysis + rollout + open tab's figures",
               "second": "a new image, model in memory"}
-    rows = [f"| {labels[k]} | {ms[k]:.0f} | {min(v) * 1e3:.0f} | {ms[k] / budget:.2f} |" for k, v in times.items()]
+    rows = [f"| {labels[k]} | {ms[k]:.0f} | {min_ms(v):.0f} | {ms[k] / budget:.2f} |" for k, v in times.items()]
     limit = f"first pass ≤ 3× plain forward + decode ({budget:.0f} ms)"
     return rows, [(f"{limit}, first image: {ms['first']:.0f} ms", ms["first"] <= budget),
                   (f"{limit}, new image with the model in memory: {ms['second']:.0f} ms", ms["second"] <= budget)]

@@ -33,11 +33,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _timing import timed  # noqa: E402
 
 from vitviz.cli import TIMING_FIELDS  # noqa: E402
 
@@ -107,9 +109,8 @@ def forward_only(photos: Path, *, device: str, precision: str, batch: int, worke
         return n
 
     run(batches[:4])  # warm-up: kernels chosen, caches filled
-    t0 = time.perf_counter()
-    n = run(batches)
-    return n / (time.perf_counter() - t0)
+    n, seconds = timed(lambda: run(batches))
+    return n / seconds
 
 
 def untimed(path: Path) -> list[dict]:

@@ -23,7 +23,6 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +35,7 @@ from timm.models.vision_transformer import ResPostBlock
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench  # noqa: E402
+from _timing import median_ms, min_ms  # noqa: E402
 
 from vitviz.analysis.maps import rollout_table  # noqa: E402
 from vitviz.analysis.posembed import patch_pos_embed, pos_embed_similarity  # noqa: E402
@@ -174,8 +174,8 @@ def _table(title: str, times: dict[str, list[float]], floor: float | None = None
     rows = [f"### {title}", "", "| variant | median ms | min ms |" + (" × plain |" if floor else ""),
             "|---|---:|---:|" + ("---:|" if floor else "")]
     for k, v in times.items():
-        med = statistics.median(v) * 1e3
-        rows.append(f"| {k} | {med:.2f} | {min(v) * 1e3:.2f} |" + (f" {med / floor:.2f} |" if floor else ""))
+        med = median_ms(v)
+        rows.append(f"| {k} | {med:.2f} | {min_ms(v):.2f} |" + (f" {med / floor:.2f} |" if floor else ""))
     return "\n".join(rows) + "\n"
 
 
@@ -203,7 +203,7 @@ def capture_group(case: bench.Case, args) -> str:
         "inplace, fp16 store (fp32 scratch per layer)": lambda: capture_inplace(model, x, store_dtype=torch.float16),
         "sdpa+probs: SDPA output, probs on the side": lambda: capture_sdpa_probs(model, x),
     }, device=case.device, repeats=args.repeats, warmup=args.warmup)
-    floor = statistics.median(t["plain (fused SDPA)"]) * 1e3
+    floor = median_ms(t["plain (fused SDPA)"])
     return _table(f"capture — {case.name} ({case.info.num_tokens} tokens)", t, floor) + "\n".join(notes) + "\n"
 
 

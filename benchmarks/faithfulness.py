@@ -27,10 +27,8 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import gc
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -44,6 +42,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _timing import interleaved, median_ms, min_ms, timed  # noqa: E402
 from scenes import mass_inside, pasted_scene  # noqa: E402
 
 from vitviz import models as _models  # noqa: E402
@@ -96,13 +95,15 @@ def feature_similarity(model, x: torch.Tensor) -> tuple[np.ndarray, float]:
     A by-product of any forward (DINO's patch features are known to separate the object from the background);
     measured here beside the library's methods to see whether such a map is more faithful.
     """
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        feats = model.forward_features(x)[0]  # (T, C), normed
-        p = int(model.num_prefix_tokens)
-        sim = torch.nn.functional.cosine_similarity(feats[p:], feats[:1], dim=-1)
-    gh, gw = (int(v) for v in model.patch_embed.grid_size)
-    return sim.reshape(gh, gw).clamp(min=0).numpy().astype(np.float32), time.perf_counter() - t0
+    def run() -> np.ndarray:
+        with torch.inference_mode():
+            feats = model.forward_features(x)[0]  # (T, C), normed
+            p = int(model.num_prefix_tokens)
+            sim = torch.nn.functional.cosine_similarity(feats[p:], feats[:1], dim=-1)
+        gh, gw = (int(v) for v in model.patch_embed.grid_size)
+        return sim.reshape(gh, gw).clamp(min=0).numpy().astype(np.float32)
+
+    return timed(run)
 
 
 def top_inside(heat: np.ndarray, box: tuple[int, int, int, int], *, patch_size: int) -> float:
@@ -161,17 +162,19 @@ def measure_all(model, info, paths: Sequence[Path], rows_path: Path | None,
         for index, path in enumerate(paths):
             if index in seen:
                 continue
-            t0 = time.perf_counter()
-            with Image.open(path) as im:
-                photo = im.convert("RGB")
-            got = measure_photo(model, info, photo, index)
+            def one(path=path, index=index) -> list[dict]:
+                with Image.open(path) as im:
+                    photo = im.convert("RGB")
+                return measure_photo(model, info, photo, index)
+
+            got, seconds = timed(one)
             for r in got:
                 r["photo"] = path.name
             rows += got
             if writer:
                 writer.writerows(got)
                 f.flush()
-            print(f"[{index + 1}/{len(paths)}] {path.name}: {time.perf_counter() - t0:.1f} s", flush=True)
+            print(f"[{index + 1}/{len(paths)}] {path.name}: {seconds:.1f} s", flush=True)
     finally:
         if f:
             f.close()
@@ -181,28 +184,13 @@ def measure_all(model, info, paths: Sequence[Path], rows_path: Path | None,
 # ---------------------------------------------------------------------------------------------------------- timing
 
 
-def _interleaved(fns: dict[str, Callable[[], object]], *, repeats: int, warmup: int,
-                 clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
-    names = list(fns)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(warmup + repeats):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            gc.collect()
-            t0 = clock()
-            fns[name]()
-            if r >= warmup:
-                times[name].append(clock() - t0)
-    return times
-
-
 def _floor_units(info, steps: int = 10) -> float:
     """Σ over the perturbed inputs of kept tokens / all tokens: step 0 once, then MoRF and LeRF of each step."""
     n, p = info.num_patches, info.num_prefix_tokens
     return 1 + 2 * sum((p + n - int(k)) / (p + n) for k in removed_counts(n, steps)[1:])
 
 
-def _timed(model, x, heat) -> dict[str, tuple[str, Callable[[], object], str]]:
+def _work(model, x, heat) -> dict[str, tuple[str, Callable[[], object], str]]:
     """name -> (row label, the work, target) of every timing row."""
     def plain():
         with torch.inference_mode():
@@ -231,10 +219,10 @@ def time_rows(model, info, photo: Image.Image, *, repeats: int = 7, warmup: int 
     """Interleaved medians (and minima) of the plain forward, each explanation and one map's curves, as ratios to
     the plain forward (the curves: to their floor). Returns the table's rows and the largest median / minimum."""
     x = prepare_image(photo, info)
-    work = _timed(model, x, explain(model, x, method=BASELINE).map)
-    t = _interleaved({k: v[1] for k, v in work.items()}, repeats=repeats, warmup=warmup, clock=clock)
-    med = {k: statistics.median(v) for k, v in t.items()}
-    low = {k: min(v) for k, v in t.items()}
+    work = _work(model, x, explain(model, x, method=BASELINE).map)
+    t = interleaved({k: v[1] for k, v in work.items()}, repeats=repeats, warmup=warmup, clock=clock)
+    med = {k: median_ms(v) for k, v in t.items()}
+    low = {k: min_ms(v) for k, v in t.items()}
     units = {"curves_tokens": _floor_units(info), "curves_pixels": 19.0}  # 19: 1 + 2 × 9 whole inputs
     rows = ["| what | median ms | min ms | ratio of medians | ratio of minima | target |",
             "|---|---:|---:|---:|---:|---|"]
@@ -242,7 +230,7 @@ def time_rows(model, info, photo: Image.Image, *, repeats: int = 7, warmup: int 
         u = units.get(k, 1.0)
         if k in units:
             label = f"{label}; floor {u:.2f} × plain"
-        rows.append(f"| {label} | {med[k] * 1e3:.0f} | {low[k] * 1e3:.0f} | {med[k] / (u * med['plain']):.2f}× | "
+        rows.append(f"| {label} | {med[k]:.0f} | {low[k]:.0f} | {med[k] / (u * med['plain']):.2f}× | "
                     f"{low[k] / (u * low['plain']):.2f}× | {target} |")
     return rows, max(med[k] / low[k] for k in t)
 
@@ -372,9 +360,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, info = load_default()
     paths = photo_paths(args.photos)[:: args.every]
     part, count = (int(v) for v in args.shard.split("/"))
-    t0, c0 = time.perf_counter(), time.process_time()
-    rows = [] if args.no_faithfulness else measure_all(model, info, paths, args.rows, (part, count))
-    minutes = ((time.perf_counter() - t0) / 60, (time.process_time() - c0) / 60)
+    def measured() -> list[dict]:
+        return [] if args.no_faithfulness else measure_all(model, info, paths, args.rows, (part, count))
+
+    (rows, cpu_seconds), wall_seconds = timed(lambda: timed(measured, clock=time.process_time))
+    minutes = (wall_seconds / 60, cpu_seconds / 60)
     timing = _timing(model, info, paths[0], args.repeats) if args.timing else None
     text = report(rows, timing, machine=machine, n_photos=len({r["index"] for r in rows}), minutes=minutes)
     print(text)

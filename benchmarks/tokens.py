@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import gc
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -35,6 +33,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _timing import interleaved, median_ms, min_ms, timed  # noqa: E402
 from bench import time_interleaved  # noqa: E402
 from scenes import mass_inside, pasted_scene  # noqa: E402
 
@@ -282,22 +281,12 @@ def time_cpu_interleaved(fns: dict[str, Callable[[], object]], *, repeats: int, 
                          ) -> dict[str, list[float]]:
     """Like ``bench.time_interleaved`` but reading the process's CPU time (all threads): on a machine shared
     with other jobs, time spent waiting for a core is not counted. Meant for one thread (no spinning workers)."""
-    names = list(fns)
-    times: dict[str, list[float]] = {n: [] for n in names}
     with torch.inference_mode():
-        for r in range(warmup + repeats):
-            k = r % len(names)
-            for name in names[k:] + names[:k]:
-                gc.collect()
-                t0 = time.process_time()
-                fns[name]()
-                if r >= warmup:
-                    times[name].append(time.process_time() - t0)
-    return times
+        return interleaved(fns, repeats=repeats, warmup=warmup, clock=time.process_time)
 
 
 def _median_ms(times: dict[str, list[float]]) -> dict[str, tuple[float, float]]:
-    return {k: (1e3 * statistics.median(v), 1e3 * min(v)) for k, v in times.items()}
+    return {k: (median_ms(v), min_ms(v)) for k, v in times.items()}
 
 
 def capture_rows(name: str, model, info, x: torch.Tensor, *, repeats: int, cpu_clock: bool = False) -> list[str]:
@@ -380,14 +369,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    lines = ["# Inside the tokens: the default model on the photos, and what the views cost", "", *header(args.threads)]
-    photos = load_photos(args.photos, args.limit)
-    if not args.only_timing:
-        lines += photo_sections(photos, batch=args.batch)
-    if not args.no_timing:
-        lines += timing_sections(args, photos)
-    lines += ["", f"Total run time {time.perf_counter() - t0:.0f} s."]
+    def sections() -> list[str]:
+        lines = ["# Inside the tokens: the default model on the photos, and what the views cost", "",
+                 *header(args.threads)]
+        photos = load_photos(args.photos, args.limit)
+        if not args.only_timing:
+            lines += photo_sections(photos, batch=args.batch)
+        if not args.no_timing:
+            lines += timing_sections(args, photos)
+        return lines
+
+    lines, seconds = timed(sections)
+    lines += ["", f"Total run time {seconds:.0f} s."]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
