@@ -58,7 +58,8 @@ def test_analyze_folder_writes_outputs_and_reports_the_bad_file(tmp_path, ckpt, 
     assert "HTML" in rows[0]["error"] and not rows[0]["width"] and not (out / "broken.npz").exists()
     for stem in ("gray", "rotated", "wide_photo"):
         d = np.load(out / f"{stem}.npz")
-        assert d["rollout"].shape == (4, 4) and d["rollout"].dtype == np.float32
+        assert d["attention_map"].shape == (4, 4) and d["attention_map"].dtype == np.float32
+        assert str(d["attention_map_kind"]) == "rollout"
         assert d["pos_sim"].shape == (16, 16)
         assert tuple(d["grid"]) == (4, 4) and int(d["patch_size"]) == 8 and int(d["num_prefix_tokens"]) == 1
         att = d["attention"]
