@@ -64,3 +64,28 @@ def test_half_precision_model_through_the_pipeline():
     assert str(got.attention.dtype) == "float32"  # small captures are stored in fp32 whatever the weights
     assert abs(got.attention - ref.attention).max() < 0.05
     assert abs(rollout_map(got.attention, info=info) - rollout_map(ref.attention, info=info)).max() < 0.05
+
+
+def test_threads_share_the_cores_among_concurrent_jobs():
+    from vitviz.device import cpu_threads
+
+    assert [cpu_threads(n, cores=2) for n in (1, 2, 3, 4)] == [2, 1, 1, 1]
+    assert [cpu_threads(n, cores=16) for n in (1, 2, 3, 4)] == [16, 8, 5, 4]
+    assert cpu_threads(1) >= 1
+
+
+def test_the_cli_sets_its_threads_from_the_option_or_the_ranks_on_this_machine(monkeypatch, tmp_path):
+    """``--threads N`` is applied before the run; without it, the cores are shared among torchrun's local ranks."""
+    import torch
+
+    from vitviz import cli
+    from vitviz.device import cpu_threads
+
+    seen = []
+    monkeypatch.setattr(torch, "set_num_threads", seen.append)
+    monkeypatch.setattr(cli.analyze, "run", lambda args: 0)
+    assert cli.main(["analyze", str(tmp_path), "--out", str(tmp_path / "o"), "--threads", "1"]) == 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert cli.main(["analyze", str(tmp_path), "--out", str(tmp_path / "o")]) == 0
+    assert seen == [1, cpu_threads(2)]
+    assert cli.main(["analyze", str(tmp_path), "--out", str(tmp_path / "o"), "--threads", "0"]) == 2

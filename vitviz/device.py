@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import torch
 
 from .errors import ParameterError
 
-__all__ = ["DeviceName", "PrecisionName", "available_devices", "pick_device", "pick_dtype"]
+__all__ = ["DeviceName", "PrecisionName", "available_devices", "pick_device", "pick_dtype", "cpu_threads",
+           "use_threads"]
 
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 PrecisionName = Literal["auto", "fp32", "fp16", "bf16"]
@@ -63,3 +65,21 @@ def pick_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float16
+
+
+def cpu_threads(concurrent: int = 1, *, cores: int | None = None) -> int:
+    """Torch threads for each of ``concurrent`` jobs sharing this machine's cores: cores ÷ jobs, at least 1.
+
+    Each Python thread (or process) that runs torch ops starts its own team of this many threads, so concurrent
+    work asking for more than the cores oversubscribes them (a busy 2-core box ran several times slower).
+    """
+    if cores is None:  # the cores this process may run on (a container's or taskset's share), else all
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, int(cores) // max(1, int(concurrent)))
+
+
+def use_threads(n: int) -> None:
+    """Set torch's intra-op threads for this process (a whole-process setting: the CLI's and the app's own)."""
+    if isinstance(n, bool) or int(n) != n or n < 1:
+        raise ParameterError(f"threads must be a whole number of at least 1, got {n!r}")
+    torch.set_num_threads(int(n))

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from .. import __version__
 from ..errors import VitvizError
 from . import analyze, app, evaluate
-from ._common import for_terminal, parent_parser, resolve
+from ._common import check_common, for_terminal, parent_parser, resolve, threads
 from .analyze import SUMMARY_FIELDS, TIMING_FIELDS
 
 __all__ = ["main", "build_parser", "SUMMARY_FIELDS", "TIMING_FIELDS"]
@@ -39,11 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ..device import use_threads
     from .distributed import Interrupted, interruptible
 
     try:
         with interruptible():
-            return (evaluate.run if args.command == "evaluate" else analyze.run)(resolve(args))
+            args = resolve(args)
+            check_common(args)
+            use_threads(threads(args.threads))
+            return (evaluate.run if args.command == "evaluate" else analyze.run)(args)
     except VitvizError as exc:
         print(f"vitviz: {for_terminal(exc)}", file=sys.stderr)
         return 2

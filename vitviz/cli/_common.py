@@ -17,8 +17,8 @@ from pathlib import Path
 from ..errors import CheckpointError, ModelUnavailableError, ResourceError, VitvizError
 
 __all__ = ["GPU_WORKERS", "DEFAULT_DIST_TIMEOUT_S", "Lazy", "HelpWithMethods", "parent_parser", "resolve",
-           "check_common", "batch_size", "workers", "collect", "progress", "parse_methods", "for_terminal", "setting",
-           "FITS", "FUSIONS"]
+           "check_common", "batch_size", "workers", "threads", "collect", "progress", "parse_methods", "for_terminal",
+           "setting", "FITS", "FUSIONS"]
 
 GPU_WORKERS = 4  # decoding processes per GPU rank by default (fewer when the machine has fewer cores per rank)
 DEFAULT_DIST_TIMEOUT_S = 24 * 3600  # the final wait for the slowest rank; a dead rank is caught by torchrun first
@@ -110,8 +110,19 @@ def parent_parser() -> argparse.ArgumentParser:
                         f"on the CPU, else up to {GPU_WORKERS})")
     p.add_argument("--dist-timeout", type=float, default=DEFAULT_DIST_TIMEOUT_S,
                    help="under torchrun: seconds a rank waits for the others (default one day)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per process (default: this machine's cores divided by the processes "
+                        "torchrun starts on it, at least 1; results are bit-identical only between runs with "
+                        "the same count)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+def threads(asked: int | None) -> int:
+    """``--threads``, else the cores shared among this machine's ranks (LOCAL_WORLD_SIZE under torchrun)."""
+    from ..device import cpu_threads
+
+    return asked if asked is not None else cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
@@ -130,6 +141,8 @@ def check_common(args: argparse.Namespace) -> None:
         raise VitvizError(f"batch size must be at least 1, got {args.batch_size}")
     if args.workers is not None and args.workers < 0:
         raise VitvizError(f"workers must be 0 or more, got {args.workers}")
+    if args.threads is not None and args.threads < 1:
+        raise VitvizError(f"threads must be at least 1, got {args.threads}")
 
 
 def parse_methods(names: list[str]) -> list:
