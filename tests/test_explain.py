@@ -121,8 +121,20 @@ def _grid(model):
     return tuple(int(v) for v in model.patch_embed.grid_size)
 
 
-def naive_chefer(A, G, *, prefix, grid):
-    """R = I; for each layer R = R + E_h[(∇A ⊙ A)⁺] · R with full (T, T) matrices; the CLS row over the patches."""
+def read_rows(model, target: Target) -> list[int]:
+    """The final tokens the target reads, by timm's heads: patch p's own token; the CLS token (CLS and distillation
+    tokens, averaged, for a distilled DeiT); every patch for an average pool."""
+    p, n = model.num_prefix_tokens, model.patch_embed.num_patches
+    if target.kind == "patch":
+        return [p + target.index]
+    if model.global_pool == "avg":
+        return list(range(p, p + n))
+    return [0, 1] if getattr(model, "dist_token", None) is not None else [0]
+
+
+def naive_chefer(A, G, *, prefix, grid, rows=(0,)):
+    """R = I; for each layer R = R + E_h[(∇A ⊙ A)⁺] · R with full (T, T) matrices; the mean of the rows the target
+    reads (the CLS row in Chefer et al.) over the patches."""
     A, G = A.numpy(), G.numpy()
     L, H, T, _ = A.shape
     R = np.eye(T)
@@ -133,7 +145,7 @@ def naive_chefer(A, G, *, prefix, grid):
                 for j in range(T):
                     cam[i, j] += max(G[layer, h, i, j] * A[layer, h, i, j], 0.0) / H
         R = R + cam @ R
-    return R[0, prefix:].reshape(grid)
+    return R[list(rows)].mean(0)[prefix:].reshape(grid)
 
 
 def naive_legrad(G, *, prefix, grid, start=0):
@@ -157,22 +169,23 @@ def _close(got, want):
 CASES = [(layout, kind) for layout in LAYOUTS for kind in ("class", "embedding")]
 
 
-@pytest.mark.parametrize(("layout", "kind"), CASES)
+@pytest.mark.parametrize(("layout", "kind"), [*CASES, ("cls", "patch"), ("avg_pool", "patch")])
 def test_chefer_and_grad_attention_equal_naive_references(layout, kind):
+    """Both follow the rows the target reads (a patch target's own token, an average pool's patches): the CLS row's
+    gradient is zero where the head never reads the CLS token, and that map would be flat."""
     model = layout_model(layout, num_classes=6 if kind == "class" else 0)
     x = layout_image(model)
-    target = Target(kind, 1) if kind == "class" else Target(kind)
+    target = Target(kind, {"class": 1, "patch": 5}[kind]) if kind in ("class", "patch") else Target(kind)
     A, G = _eager_total(model, x, target)
     p, grid = model.num_prefix_tokens, _grid(model)
+    rows = read_rows(model, target)
     chefer, gxa = explain_all(model, x, methods=["chefer", "gradxattn"], target=target)
     assert chefer.map.shape == grid and chefer.map.dtype == np.float32
-    _close(chefer.map, naive_chefer(A, G, prefix=p, grid=grid))
-    last = np.array([[max(float(G[-1, h, 0, j] * A[-1, h, 0, j]), 0.0) for j in range(A.shape[-1])]
-                     for h in range(A.shape[1])]).mean(0)
-    if model.global_pool == "avg":  # the head never reads the CLS token's last output: its gradient row is 0
-        assert not last.any() and not gxa.map.any() and not gxa.informative and "constant" in gxa.notes[0]
-    else:
-        _close(gxa.map, last[p:].reshape(grid))
+    _close(chefer.map, naive_chefer(A, G, prefix=p, grid=grid, rows=rows))
+    last = np.array([[[max(float(G[-1, h, i, j] * A[-1, h, i, j]), 0.0) for j in range(A.shape[-1])] for i in rows]
+                     for h in range(A.shape[1])]).mean(axis=(0, 1))
+    _close(gxa.map, last[p:].reshape(grid))
+    assert gxa.informative and not gxa.notes
 
 
 @pytest.mark.parametrize(("layout", "kind"), CASES)

@@ -36,9 +36,9 @@ class Row:
 ROWS = {
     "rollout": Row("rollout:start=1,discard=0.5,fusion=max"),
     "raw": Row("raw:layer=0,fusion=min"),
-    "chefer": Row(None),
+    "chefer": Row(None, refuses=frozenset({"attn_pool"})),
     "legrad": Row("legrad:start=-2"),
-    "gradxattn": Row(None),
+    "gradxattn": Row(None, refuses=frozenset({"attn_pool"})),
     "lrp": Row("lrp:at=pixels", refuses=frozenset({"attn_pool"})),
     "deletion": Row("deletion:steps=5", fast="deletion:steps=2", refuses=frozenset({"attn_pool"})),
     "random": Row("random:seed=7"),

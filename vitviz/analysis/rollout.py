@@ -165,10 +165,11 @@ def check_layer_range(start: int, end: int, num_layers: int) -> None:
         raise ParameterError(f"the layer range is reversed: start {start} is after end {end}")
 
 
-def rollout_row(mats: torch.Tensor, *, start: int, end: int, source: int = 0) -> torch.Tensor:
-    """Row ``source`` of Â_end ··· Â_start (inclusive), from (L, T, T) rollout matrices: (T,)."""
+def rollout_row(mats: torch.Tensor, *, start: int, end: int, source: int | torch.Tensor = 0) -> torch.Tensor:
+    """Row ``source`` of Â_end ··· Â_start (inclusive), from (L, T, T) rollout matrices: (T,). A (T,) ``source``
+    weights the rows (w · Â_end ··· Â_start): a read-out that averages several tokens."""
     check_layer_range(start, end, mats.shape[0])
-    r = mats[end, source]  # the source token after layer `end`
+    r = mats[end, source] if isinstance(source, int) else source.to(mats.dtype) @ mats[end]  # after layer `end`
     for layer in range(end - 1, start - 1, -1):  # back towards the input of layer `start`
         r = r @ mats[layer]
     return r

@@ -32,11 +32,34 @@ class Geometry:
     grid: tuple[int, int]
     num_prefix_tokens: int
     depth: int
+    pool: str = "token"  # how the head reads the final tokens: "token" (CLS), "avg" (patches), "map", ...
+    pool_from: int = 0  # the first token an average pool reads (0 when it includes the prefix tokens)
+    distilled: bool = False  # a distilled DeiT's head averages its CLS and distillation tokens
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> Geometry:
         gh, gw = (int(v) for v in model.patch_embed.grid_size)
-        return cls(grid=(gh, gw), num_prefix_tokens=int(model.num_prefix_tokens), depth=len(model.blocks))
+        p = int(model.num_prefix_tokens)
+        pool = "map" if getattr(model, "attn_pool", None) is not None else str(model.global_pool or "none")
+        return cls(grid=(gh, gw), num_prefix_tokens=p, depth=len(model.blocks), pool=pool,
+                   pool_from=0 if getattr(model, "pool_include_prefix", False) else p,
+                   distilled=getattr(model, "dist_token", None) is not None)
+
+    def readout(self, target: Target) -> torch.Tensor | None:
+        """How ``target`` reads the final tokens, as weights w (T,) over them: patch p's own token, the CLS token
+        (and the distillation token), or the pooled patches' mean; None for a head no row describes (attention
+        or max pooling)."""
+        T = self.num_prefix_tokens + self.grid[0] * self.grid[1]
+        w = torch.zeros(T, dtype=torch.float64)
+        if self.pool not in ("token", "avg"):  # attention or max pooling: weights that differ per image
+            return None
+        if target.kind == "patch":
+            w[self.num_prefix_tokens + target.index] = 1.0
+        elif self.pool == "token":
+            w[: 2 if self.distilled else 1] = 1.0 / (2 if self.distilled else 1)
+        else:  # average pooling
+            w[self.pool_from :] = 1.0 / (T - self.pool_from)
+        return w
 
 
 @dataclass(frozen=True)

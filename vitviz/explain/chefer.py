@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from ..analysis.rollout import rollout_row, tokens_to_grid
+from ..errors import ModelError
 from ._base import Geometry, MethodSpec, PassResult
 from .passes import Gradients
 
@@ -15,43 +16,55 @@ __all__ = ["CHEFER", "GRADXATTN", "chefer_map", "grad_attention_map"]
 
 
 def chefer_map(attention: torch.Tensor | Sequence[torch.Tensor], gradients: torch.Tensor | Sequence[torch.Tensor], *,
-               num_prefix_tokens: int, grid: tuple[int, int]) -> torch.Tensor:
+               num_prefix_tokens: int, grid: tuple[int, int], readout: torch.Tensor | int = 0) -> torch.Tensor:
     """Chefer, Gur & Wolf 2021 ("generic attention-model explainability", ICCV), eqs. (5)-(6) with self-attention:
 
         Ā_l = E_h[(∇A_l ⊙ A_l)⁺],   R⁰ = I,   R^l = R^{l-1} + Ā_l · R^{l-1}   (l = 1..L)
 
-    and the map is R^L's CLS row over the patch tokens. R^L = (I + Ā_L) ··· (I + Ā_1), so only that row is formed,
-    as vector–matrix products (O(L·T²)). (L, H, T, T) attention and total gradients (or L tensors of (H, T, T)
-    each) -> (gh, gw).
+    and the map is R^L's CLS row over the patch tokens: the row of the token the target reads (``readout``: a
+    token index, or weights w (T,) over the tokens for a head that averages several; Chefer et al. read the CLS
+    token). R^L = (I + Ā_L) ··· (I + Ā_1), so only that row is formed, as vector–matrix products (O(L·T²)).
+    (L, H, T, T) attention and total gradients (or L tensors of (H, T, T) each) -> (gh, gw).
     """
     abar = torch.stack([(g * a).clamp(min=0).mean(dim=0) for a, g in zip(attention, gradients, strict=True)])
     abar.diagonal(dim1=-2, dim2=-1).add_(1.0)  # I + Ā_l, in place on our own tensor
-    row = rollout_row(abar, start=0, end=abar.shape[0] - 1, source=0)  # e_CLS · (I+Ā_L) ··· (I+Ā_1): (T,)
+    row = rollout_row(abar, start=0, end=abar.shape[0] - 1, source=readout)  # w · (I+Ā_L) ··· (I+Ā_1): (T,)
     return tokens_to_grid(row, num_prefix_tokens=num_prefix_tokens, grid=grid)
 
 
 def grad_attention_map(attention: torch.Tensor, gradient: torch.Tensor, *, num_prefix_tokens: int,
-                       grid: tuple[int, int]) -> torch.Tensor:
+                       grid: tuple[int, int], readout: torch.Tensor | int = 0) -> torch.Tensor:
     """Gradient × attention of one layer (the last, as vitviz uses it): A_l and ∇A_l (H, T, T) -> (gh, gw),
 
-        map = CLS row of E_h[(∇A_l ⊙ A_l)⁺] over the patches,
+        map = w · E_h[(∇A_l ⊙ A_l)⁺] over the patches,
 
-    Chefer et al.'s Ā_l alone, without the propagation through the earlier layers.
+    Chefer et al.'s Ā_l alone, without the propagation through the earlier layers; w the row the target reads
+    (``readout``, as in :func:`chefer_map`; the CLS row by default). Another row's gradient is zero when the
+    target reads only w's tokens, so any other row would give a flat map.
     """
-    abar_cls = (gradient[:, 0] * attention[:, 0]).clamp(min=0).mean(dim=0)  # (T,)
-    return tokens_to_grid(abar_cls, num_prefix_tokens=num_prefix_tokens, grid=grid)
+    abar = (gradient * attention).clamp(min=0).mean(dim=0)  # (T, T)
+    row = abar[readout] if isinstance(readout, int) else readout.to(abar.dtype) @ abar
+    return tokens_to_grid(row, num_prefix_tokens=num_prefix_tokens, grid=grid)
+
+
+def _readout(run: PassResult, geo: Geometry) -> torch.Tensor:
+    w = geo.readout(run.target)
+    if w is None:
+        raise ModelError(f"a {geo.pool!r}-pooling head reads no token row that gradient-weighted attention could "
+                         "follow: choose another method")
+    return w
 
 
 def _chefer(s, run: PassResult, geo: Geometry) -> torch.Tensor:
     return chefer_map(run.attention, run.extra.gradients_by_layer, num_prefix_tokens=geo.num_prefix_tokens,
-                      grid=geo.grid)
+                      grid=geo.grid, readout=_readout(run, geo))
 
 
 def _gradxattn(s, run: PassResult, geo: Geometry) -> torch.Tensor:
     g = run.extra
     last = g.layers.index(geo.depth - 1)
     return grad_attention_map(run.attention[-1], g.gradients_by_layer[last], num_prefix_tokens=geo.num_prefix_tokens,
-                              grid=geo.grid)
+                              grid=geo.grid, readout=_readout(run, geo))
 
 
 CHEFER = MethodSpec(name="chefer", title="Chefer et al. 2021 (gradient-weighted attention rolled out)",
