@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import huggingface_hub.constants
+import numpy as np
 import pytest
 import streamlit as st
 import timm
@@ -67,15 +70,42 @@ def started(example: str | None = "cat.jpg") -> AppTest:
     return at
 
 
-TABS = ["Patch grid", "Position embeddings", "Attention rollout", "Explain", "Heads", "Query patch",
-        "Attention distance",
-        "Token norms", "Attention sinks", "Patch features", "Feature similarity"]
+SECTIONS = {"Input": ["Patch grid", "Position embeddings"],
+            "Attention": ["Attention rollout", "Heads", "Query patch", "Attention distance"],
+            "Explain": ["Explain"],
+            "Tokens & features": ["Token norms", "Attention sinks", "Patch features", "Feature similarity"]}
+TAB_KEYS = {"Input": "tab_input", "Attention": "tab_attention", "Tokens & features": "tab_tokens_features"}
+TABS = [view for views in SECTIONS.values() for view in views]
+SECTION_OF = {view: section for section, views in SECTIONS.items() for view in views}
+ATTENTION_KEYS = {"view", "layers", "raw_layer", "head", "head_fusion", "discard_ratio", "drop_artefacts"}
+LAYER_KEYS = {"layers", "raw_layer", "tokens_layer", "heads_layer", "query_layer", "pca_layer", "sim_layer"}
 
 
-def show(at: AppTest, tab: str) -> AppTest:
-    """Open a tab, as a click on it does: the app builds only the open tab's figures."""
-    at.session_state["tab"] = tab
+def show(at: AppTest, view: str) -> AppTest:
+    """Open a view, as a click on its section and one on its tab do: the app builds only the open tab's figures."""
+    section = SECTION_OF[view]
+    if any(w.key == "section" for w in at.segmented_control):
+        at.segmented_control(key="section").set_value(section)
+    else:  # not drawn yet (no image): the section the page will open at
+        at.session_state["section"] = section
+    if section in TAB_KEYS:
+        at.session_state[TAB_KEYS[section]] = view
     return at.run()
+
+
+def view_text(at: AppTest) -> str:
+    """The Markdown of the open view (the open tab's; a section of one view has no tabs: the main column's)."""
+    return "\n".join(m.value for block in (at.tabs or [at.main]) for m in block.markdown)
+
+
+def captions(at: AppTest) -> str:
+    return "\n".join(c.value for block in (at.tabs or [at.main]) for c in block.caption)
+
+
+def widget_keys(block) -> set[str]:
+    """The keys of the input widgets drawn in ``block`` (an AppTest, its main column or its sidebar)."""
+    kinds = ("slider", "selectbox", "radio", "checkbox", "number_input", "segmented_control", "text_input")
+    return {w.key for kind in kinds for w in block.get(kind) if w.key}
 
 
 def read(markdown: str) -> str:
@@ -130,25 +160,35 @@ def test_no_image_shows_info(calls):
     assert not at.tabs and not calls
 
 
-def test_example_renders_every_tab(calls):
+def test_each_section_renders_its_views_from_one_pass(calls):
+    """Four sections, each its views as tabs (Explain alone, no tabs); every view renders, only the open one is
+    built, moving between sections never runs the model again, and a section reopens at the tab it was left on."""
     at = started()
     ok(at)
-    assert len(at.tabs) == len(TABS)
+    assert at.segmented_control(key="section").options == list(SECTIONS)
+    assert at.segmented_control(key="section").value == "Input" and [t.label for t in at.tabs] == SECTIONS["Input"]
     assert {el.key for el in at.get("plotly_chart")} == {"fig_grid"}  # only the open tab is built
     keys = set()
-    for tab in TABS:
-        show(at, tab)
+    for section, views in SECTIONS.items():
+        at.segmented_control(key="section").set_value(section).run()
         ok(at)
-        keys |= {el.key for el in at.get("plotly_chart")}
+        assert [t.label for t in at.tabs] == (views if len(views) > 1 else [])
+        for view in views:
+            show(at, view)
+            ok(at)
+            keys |= {el.key for el in at.get("plotly_chart")}
     assert keys == {"fig_grid", "fig_mosaic", "fig_simmap", "fig_rollout", "fig_heads", "fig_query",
                     "fig_query_heads", "fig_distance", "fig_norms", "fig_norm_hist", "fig_sinks", "fig_pca_0",
                     "fig_similarity", "fig_explain", "fig_explain_curves"}
+    at.segmented_control(key="section").set_value("Attention").run()  # back where it was left
+    assert {el.key for el in at.get("plotly_chart")} == {"fig_distance"}
     show(at, "Patch grid")
     n = (224 // P) ** 2  # N = HW / P^2 at the default 224 px centre crop
-    text = status(at)
-    assert f"grid {224 // P}x{224 // P}" in text and f"{n + 1} tokens = {n} patches + 1 prefix (1 CLS)" in text
-    assert "centre crop" in text and "tiny.pth" in text
-    assert f"**{n} patches**" in at.tabs[0].markdown[0].value
+    status_line = status(at)
+    assert f"grid {224 // P}x{224 // P}" in status_line
+    assert f"{n + 1} tokens = {n} patches + 1 prefix (1 CLS)" in status_line
+    assert "centre crop" in status_line and "tiny.pth" in status_line
+    assert f"**{n} patches**" in view_text(at)
     assert {b.key for b in at.get("download_button")} >= {"dl_png", "dl_npz", "dl_fig_grid"}
     # the rollout slider opens at the end layer: DEFAULTS give layers 1..last, so position last - 1
     assert spec(show(at, "Attention rollout"), "fig_rollout")["layout"]["sliders"][0]["active"] == DEPTH - 1 - 1
@@ -156,6 +196,123 @@ def test_example_renders_every_tab(calls):
     assert len(spec(show(at, "Heads"), "fig_heads")["data"]) == HEADS
     assert len(spec(show(at, "Attention distance"), "fig_distance")["data"]) == HEADS
     assert len(calls) == 1
+
+
+def test_attention_controls_live_in_the_attention_section_and_each_section_has_one_layer_control(calls):
+    """The attention knobs are on the page only while the Attention section is open (in its main column, never in
+    the sidebar); Attention and Tokens & features each have one layer control that all their views share."""
+    at = started()
+    layers = {"Input": set(), "Attention": {"layers"}, "Explain": set(), "Tokens & features": {"tokens_layer"}}
+    for view in TABS:
+        section = SECTION_OF[view]
+        ok(show(at, view))
+        keys = widget_keys(at)
+        assert keys & LAYER_KEYS == layers[section], view
+        assert not widget_keys(at.sidebar) & (ATTENTION_KEYS | LAYER_KEYS), view
+        if section == "Attention":
+            assert ATTENTION_KEYS - {"raw_layer"} <= widget_keys(at.main), view
+        else:
+            assert not keys & ATTENTION_KEYS, view
+    show(at, "Attention rollout")
+    at.slider(key="layers").set_value((2, 5)).run()
+    at.slider(key="discard_ratio").set_value(0.5).run()
+    show(at, "Token norms")  # the Attention section's choices hold while it is closed
+    show(at, "Heads")
+    assert at.slider(key="layers").value == (2, 5) and at.slider(key="discard_ratio").value == 0.5
+    assert "Layer 5 (the end layer above)" in view_text(at)
+    at.radio(key="view").set_value("raw").run()  # the raw view: still one layer control, the one layer
+    assert widget_keys(at) & LAYER_KEYS == {"raw_layer"} and at.slider(key="raw_layer").value == 5
+    at.slider(key="raw_layer").set_value(3).run()
+    assert "Layer 3 (the end layer above)" in view_text(at)
+    show(at, "Query patch")
+    assert "Layer 3 (the end layer above)" in view_text(at)
+    assert spec(at, "fig_query")["layout"]["sliders"][0]["active"] == 3
+    show(at, "Patch features")
+    at.selectbox(key="tokens_layer").set_value(4).run()
+    assert "Layer 4:" in view_text(at)
+    show(at, "Feature similarity")
+    assert "Layer 4:" in view_text(at)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("kind", [RuntimeError, ValueError])
+def test_a_bug_in_a_view_is_logged_and_said_to_be_one(calls, monkeypatch, caplog, kind):
+    """Anything but a VitvizError is a bug (a plain ValueError too): logged with its traceback, the user told it is
+    one, never its text worded as if the input were bad; the other views still work."""
+    from vitviz.app.views import heads
+
+    error = kind("index 99 is out of bounds for axis 0 with size 12")  # made here: its traceback dies with the test
+
+    def broken(ctx):
+        raise error
+
+    monkeypatch.setattr(heads, "render", broken)
+    at = started()
+    with caplog.at_level(logging.ERROR, logger="vitviz.app"):
+        show(at, "Heads")
+    assert not at.exception and len(at.error) == 1
+    shown = err(at)
+    assert "Internal error in the Heads view" in shown and "bug" in shown and "logged" in shown, shown
+    assert str(error) not in shown
+    logged = [r for r in caplog.records if r.name == "vitviz.app"]
+    assert len(logged) == 1 and logged[0].exc_info[1] is error and "Heads" in logged[0].getMessage()
+    ok(show(at, "Attention rollout"))
+    ok(show(at, "Patch grid"))
+    assert len(calls) == 1
+
+
+def test_a_user_error_in_a_view_is_its_message_and_not_logged(calls, monkeypatch, caplog):
+    from vitviz.app.views import heads
+    from vitviz.errors import ParameterError
+
+    def refused(ctx):
+        raise ParameterError("layer 99 is out of range: choose 0 to 11")
+
+    monkeypatch.setattr(heads, "render", refused)
+    at = started()
+    with caplog.at_level(logging.ERROR, logger="vitviz.app"):
+        show(at, "Heads")
+    assert not at.exception and len(at.error) == 1
+    assert err(at) == "layer 99 is out of range: choose 0 to 11"
+    assert not [r for r in caplog.records if r.name == "vitviz.app"]
+
+
+@pytest.fixture
+def downloads(monkeypatch) -> dict[str, tuple[str, Callable[[], bytes]]]:
+    """Every download button's (file name, data function) by its key, as the app registers them with Streamlit
+    (AppTest shows a deferred download's file id, not its name)."""
+    from streamlit.runtime.media_file_manager import MediaFileManager
+
+    seen: dict[str, tuple[str, Callable[[], bytes]]] = {}
+    real = MediaFileManager.add_deferred
+
+    def spy(self, data_callable, mimetype, coordinates, file_name=None, *, element_id=""):
+        seen[element_id.rsplit("-", 1)[-1]] = (file_name, data_callable)
+        return real(self, data_callable, mimetype, coordinates, file_name, element_id=element_id)
+
+    monkeypatch.setattr(MediaFileManager, "add_deferred", spy)
+    return seen
+
+
+def test_downloads_are_named_after_the_image_and_hold_the_attention_sections_map(calls, downloads):
+    at = started()
+    assert downloads["dl_png"][0] == "cat-overlay.png" and downloads["dl_npz"][0] == "cat.npz"
+    assert downloads["dl_fig_grid"][0] == "cat-grid.html"
+    show(at, "Heads")
+    assert downloads["dl_fig_heads"][0] == "cat-heads.html"
+    at.radio(key="view").set_value("raw").run()
+    at.slider(key="raw_layer").set_value(4).run()
+    show(at, "Token norms")  # another section open: the downloads still hold the Attention section's map
+    assert any("raw CLS attention" in c.value for c in at.sidebar.caption)
+    arrays = np.load(io.BytesIO(downloads["dl_npz"][1]()))
+    assert str(arrays["attention_map_kind"]) == "raw" and arrays["attention_map"].shape == (224 // P, 224 // P)
+    assert int(arrays["end_layer"]) == 4 and json.loads(str(arrays["settings"]))["view"] == "raw"
+    png = Image.open(io.BytesIO(downloads["dl_png"][1]()))
+    assert png.format == "PNG" and 250 <= png.height <= 300  # the crop the model saw, at the original's resolution
+    at.file_uploader(key="upload").set_value(("../my photo.final.JPG", jpeg_bytes(), "image/jpeg")).run()
+    ok(at)
+    assert downloads["dl_png"][0] == "my_photo.final-overlay.png" and downloads["dl_npz"][0] == "my_photo.final.npz"
+    assert downloads["dl_fig_norms"][0] == "my_photo.final-norms.html"
 
 
 def test_model_geometry_controls(calls):
@@ -192,25 +349,25 @@ def test_attention_controls_reach_the_views_without_a_forward_pass(calls):
     raw = spec(at, "fig_rollout")
     assert raw["layout"]["sliders"][0]["active"] == 7 and len(raw["frames"]) == DEPTH
     at.selectbox(key="head").set_value(2).run()
-    assert "head 2" in at.tabs[2].markdown[0].value
+    assert "head 2" in view_text(at)
     assert at.selectbox(key="head_fusion").disabled  # fusion means nothing for one head
     at.selectbox(key="head").set_value("all heads (fused)").run()
     at.selectbox(key="head_fusion").set_value("max").run()
-    assert "(max)" in at.tabs[2].markdown[0].value
+    assert "(max)" in view_text(at)
     at.radio(key="view").set_value("rollout").run()  # discard applies to rollout only (disabled for raw)
     at.slider(key="discard_ratio").set_value(0.5).run()
-    assert "discard 0.50" in at.tabs[2].markdown[0].value
+    assert "discard 0.50" in view_text(at)
     at.selectbox(key="colorscale").set_value("Viridis")
     at.slider(key="opacity").set_value(0.3).run()
     heat = spec(at, "fig_rollout")["data"][1]
     assert heat["colorscale"][0][1] == "rgb(68, 1, 84)" and heat["opacity"] == pytest.approx(0.3)  # Viridis: #440154
     at.number_input(key="query_patch").set_value(5).run()
     assert at.session_state["query_patch"] == 5
-    assert "Patch 5 (row 0, col 5)" in show(at, "Query patch").tabs[5].markdown[0].value
+    assert "Patch 5 (row 0, col 5)" in view_text(show(at, "Query patch"))
     show(at, "Heads")
     at.radio(key="heads_source").set_value("query patch")
-    at.selectbox(key="heads_layer").set_value(4).run()
-    assert "Layer 4: where patch 5 attends" in at.tabs[4].markdown[0].value
+    at.slider(key="layers").set_value((3, 4)).run()  # the section's one layer control: its end layer
+    assert "Layer 4 (the end layer above): where patch 5 attends" in view_text(at)
     ok(at)
     assert len(calls) == 1  # nothing above re-ran the model
 
@@ -221,7 +378,7 @@ def test_clicks_pick_the_query_patch(calls):
     at = click(at, "fig_grid", 3.5 * P, 2.5 * P)  # centre of row 2, col 3
     ok(at)
     assert at.session_state["query_patch"] == 2 * gw + 3
-    assert "Patch 31 (row 2, col 3)" in show(at, "Query patch").tabs[5].markdown[0].value
+    assert "Patch 31 (row 2, col 3)" in view_text(show(at, "Query patch"))
     at = click(show(at, "Attention rollout"), "fig_rollout", 13 * P + 1, 0.2 * P)  # top-right patch, off centre
     assert at.session_state["query_patch"] == gw - 1
     # mosaic: tile (r, c) spans cells [r (gh+1), r (gh+1) + gh) x [c (gw+1), ...]; a tile cell of row 5, col 1
@@ -254,6 +411,7 @@ def test_invalid_upload_then_valid_inputs_work(calls):
 def test_offline_hub_model_shows_error_and_app_recovers(calls):
     at = started(example=None)
     at.file_uploader(key="upload").set_value(("red.jpg", jpeg_bytes(), "image/jpeg")).run()
+    show(at, "Attention rollout")
     at.slider(key="layers").set_value((3, 7)).run()
     at.selectbox(key="model").set_value("deit_small_patch16_224").run()
     assert not at.exception
@@ -329,6 +487,7 @@ def test_gpu_out_of_memory_falls_back_to_the_cpu_with_a_notice(calls, monkeypatc
     assert "forward pass" in status(at) and "cpu" in status(at)
     assert len(calls) == 2  # the failed try and the CPU pass
     at.slider(key="opacity").set_value(0.3).run()
+    show(at, "Heads")
     at.slider(key="layers").set_value((0, 1)).run()
     assert not at.exception and len(at.warning) == 1  # the notice stays: this result came from the CPU
     assert len(calls) == 2  # control changes use the cached CPU result: no new pass, no new GPU try
@@ -345,9 +504,9 @@ def test_one_layer_model_renders(calls, monkeypatch, tmp_path):
     monkeypatch.setenv("VITVIZ_APP_MODEL", str(path))
     at = started()
     ok(at)
-    assert "a single layer" in " ".join(c.value for c in at.sidebar.caption)
     for tab in TABS:
         ok(show(at, tab))
+        assert ("a single layer" in " ".join(c.value for c in at.main.caption)) == (SECTION_OF[tab] == "Attention")
 
 
 def test_any_pretrained_timm_vit_from_the_registry(calls):
@@ -379,25 +538,25 @@ def test_figures_keep_their_true_colours_and_say_what_they_show(calls):
     assert proto.theme == "", "theme=None: the figure's own colours reach the screen"
     heat = json.loads(proto.spec)["data"][1]
     assert heat["colorscale"][0][1] == "rgb(0, 0, 4)" and heat["colorbar"]["title"]["text"] == "share of CLS attention"
-    text = at.tabs[2].markdown[0].value
+    text = view_text(at)
     assert "Brighter patches get more" in text and "downloads" in text and "in your browser only" in text
     at.radio(key="view").set_value("raw").run()
-    text = at.tabs[2].markdown[0].value
+    text = view_text(at)
     assert "raw attention of layer 11" in text and "CLS attention, raw CLS" not in text
     show(at, "Attention distance")
-    assert "attends to nearby patches" in at.tabs[6].markdown[0].value
+    assert "attends to nearby patches" in view_text(at)
 
 
 def test_raw_view_has_one_layer_control(calls):
-    at = started()
+    at = show(started(), "Attention distance")
     at.slider(key="layers").set_value((3, 7)).run()
     at.radio(key="view").set_value("raw").run()
-    keys = [s.key for s in at.sidebar.slider]
+    keys = [s.key for s in at.main.slider]
     assert "raw_layer" in keys and "layers" not in keys, "a raw map has no start layer to choose"
     assert at.slider(key="raw_layer").value == 7
     at.slider(key="raw_layer").set_value(4).run()
     ok(show(at, "Attention rollout"))
-    assert "raw attention of layer 4" in at.tabs[2].markdown[0].value
+    assert "raw attention of layer 4" in view_text(at)
     assert json.loads(chart_proto(at, "fig_rollout").spec)["layout"]["sliders"][0]["active"] == 4
 
 
@@ -405,10 +564,10 @@ def test_heads_share_one_colour_range_by_default(calls):
     at = show(started(), "Heads")
     shared = json.loads(chart_proto(at, "fig_heads").spec)
     assert "coloraxis" in shared["layout"] and shared["layout"]["coloraxis"]["colorbar"]["title"]["text"]
-    assert "one colour range for all heads" in at.tabs[4].markdown[0].value
+    assert "one colour range for all heads" in view_text(at)
     at.radio(key="heads_scale").set_value("per head").run()
     own = json.loads(chart_proto(at, "fig_heads").spec)
-    assert "coloraxis" not in own["layout"] and "each head its own range" in at.tabs[4].markdown[0].value
+    assert "coloraxis" not in own["layout"] and "each head its own range" in view_text(at)
     assert chart_proto(at, "fig_heads").spec and len(calls) == 1
 
 
@@ -446,21 +605,21 @@ def test_token_views_from_the_same_pass_with_a_second_image(calls):
     """Token norms, sinks, PCA and similarity read the one pass; a second image costs one pass of its own."""
     at = started()
     ok(show(at, "Token norms"))
-    assert "length (L2 norm)" in at.tabs[7].markdown[0].value and "Prefix tokens" in at.tabs[7].caption[0].value
+    assert "length (L2 norm)" in view_text(at) and "Prefix tokens" in captions(at)
     ok(show(at, "Attention sinks"))
-    assert "Top receivers" in at.tabs[8].caption[0].value
+    assert "Top receivers" in captions(at)
     for tab in ("Patch features", "Feature similarity"):
         ok(show(at, tab))
     assert len(calls) == 1
     at.file_uploader(key="upload2").set_value(("second.jpg", jpeg_bytes((120, 80)), "image/jpeg")).run()
     ok(show(at, "Patch features"))
-    assert "one basis fitted to both images" in at.tabs[9].markdown[0].value
+    assert "one basis fitted to both images" in view_text(at)
     ok(show(at, "Feature similarity"))
-    assert "Best match in the second image" in at.tabs[10].caption[0].value
+    assert "Best match in the second image" in captions(at)
     assert len(calls) == 2  # the second image's own pass, once
-    at.checkbox(key="drop_artefacts").check().run()
     ok(show(at, "Attention rollout"))
-    assert "artefact tokens left out" in at.tabs[2].markdown[0].value and len(calls) == 2
+    at.checkbox(key="drop_artefacts").check().run()
+    assert "artefact tokens left out" in view_text(at) and len(calls) == 2
 
 
 def test_explain_view_states_its_target_and_faithfulness_and_never_a_missing_class(calls):
@@ -469,22 +628,22 @@ def test_explain_view_states_its_target_and_faithfulness_and_never_a_missing_cla
     ok(at)
     assert at.selectbox(key="explain_target").options[0] == "the image's own embedding (label-free)"
     assert not any("class" in o for o in at.selectbox(key="explain_target").options)
-    text = at.tabs[3].markdown[0].value
+    text = view_text(at)
     assert "explains **the image's own CLS embedding**" in text and "a random map scores" in text
     assert "greedy token deletion — default" in text and "still to go when it was removed" in text  # measured
     assert "steps, each a forward and a forward + backward pass on the patches left" in text
-    assert not [c for c in at.tabs[3].caption if "Predictions" in c.value]
+    assert "Predictions" not in captions(at)
     curves = json.loads(chart_proto(at, "fig_explain_curves").spec)
     assert [tr["name"] for tr in curves["data"]][2:] == ["random MoRF", "random LeRF"]
     at.selectbox(key="explain_method").set_value("chefer").run()
     ok(at)
-    assert "Chefer" in at.tabs[3].markdown[0].value and len(calls) == 1  # the explanation pass is its own
-    assert "the default, greedy token deletion, was the most faithful" in at.tabs[3].markdown[0].value
+    assert "Chefer" in view_text(at) and len(calls) == 1  # the explanation pass is its own
+    assert "the default, greedy token deletion, was the most faithful" in view_text(at)
     at.selectbox(key="explain_method").set_value("legrad").run()
-    assert "LeGrad (Bousselham et al. 2024)" in at.tabs[3].markdown[0].value
+    assert "LeGrad (Bousselham et al. 2024)" in view_text(at)
     at.selectbox(key="explain_method").set_value("rollout:start=1,discard=0.9").run()
-    assert "attention rollout (start=1,discard=0.9)" in at.tabs[3].markdown[0].value
-    assert "still to go" not in at.tabs[3].markdown[0].value and not at.get("progress")  # ready: no bar left
+    assert "attention rollout (start=1,discard=0.9)" in view_text(at)
+    assert "still to go" not in view_text(at) and not at.get("progress")  # ready: no bar left
 
 
 def _explain_inputs():
@@ -495,13 +654,13 @@ def _explain_inputs():
     from vitviz.models import ModelKey
 
     name, arch = app_model()  # the tiny checkpoint, as the app loads it
-    loaded = cache.model_source(name, arch)
+    weights = cache.model_source(name, arch)
     data = jpeg_bytes((96, 80))
     image = cache.image(cache.digest(data), data, "x.jpg")
     size = input_size_for(image.image, img_size=64, patch_size=P, fit="crop")
     key = cache.AnalysisKey(ModelKey(name, arch, P, size, "cpu", "fp32"), cache.digest(data), "crop")
-    res, _notice = cache.analysis(key, image, loaded)
-    return key, res, loaded
+    res, _notice = cache.analysis(key, image, weights)
+    return key, res, weights
 
 
 class GatedExplain:
@@ -546,19 +705,19 @@ def test_explanations_are_one_shared_job_with_progress_and_failures_are_not_kept
 
     from vitviz.app import jobs
 
-    key, res, loaded = _explain_inputs()
+    key, res, weights = _explain_inputs()
     gated = GatedExplain(monkeypatch)
     seen: list[tuple[float, str]] = []
     threading.Timer(0.5, gated.gate.set).start()
-    first = jobs.explanation(key, "deletion:steps=4", "embedding", res, loaded,
+    first = jobs.explanation(key, "deletion:steps=4", "embedding", res, weights,
                              progress=lambda f, t: seen.append((f, t)))
-    again = jobs.explanation(key, "deletion:steps=4", "embedding", res, loaded)
+    again = jobs.explanation(key, "deletion:steps=4", "embedding", res, weights)
     assert first is again and gated.runs == ["deletion:steps=4"]
     assert any(t.startswith("Greedy deletion: step") for _f, t in seen) and seen[-1][0] >= seen[0][0]
     assert first.explanation.method.label == "deletion:steps=4"
     for _ in range(2):
         with pytest.raises(ValueError, match="no classifier head"):
-            jobs.explanation(key, "chefer", "class", res, loaded)
+            jobs.explanation(key, "chefer", "class", res, weights)
     assert gated.runs.count("chefer") == 2
 
 
@@ -569,10 +728,10 @@ def test_explanation_jobs_are_bounded_and_stop_when_nobody_waits(calls, monkeypa
 
     from vitviz.app import jobs
 
-    key, res, loaded = _explain_inputs()
+    key, res, weights = _explain_inputs()
     monkeypatch.setattr(jobs, "ABANDON_S", 0.6)
     gated = GatedExplain(monkeypatch, pace=0.4)
-    started = [jobs._job(key, f"deletion:steps={s}", "embedding", res, jobs.cache.model(key.model, loaded))
+    started = [jobs._job(key, f"deletion:steps={s}", "embedding", res, jobs.cache.model(key.model, weights))
                for s in (2, 3, 4)]  # nobody polls them
     deadline = time.monotonic() + 20  # a loaded machine may take a while to start the threads
     while len(gated.runs) < jobs.MAX_RUNNING and time.monotonic() < deadline:
@@ -582,7 +741,7 @@ def test_explanation_jobs_are_bounded_and_stop_when_nobody_waits(calls, monkeypa
     gated.gate.set()
     for job in started:
         assert job.done.wait(10) and isinstance(job.error, jobs.Abandoned), job.error
-    done = jobs.explanation(key, "deletion:steps=3", "embedding", res, loaded)  # asked again: computed afresh
+    done = jobs.explanation(key, "deletion:steps=3", "embedding", res, weights)  # asked again: computed afresh
     assert done.explanation.method.label == "deletion:steps=3" and gated.runs.count("deletion:steps=3") == 2
     assert gated.most <= jobs.MAX_RUNNING
 
@@ -728,17 +887,17 @@ def test_an_abandoned_job_stops_inside_its_pass_and_a_long_one_is_bounded(calls,
 
     from vitviz.app import jobs
 
-    key, res, loaded = _explain_inputs()
+    key, res, weights = _explain_inputs()
     monkeypatch.setattr(jobs, "ABANDON_S", 0.3)
     gated = GatedExplain(monkeypatch)
-    job = jobs._job(key, "chefer", "embedding", res, jobs.cache.model(key.model, loaded))  # nobody polls it
+    job = jobs._job(key, "chefer", "embedding", res, jobs.cache.model(key.model, weights))  # nobody polls it
     time.sleep(0.5)  # abandoned while held at the gate, before its walk starts
     gated.gate.set()
     assert job.done.wait(10) and isinstance(job.error, jobs.Abandoned), job.error
     monkeypatch.setattr(jobs, "ABANDON_S", 60.0)
     monkeypatch.setenv("VITVIZ_MAX_JOB_SECONDS", "0.000001")
     with pytest.raises(ValueError, match="stopped after"):
-        jobs.explanation(key, "legrad", "embedding", res, loaded)
+        jobs.explanation(key, "legrad", "embedding", res, weights)
 
 
 def test_a_stride_zero_checkpoint_upload_is_refused_before_any_model_is_built(calls, tmp_path, monkeypatch):

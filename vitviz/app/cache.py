@@ -18,19 +18,23 @@ from pathlib import Path
 
 import numpy as np
 import streamlit as st
+import torch
 
 from vitviz.analysis import maps, tokens
 from vitviz.analysis.onepass import Analysis, analyze_with_fallback
-from vitviz.errors import CheckpointError, ParameterError
+from vitviz.errors import CheckpointError, ParameterError, VitvizError
 from vitviz.inputs.image import LoadedImage, load_image
 from vitviz.models import CHECKPOINT_SUFFIXES, ModelInfo, ModelKey, ModelSource, build_for, load_source
 from vitviz.models.checkpoints import upload_param_cap
 
 from .bytecache import ByteLRU
 
-__all__ = ["AnalysisKey", "digest", "model_source", "upload_file_name", "uploaded_source", "model", "image",
+__all__ = ["AnalysisKey", "Weights", "digest", "model_source", "upload_file_name", "uploaded_source", "model", "image",
            "image_cache_bytes", "image_bytes", "DEFAULT_IMAGE_CACHE_MB", "analysis", "rollout_table", "raw_maps",
            "query_maps", "distances", "TokenStats", "token_stats"]
+
+
+Weights = tuple[ModelSource, dict[str, torch.Tensor]]  # a model's source (how to build it) and its state dict
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,7 @@ def digest(data: bytes) -> str:
 
 
 @st.cache_resource(max_entries=3, show_spinner="Loading model weights (the first run converts the default model)...")
-def model_source(name: str, arch: str | None) -> tuple[ModelSource, dict]:
+def model_source(name: str, arch: str | None) -> Weights:
     """The weights at the model's native sizes and how to build it; shared by all sessions, never mutated."""
     return load_source(name, arch=arch)
 
@@ -63,7 +67,7 @@ def upload_file_name(filename: str, suffix: str) -> str:
     return stem.encode()[: 200 - len(suffix)].decode(errors="ignore") + base[len(stem):]
 
 
-def _read_upload(name: str, data: bytes, arch: str | None) -> tuple[ModelSource, dict]:
+def _read_upload(name: str, data: bytes, arch: str | None) -> Weights:
     """``load_source`` on ``data`` written as ``name`` into a private temp folder (0700), removed at once."""
     def unstored(exc: OSError) -> CheckpointError:
         return CheckpointError(f"could not store the uploaded checkpoint {name!r} on the server "
@@ -81,14 +85,14 @@ def _read_upload(name: str, data: bytes, arch: str | None) -> tuple[ModelSource,
             raise unstored(exc) from exc
         try:
             return load_source(path, arch=arch, max_params=upload_param_cap())
-        except ValueError as exc:  # the loader names the file by its last component; never show the folder
+        except VitvizError as exc:  # the loader names the file by its last component; never show the folder
             if folder not in str(exc):
                 raise
             raise CheckpointError(str(exc).replace(str(path), name).replace(folder, "")) from exc
 
 
 @st.cache_resource(max_entries=2, show_spinner="Reading the checkpoint...")
-def uploaded_source(digest: str, arch: str | None, filename: str, _data: bytes) -> tuple[ModelSource, dict]:
+def uploaded_source(digest: str, arch: str | None, filename: str, _data: bytes) -> Weights:
     """An uploaded checkpoint's weights, keyed by its sha256. The file exists on the server only while it is read
     (under the user's file name in a private temp folder, deleted at once), so messages name the user's file; the
     model is named by the user's file name."""
@@ -101,9 +105,9 @@ def uploaded_source(digest: str, arch: str | None, filename: str, _data: bytes) 
 
 
 @st.cache_resource(max_entries=4, show_spinner="Building the model...")
-def model(key: ModelKey, _loaded: tuple[ModelSource, dict]):
-    """The built model and its ModelInfo, from the weights ``_loaded`` for ``key``: the library's one model path."""
-    return build_for(key, *_loaded)
+def model(key: ModelKey, _weights: Weights):
+    """The built model and its ModelInfo, from ``_weights`` for ``key``: the library's one model path."""
+    return build_for(key, *_weights)
 
 
 DEFAULT_IMAGE_CACHE_MB = 512  # two of the largest images the app takes (64 megapixels: 256 MB each)
@@ -121,9 +125,9 @@ def image_cache_bytes() -> int:
     return int(mb * 2**20)
 
 
-def image_bytes(loaded: LoadedImage) -> int:
+def image_bytes(decoded: LoadedImage) -> int:
     """The pixel memory of a decoded image: PIL keeps multi-band images in 4-byte pixels."""
-    im = loaded.image
+    im = decoded.image
     per_pixel = 4 if len(im.getbands()) > 1 or im.mode in ("I", "F") else 2 if im.mode.startswith("I;16") else 1
     return im.width * im.height * per_pixel
 
@@ -142,13 +146,13 @@ image.clear = _IMAGES.clear  # type: ignore[attr-defined]  # as on the st.cache_
 
 
 @st.cache_resource(max_entries=4, show_spinner="Running the model...")
-def analysis(key: AnalysisKey, _image: LoadedImage, _loaded: tuple[ModelSource, dict]) -> tuple[Analysis, str | None]:
+def analysis(key: AnalysisKey, _image: LoadedImage, _weights: Weights) -> tuple[Analysis, str | None]:
     """One forward pass per image and model, and a notice if the GPU ran out of memory and the CPU did it instead
     (cached under the asked-for key, so a control change never retries the GPU)."""
 
     def load(dev: str) -> tuple[object, ModelInfo]:
         precision = key.model.precision if dev == key.model.device else "auto"
-        return model(replace(key.model, device=dev, precision=precision), _loaded)
+        return model(replace(key.model, device=dev, precision=precision), _weights)
 
     # the tokens (L x T x D) come from the same pass: a few MB beside the attention, for the token views
     results, notice = analyze_with_fallback(load, [_image], device=key.model.device, fit=key.fit, tokens=True)

@@ -145,12 +145,12 @@ def _job(key: cache.AnalysisKey, method: str, target: str, _res: Analysis, _buil
     return job
 
 
-def explanation(key: cache.AnalysisKey, method: str, target: str, res: Analysis, loaded, *,
+def explanation(key: cache.AnalysisKey, method: str, target: str, res: Analysis, weights: cache.Weights, *,
                 progress: Callable[[float, str], None] | None = None) -> Explained:
     """Computed once per (image, model, method, target) and shared, like the analysis; ``progress(fraction, text)``
     is called from this (the script's) thread while it runs. A failed explanation is not kept: asking again retries.
     """
-    built = cache.model(key.model, loaded)  # (model, info), from the cache in this thread
+    built = cache.model(key.model, weights)  # (model, info), from the cache in this thread
     while True:
         job = _job(key, method, target, res, built)
         while not job.done.wait(_POLL_S):

@@ -41,14 +41,14 @@ def warm() -> None:
         from .state import app_model
 
         name, arch = app_model()
-        loaded = cache.model_source(name, arch)
+        weights = cache.model_source(name, arch)
         example = sorted(ASSETS.glob("*.jpg"))[0]
         data = example.read_bytes()
         image = cache.image(cache.digest(data), data, example.name)
-        patch = loaded[0].native_patch_size
+        patch = weights[0].native_patch_size
         size = input_size_for(image.image, img_size=DEFAULTS.img_size, patch_size=patch, fit=DEFAULTS.fit)
         key = cache.AnalysisKey(ModelKey(name, arch, patch, size, "auto", "auto"), cache.digest(data), DEFAULTS.fit)
-        cache.analysis(key, image, loaded)
+        cache.analysis(key, image, weights)
     except Exception as exc:  # noqa: BLE001 - a warm-up must never stop the server
         print(f"vitviz: warm-up skipped ({type(exc).__name__}: {exc})", file=sys.stderr)
 

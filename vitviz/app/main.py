@@ -1,4 +1,8 @@
-"""The page: sidebar groups top to bottom, one cached pass, then the open tab's view.
+"""The page: sidebar groups top to bottom, one cached pass, then the open section's controls and its open tab.
+
+The views are grouped in sections (``views.SECTIONS``): a section control, then the open section's own controls (one
+layer control per section) and its views as tabs. Only the open tab is built; every section reads the same cached
+pass, so moving between sections or tabs never runs the model again.
 
 Run with ``streamlit run app.py`` from a checkout or ``vitviz app`` from an installed package.
 
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import streamlit as st
 
@@ -22,46 +27,44 @@ from vitviz.settings import DEFAULTS
 
 from . import cache
 from .context import ViewContext
+from .controls import attention_ui, token_layer_ui
 from .sidebar import (
+    DisplayChoice,
     ImageChoice,
     InputChoice,
     ModelChoice,
-    attention_ui,
+    display_ui,
     image_ui,
     input_ui,
     model_ui,
     second_image_ui,
 )
-from .state import init_state, keep_query
-from .views import VIEWS
+from .state import TABS_PREFIX, init_state, keep, keep_query
+from .views import ATTENTION, SECTIONS, TOKENS
 from .views.patch_grid import token_text
-from .widgets import fail, md_escape
+from .widgets import file_stem, guarded, md_escape
 
 __all__ = ["main"]
 
 
-def _weights(choice: ModelChoice):
+def _weights(choice: ModelChoice) -> cache.Weights:
     """(ModelSource, state dict) of the chosen model: cached, shared by every session."""
-    try:
+    with guarded("loading the model"):
         if choice.upload is not None:
             return cache.uploaded_source(choice.name, choice.arch, choice.filename, choice.upload)
         return cache.model_source(choice.name, choice.arch)
-    except ValueError as exc:
-        fail(exc)
 
 
-def _analysis(choice: ModelChoice, inputs: InputChoice, image: ImageChoice, loaded):
+def _analysis(choice: ModelChoice, inputs: InputChoice, image: ImageChoice, weights: cache.Weights):
     """The one cached pass over the image, and its key."""
     from vitviz.analysis.onepass import input_size_for
 
-    try:
+    with guarded("the forward pass"):
         decoded = cache.image(image.digest, image.data, image.name)
         size = input_size_for(decoded.image, img_size=inputs.img_size, patch_size=inputs.patch_size, fit=inputs.fit)
         model_key = ModelKey(choice.name, choice.arch, inputs.patch_size, size, inputs.device, inputs.precision)
         key = cache.AnalysisKey(model_key, image.digest, inputs.fit)
-        res, notice = cache.analysis(key, decoded, loaded)
-    except ValueError as exc:
-        fail(exc)
+        res, notice = cache.analysis(key, decoded, weights)
     if notice:  # the GPU was full (other sessions, a big grid): this analysis ran on the CPU
         st.warning(md_escape(notice))
     return res, key, decoded
@@ -71,10 +74,8 @@ def _second(key: cache.AnalysisKey, image: ImageChoice | None):
     """The second image's key (the same model, fitted the same way: centre crop keeps its grid equal) and decoding."""
     if image is None:
         return None, None
-    try:
+    with guarded("reading the second image"):
         decoded = cache.image(image.digest, image.data, image.name)
-    except ValueError as exc:
-        fail(exc)
     return cache.AnalysisKey(key.model, image.digest, "crop"), decoded
 
 
@@ -98,60 +99,90 @@ def _download_npz(ctx: ViewContext, fit: str) -> bytes:
 
 
 def _download_png(ctx: ViewContext) -> bytes:
-    """The sidebar's map on the part of the original image the model saw, at the original's resolution."""
-    a = ctx.attention
-    return vf.overlay_original_png(ctx.image.image, ctx.res.box, ctx.cls_map(), opacity=a.opacity,
-                                   colorscale=a.colorscale)
+    """The Attention section's map on the part of the original image the model saw, at the original's resolution."""
+    d = ctx.display
+    return vf.overlay_original_png(ctx.image.image, ctx.res.box, ctx.cls_map(), opacity=d.opacity,
+                                   colorscale=d.colorscale)
 
 
 def _downloads(ctx: ViewContext, fit: str) -> None:
-    """The sidebar view as a PNG and as arrays; computed only when clicked."""
+    """The Attention section's map as a PNG and as arrays, named after the image; computed only when clicked."""
     sb = st.sidebar
     sb.header("Downloads")
-    sb.caption("The map the sidebar's layers and heads select, on the part of your image the model saw, at its "
-               "original resolution; the arrays as `.npz`.")
+    what = "rollout" if ctx.attention.view == "rollout" else "raw CLS attention"
+    sb.caption(f"The map the Attention section's settings select (now the {what}), on the part of your image the "
+               "model saw, at its original resolution; the arrays as `.npz`.")
     c1, c2 = sb.columns(2)
-    c1.download_button("Overlay PNG", data=functools.partial(_download_png, ctx), file_name="overlay.png",
+    c1.download_button("Overlay PNG", data=functools.partial(_download_png, ctx), file_name=f"{ctx.stem}-overlay.png",
                        mime="image/png", key="dl_png", on_click="ignore")
-    c2.download_button("Arrays (.npz)", data=functools.partial(_download_npz, ctx, fit), file_name="vitviz.npz",
+    c2.download_button("Arrays (.npz)", data=functools.partial(_download_npz, ctx, fit), file_name=f"{ctx.stem}.npz",
                        mime="application/octet-stream", key="dl_npz", on_click="ignore")
 
 
-def _views(ctx: ViewContext) -> None:
-    """One tab per registered view; only the open one is built (on_change="rerun" tells the app which)."""
-    tabs = st.tabs([view.TITLE for view in VIEWS], key="tab", on_change="rerun")
-    for tab, view in zip(tabs, VIEWS, strict=True):
-        with tab:
-            if tab.open:
-                try:
-                    view.render(ctx)
-                except ValueError as exc:
-                    fail(exc)
+def _tab_key(section: str) -> str:
+    """The session key of a section's open tab: "tab_input", "tab_tokens_features"."""
+    return TABS_PREFIX + "_".join(re.findall(r"[a-z0-9]+", section.lower()))
+
+
+def _navigation(info) -> tuple[str, int]:
+    """The section control and the query patch, side by side: (open section, query patch)."""
+    keep("section", lambda v: v in SECTIONS, next(iter(SECTIONS)))
+    left, right = st.columns([3, 1], vertical_alignment="bottom")
+    section = left.segmented_control("Section", list(SECTIONS), key="section", required=True,
+                                     help="The views in four groups; the open group's views are its tabs. Every "
+                                          "view reads the same forward pass.")
+    query = right.number_input("Query patch (or click a patch)", 0, info.num_patches - 1, key="query_patch",
+                               help="Row-major patch index, as timm flattens the grid.")
+    return section, int(query)
+
+
+def _views(ctx: ViewContext, section: str) -> None:
+    """The open section's views, one tab each; only the open one is built (on_change="rerun" tells the app which).
+    A section of one view has no tabs."""
+    views = SECTIONS[section]
+    if len(views) == 1:
+        with guarded(f"the {views[0].TITLE} view"):
+            views[0].render(ctx)
+        return
+    tabs = st.tabs([view.TITLE for view in views], key=_tab_key(section), on_change="rerun")
+    for tab, view in zip(tabs, views, strict=True):
+        if tab.open:
+            with tab, guarded(f"the {view.TITLE} view"):
+                view.render(ctx)
+
+
+def _context(res, key, weights, image: ImageChoice, decoded, second: ImageChoice | None,
+             display: DisplayChoice) -> tuple[ViewContext, str]:
+    """The open section's controls (every section's choices read, only the open one's drawn) and the context."""
+    section, query = _navigation(res.info)
+    attention = attention_ui(res.info, shown=section == ATTENTION)
+    token_layer = token_layer_ui(res.info.depth, shown=section == TOKENS)
+    second_key, second_image = _second(key, second)
+    ctx = ViewContext(res=res, key=key, weights=weights, attention=attention, display=display,
+                      token_layer=token_layer, query=query, image=decoded, stem=file_stem(image.name),
+                      second_key=second_key, second_image=second_image)
+    return ctx, section
 
 
 def main() -> None:
     st.set_page_config(page_title="vitviz", page_icon=":eye:", layout="wide")
     st.title("vitviz")
-    st.write("How a Vision Transformer reads an image: its patch grid, what its position embeddings learned, "
-             "and where the CLS token's attention flows layer by layer.")
+    st.write("How a Vision Transformer reads an image: its patch grid, where its attention flows layer by layer, "
+             "what its answer depends on, and what its tokens hold.")
     init_state()
     image = image_ui()  # first, so a model that fails to load never drops the upload
     second = second_image_ui()
     choice = model_ui()
-    loaded = _weights(choice)
-    inputs = input_ui(loaded[0], (choice.name, choice.arch))
+    weights = _weights(choice)
+    inputs = input_ui(weights[0], (choice.name, choice.arch))
+    display = display_ui()
     if image is None:
         st.info("Upload an image or choose an example in the sidebar to begin.")
         st.stop()
-    res, key, decoded = _analysis(choice, inputs, image, loaded)
+    res, key, decoded = _analysis(choice, inputs, image, weights)
     _status(res, inputs)
-    attention = attention_ui(res.info)
     st.session_state["_geometry"] = dict(grid=res.info.grid, patch_size=res.info.patch_size)
     keep_query(res.info.grid)
-    query = st.number_input("Query patch (or click a patch in a figure)", 0, res.info.num_patches - 1,
-                            key="query_patch", help="Row-major patch index, as timm flattens the grid.")
-    second_key, second_image = _second(key, second)
-    ctx = ViewContext(res=res, key=key, attention=attention, query=int(query), image=decoded, loaded=loaded,
-                      second_key=second_key, second_image=second_image)
+    ctx, section = _context(res, key, weights, image, decoded, second, display)
     _downloads(ctx, inputs.fit)
-    _views(ctx)
+    _views(ctx, section)

@@ -9,12 +9,11 @@ from pathlib import Path
 import streamlit as st
 
 from vitviz.analysis.onepass import max_square_size
-from vitviz.analysis.rollout import FUSIONS
 from vitviz.device import available_devices, pick_device, pick_dtype
+from vitviz.errors import VitvizError
 from vitviz.inputs.image import IMAGE_SUFFIXES, MAX_UPLOAD_BYTES
 from vitviz.models import (
     CHECKPOINT_SUFFIXES,
-    ModelInfo,
     ModelSource,
     check_arch,
     hub_cached,
@@ -22,14 +21,14 @@ from vitviz.models import (
     patch_size_range,
 )
 from vitviz.models.checkpoints import upload_param_cap
-from vitviz.settings import DEFAULTS, FITS
+from vitviz.settings import FITS
 
 from .cache import digest
-from .state import ALL_HEADS, COLORSCALES, app_model, keep
+from .state import COLORSCALES, app_model, keep
 from .widgets import fail
 
-__all__ = ["ImageChoice", "ModelChoice", "InputChoice", "AttentionChoice", "image_ui", "second_image_ui",
-           "model_ui", "input_ui", "attention_ui", "ASSETS"]
+__all__ = ["ImageChoice", "ModelChoice", "InputChoice", "DisplayChoice", "image_ui", "second_image_ui",
+           "model_ui", "input_ui", "display_ui", "ASSETS"]
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"  # the package's example images (the checkout's assets/)
 if not ASSETS.is_dir():
@@ -69,21 +68,9 @@ class InputChoice:
 
 
 @dataclass(frozen=True)
-class AttentionChoice:
-    start: int
-    end: int
-    view: str  # "rollout" or "raw"
-    head_choice: str | int  # ALL_HEADS or a head index
-    fusion: str
-    discard: float
-    opacity: float
+class DisplayChoice:
+    opacity: float  # of the maps over the image
     colorscale: str
-    drop_artefacts: bool = False  # artefact-aware rollout: outlier/sink tokens left out
-
-    @property
-    def head(self) -> str | int:
-        """What the maps fuse: a fusion name for all heads, else one head's index."""
-        return self.fusion if self.head_choice == ALL_HEADS else int(self.head_choice)
 
 
 def _upload_limits() -> str:
@@ -100,8 +87,7 @@ def image_ui() -> ImageChoice | None:
                               help=f"JPEG, PNG, WebP, BMP, GIF or TIFF, up to {MAX_UPLOAD_BYTES // 10**6} MB.")
     examples = sorted(p.name for p in ASSETS.glob("*.jpg"))
     example = sb.selectbox("...or an example", examples, key="example", index=None, placeholder="Choose an example",
-                           help="Public-domain photos from scikit-image (see assets/README.md). An upload takes "
-                                "precedence.")
+                           help="Public-domain photos from scikit-image. An upload takes precedence.")
     if upload is not None:
         data, name = upload.getvalue(), upload.name
     elif example is not None:
@@ -174,7 +160,7 @@ def _checkpoint(choice: str) -> ModelChoice:
                                    "names it in its metadata.")
     try:
         arch = check_arch(arch_text) if arch_text.strip() else None
-    except ValueError as exc:
+    except VitvizError as exc:
         fail(exc)
     if choice != UPLOAD:
         return ModelChoice(str(checkpoint_dir() / choice.removeprefix(DIR_PREFIX)), arch)
@@ -217,7 +203,7 @@ def _device_ui() -> tuple[str, str]:
     device = sb.selectbox("Device", devices, key="device", help="auto: CUDA, else MPS, else CPU.")
     try:
         dev = pick_device(device)
-    except ValueError as exc:
+    except VitvizError as exc:
         fail(exc)
     precisions = ["auto", "fp32"] if dev.type == "cpu" else ["auto", "fp32", "fp16", "bf16"]
     keep("precision", lambda v: v in precisions, "auto")
@@ -255,44 +241,10 @@ def input_ui(source: ModelSource, model_id: tuple) -> InputChoice:
     return InputChoice(patch, img_size, fit, device, precision)
 
 
-def _layers_ui(depth: int, view: str) -> tuple[int, int]:
-    """The rollout's layer range, or the one layer the raw view shows (a raw map has no start layer)."""
-    start0, end0 = DEFAULTS.layer_range(depth)
-    keep("layers", lambda v: isinstance(v, (tuple, list)) and 0 <= v[0] <= v[1] < depth, (start0, end0))
-    if depth == 1:  # a one-layer model: nothing to choose (a slider needs two ends)
-        st.sidebar.caption("Layers: the model has a single layer.")
-        return 0, 0
-    if view == "raw":
-        keep("raw_layer", lambda v: isinstance(v, int) and 0 <= v < depth, st.session_state["layers"][1])
-        layer = st.sidebar.slider("Layer", 0, depth - 1, key="raw_layer",
-                                  help="The layer whose raw CLS attention the views open at.")
-        return layer, layer
-    start, end = st.sidebar.slider(
-        "Layers (start..end)", 0, depth - 1, key="layers",
-        help="Rollout multiplies the attention of layers start..end; the views open at the end layer.")
-    return start, end
-
-
-def attention_ui(info: ModelInfo) -> AttentionChoice:
+def display_ui() -> DisplayChoice:
+    """How every map is drawn over the image: the overlay's opacity and its colour scale."""
     sb = st.sidebar
-    sb.header("Attention")
-    view = sb.radio("Rollout view", ["rollout", "raw"], key="view", format_func={
-        "rollout": "rollout from the start layer", "raw": "one layer's raw CLS attention"}.get,
-        help="Rollout follows attention through the residual stream; raw shows each layer on its own.")
-    start, end = _layers_ui(info.depth, view)
-    head_options = [ALL_HEADS, *range(info.num_heads)]
-    keep("head", lambda v: v in head_options, ALL_HEADS)
-    head_choice = sb.selectbox("Head", head_options, key="head",
-                               format_func=lambda h: h if h == ALL_HEADS else f"head {h}",
-                               help="Fuse all heads, or follow one head through every layer.")
-    fusion = sb.selectbox("Head fusion", FUSIONS, key="head_fusion", disabled=head_choice != ALL_HEADS,
-                          help="How the heads of a layer are combined.")
-    discard = sb.slider("Discard ratio", 0.0, 0.99, step=0.01, key="discard_ratio", disabled=view == "raw",
-                        help="Zero this share of the weakest attention entries per layer before rollout (not the CLS "
-                             "column). Rollout only: the raw view shows attention as it is.")
-    drop = sb.checkbox("Leave out artefact tokens", key="drop_artefacts", disabled=view == "raw",
-                       help="Artefact-aware rollout: patch tokens whose norm or received attention is an outlier in "
-                            "some layer (see the Token norms and Attention sinks tabs) are left out of every layer.")
+    sb.header("Display")
     opacity = sb.slider("Overlay opacity", 0.0, 1.0, step=0.05, key="opacity")
     colorscale = sb.selectbox("Colour scale", COLORSCALES, key="colorscale")
-    return AttentionChoice(start, end, view, head_choice, fusion, discard, opacity, colorscale, drop)
+    return DisplayChoice(opacity, colorscale)

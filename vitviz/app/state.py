@@ -14,21 +14,21 @@ import streamlit as st
 
 from vitviz.settings import DEFAULTS
 
-__all__ = ["ALL_HEADS", "COLORSCALES", "app_model", "init_state", "keep", "keep_query"]
+__all__ = ["ALL_HEADS", "COLORSCALES", "TABS_PREFIX", "app_model", "init_state", "keep", "keep_query"]
 
 ALL_HEADS = "all heads (fused)"
 COLORSCALES = ("Inferno", "Viridis", "Magma", "Plasma", "Turbo", "Jet", "Greys")
 
 PERSISTENT = ("example", "model", "arch", "patch_size", "img_size", "fit", "device", "precision", "layers", "view",
-              "head", "head_fusion", "discard_ratio", "opacity", "colorscale", "query_patch", "heads_layer",
-              "heads_source", "query_layer", "hub_name", "heads_scale", "raw_layer",
-              "drop_artefacts", "tokens_layer", "pca_layer", "pca_foreground", "sim_layer",
-              "explain_target", "explain_method")
+              "head", "head_fusion", "discard_ratio", "opacity", "colorscale", "query_patch", "heads_source",
+              "hub_name", "heads_scale", "raw_layer", "drop_artefacts", "tokens_layer", "pca_foreground",
+              "explain_target", "explain_method", "section")
+TABS_PREFIX = "tab_"  # each section's open tab, under "tab_<section>": kept too, so a section reopens where it was
 INITIAL: dict[str, Any] = dict(
     model="default", device="auto", precision="auto", img_size=DEFAULTS.img_size,
     fit=DEFAULTS.fit, view="rollout", head=ALL_HEADS, head_fusion=DEFAULTS.head_fusion,
     discard_ratio=DEFAULTS.discard_ratio, opacity=0.6, colorscale="Inferno", heads_source="CLS token",
-    heads_scale="shared",
+    heads_scale="shared", drop_artefacts=False,
 )
 
 
@@ -40,7 +40,7 @@ def app_model() -> tuple[str, str | None]:
 
 def init_state() -> None:
     """Initial values once per session; persistent widget values carried over runs that do not draw them."""
-    for key in PERSISTENT:
+    for key in [*PERSISTENT, *(k for k in st.session_state if str(k).startswith(TABS_PREFIX))]:
         if key in st.session_state:
             st.session_state[key] = st.session_state[key]
     for key, value in {**INITIAL, "arch": app_model()[1] or ""}.items():

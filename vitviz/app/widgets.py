@@ -1,4 +1,5 @@
-"""Helpers every view uses: user errors as messages, clickable charts, and the click-to-query-patch callback.
+"""Helpers every view uses: user errors as messages (bugs logged), clickable charts, and the click-to-query-patch
+callback.
 
 The callbacks are functions of this module taking only widget keys, so a callback never holds a run's arrays (a
 callback that closed over a script's globals kept every analysis a session had seen alive).
@@ -7,14 +8,21 @@ callback that closed over a script's globals kept every analysis a session had s
 from __future__ import annotations
 
 import functools
+import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import PurePath
 from typing import NoReturn
 
 import streamlit as st
 
 from vitviz import figures as vf
+from vitviz.errors import VitvizError
 
-__all__ = ["fail", "chart", "clicked_patch", "on_click", "md_escape"]
+__all__ = ["fail", "bug", "guarded", "chart", "clicked_patch", "on_click", "md_escape", "file_stem"]
+
+log = logging.getLogger("vitviz.app")
 
 # what makes emphasis, code, links, html, headings, lists, maths, entities; and Streamlit's own directives:
 # ``:red[x]`` colours, ``:smile:`` emoji, ``:material/home:`` icons (Streamlit rewrites ":material/" before parsing)
@@ -36,10 +44,38 @@ def md_escape(text: str) -> str:
     return _ORDERED.sub(r"\1\\\2", _MARKDOWN.sub(r"\\\1", text))
 
 
-def fail(exc: Exception) -> NoReturn:
+def fail(exc: VitvizError) -> NoReturn:
     """A user-caused error: its message, no traceback, and nothing further on this run."""
     st.error(md_escape(str(exc)))  # st.error renders Markdown: a file name in a message must show as typed
     st.stop()
+
+
+def bug(where: str) -> NoReturn:
+    """Anything but a :class:`VitvizError` is a bug: logged with its traceback on the server; the user reads that it
+    is one (never a message that blames the input), and nothing further on this run."""
+    log.exception("internal error in %s", where)
+    st.error(f"Internal error in {md_escape(where)}: this is a bug in vitviz, not a problem with your image or "
+             "settings. It was logged on the server.")
+    st.stop()
+
+
+@contextmanager
+def guarded(where: str) -> Iterator[None]:
+    """Run a block: a user error (:class:`VitvizError`) becomes its message (:func:`fail`), anything else a logged
+    bug (:func:`bug`). Streamlit's own stop and rerun are BaseExceptions and pass through."""
+    try:
+        yield
+    except VitvizError as exc:
+        fail(exc)
+    except Exception:  # noqa: BLE001 - a bug: logged, and said to be one
+        bug(where)
+
+
+def file_stem(name: str) -> str:
+    """What a download is named after: the image file's stem, in letters, digits, ``._-`` (``my cat.jpg``:
+    ``my_cat``), at most 80 characters; ``image`` if nothing is left."""
+    stem = re.sub(r"[^\w.-]+", "_", PurePath(name.replace("\\", "/")).stem).strip("._-")
+    return stem[:80] or "image"
 
 
 def clicked_patch(points: list[dict], *, grid: tuple[int, int], patch_size: int, mosaic: bool = False) -> int | None:
@@ -76,8 +112,9 @@ def on_click(chart_key: str, *, mosaic: bool = False) -> None:
         st.session_state["query_patch"] = idx
 
 
-def chart(fig, key: str, *, clickable: bool = True, mosaic: bool = False, toolbar: bool = True) -> None:
-    """A plotly figure, clickable to pick the query patch, with its standalone-HTML download under it.
+def chart(fig, key: str, *, stem: str, clickable: bool = True, mosaic: bool = False, toolbar: bool = True) -> None:
+    """A plotly figure, clickable to pick the query patch, with its standalone-HTML download under it, named after
+    the image (``stem``) and the figure: ``cat-heads.html`` for ``fig_heads``.
 
     ``theme=None``: Streamlit's theme would replace colours of the figure (it turns the first colour of Inferno and
     Magma, #000004, pink), so the screen would not show the scale the colour bar and the downloads use.
@@ -92,5 +129,6 @@ def chart(fig, key: str, *, clickable: bool = True, mosaic: bool = False, toolba
                         selection_mode="points", theme=None, config=config)
     else:
         st.plotly_chart(fig, key=key, theme=None, config=config)
-    st.download_button("Figure as HTML", data=functools.partial(vf.figure_html, fig), file_name=f"{key}.html",
+    name = f"{stem}-{key.removeprefix('fig_').replace('_', '-')}.html"
+    st.download_button("Figure as HTML", data=functools.partial(vf.figure_html, fig), file_name=name,
                        mime="text/html", key=f"dl_{key}", on_click="ignore")

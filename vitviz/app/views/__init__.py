@@ -1,19 +1,18 @@
-"""The app's views, one module each with ``TITLE`` and ``render(ctx)``; the tabs appear in this order."""
+"""The app's views, one module each with ``TITLE`` and ``render(ctx)``, grouped in sections.
+
+``SECTIONS`` is the one list: the page shows the sections in this order (one chosen at a time) and, inside the open
+section, its views as tabs in this order. ``VIEWS`` is the same views as one flat list.
+"""
 
 from . import distance, explain, features, heads, norms, patch_grid, position, query, rollout, similarity, sinks
 
-__all__ = ["VIEWS"]
+__all__ = ["SECTIONS", "VIEWS", "ATTENTION", "TOKENS"]
 
-VIEWS = [
-    patch_grid,
-    position,
-    rollout,
-    explain,
-    heads,
-    query,
-    distance,
-    norms,
-    sinks,
-    features,
-    similarity,
-]
+ATTENTION, TOKENS = "Attention", "Tokens & features"  # the sections with controls of their own (controls.py)
+SECTIONS = {
+    "Input": [patch_grid, position],
+    ATTENTION: [rollout, heads, query, distance],
+    "Explain": [explain],
+    TOKENS: [norms, sinks, features, similarity],
+}
+VIEWS = [view for views in SECTIONS.values() for view in views]

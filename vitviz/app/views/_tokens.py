@@ -1,19 +1,8 @@
-"""What the token views share: the layer they look at (one control for all of them) and naming tokens."""
+"""What the token views share: naming tokens. (Their one layer is the section's control, ``ctx.token_layer``.)"""
 
 from __future__ import annotations
 
-import streamlit as st
-
-from ..state import keep
-
-__all__ = ["layer_ui", "token_name"]
-
-
-def layer_ui(ctx, label: str = "Layer (the token views share it)") -> int:
-    depth = ctx.info.depth
-    keep("tokens_layer", lambda v: isinstance(v, int) and 0 <= v < depth, depth - 1)
-    return st.selectbox(label, list(range(depth)), key="tokens_layer",
-                        help="Block outputs are numbered from 0, as timm's blocks and the other layer controls.")
+__all__ = ["token_name"]
 
 
 def token_name(info, t: int) -> str:

@@ -16,4 +16,5 @@ def render(ctx) -> None:
     st.markdown("Mean distance, in input pixels, between each patch and the patches it attends to (ViT paper, "
                 "Fig. 7), one dot per head and layer: a head with a small distance attends to nearby patches, one "
                 "with a large distance attends across the image.")
-    chart(vf.attention_distance_figure(cache.distances(ctx.key, ctx.res)), "fig_distance", clickable=False)
+    chart(vf.attention_distance_figure(cache.distances(ctx.key, ctx.res)), "fig_distance", stem=ctx.stem,
+          clickable=False)

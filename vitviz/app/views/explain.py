@@ -23,7 +23,7 @@ METHODS = tuple(dict.fromkeys((DEFAULT_METHOD, *[m for m in DEFAULT_METHODS if m
 METHOD_TEXT = {"rollout": "attention rollout", "raw": "raw CLS attention of the last layer",
                "chefer": "Chefer et al. 2021 relevance", "legrad": "LeGrad (Bousselham et al. 2024)",
                "gradxattn": "gradient × attention, last layer", "deletion": "greedy token deletion"}
-MEASURED = (f" On the photos we measured (README), the default, {METHOD_TEXT[DEFAULT_METHOD.partition(':')[0]]}, was "
+MEASURED = (f" On the photos we measured, the default, {METHOD_TEXT[DEFAULT_METHOD.partition(':')[0]]}, was "
             "the most faithful of these methods.")
 # how to read a map whose values are not a relevance on their own scale
 READING = {"deletion": "Patches were removed in steps, each step taking the patches whose presence the score "
@@ -40,7 +40,7 @@ def _method_label(label: str) -> str:
 def _targets(ctx) -> list[str]:
     """What can be explained: a classifier's top-5 classes and its embedding; a backbone's embedding (label-free,
     Crabbé & van der Schaar 2022) or the query patch's feature. Never a class the model does not have."""
-    built, _info = cache.model(ctx.key.model, ctx.loaded)
+    built, _info = cache.model(ctx.key.model, ctx.weights)
     patch = f"patch:{ctx.query}"
     if not has_head(built):
         return ["embedding", patch]
@@ -58,14 +58,14 @@ def _target_text(target: str, ctx) -> str:
 def _explained(ctx, method: str, target: str):
     """The cached explanation; a progress bar while it is computed (none when it is ready)."""
     slot = st.empty()
-    done = jobs.explanation(ctx.key, method, target, ctx.res, ctx.loaded,
+    done = jobs.explanation(ctx.key, method, target, ctx.res, ctx.weights,
                              progress=lambda fraction, text: slot.progress(fraction, text=text))
     slot.empty()
     return done
 
 
 def render(ctx) -> None:
-    info, a = ctx.info, ctx.attention
+    info, d = ctx.info, ctx.display
     targets = _targets(ctx)
     keep("explain_target", lambda v: v in targets, targets[0])
     keep("explain_method", lambda v: v in METHODS, DEFAULT_METHOD)
@@ -84,12 +84,12 @@ def render(ctx) -> None:
                 f"{'' if method == DEFAULT_METHOD else MEASURED}")
     cols = st.columns(2)
     with cols[0]:
-        chart(vf.overlay_figure(ctx.res.pixels, e.map, patch_size=info.patch_size, opacity=a.opacity,
-                                colorscale=a.colorscale, highlight=ctx.query, colorbar_title="relevance"),
-              "fig_explain")
+        chart(vf.overlay_figure(ctx.res.pixels, e.map, patch_size=info.patch_size, opacity=d.opacity,
+                                colorscale=d.colorscale, highlight=ctx.query, colorbar_title="relevance"),
+              "fig_explain", stem=ctx.stem)
     with cols[1]:
         unit = "cosine with the full image's embedding" if c.score_kind == "cosine" else f"{c.score_kind} of target"
         chart(vf.curves_figure(c.fractions, {"MoRF (most relevant removed first)": c.morf,
                                              "LeRF (least relevant removed first)": c.lerf,
                                              "random MoRF": r.morf, "random LeRF": r.lerf}, y_title=unit),
-              "fig_explain_curves", clickable=False)
+              "fig_explain_curves", stem=ctx.stem, clickable=False)

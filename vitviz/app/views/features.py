@@ -10,7 +10,6 @@ from vitviz.analysis import tokens as vt
 
 from .. import cache
 from ..widgets import chart
-from ._tokens import layer_ui
 
 TITLE = "Patch features"
 SCALING = ("each component's scores from −2 to +2 standard deviations mapped to 0..1 (clipped beyond), "
@@ -22,8 +21,7 @@ def _patches(res, layer: int) -> np.ndarray:
 
 
 def render(ctx) -> None:
-    info = ctx.info
-    layer = layer_ui(ctx)
+    info, layer = ctx.info, ctx.token_layer
     foreground = st.checkbox("Only the foreground (DINOv2: first component above its mean)", key="pca_foreground",
                              help="The background is the side of the first component that the image's border "
                                   "patches fall on; artefact tokens are left out of every fit.")
@@ -46,6 +44,7 @@ def render(ctx) -> None:
             rgb = np.where(mask[..., None], rgb, 0.0)
         with col:
             chart(vf.rgb_patch_figure(rgb, patch_size=res.info.patch_size, pixels=res.pixels, opacity=0.85,
-                                      highlight=ctx.query if k == 0 else None), f"fig_pca_{k}", clickable=k == 0)
+                                      highlight=ctx.query if k == 0 else None), f"fig_pca_{k}", stem=ctx.stem,
+                  clickable=k == 0)
     if second is None:
         st.caption("Add a second image in the sidebar to compare two images on one basis.")

@@ -7,7 +7,6 @@ import streamlit as st
 from vitviz import figures as vf
 
 from .. import cache
-from ..state import keep
 from ..widgets import chart
 
 TITLE = "Heads"
@@ -17,23 +16,22 @@ SCALES = {"shared": "one colour range for all heads (compare heads)",
 
 def head_grid(ctx, maps, key: str) -> None:
     """The small multiples of ``maps`` (H, gh, gw) on the colour range the user picked, with a colour bar."""
-    a = ctx.attention
+    d = ctx.display
     shared = st.session_state.get("heads_scale", "shared") == "shared"
-    chart(vf.head_grid_figure(maps, patch_size=ctx.info.patch_size, pixels=ctx.res.pixels, colorscale=a.colorscale,
-                              opacity=a.opacity, shared_scale=shared, colorbar_title="attention"), key, toolbar=False)
+    chart(vf.head_grid_figure(maps, patch_size=ctx.info.patch_size, pixels=ctx.res.pixels, colorscale=d.colorscale,
+                              opacity=d.opacity, shared_scale=shared, colorbar_title="attention"), key,
+          stem=ctx.stem, toolbar=False)
 
 
 def render(ctx) -> None:
-    info, a = ctx.info, ctx.attention
-    keep("heads_layer", lambda v: isinstance(v, int) and 0 <= v < info.depth, a.end)
-    left, mid, right = st.columns(3)
-    layer = left.selectbox("Layer", list(range(info.depth)), key="heads_layer")
-    source = mid.radio("Attention of", ["CLS token", "query patch"], key="heads_source", horizontal=True)
+    info, layer = ctx.info, ctx.attention.end  # the section's layer control
+    left, right = st.columns(2)
+    source = left.radio("Attention of", ["CLS token", "query patch"], key="heads_source", horizontal=True)
     right.radio("Colour range", list(SCALES), key="heads_scale", horizontal=True, format_func=SCALES.get)
     query = None if source == "CLS token" else ctx.query
     maps = cache.query_maps(ctx.key, query, ctx.res)[layer]
     who = "the CLS token" if query is None else f"patch {query}"
     scale = SCALES[st.session_state["heads_scale"]]
-    st.markdown(f"Layer {layer}: where {who} attends, each of the {info.num_heads} heads; brighter = more attention, "
-                f"{scale}.")
+    st.markdown(f"Layer {layer} (the end layer above): where {who} attends, each of the {info.num_heads} heads; "
+                f"brighter = more attention, {scale}.")
     head_grid(ctx, maps, "fig_heads")

@@ -9,7 +9,7 @@ from vitviz import figures as vf
 
 from .. import cache
 from ..widgets import chart
-from ._tokens import layer_ui, token_name
+from ._tokens import token_name
 
 TITLE = "Token norms"
 RULE = ("outliers by the data's own gap: a wide empty range (≥ 2.5 robust SDs) in the top log-norms of this layer's "
@@ -17,8 +17,7 @@ RULE = ("outliers by the data's own gap: a wide empty range (≥ 2.5 robust SDs)
 
 
 def render(ctx) -> None:
-    info, a = ctx.info, ctx.attention
-    layer = layer_ui(ctx)
+    info, d, layer = ctx.info, ctx.display, ctx.token_layer
     stats = cache.token_stats(ctx.key, ctx.res)
     p = info.num_prefix_tokens
     norms, flags = stats.norms[layer], stats.norm_outliers[layer]
@@ -28,11 +27,11 @@ def render(ctx) -> None:
     left, right = st.columns(2)
     with left:
         chart(vf.overlay_figure(ctx.res.pixels, norms[p:].reshape(info.grid), patch_size=info.patch_size,
-                                opacity=a.opacity, colorscale=a.colorscale, highlight=ctx.query, outlined=marked,
-                                colorbar_title="token norm", hover="norm"), "fig_norms")
+                                opacity=d.opacity, colorscale=d.colorscale, highlight=ctx.query, outlined=marked,
+                                colorbar_title="token norm", hover="norm"), "fig_norms", stem=ctx.stem)
     with right:
         prefix = {token_name(info, t): float(norms[t]) for t in range(p)}
         chart(vf.histogram_figure(norms[p:], marked=flags[p:], x_title="token norm", extra=prefix),
-              "fig_norm_hist", clickable=False)
+              "fig_norm_hist", stem=ctx.stem, clickable=False)
     rows = [f"{token_name(info, t)}: {norms[t]:.1f}" for t in range(p)]
     st.caption("Prefix tokens (shown apart, never counted as outliers): " + "; ".join(rows))

@@ -27,4 +27,4 @@ def render(ctx) -> None:
                 f"**{info.num_patches} patches**; the transformer reads {token_text(info)}. Click a patch to make it "
                 "the query.")
     chart(vf.patch_grid_figure(res.pixels, patch_size=info.patch_size, grid=info.grid, highlight=ctx.query),
-          "fig_grid")
+          "fig_grid", stem=ctx.stem)

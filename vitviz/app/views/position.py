@@ -19,11 +19,11 @@ def render(ctx) -> None:
     with left:
         if info.num_patches <= vf.MOSAIC_MAX_TOKENS:
             chart(vf.similarity_mosaic_figure(res.pos_sim, grid=info.grid, highlight=ctx.query), "fig_mosaic",
-                  mosaic=True)
+                  stem=ctx.stem, mosaic=True)
         else:
             st.info(f"The mosaic of {info.num_patches} patches is too large to draw (at most "
                     f"{vf.MOSAIC_MAX_TOKENS}); pick patches one at a time.")
     with right:
         chart(vf.similarity_map_figure(res.pos_sim, grid=info.grid, index=ctx.query, patch_size=info.patch_size,
-                                       pixels=res.pixels, colorscale="Viridis", opacity=ctx.attention.opacity),
-              "fig_simmap")
+                                       pixels=res.pixels, colorscale="Viridis", opacity=ctx.display.opacity),
+              "fig_simmap", stem=ctx.stem)

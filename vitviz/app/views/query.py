@@ -7,7 +7,6 @@ import streamlit as st
 from vitviz import figures as vf
 
 from .. import cache
-from ..state import keep
 from ..widgets import chart
 from .heads import SCALES, head_grid
 
@@ -15,16 +14,15 @@ TITLE = "Query patch"
 
 
 def render(ctx) -> None:
-    info, a = ctx.info, ctx.attention
+    info, d, layer = ctx.info, ctx.display, ctx.attention.end  # the section's layer control
     qmaps = cache.query_maps(ctx.key, ctx.query, ctx.res)
-    keep("query_layer", lambda v: isinstance(v, int) and 0 <= v < info.depth, a.end)
     r, c = divmod(ctx.query, info.grid[1])
     st.markdown(f"Patch {ctx.query} (row {r}, col {c}): its attention, mean over heads, layer by layer (the slider "
                 "under the figure scrubs the layers in your browser); brighter = more attention.")
     chart(vf.layer_scrub_figure(ctx.res.pixels, qmaps.mean(axis=1), patch_size=info.patch_size,
-                                labels=[f"layer {b}" for b in range(info.depth)], active=a.end, opacity=a.opacity,
-                                colorscale=a.colorscale, colorbar_title="attention"), "fig_query")
-    layer = st.selectbox("Layer for the heads below", list(range(info.depth)), key="query_layer")
+                                labels=[f"layer {b}" for b in range(info.depth)], active=layer, opacity=d.opacity,
+                                colorscale=d.colorscale, colorbar_title="attention"), "fig_query", stem=ctx.stem)
     scale = SCALES[st.session_state.get("heads_scale", "shared")]
-    st.markdown(f"Layer {layer}: patch {ctx.query}'s attention, each head ({scale}; set in the Heads tab).")
+    st.markdown(f"Layer {layer} (the end layer above): patch {ctx.query}'s attention, each head ({scale}; set in the "
+                "Heads view).")
     head_grid(ctx, qmaps[layer], "fig_query_heads")

@@ -10,8 +10,8 @@ from ..state import ALL_HEADS
 from ..widgets import chart
 
 TITLE = "Attention rollout"
-LAYERS_NOTE = ("The sidebar's layers set this sentence, the downloads and the other views; the slider under the "
-               "figure previews the other end layers in your browser only.")
+LAYERS_NOTE = ("The layers above set this sentence, the downloads and the other views of this section; the slider "
+               "under the figure previews the other end layers in your browser only.")
 
 
 def describe(ctx) -> str:
@@ -25,13 +25,14 @@ def describe(ctx) -> str:
 
 
 def render(ctx) -> None:
-    a, info = ctx.attention, ctx.info
+    a, d, info = ctx.attention, ctx.display, ctx.info
     maps, labels, active = ctx.cls_maps()
     st.markdown(f"{describe(ctx)} Brighter patches get more of the CLS token's attention; each layer's map is "
                 f"coloured from its own lowest to its highest value. {LAYERS_NOTE} Attention is not explanation: "
-                "the Explain tab shows what the answer depends on and measures how faithful each map is. By that "
+                "the Explain section shows what the answer depends on and measures how faithful each map is. By that "
                 "test (removing the patches a map ranks first) no rollout is the most faithful view on the photos "
-                "we measured: the Explain tab's default, greedy token deletion, is.")
+                "we measured: the Explain section's default, greedy token deletion, is.")
     unit = "share of CLS attention" if a.view == "rollout" else "CLS attention"
     chart(vf.layer_scrub_figure(ctx.res.pixels, maps, patch_size=info.patch_size, labels=labels, active=active,
-                                opacity=a.opacity, colorscale=a.colorscale, colorbar_title=unit), "fig_rollout")
+                                opacity=d.opacity, colorscale=d.colorscale, colorbar_title=unit), "fig_rollout",
+          stem=ctx.stem)

@@ -9,14 +9,12 @@ from vitviz import figures as vf
 from vitviz.analysis import tokens as vt
 
 from ..widgets import chart
-from ._tokens import layer_ui
 
 TITLE = "Feature similarity"
 
 
 def render(ctx) -> None:
-    info, a = ctx.info, ctx.attention
-    layer = layer_ui(ctx)
+    info, d, layer = ctx.info, ctx.display, ctx.token_layer
     p = info.num_prefix_tokens
     patches = ctx.res.tokens[layer, p:]
     query = patches[ctx.query][None]  # (1, D)
@@ -27,9 +25,9 @@ def render(ctx) -> None:
     second = ctx.second()
     cols = st.columns(2 if second is not None else 1)
     with cols[0]:
-        chart(vf.overlay_figure(ctx.res.pixels, sim, patch_size=info.patch_size, opacity=a.opacity,
-                                colorscale=a.colorscale, highlight=ctx.query, zmin=-1, zmax=1,
-                                colorbar_title="cosine similarity", hover="cosine"), "fig_similarity")
+        chart(vf.overlay_figure(ctx.res.pixels, sim, patch_size=info.patch_size, opacity=d.opacity,
+                                colorscale=d.colorscale, highlight=ctx.query, zmin=-1, zmax=1,
+                                colorbar_title="cosine similarity", hover="cosine"), "fig_similarity", stem=ctx.stem)
     if second is None:
         st.caption("Add a second image in the sidebar to find where this patch's best match lies in it.")
         return
@@ -39,9 +37,9 @@ def render(ctx) -> None:
     sim2 = vt.cosine_similarity(query, other)[0].reshape(second.info.grid)
     mr, mc = divmod(match, second.info.grid[1])
     with cols[1]:
-        chart(vf.overlay_figure(second.pixels, sim2, patch_size=second.info.patch_size, opacity=a.opacity,
-                                colorscale=a.colorscale, highlight=match, zmin=-1, zmax=1,
+        chart(vf.overlay_figure(second.pixels, sim2, patch_size=second.info.patch_size, opacity=d.opacity,
+                                colorscale=d.colorscale, highlight=match, zmin=-1, zmax=1,
                                 colorbar_title="cosine similarity", hover="cosine"), "fig_similarity_2",
-              clickable=False)
+              stem=ctx.stem, clickable=False)
     st.caption(f"Best match in the second image: patch {match} (row {mr}, col {mc}), cosine {float(best[0, 0]):.3f}; "
                f"{int(np.sum(sim2 > 0.5 * float(best[0, 0])))} of its patches are at least half as similar.")
