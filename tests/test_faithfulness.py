@@ -234,6 +234,7 @@ def test_curves_leave_the_model_alone_and_refuse_bad_input():
     faithfulness(model, x, np.ones((4, 4)))
     assert hook_state(model) == before and all(p.grad is None for p in model.parameters())
     for heat, kwargs in [(np.ones((4, 5)), {}), (np.full((4, 4), np.nan), {}), (np.ones((4, 4)), {"steps": 1}),
-                         (np.ones((4, 4)), {"perturbation": "blur"}), (np.ones((4, 4)), {"target": "patch:16"})]:
+                         (np.ones((4, 4)), {"perturbation": "noise"}), (np.ones((4, 4)), {"target": "patch:16"}),
+                         (np.ones((4, 4)), {"readout": "entropy"})]:
         with pytest.raises(ParameterError):
             faithfulness(model, x, heat, **kwargs)

@@ -13,21 +13,34 @@ x_0..x_{S-1} (so at most 0.9 for scores ≤ 1 at S = 10), and
 
     score = AUC_LeRF - AUC_MoRF        (a random map scores about 0; higher is more faithful)
 
-The score y at each step (:func:`curves`):
+the symmetric relevance gain (SRG) of Blücher et al. 2024 ("Decoupling pixel flipping and occlusion strategy"),
+which reads both orders so that neither a map that only finds the important patches nor one that only finds the
+unimportant ones scores well.
 
-- ``embedding`` target: cos(f(x̃), f(x)), f the embedding the head reads (1 at step 0);
-- ``patch`` p: cos(g_p(x̃), g_p(x)) of patch p's final feature; patch p is never removed (it is ranked out, and
-  the k_i are counted over the other N - 1 patches);
-- ``class`` c: the softmax probability p_c(x̃); the logit y_c(x̃) is recorded beside it.
+The score y at each step (:func:`curves`), by ``readout``:
 
-Perturbation (how a patch is removed):
+- ``target`` (the default: what the map explained): for the ``embedding`` target cos(f(x̃), f(x)), f the embedding
+  the head reads (1 at step 0); for ``patch`` p cos(g_p(x̃), g_p(x)) of patch p's final feature (patch p is never
+  removed: it is ranked out, and the k_i are counted over the other N - 1 patches); for ``class`` c the softmax
+  probability p_c(x̃), the logit y_c(x̃) recorded beside it;
+- ``cls``: cos(f(x̃), f(x)) of the head's embedding (the CLS token for token pooling), whatever was explained;
+- ``mean``: the cosine of the mean of the final (normed) patch tokens with the full image's, a read-out no method
+  here explains (for backbones);
+- ``probability`` / ``logit``: of the explained class, else of the full image's top-1 class (classifiers only).
+
+Perturbation (how a patch is removed; the pixel ones are in :mod:`.perturb`):
 
 - ``tokens``: the patch token is dropped from the sequence after its position embedding was added (prefix tokens,
   CLS + registers + distillation token, are always kept), then the blocks, the final norm and the head run on the
   shorter sequence. Native to ViTs: no infill, and the pass is cheaper by the share of tokens dropped;
 - ``pixels``: the patch's pixels are set to the image's per-channel mean in input space (the normalised tensor the
   model reads; the same as the mean pixel, since normalisation is affine per channel), for comparison with
-  Chefer et al. 2021's perturbation protocol (Table 1).
+  Chefer et al. 2021's perturbation protocol (Table 1);
+- ``blur``: the patch's pixels are taken from the image blurred by a Gaussian of σ = 10 px;
+- ``road``: ROAD's noisy linear imputation (Rong et al. 2022) of the removed pixels from their neighbours.
+
+Greedy deletion (:mod:`vitviz.explain.deletion`) is built on token removal with the target read-out: that pair
+measures it on its own objective, every other pair does not.
 
 The curves run without gradients, under inference mode. Token removal batches each step's MoRF and LeRF inputs
 (the same token count) of every map together; step 0 (nothing removed) is one pass shared by all curves.
@@ -45,12 +58,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import ParameterError
+from ..errors import ModelError, ParameterError
 from ..targets import ModelOutputs, Target, check_one_image, embed_tokens, head_outputs, resolve_target
+from .perturb import blur_fill, gaussian_blur, mean_fill, road_fill, road_noise
 
 __all__ = [
     "Perturbation",
     "PERTURBATIONS",
+    "Readout",
+    "READOUTS",
     "Curves",
     "removed_counts",
     "removal_orders",
@@ -61,9 +77,12 @@ __all__ = [
     "faithfulness",
 ]
 
-Perturbation = Literal["tokens", "pixels"]
-PERTURBATIONS = ("tokens", "pixels")
-ScoreKind = Literal["cosine", "probability"]
+Perturbation = Literal["tokens", "pixels", "blur", "road"]
+PERTURBATIONS = ("tokens", "pixels", "blur", "road")
+Readout = Literal["target", "cls", "mean", "probability", "logit"]
+READOUTS = ("target", "cls", "mean", "probability", "logit")
+ScoreKind = Literal["cosine", "probability", "logit"]
+PERTURBATION_WORDS = {"tokens": "token removal", "pixels": "mean fill", "blur": "blurring", "road": "ROAD imputation"}
 _BATCH_BYTES = 256 * 2**20  # attention probabilities of one block for one chunk of perturbed inputs
 
 
@@ -83,10 +102,19 @@ class Curves:
     perturbation: Perturbation
     target: Target  # resolved
     seconds: float  # the share of the batched passes spent on this map's inputs
+    readout: Readout = "target"
 
     @property
     def score(self) -> float:
+        """The symmetric relevance gain, AUC_LeRF − AUC_MoRF."""
         return self.lerf_auc - self.morf_auc
+
+    @property
+    def measure(self) -> str:
+        """What measured it, for a person: "by token removal, CLS embedding"."""
+        what = {"target": "", "cls": ", CLS embedding", "mean": ", mean patch token", "probability": ", probability",
+                "logit": ", logit"}[self.readout]
+        return f"by {PERTURBATION_WORDS[self.perturbation]}{what}"
 
 
 def removed_counts(num_patches: int, steps: int = 10) -> np.ndarray:
@@ -150,6 +178,40 @@ def curve_score(model: torch.nn.Module, target: Target, out: ModelOutputs, ref: 
     return F.cosine_similarity(feat, ref[None].float(), dim=-1), None
 
 
+def _patch_mean(model: torch.nn.Module, out: ModelOutputs) -> torch.Tensor:
+    return out.tokens[:, int(model.num_prefix_tokens):].float().mean(1)
+
+
+class _Reader:
+    """The curves' score of a batch of outputs under one read-out, with its references from the full image."""
+
+    def __init__(self, model: torch.nn.Module, target: Target, readout: Readout, full: ModelOutputs) -> None:
+        self.model, self.target, self.readout, p = model, target, readout, int(model.num_prefix_tokens)
+        if readout in ("probability", "logit") and full.logits is None:
+            raise ModelError(f"the {readout} read-out needs a classifier head; this model has none")
+        self.cls = target.index if target.kind == "class" else (
+            int(full.logits[0].argmax()) if full.logits is not None else None)
+        self.ref = {"cls": full.embedding[0], "mean": _patch_mean(model, full)[0]}.get(readout)
+        if readout == "target":
+            self.ref = full.embedding[0] if target.kind == "embedding" else (
+                full.tokens[0, p + target.index] if target.kind == "patch" else None)
+        self.kind: ScoreKind = ("probability" if target.kind == "class" else "cosine") if readout == "target" else (
+            "cosine" if readout in ("cls", "mean") else readout)
+
+    def __call__(self, out: ModelOutputs, position: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B,) scores and, beside a probability, the (B,) logit."""
+        if self.readout == "target":
+            return curve_score(self.model, self.target, out, self.ref, position)
+        if self.readout == "cls":
+            return F.cosine_similarity(out.embedding.float(), self.ref[None].float(), dim=-1), None
+        if self.readout == "mean":
+            return F.cosine_similarity(_patch_mean(self.model, out), self.ref[None].float(), dim=-1), None
+        logits = out.logits.float()
+        if self.readout == "logit":
+            return logits[:, self.cls], None
+        return logits.softmax(-1)[:, self.cls], logits[:, self.cls]
+
+
 def _chunk(model: torch.nn.Module, num_tokens: int) -> int:
     heads = int(model.blocks[0].attn.num_heads)
     return max(1, min(64, _BATCH_BYTES // (heads * num_tokens * num_tokens * 4)))
@@ -167,57 +229,68 @@ def _kept_sets(orders: list[tuple[np.ndarray, np.ndarray]], k: int, protect: int
     return np.stack(rows)
 
 
-def _token_steps(model, x, orders, counts, target, protect):
-    """Scores (S, 2M) and logits, running each step's 2M sequences in chunks; step 0 once."""
-    dev = x.device
-    tokens = embed_tokens(model, x)  # (1, T, C)
-    full = head_outputs(model, model.blocks(tokens))
+def _start(model, x, target, readout):
+    """The full image's outputs, the resolved target and the reader of the curves' score."""
+    full = head_outputs(model, model.blocks(embed_tokens(model, x)))
     resolved = resolve_target(model, target, None if full.logits is None else full.logits[0])
-    p = int(model.num_prefix_tokens)
-    ref = full.embedding[0] if resolved.kind == "embedding" else (
-        full.tokens[0, p + resolved.index] if resolved.kind == "patch" else None)
-    pos0 = torch.tensor([p + (protect or 0)], device=dev)
-    s0, l0 = curve_score(model, resolved, full, ref, pos0)
-    M2 = 2 * len(orders)
-    scores = np.empty((len(counts), M2))
-    logits = np.empty((len(counts), M2)) if resolved.kind == "class" else None
+    return full, resolved, _Reader(model, resolved, readout, full)
+
+
+def _tables(steps: int, columns: int, reader: _Reader, s0, l0) -> tuple[np.ndarray, np.ndarray | None]:
+    """Score (and logit) tables (S, columns), step 0 filled from the full image's pass."""
+    scores = np.empty((steps, columns))
+    logits = np.empty((steps, columns)) if l0 is not None else None
     scores[0] = float(s0[0])
     if logits is not None:
         logits[0] = float(l0[0])
+    return scores, logits
+
+
+def _token_steps(model, x, orders, counts, target, protect, readout):
+    """Scores (S, 2M) and logits, running each step's 2M sequences in chunks; step 0 once."""
+    dev = x.device
+    tokens = embed_tokens(model, x)  # (1, T, C)
+    full, resolved, reader = _start(model, x, target, readout)
+    p = int(model.num_prefix_tokens)
+    s0, l0 = reader(full, torch.tensor([p + (protect or 0)], device=dev))
+    M2 = 2 * len(orders)
+    scores, logits = _tables(len(counts), M2, reader, s0, l0)
     for i, k in enumerate(counts[1:], start=1):
         kept = torch.from_numpy(_kept_sets(orders, int(k), protect)).to(dev)  # (2M, K)
         size = _chunk(model, p + kept.shape[1])
         for a in range(0, M2, size):
             sub = kept[a : a + size]
-            out = run_kept(model, tokens, sub)
             pos = p + (sub == protect).int().argmax(dim=1) if protect is not None else None
-            s, lg = curve_score(model, resolved, out, ref, pos)
+            s, lg = reader(run_kept(model, tokens, sub), pos)
             scores[i, a : a + size] = s.cpu().numpy()
             if logits is not None:
                 logits[i, a : a + size] = lg.cpu().numpy()
-    return scores, logits, resolved
+    return scores, logits, resolved, reader.kind
 
 
-def _pixel_steps(model, x, orders, counts, target, protect):
-    """As :func:`_token_steps`, with removed patches filled with the per-channel mean of ``x``."""
+def _filler(perturbation: Perturbation, x: torch.Tensor, seed: int, patch: int):
+    """fill(removed (b, 1, H, W)) -> the perturbed inputs (b, 3, H, W) of ``x``."""
+    if perturbation == "pixels":
+        return lambda removed: mean_fill(x, removed)
+    if perturbation == "blur":
+        blurred = gaussian_blur(x)  # once per image
+        return lambda removed: blur_fill(x, removed, blurred)
+    noise = road_noise(x, seed=seed)  # one field per image: equal masks, equal inputs
+    return lambda removed: road_fill(x, removed, noise=noise, patch=patch)
+
+
+def _pixel_steps(model, x, orders, counts, target, protect, readout, perturbation="pixels", seed=0):
+    """As :func:`_token_steps`, with removed patches filled in the image (:mod:`.perturb`)."""
     gh, gw = (int(v) for v in model.patch_embed.grid_size)
     ps = int(model.patch_embed.patch_size[0])
-    mean = x.mean(dim=(0, 2, 3)).view(1, 3, 1, 1)  # per-channel mean of the image, in input space
-    full = head_outputs(model, model.blocks(embed_tokens(model, x)))
-    resolved = resolve_target(model, target, None if full.logits is None else full.logits[0])
+    full, resolved, reader = _start(model, x, target, readout)
     p = int(model.num_prefix_tokens)
-    ref = full.embedding[0] if resolved.kind == "embedding" else (
-        full.tokens[0, p + resolved.index] if resolved.kind == "patch" else None)
     jobs = [(i, j, order[:k]) for i, k in enumerate(counts) if i > 0
             for j, order in enumerate(o for pair in orders for o in pair)]
-    M2 = 2 * len(orders)
-    scores = np.empty((len(counts), M2))
-    logits = np.empty((len(counts), M2)) if resolved.kind == "class" else None
     pos = None if protect is None else torch.tensor([p + protect], device=x.device)
-    s0, l0 = curve_score(model, resolved, full, ref, pos)
-    scores[0] = float(s0[0])
-    if logits is not None:
-        logits[0] = float(l0[0])
+    s0, l0 = reader(full, pos)
+    scores, logits = _tables(len(counts), 2 * len(orders), reader, s0, l0)
+    fill = _filler(perturbation, x, seed, ps)
     size = _chunk(model, p + gh * gw)
     for a in range(0, len(jobs), size):
         chunk = jobs[a : a + size]
@@ -225,14 +298,29 @@ def _pixel_steps(model, x, orders, counts, target, protect):
         for r, (_i, _j, removed) in enumerate(chunk):
             masks[r, torch.from_numpy(removed).to(x.device)] = True
         pixel_mask = masks.view(-1, 1, gh, gw).repeat_interleave(ps, 2).repeat_interleave(ps, 3)
-        xb = torch.where(pixel_mask, mean, x)  # (b, 3, H, W)
-        out = head_outputs(model, model.blocks(embed_tokens(model, xb)))
-        s, lg = curve_score(model, resolved, out, ref, None if pos is None else pos.expand(len(chunk)))
+        out = head_outputs(model, model.blocks(embed_tokens(model, fill(pixel_mask))))
+        s, lg = reader(out, None if pos is None else pos.expand(len(chunk)))
         for r, (i, j, _rm) in enumerate(chunk):
             scores[i, j] = float(s[r])
             if logits is not None:
                 logits[i, j] = float(lg[r])
-    return scores, logits, resolved
+    return scores, logits, resolved, reader.kind
+
+
+def _check_curves(model, x, maps, perturbation, readout) -> tuple[int, int]:
+    """The model's grid, once the image, the maps and the options are known to fit."""
+    check_one_image(model, x)
+    if perturbation not in PERTURBATIONS:
+        raise ParameterError(f"unknown perturbation {perturbation!r}: choose one of {', '.join(PERTURBATIONS)}")
+    if readout not in READOUTS:
+        raise ParameterError(f"unknown read-out {readout!r}: choose one of {', '.join(READOUTS)}")
+    grid = tuple(int(v) for v in model.patch_embed.grid_size)
+    if not maps:
+        raise ParameterError("no maps to measure")
+    for heat in maps:
+        if tuple(np.shape(heat)) != grid:
+            raise ParameterError(f"a map of shape {tuple(np.shape(heat))} does not fit the {grid[0]}x{grid[1]} grid")
+    return grid
 
 
 def curves(
@@ -242,21 +330,16 @@ def curves(
         *,
         target: Target | str = "auto",
         perturbation: Perturbation = "tokens",
+        readout: Readout = "target",
         steps: int = 10,
+        seed: int = 0,
 ) -> list[Curves]:
     """MoRF and LeRF curves of several (gh, gw) maps of one image ``x`` (1, 3, H, W), sharing the passes.
 
-    ``target`` as in :mod:`vitviz.explain` (pass an explanation's resolved target to score what it explained).
+    ``target`` as in :mod:`vitviz.explain` (pass an explanation's resolved target to score what it explained);
+    ``readout`` what the score reads (module docstring); ``seed`` ROAD's noise.
     """
-    check_one_image(model, x)
-    if perturbation not in PERTURBATIONS:
-        raise ParameterError(f"unknown perturbation {perturbation!r}: choose tokens or pixels")
-    grid = tuple(int(v) for v in model.patch_embed.grid_size)
-    if not maps:
-        raise ParameterError("no maps to measure")
-    for heat in maps:
-        if tuple(np.shape(heat)) != grid:
-            raise ParameterError(f"a map of shape {tuple(np.shape(heat))} does not fit the {grid[0]}x{grid[1]} grid")
+    grid = _check_curves(model, x, maps, perturbation, readout)
     target = Target.parse(target)
     protect = target.index if target.kind == "patch" else None
     orders = [removal_orders(h, protect=protect) for h in maps]
@@ -264,8 +347,11 @@ def curves(
     fractions = np.arange(steps) / steps
     t0 = time.perf_counter()
     with torch.inference_mode():
-        run = _token_steps if perturbation == "tokens" else _pixel_steps
-        scores, logits, resolved = run(model, x, orders, counts, target, protect)
+        if perturbation == "tokens":
+            scores, logits, resolved, kind = _token_steps(model, x, orders, counts, target, protect, readout)
+        else:
+            scores, logits, resolved, kind = _pixel_steps(model, x, orders, counts, target, protect, readout,
+                                                          perturbation, seed)
     seconds = (time.perf_counter() - t0) / len(maps)
     out = []
     for m in range(len(maps)):
@@ -275,8 +361,7 @@ def curves(
             morf_logit=None if logits is None else logits[:, 2 * m],
             lerf_logit=None if logits is None else logits[:, 2 * m + 1],
             morf_auc=auc(fractions, mo), lerf_auc=auc(fractions, le),
-            score_kind="probability" if resolved.kind == "class" else "cosine",
-            perturbation=perturbation, target=resolved, seconds=seconds,
+            score_kind=kind, perturbation=perturbation, target=resolved, seconds=seconds, readout=readout,
         ))
     return out
 
@@ -288,7 +373,8 @@ def faithfulness(
         *,
         target: Target | str = "auto",
         perturbation: Perturbation = "tokens",
+        readout: Readout = "target",
         steps: int = 10,
 ) -> Curves:
     """The curves of one map: see :func:`curves`."""
-    return curves(model, x, [heat], target=target, perturbation=perturbation, steps=steps)[0]
+    return curves(model, x, [heat], target=target, perturbation=perturbation, readout=readout, steps=steps)[0]

@@ -1,0 +1,137 @@
+"""The pixel perturbations and read-outs of the faithfulness curves against references written here: ROAD's linear
+system solved densely, a Gaussian blur by loops, read-outs computed by hand on the kept tokens."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vitviz.errors import ModelError
+from vitviz.metrics.faithfulness import curves, run_kept
+from vitviz.metrics.perturb import gaussian_blur, road_fill, road_noise
+from vitviz.targets import embed_tokens
+
+from .helpers import layout_image, layout_model
+
+OFFSETS = {(-1, -1): 1 / 12, (-1, 0): 1 / 6, (-1, 1): 1 / 12, (0, -1): 1 / 6, (0, 1): 1 / 6, (1, -1): 1 / 12,
+           (1, 0): 1 / 6, (1, 1): 1 / 12}
+
+
+def dense_road(img: np.ndarray, removed: np.ndarray) -> np.ndarray:
+    """ROAD's system by loops: for each removed pixel i, Σ_n w_n (u_i − v_n) = 0 over its neighbours inside the
+    image, v_n known or unknown; one dense solve per channel."""
+    H, W = removed.shape
+    unknown = [(r, c) for r in range(H) for c in range(W) if removed[r, c]]
+    index = {rc: k for k, rc in enumerate(unknown)}
+    A = np.zeros((len(unknown), len(unknown)))
+    b = np.zeros((len(unknown), img.shape[0]))
+    for k, (r, c) in enumerate(unknown):
+        for (dr, dc), w in OFFSETS.items():
+            rr, cc = r + dr, c + dc
+            if not (0 <= rr < H and 0 <= cc < W):
+                continue
+            A[k, k] += w
+            if removed[rr, cc]:
+                A[k, index[(rr, cc)]] -= w
+            else:
+                b[k] += w * img[:, rr, cc]
+    out = img.copy()
+    sol = np.linalg.solve(A, b)
+    for k, (r, c) in enumerate(unknown):
+        out[:, r, c] = sol[k]
+    return out
+
+
+def test_road_imputation_solves_its_linear_system():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, 12, 14, generator=g, dtype=torch.float64)
+    removed = torch.zeros(2, 1, 12, 14, dtype=torch.bool)
+    removed[0, 0, 2:9, 3:10] = True  # a hole
+    removed[1, 0, :, :5] = True  # a band at the border
+    removed[1, 0, 10:, 10:] = True
+    got = road_fill(x, removed, steps=2000, tol=1e-12)
+    for b in range(2):
+        want = dense_road(x[0].numpy(), removed[b, 0].numpy())
+        np.testing.assert_allclose(got[b].numpy(), want, rtol=1e-6, atol=1e-6)
+    noise = road_noise(x, seed=3)
+    noisy = road_fill(x, removed, noise=noise, steps=2000, tol=1e-12)
+    torch.testing.assert_close((noisy - got)[removed.expand_as(got)], noise.expand_as(got)[removed.expand_as(got)])
+    torch.testing.assert_close(noisy[~removed.expand_as(got)], got[~removed.expand_as(got)])  # kept pixels kept
+
+
+def test_the_default_road_fill_is_close_to_the_exact_solution_of_patch_aligned_holes():
+    """The defaults stop early (a relative residual of 1e-4 or 100 iterations from the patch-level solution):
+    within 3% of the image's range of the exact fill on smooth images, with 20% to 90% of the patches removed."""
+    g = torch.Generator().manual_seed(1)
+    x = F.interpolate(torch.randn(1, 3, 6, 6, generator=g, dtype=torch.float64), size=96, mode="bilinear")
+    for frac in (0.2, 0.5, 0.9):
+        removed = (torch.rand(3, 1, 12, 12, generator=g) < frac).repeat_interleave(8, 2).repeat_interleave(8, 3)
+        fast = road_fill(x.float(), removed, patch=8).double()
+        exact = road_fill(x, removed, steps=5000, tol=1e-10)
+        assert (fast - exact).abs().max() < 0.03 * float(x.max() - x.min()), frac
+
+
+def test_the_gaussian_blur_is_the_reflected_convolution_by_loops():
+    x = torch.randn(1, 2, 9, 11, dtype=torch.float64)
+    sigma = 1.5
+    radius = math.ceil(3 * sigma)
+    k = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    k /= k.sum()
+    a = x[0].numpy()
+
+    def at(c, r, q):  # numpy's 'reflect' = torch's reflect (edge not repeated)
+        r = -r if r < 0 else (2 * (a.shape[1] - 1) - r if r >= a.shape[1] else r)
+        q = -q if q < 0 else (2 * (a.shape[2] - 1) - q if q >= a.shape[2] else q)
+        return a[c, r, q]
+
+    want = np.zeros_like(a)
+    for c in range(2):
+        for r in range(9):
+            for q in range(11):
+                want[c, r, q] = sum(k[i] * k[j] * at(c, r + i - radius, q + j - radius)
+                                    for i in range(2 * radius + 1) for j in range(2 * radius + 1))
+    np.testing.assert_allclose(gaussian_blur(x, sigma)[0].numpy(), want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("perturbation", ["pixels", "blur", "road"])
+def test_pixel_perturbations_start_at_the_full_image_and_a_constant_map_scores_zero(perturbation):
+    model = layout_model("cls")
+    x = layout_image(model)
+    c, flat = curves(model, x, [np.arange(16.0).reshape(4, 4), np.ones((4, 4))], target="embedding",
+                     perturbation=perturbation, readout="mean")
+    assert c.morf[0] == pytest.approx(1.0, abs=1e-5) and c.lerf[0] == pytest.approx(1.0, abs=1e-5)
+    assert flat.score == 0.0 and not np.allclose(c.morf, c.lerf)
+    assert c.measure.startswith("by ") and c.readout == "mean" and c.score_kind == "cosine"
+
+
+def test_readouts_are_computed_from_the_kept_tokens():
+    """Token removal, MoRF step 3 of a known order: each read-out by hand from the model on the kept patches."""
+    model = layout_model("registers", num_classes=5)
+    x = layout_image(model)
+    heat = np.random.default_rng(0).random((4, 4))
+    order = np.argsort(-heat.reshape(-1), kind="stable")
+    got = {r: curves(model, x, [heat], target="class:2", readout=r)[0] for r in ("cls", "mean", "probability",
+                                                                               "logit", "target")}
+    with torch.no_grad():
+        tokens = embed_tokens(model, x)
+        full = run_kept(model, tokens, torch.arange(16)[None])
+        k = got["cls"].removed[3]
+        out = run_kept(model, tokens, torch.from_numpy(np.sort(order[k:]))[None])
+    p = model.num_prefix_tokens
+    assert got["cls"].morf[3] == pytest.approx(float(F.cosine_similarity(out.embedding, full.embedding)), abs=1e-6)
+    mean = F.cosine_similarity(out.tokens[:, p:].mean(1), full.tokens[:, p:].mean(1))
+    assert got["mean"].morf[3] == pytest.approx(float(mean), abs=1e-6)
+    assert got["logit"].morf[3] == pytest.approx(float(out.logits[0, 2]), abs=1e-5)
+    assert got["probability"].morf[3] == pytest.approx(float(out.logits.softmax(-1)[0, 2]), abs=1e-6)
+    np.testing.assert_array_equal(got["target"].morf, got["probability"].morf)  # a class target reads its class
+    assert got["mean"].measure == "by token removal, mean patch token"
+
+
+def test_class_readouts_need_a_head():
+    model = layout_model("cls")
+    with pytest.raises(ModelError, match="classifier head"):
+        curves(model, layout_image(model), [np.ones((4, 4))], readout="probability")
