@@ -135,3 +135,19 @@ def test_class_readouts_need_a_head():
     model = layout_model("cls")
     with pytest.raises(ModelError, match="classifier head"):
         curves(model, layout_image(model), [np.ones((4, 4))], readout="probability")
+
+
+@pytest.mark.parametrize("perturbation", ["tokens", "road"])
+def test_several_readouts_from_one_set_of_passes_equal_each_alone(perturbation):
+    from vitviz.metrics.faithfulness import curves_by_readout
+
+    model = layout_model("cls", num_classes=3)
+    x = layout_image(model)
+    maps = [np.random.default_rng(s).random((4, 4)) for s in range(2)]
+    readouts = ("target", "cls", "mean", "logit")
+    together = curves_by_readout(model, x, maps, target="embedding", perturbation=perturbation, readouts=readouts)
+    for r in readouts:
+        alone = curves(model, x, maps, target="embedding", perturbation=perturbation, readout=r)
+        for a, b in zip(together[r], alone, strict=True):
+            np.testing.assert_array_equal(a.morf, b.morf)
+            np.testing.assert_array_equal(a.lerf, b.lerf)

@@ -74,6 +74,7 @@ __all__ = [
     "run_kept",
     "curve_score",
     "curves",
+    "curves_by_readout",
     "faithfulness",
 ]
 
@@ -229,14 +230,14 @@ def _kept_sets(orders: list[tuple[np.ndarray, np.ndarray]], k: int, protect: int
     return np.stack(rows)
 
 
-def _start(model, x, target, readout):
-    """The full image's outputs, the resolved target and the reader of the curves' score."""
+def _start(model, x, target, readouts):
+    """The full image's outputs, the resolved target and a reader of the curves' score per read-out."""
     full = head_outputs(model, model.blocks(embed_tokens(model, x)))
     resolved = resolve_target(model, target, None if full.logits is None else full.logits[0])
-    return full, resolved, _Reader(model, resolved, readout, full)
+    return full, resolved, [_Reader(model, resolved, r, full) for r in readouts]
 
 
-def _tables(steps: int, columns: int, reader: _Reader, s0, l0) -> tuple[np.ndarray, np.ndarray | None]:
+def _tables(steps: int, columns: int, s0, l0) -> tuple[np.ndarray, np.ndarray | None]:
     """Score (and logit) tables (S, columns), step 0 filled from the full image's pass."""
     scores = np.empty((steps, columns))
     logits = np.empty((steps, columns)) if l0 is not None else None
@@ -246,26 +247,27 @@ def _tables(steps: int, columns: int, reader: _Reader, s0, l0) -> tuple[np.ndarr
     return scores, logits
 
 
-def _token_steps(model, x, orders, counts, target, protect, readout):
-    """Scores (S, 2M) and logits, running each step's 2M sequences in chunks; step 0 once."""
+def _token_steps(model, x, orders, counts, target, protect, readers):
+    """Scores (S, 2M) per reader (and logits), each step's 2M sequences run in chunks; step 0 once."""
     dev = x.device
     tokens = embed_tokens(model, x)  # (1, T, C)
-    full, resolved, reader = _start(model, x, target, readout)
+    full, resolved, readers = _start(model, x, target, readers)
     p = int(model.num_prefix_tokens)
-    s0, l0 = reader(full, torch.tensor([p + (protect or 0)], device=dev))
-    M2 = 2 * len(orders)
-    scores, logits = _tables(len(counts), M2, reader, s0, l0)
+    tables = [_tables(len(counts), 2 * len(orders), *r(full, torch.tensor([p + (protect or 0)], device=dev)))
+              for r in readers]
     for i, k in enumerate(counts[1:], start=1):
         kept = torch.from_numpy(_kept_sets(orders, int(k), protect)).to(dev)  # (2M, K)
         size = _chunk(model, p + kept.shape[1])
-        for a in range(0, M2, size):
+        for a in range(0, kept.shape[0], size):
             sub = kept[a : a + size]
             pos = p + (sub == protect).int().argmax(dim=1) if protect is not None else None
-            s, lg = reader(run_kept(model, tokens, sub), pos)
-            scores[i, a : a + size] = s.cpu().numpy()
-            if logits is not None:
-                logits[i, a : a + size] = lg.cpu().numpy()
-    return scores, logits, resolved, reader.kind
+            out = run_kept(model, tokens, sub)
+            for reader, (scores, logits) in zip(readers, tables, strict=True):
+                s, lg = reader(out, pos)
+                scores[i, a : a + size] = s.cpu().numpy()
+                if logits is not None:
+                    logits[i, a : a + size] = lg.cpu().numpy()
+    return tables, resolved, readers
 
 
 def _filler(perturbation: Perturbation, x: torch.Tensor, seed: int, patch: int):
@@ -279,17 +281,16 @@ def _filler(perturbation: Perturbation, x: torch.Tensor, seed: int, patch: int):
     return lambda removed: road_fill(x, removed, noise=noise, patch=patch)
 
 
-def _pixel_steps(model, x, orders, counts, target, protect, readout, perturbation="pixels", seed=0):
+def _pixel_steps(model, x, orders, counts, target, protect, readers, perturbation="pixels", seed=0):
     """As :func:`_token_steps`, with removed patches filled in the image (:mod:`.perturb`)."""
     gh, gw = (int(v) for v in model.patch_embed.grid_size)
     ps = int(model.patch_embed.patch_size[0])
-    full, resolved, reader = _start(model, x, target, readout)
+    full, resolved, readers = _start(model, x, target, readers)
     p = int(model.num_prefix_tokens)
     jobs = [(i, j, order[:k]) for i, k in enumerate(counts) if i > 0
             for j, order in enumerate(o for pair in orders for o in pair)]
     pos = None if protect is None else torch.tensor([p + protect], device=x.device)
-    s0, l0 = reader(full, pos)
-    scores, logits = _tables(len(counts), 2 * len(orders), reader, s0, l0)
+    tables = [_tables(len(counts), 2 * len(orders), *r(full, pos)) for r in readers]
     fill = _filler(perturbation, x, seed, ps)
     size = _chunk(model, p + gh * gw)
     for a in range(0, len(jobs), size):
@@ -299,12 +300,13 @@ def _pixel_steps(model, x, orders, counts, target, protect, readout, perturbatio
             masks[r, torch.from_numpy(removed).to(x.device)] = True
         pixel_mask = masks.view(-1, 1, gh, gw).repeat_interleave(ps, 2).repeat_interleave(ps, 3)
         out = head_outputs(model, model.blocks(embed_tokens(model, fill(pixel_mask))))
-        s, lg = reader(out, None if pos is None else pos.expand(len(chunk)))
-        for r, (i, j, _rm) in enumerate(chunk):
-            scores[i, j] = float(s[r])
-            if logits is not None:
-                logits[i, j] = float(lg[r])
-    return scores, logits, resolved, reader.kind
+        for reader, (scores, logits) in zip(readers, tables, strict=True):
+            s, lg = reader(out, None if pos is None else pos.expand(len(chunk)))
+            for r, (i, j, _rm) in enumerate(chunk):
+                scores[i, j] = float(s[r])
+                if logits is not None:
+                    logits[i, j] = float(lg[r])
+    return tables, resolved, readers
 
 
 def _check_curves(model, x, maps, perturbation, readout) -> tuple[int, int]:
@@ -323,6 +325,51 @@ def _check_curves(model, x, maps, perturbation, readout) -> tuple[int, int]:
     return grid
 
 
+def curves_by_readout(
+        model: torch.nn.Module,
+        x: torch.Tensor,
+        maps: Sequence[np.ndarray],
+        *,
+        target: Target | str = "auto",
+        perturbation: Perturbation = "tokens",
+        readouts: Sequence[Readout] = ("target",),
+        steps: int = 10,
+        seed: int = 0,
+) -> dict[str, list[Curves]]:
+    """:func:`curves` under several read-outs at once: every read-out reads the same perturbed passes."""
+    for readout in readouts:
+        grid = _check_curves(model, x, maps, perturbation, readout)
+    target = Target.parse(target)
+    protect = target.index if target.kind == "patch" else None
+    orders = [removal_orders(h, protect=protect) for h in maps]
+    counts = removed_counts(grid[0] * grid[1] - (protect is not None), steps)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        if perturbation == "tokens":
+            tables, resolved, readers = _token_steps(model, x, orders, counts, target, protect, readouts)
+        else:
+            tables, resolved, readers = _pixel_steps(model, x, orders, counts, target, protect, readouts,
+                                                     perturbation, seed)
+    seconds = (time.perf_counter() - t0) / len(maps)
+    return {r.readout: _curves(table, counts, r, perturbation, resolved, seconds, steps)
+            for r, table in zip(readers, tables, strict=True)}
+
+
+def _curves(table, counts, reader, perturbation, resolved, seconds, steps) -> list[Curves]:
+    (scores, logits), fractions = table, np.arange(steps) / steps
+    out = []
+    for m in range(scores.shape[1] // 2):
+        mo, le = scores[:, 2 * m], scores[:, 2 * m + 1]
+        out.append(Curves(
+            fractions=fractions, removed=counts, morf=mo, lerf=le,
+            morf_logit=None if logits is None else logits[:, 2 * m],
+            lerf_logit=None if logits is None else logits[:, 2 * m + 1],
+            morf_auc=auc(fractions, mo), lerf_auc=auc(fractions, le), score_kind=reader.kind,
+            perturbation=perturbation, target=resolved, seconds=seconds, readout=reader.readout,
+        ))
+    return out
+
+
 def curves(
         model: torch.nn.Module,
         x: torch.Tensor,
@@ -339,31 +386,8 @@ def curves(
     ``target`` as in :mod:`vitviz.explain` (pass an explanation's resolved target to score what it explained);
     ``readout`` what the score reads (module docstring); ``seed`` ROAD's noise.
     """
-    grid = _check_curves(model, x, maps, perturbation, readout)
-    target = Target.parse(target)
-    protect = target.index if target.kind == "patch" else None
-    orders = [removal_orders(h, protect=protect) for h in maps]
-    counts = removed_counts(grid[0] * grid[1] - (protect is not None), steps)
-    fractions = np.arange(steps) / steps
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        if perturbation == "tokens":
-            scores, logits, resolved, kind = _token_steps(model, x, orders, counts, target, protect, readout)
-        else:
-            scores, logits, resolved, kind = _pixel_steps(model, x, orders, counts, target, protect, readout,
-                                                          perturbation, seed)
-    seconds = (time.perf_counter() - t0) / len(maps)
-    out = []
-    for m in range(len(maps)):
-        mo, le = scores[:, 2 * m], scores[:, 2 * m + 1]
-        out.append(Curves(
-            fractions=fractions, removed=counts, morf=mo, lerf=le,
-            morf_logit=None if logits is None else logits[:, 2 * m],
-            lerf_logit=None if logits is None else logits[:, 2 * m + 1],
-            morf_auc=auc(fractions, mo), lerf_auc=auc(fractions, le),
-            score_kind=kind, perturbation=perturbation, target=resolved, seconds=seconds, readout=readout,
-        ))
-    return out
+    return curves_by_readout(model, x, maps, target=target, perturbation=perturbation, readouts=(readout,),
+                             steps=steps, seed=seed)[readout]
 
 
 def faithfulness(
