@@ -12,6 +12,7 @@ from PIL import Image
 
 from vitviz.errors import ModelError, ParameterError
 from vitviz.evaluate import (
+    RANDOM_DRAWS,
     MethodSummary,
     Row,
     bootstrap_interval,
@@ -54,8 +55,10 @@ def test_rows_are_each_image_times_each_method_with_random_always_included():
         assert mine[0].target == e.target.label and mine[0].target_description == e.target_description
         assert mine[0].score == pytest.approx(direct.score, abs=1e-6)
         assert mine[0].morf == pytest.approx(tuple(direct.morf), abs=1e-6)
-        rand = faithfulness(model, x, random_map(info.grid, seed=i), target=e.target)  # seeded per image
-        assert mine[2].score == pytest.approx(rand.score, abs=1e-6)
+        draws = [faithfulness(model, x, random_map(info.grid, seed=i * RANDOM_DRAWS + k), target=e.target)
+                 for k in range(RANDOM_DRAWS)]  # seeded per image, RANDOM_DRAWS of them averaged
+        assert mine[2].score == pytest.approx(np.mean([d.score for d in draws]), abs=1e-6)
+        assert mine[2].morf == pytest.approx(tuple(np.mean([d.morf for d in draws], axis=0)), abs=1e-6)
         for r in mine:
             assert r.score == pytest.approx(r.lerf_auc - r.morf_auc) and r.score_kind == "probability"
             assert len(r.morf) == len(r.lerf) == len(r.fractions) == 10 and r.perturbation == "tokens"
@@ -72,7 +75,7 @@ def test_prepare_image_equals_timms_eval_transform():
 
 def test_a_backbone_gets_the_embedding_target_and_never_a_class():
     model = tiny_vit()
-    rows = evaluate(model, _photos(1), methods=["raw"], perturbation="pixels")
+    rows = evaluate(model, _photos(1), methods=["raw"], perturbations=("pixels",))
     assert {r.target for r in rows} == {"embedding"} and {r.score_kind for r in rows} == {"cosine"}
     with pytest.raises(ModelError, match="no classifier head"):
         evaluate(model, _photos(1), methods=["raw"], target="class")
@@ -117,7 +120,7 @@ def test_writers_read_back(tmp_path):
     assert float(back[0]["score"]) == pytest.approx(0.30)
     table = summary_markdown(summaries)
     lines = table.strip().splitlines()
-    assert lines[2].startswith("| chefer | tokens | 2 | 0.300 [") and lines[3].startswith("| random |")
+    assert lines[2].startswith("| chefer | tokens | target | 2 | 0.300 [") and lines[3].startswith("| random |")
     png = write_plot(summaries, tmp_path / "curves.png")
     with Image.open(png) as im:
         assert im.format == "PNG" and im.size == (960, 440)
@@ -128,3 +131,27 @@ def test_writers_read_back(tmp_path):
     with pytest.raises(ParameterError):
         write_plot([], tmp_path / "none.png")
     assert isinstance(summaries[0], MethodSummary)
+
+
+def test_several_measures_share_one_explanation_and_sensitivity_rows_are_correlations():
+    """Rows for every perturbation x read-out (each equal to the curves measured alone) and sensitivity-n rows."""
+    from vitviz.metrics.faithfulness import curves
+    from vitviz.metrics.sensitivity import sensitivity_n
+
+    model = tiny_vit()
+    info = describe_model(model)
+    (name, photo), = _photos(1)
+    rows = evaluate(model, [(name, photo)], methods=["rollout"], perturbations=("tokens", "blur"),
+                    readouts=("cls", "mean"), sensitivity=True)
+    measures = [(r.perturbation, r.readout) for r in rows if r.method == "rollout"]
+    assert measures == [("tokens", "cls"), ("tokens", "mean"), ("blur", "cls"), ("blur", "mean"),
+                        ("sensitivity-n", "cls"), ("sensitivity-n", "mean")]
+    x = prepare_image(photo, info)
+    e = explain(model, x, method="rollout")
+    blur_mean = [r for r in rows if (r.method, r.perturbation, r.readout) == ("rollout", "blur", "mean")][0]
+    alone = curves(model, x, [e.map], target=e.target, perturbation="blur", readout="mean")[0]
+    assert blur_mean.score == pytest.approx(alone.score, abs=1e-6)
+    sens = [r for r in rows if (r.method, r.perturbation, r.readout) == ("rollout", "sensitivity-n", "cls")][0]
+    assert sens.score == pytest.approx(sensitivity_n(model, x, [e.map], target=e.target, readout="cls")[0].score,
+                                       abs=1e-9)
+    assert sens.score_kind == "correlation" and sens.morf == () and np.isnan(sens.morf_auc)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +23,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .errors import ParameterError
 from .explain import Method, Target, explain_all
+from .explain.baseline import random_map
 from .inputs.image import LoadedImage, fit_image, to_tensor
-from .metrics.faithfulness import Perturbation, curves
+from .metrics.faithfulness import Curves, Perturbation, Readout, curves_by_readout
+from .metrics.sensitivity import sensitivity_n
 from .models import ModelInfo, describe_model
 
 __all__ = [
@@ -56,6 +58,8 @@ DEFAULT_METHODS: tuple[str, ...] = (
     "random",
 )
 ImageProgress = Callable[[int, int, str], None]  # (images done, images in all, the last one's name)
+RANDOM_DRAWS = 8  # seeded random maps averaged into the random baseline's row (one draw wanders: LeRF dips, climbs)
+SENSITIVITY = "sensitivity-n"  # the perturbation column of sensitivity-n rows (token removal, random sets)
 
 
 @dataclass(frozen=True)
@@ -66,16 +70,17 @@ class Row:
     method: str  # Method.label
     target: str  # the resolved target's label: class:207, embedding, patch:12
     target_description: str
-    perturbation: str
-    score_kind: str  # cosine | probability
-    morf_auc: float
+    perturbation: str  # tokens | pixels | blur | road | sensitivity-n
+    score_kind: str  # cosine | probability | logit | correlation
+    morf_auc: float  # NaN for sensitivity-n
     lerf_auc: float
-    score: float  # lerf_auc - morf_auc
+    score: float  # lerf_auc - morf_auc (the symmetric relevance gain), or sensitivity-n's mean correlation
     seconds: float  # the explanation alone (its pass and map)
     curve_seconds: float  # this map's share of the batched curve passes
     fractions: tuple[float, ...]
     morf: tuple[float, ...]
     lerf: tuple[float, ...]
+    readout: str = "target"  # what the score read (vitviz.metrics.faithfulness.READOUTS)
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,7 @@ class MethodSummary:
 
     method: str
     perturbation: str
+    readout: str
     n: int
     score: float
     score_low: float
@@ -111,6 +117,35 @@ def _with_random(methods: Sequence[Method | str]) -> list[Method]:
     return parsed
 
 
+def _row(name: str, m: Method, e, c: Curves) -> Row:
+    return Row(image=name, method=m.label, target=c.target.label, target_description=e.target_description,
+               perturbation=c.perturbation, score_kind=c.score_kind, morf_auc=c.morf_auc, lerf_auc=c.lerf_auc,
+               score=c.score, seconds=e.seconds, curve_seconds=c.seconds,
+               fractions=tuple(float(v) for v in c.fractions), morf=tuple(float(v) for v in c.morf),
+               lerf=tuple(float(v) for v in c.lerf), readout=c.readout)
+
+
+def _averaged(rows: Sequence[Row]) -> Row:
+    """The random baseline's row: the mean curves and scores of its seeded draws."""
+    mean = lambda key: float(np.mean([getattr(r, key) for r in rows]))  # noqa: E731
+    curve = lambda key: tuple(np.mean([getattr(r, key) for r in rows], axis=0).tolist())  # noqa: E731
+    return replace(rows[0], morf_auc=mean("morf_auc"), lerf_auc=mean("lerf_auc"), score=mean("score"),
+                   morf=curve("morf"), lerf=curve("lerf"), curve_seconds=mean("curve_seconds"))
+
+
+def _sensitivity_rows(model, x, name, wanted, explanations, maps, *, readouts, seed) -> list[Row]:
+    rows = []
+    for readout in readouts:
+        found = sensitivity_n(model, x, maps, target=explanations[0].target, readout=readout, seed=seed)
+        for k, (m, e) in enumerate(zip(wanted, explanations, strict=True)):
+            score = found[k].score if m.name != "random" else float(np.nanmean([f.score for f in found[k:]]))
+            rows.append(Row(image=name, method=m.label, target=e.target.label, target_description=e.target_description,
+                            perturbation=SENSITIVITY, score_kind="correlation", morf_auc=float("nan"),
+                            lerf_auc=float("nan"), score=score, seconds=e.seconds, curve_seconds=0.0, fractions=(),
+                            morf=(), lerf=(), readout=readout))
+    return rows
+
+
 def evaluate_image(
         model: torch.nn.Module,
         x: torch.Tensor,
@@ -118,25 +153,34 @@ def evaluate_image(
         name: str,
         methods: Sequence[Method | str] = DEFAULT_METHODS,
         target: Target | str = "auto",
-        perturbation: Perturbation = "tokens",
+        perturbations: Sequence[Perturbation] = ("tokens",),
+        readouts: Sequence[Readout] = ("target",),
+        sensitivity: bool = False,
         steps: int = 10,
         seed: int = 0,
 ) -> list[Row]:
-    """Rows for one image ``x`` (1, 3, H, W): each method's map of ``target`` and its curves (random included)."""
+    """Rows for one image ``x`` (1, 3, H, W): each method's map of ``target`` and its curves under every
+    perturbation × read-out (one set of passes per perturbation), and sensitivity-n if asked. The random baseline
+    (always included) is the mean of RANDOM_DRAWS seeded maps, fresh for each image (``seed``)."""
     wanted = _with_random(methods)
-    run = [m.with_settings(seed=m.settings.seed + seed) if m.name == "random" else m for m in wanted]  # fresh per image
+    run = [m.with_settings(seed=m.settings.seed + seed * RANDOM_DRAWS) if m.name == "random" else m for m in wanted]
     explanations = explain_all(model, x, methods=run, target=target)
-    resolved = explanations[0].target
-    measured = curves(model, x, [e.map for e in explanations], target=resolved, perturbation=perturbation,
-                      steps=steps)
-    return [
-        Row(image=name, method=m.label, target=resolved.label, target_description=e.target_description,
-            perturbation=perturbation, score_kind=c.score_kind, morf_auc=c.morf_auc, lerf_auc=c.lerf_auc,
-            score=c.score, seconds=e.seconds, curve_seconds=c.seconds,
-            fractions=tuple(float(v) for v in c.fractions), morf=tuple(float(v) for v in c.morf),
-            lerf=tuple(float(v) for v in c.lerf))
-        for m, e, c in zip(wanted, explanations, measured, strict=True)
-    ]
+    grid = explanations[0].map.shape
+    draws = [random_map(grid, seed=seed * RANDOM_DRAWS + k) for k in range(1, RANDOM_DRAWS)]
+    maps, r = [e.map for e in explanations] + draws, next(i for i, m in enumerate(wanted) if m.name == "random")
+    rows = []
+    for perturbation in perturbations:
+        by = curves_by_readout(model, x, maps, target=explanations[0].target, perturbation=perturbation,
+                               readouts=readouts, steps=steps, seed=seed)
+        for cs in by.values():
+            mine = [_row(name, m, e, c) for m, e, c in zip(wanted, explanations, cs, strict=False)]
+            mine[r] = _averaged([mine[r], *(_row(name, wanted[r], explanations[r], c) for c in cs[len(wanted):])])
+            rows += mine
+    if sensitivity:  # the random row's maps are the last: wanted[r] then the draws
+        order = [*(i for i in range(len(wanted)) if i != r), r]
+        rows += _sensitivity_rows(model, x, name, [wanted[i] for i in order], [explanations[i] for i in order],
+                                  [maps[i] for i in order] + draws, readouts=readouts, seed=seed)
+    return rows
 
 
 def evaluate(
@@ -146,7 +190,9 @@ def evaluate(
         info: ModelInfo | None = None,
         methods: Sequence[Method | str] = DEFAULT_METHODS,
         target: Target | str = "auto",
-        perturbation: Perturbation = "tokens",
+        perturbations: Sequence[Perturbation] = ("tokens",),
+        readouts: Sequence[Readout] = ("target",),
+        sensitivity: bool = False,
         steps: int = 10,
         fit: str = "crop",
         progress: ImageProgress | None = None,
@@ -159,8 +205,8 @@ def evaluate(
     rows: list[Row] = []
     for i, (name, image) in enumerate(images):
         x = prepare_image(image, info, fit=fit).to(device=param.device, dtype=param.dtype)
-        rows += evaluate_image(model, x, name=name, methods=methods, target=target, perturbation=perturbation,
-                               steps=steps, seed=i)
+        rows += evaluate_image(model, x, name=name, methods=methods, target=target, perturbations=perturbations,
+                               readouts=readouts, sensitivity=sensitivity, steps=steps, seed=i)
         if progress is not None:
             progress(i + 1, len(images), name)
     return rows
@@ -183,16 +229,17 @@ def bootstrap_interval(values: Sequence[float], *, confidence: float = 0.95, res
 
 def summarize(rows: Sequence[Row], *, confidence: float = 0.95, resamples: int = 10_000,
               seed: int = 0) -> list[MethodSummary]:
-    """One summary per (method, perturbation), in the order the rows first name them."""
-    groups: dict[tuple[str, str], list[Row]] = {}
+    """One summary per (method, perturbation, read-out), in the order the rows first name them."""
+    groups: dict[tuple[str, str, str], list[Row]] = {}
     for r in rows:
-        groups.setdefault((r.method, r.perturbation), []).append(r)
+        groups.setdefault((r.method, r.perturbation, r.readout), []).append(r)
     out = []
-    for (method, pert), rs in groups.items():
+    for (method, pert, readout), rs in groups.items():
         scores = [r.score for r in rs]
         lo, hi = bootstrap_interval(scores, confidence=confidence, resamples=resamples, seed=seed)
         out.append(MethodSummary(
-            method=method, perturbation=pert, n=len(rs), score=float(np.mean(scores)), score_low=lo, score_high=hi,
+            method=method, perturbation=pert, readout=readout, n=len(rs), score=float(np.mean(scores)), score_low=lo,
+            score_high=hi,
             morf_auc=float(np.mean([r.morf_auc for r in rs])), lerf_auc=float(np.mean([r.lerf_auc for r in rs])),
             seconds=float(np.mean([r.seconds for r in rs])), fractions=rs[0].fractions,
             morf=tuple(np.mean([r.morf for r in rs], axis=0).tolist()),
@@ -208,13 +255,13 @@ def _curve_text(values: Sequence[float]) -> str:
 def write_rows_csv(rows: Sequence[Row], path: str | Path) -> Path:
     """Per-image CSV: one row per (image, method); the curves as space-separated values over ``fractions``."""
     path = Path(path)
-    cols = ["image", "method", "target", "target_description", "perturbation", "score_kind", "morf_auc",
+    cols = ["image", "method", "target", "target_description", "perturbation", "readout", "score_kind", "morf_auc",
             "lerf_auc", "score", "seconds", "curve_seconds", "fractions", "morf", "lerf"]
     with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(cols)
         for r in rows:
-            w.writerow([r.image, r.method, r.target, r.target_description, r.perturbation, r.score_kind,
+            w.writerow([r.image, r.method, r.target, r.target_description, r.perturbation, r.readout, r.score_kind,
                         f"{r.morf_auc:.6f}", f"{r.lerf_auc:.6f}", f"{r.score:.6f}", f"{r.seconds:.4f}",
                         f"{r.curve_seconds:.4f}", _curve_text(r.fractions), _curve_text(r.morf),
                         _curve_text(r.lerf)])
@@ -225,20 +272,21 @@ def write_summary_csv(summaries: Sequence[MethodSummary], path: str | Path) -> P
     path = Path(path)
     with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["method", "perturbation", "n", "score", "score_low_95", "score_high_95", "morf_auc", "lerf_auc",
-                    "seconds"])
+        w.writerow(["method", "perturbation", "readout", "n", "score", "score_low_95", "score_high_95", "morf_auc",
+                    "lerf_auc", "seconds"])
         for s in summaries:
-            w.writerow([s.method, s.perturbation, s.n, f"{s.score:.6f}", f"{s.score_low:.6f}",
+            w.writerow([s.method, s.perturbation, s.readout, s.n, f"{s.score:.6f}", f"{s.score_low:.6f}",
                         f"{s.score_high:.6f}", f"{s.morf_auc:.6f}", f"{s.lerf_auc:.6f}", f"{s.seconds:.4f}"])
     return path
 
 
 def summary_markdown(summaries: Sequence[MethodSummary]) -> str:
-    """A Markdown table, most faithful first: score = LeRF AUC - MoRF AUC with its 95% bootstrap interval."""
-    lines = ["| method | perturbation | n | score (95% interval) | MoRF AUC | LeRF AUC | s per map |",
-             "|---|---|---:|---|---:|---:|---:|"]
-    for s in sorted(summaries, key=lambda s: -s.score):
-        lines.append(f"| {s.method} | {s.perturbation} | {s.n} | {s.score:.3f} [{s.score_low:.3f}, "
+    """A Markdown table per measure, most faithful first: the symmetric relevance gain (LeRF AUC − MoRF AUC), or
+    sensitivity-n's mean correlation, with its 95% bootstrap interval."""
+    lines = ["| method | perturbation | read-out | n | score (95% interval) | MoRF AUC | LeRF AUC | s per map |",
+             "|---|---|---|---:|---|---:|---:|---:|"]
+    for s in sorted(summaries, key=lambda s: (s.perturbation, s.readout, -s.score)):
+        lines.append(f"| {s.method} | {s.perturbation} | {s.readout} | {s.n} | {s.score:.3f} [{s.score_low:.3f}, "
                      f"{s.score_high:.3f}] | {s.morf_auc:.3f} | {s.lerf_auc:.3f} | {s.seconds:.3f} |")
     return "\n".join(lines) + "\n"
 
@@ -265,9 +313,13 @@ def _panel(draw: ImageDraw.ImageDraw, box, title: str, series, lo: float, hi: fl
 
 
 def write_plot(summaries: Sequence[MethodSummary], path: str | Path, *, size: tuple[int, int] = (960, 440)) -> Path:
-    """The mean MoRF and LeRF curves of each method, side by side, with a legend: a PNG drawn with PIL."""
+    """The mean MoRF and LeRF curves of each method under one measure (the first perturbation × read-out with
+    curves among ``summaries``), side by side, with a legend: a PNG drawn with PIL."""
+    summaries = [s for s in summaries if s.morf]
     if not summaries:
         raise ParameterError("nothing to plot")
+    first = (summaries[0].perturbation, summaries[0].readout)
+    summaries = [s for s in summaries if (s.perturbation, s.readout) == first]
     path = Path(path)
     w, h = size
     img = Image.new("RGB", (w, h), (255, 255, 255))

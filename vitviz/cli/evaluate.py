@@ -1,4 +1,4 @@
-"""``vitviz evaluate IMAGES... --methods ... --target ... --perturbation tokens|pixels --out DIR``.
+"""``vitviz evaluate IMAGES... --methods ... --target ... --perturbation tokens,blur --readout cls,mean --out DIR``.
 
 Per image and method: the explanation map of the target and its faithfulness curves (random always included).
 Writes ``rows.csv`` (one row per image and method, the curves included), ``summary.csv`` and ``summary.md`` (mean
@@ -33,10 +33,29 @@ def add_parser(sub, parent: argparse.ArgumentParser) -> None:
                         "random is always included (the methods and the default list are below)")
     a.add_argument("--target", default="auto", help="auto (a classifier's top-1, else the embedding), class:N, "
                                                     "embedding or patch:N")
-    a.add_argument("--perturbation", choices=Lazy("vitviz.metrics.faithfulness", "PERTURBATIONS"), default="tokens",
-                   metavar="HOW", help="%(choices)s: remove patch tokens (default) or fill patches with the image "
-                                       "mean (pixels)")
+    a.add_argument("--perturbation", type=_words("PERTURBATIONS"), default=("tokens",), metavar="HOW[,HOW...]",
+                   help="how patches are removed, one or several of tokens (drop the patch tokens, default), pixels "
+                        "(fill with the image mean), blur (a Gaussian blur, sigma 10 px), road (noisy linear "
+                        "imputation, Rong et al. 2022)")
+    a.add_argument("--readout", type=_words("READOUTS"), default=("target",), metavar="WHAT[,WHAT...]",
+                   help="what the curves read, one or several of target (what was explained, default), cls (the "
+                        "CLS embedding), mean (the mean patch token), probability, logit (classifiers)")
+    a.add_argument("--sensitivity-n", action="store_true",
+                   help="also sensitivity-n (Ancona et al. 2018): how well each map's sum over random patch sets "
+                        "predicts what removing them costs")
     a.add_argument("--steps", type=int, default=10, help="removal steps per curve (default %(default)s)")
+
+
+def _words(table: str):
+    """A comma-separated list of names from ``vitviz.metrics.faithfulness.TABLE``, checked when a run starts."""
+    def parse(text: str) -> tuple[str, ...]:
+        allowed = Lazy("vitviz.metrics.faithfulness", table).get()
+        words = tuple(dict.fromkeys(w.strip() for w in text.split(",") if w.strip()))
+        bad = [w for w in words if w not in allowed]
+        if bad or not words:
+            raise argparse.ArgumentTypeError(f"{', '.join(bad) or 'nothing'}: choose from {', '.join(allowed)}")
+        return words
+    return parse
 
 
 def _methods(text: str) -> list:
@@ -61,7 +80,8 @@ def _rows_for(model, info, decoded, args, methods) -> tuple[list, str | None]:
     param = next(model.parameters())
     x = prepare_image(decoded.image, info, fit=args.fit).to(device=param.device, dtype=param.dtype)
     return evaluate_image(model, x, name=str(decoded.item.path), methods=methods, target=args.target,
-                          perturbation=args.perturbation, steps=args.steps, seed=decoded.item.index), None
+                          perturbations=args.perturbation, readouts=args.readout, sensitivity=args.sensitivity_n,
+                          steps=args.steps, seed=decoded.item.index), None
 
 
 def _evaluate(model, info, batches: list[list], args, methods, *, device: str, world) -> list:
@@ -92,7 +112,10 @@ def _write(out: Path, rows: list, failures: list[tuple[str, str]]) -> None:
     summaries = summarize(rows)
     write_summary_csv(summaries, out / "summary.csv")
     (out / "summary.md").write_text(summary_markdown(summaries), encoding="utf-8")
-    write_plot(summaries, out / "curves.png")
+    measures = list(dict.fromkeys((s.perturbation, s.readout) for s in summaries if s.morf))
+    for k, (pert, readout) in enumerate(measures):  # the first measure as curves.png, as before
+        name = "curves.png" if k == 0 else f"curves-{pert}-{readout}.png"
+        write_plot([s for s in summaries if (s.perturbation, s.readout) == (pert, readout)], out / name)
     print(summary_markdown(summaries), end="")
 
 
