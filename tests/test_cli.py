@@ -190,7 +190,8 @@ def test_list_files_and_nested_folders_as_inputs(tmp_path, ckpt):
 
 
 def test_analyze_stores_the_default_explanation_and_the_tokens(tmp_path, ckpt):
-    """npz: 'map' is vitviz.explain's map for that image (by its own method name), tokens equal the one pass's."""
+    """npz: with ``--method default`` 'map' is vitviz.explain's map of the app's default method for that image (by
+    its own method name), tokens equal the one pass's; without ``--method`` no explanation is computed."""
     import torch
 
     from vitviz.analysis.tokens import token_norms
@@ -202,7 +203,7 @@ def test_analyze_stores_the_default_explanation_and_the_tokens(tmp_path, ckpt):
     src.mkdir()
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(src / "a.png")
     assert main(["analyze", str(src), "--out", str(out), "--model", str(ckpt), "--img-size", "32", "--quiet",
-                 "--save-features"]) == 0
+                 "--save-features", "--method", "default"]) == 0
     with np.load(out / "a.npz") as d:
         assert str(d["map_method"]) == DEFAULT_METHOD and "embedding" in str(d["map_target"])
         model, info = get_model(str(ckpt), img_size=32, device="cpu")
@@ -213,7 +214,7 @@ def test_analyze_stores_the_default_explanation_and_the_tokens(tmp_path, ckpt):
     row = next(csv.DictReader((out / "summary.csv").open()))
     assert row["map_method"] == DEFAULT_METHOD and len(row["outliers"].split()) == 3
     assert main(["analyze", str(src), "--out", str(tmp_path / "o2"), "--model", str(ckpt), "--img-size", "32",
-                 "--quiet", "--method", "none"]) == 0
+                 "--quiet"]) == 0  # the default: no explanation (a dataset run costs about a forward pass)
     with np.load(tmp_path / "o2" / "a.npz") as d:
         assert "map" not in d.files and "tokens" not in d.files
 

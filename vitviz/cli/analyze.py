@@ -35,7 +35,6 @@ from pathlib import Path
 from ..errors import VitvizError
 from ._common import (
     FUSIONS,
-    Lazy,
     batch_size,
     check_common,
     collect,
@@ -70,11 +69,10 @@ def add_parser(sub, parent: argparse.ArgumentParser) -> None:
                    help="keep inputs whose outputs exist and were made with these options; do the rest")
     a.add_argument("--opacity", type=float, default=0.6, help="overlay opacity in the PNG (default %(default)s)")
     a.add_argument("--save-attention", action="store_true", help="also store attention (L x H x T x T) in the npz")
-    a.add_argument("--method", default=Lazy("vitviz.explain.registry", "DEFAULT_METHOD"),
-                   help="the explanation stored as 'map' in each npz (default %(default)s, the most faithful by the "
-                        "README's measurement, about 2 x its 32 steps forward passes per image; one-pass methods: "
-                        "rollout:start=1,discard=0.9, chefer, legrad, ...; 'none' to skip); the methods are listed "
-                        "below")
+    a.add_argument("--method", default="none",
+                   help="an explanation to store as 'map' in each npz: a method below, 'default' (the app's "
+                        "default explanation) or 'none' (the default: the rollout overlay and arrays only, at about "
+                        "the cost of a forward pass)")
     a.add_argument("--save-features", action="store_true",
                    help="also store every layer's tokens (L x T x D) and their norms (L x T) in the npz, and count "
                         "outlier tokens per layer in the summary")
@@ -109,6 +107,17 @@ def _run_options(settings, *, arch: str | None, patch: int, layers: tuple[int, i
                       sort_keys=True)
 
 
+def _method_label(text: str) -> str | None:
+    """``none`` -> None; ``default`` -> the app's default explanation; else the method's label."""
+    if text.strip() == "none":
+        return None
+    if text.strip() == "default":
+        from ..explain.registry import DEFAULT_METHOD
+
+        text = DEFAULT_METHOD
+    return parse_methods([text])[0].label
+
+
 def _job(args: argparse.Namespace, world) -> _Job:
     """Options checked, the model opened once, the layer range checked against it: bad arguments fail here, the
     ones that need no model before it is opened."""
@@ -118,7 +127,7 @@ def _job(args: argparse.Namespace, world) -> _Job:
     from .distributed import local_device
 
     check_common(args)
-    method = None if args.method == "none" else parse_methods([args.method])[0].label  # before any model is opened
+    method = _method_label(args.method)  # before any model is opened: a bad name fails here
     settings = replace(DEFAULTS, model=args.model, patch_size=args.patch_size, img_size=args.img_size, fit=args.fit,
                        start_layer=args.start_layer, end_layer=args.end_layer, head_fusion=args.head_fusion,
                        discard_ratio=args.discard, device=args.device, precision=args.precision)
