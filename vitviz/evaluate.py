@@ -158,15 +158,18 @@ def evaluate_image(
         sensitivity: bool = False,
         steps: int = 10,
         seed: int = 0,
+        random_draws: int = RANDOM_DRAWS,
 ) -> list[Row]:
     """Rows for one image ``x`` (1, 3, H, W): each method's map of ``target`` and its curves under every
     perturbation × read-out (one set of passes per perturbation), and sensitivity-n if asked. The random baseline
-    (always included) is the mean of RANDOM_DRAWS seeded maps, fresh for each image (``seed``)."""
+    (always included) is the mean of ``random_draws`` seeded maps, fresh for each image (``seed``)."""
+    if random_draws < 1:
+        raise ParameterError(f"random draws must be at least 1, got {random_draws}")
     wanted = _with_random(methods)
-    run = [m.with_settings(seed=m.settings.seed + seed * RANDOM_DRAWS) if m.name == "random" else m for m in wanted]
+    run = [m.with_settings(seed=m.settings.seed + seed * random_draws) if m.name == "random" else m for m in wanted]
     explanations = explain_all(model, x, methods=run, target=target)
     grid = explanations[0].map.shape
-    draws = [random_map(grid, seed=seed * RANDOM_DRAWS + k) for k in range(1, RANDOM_DRAWS)]
+    draws = [random_map(grid, seed=seed * random_draws + k) for k in range(1, random_draws)]
     maps, r = [e.map for e in explanations] + draws, next(i for i, m in enumerate(wanted) if m.name == "random")
     rows = []
     for perturbation in perturbations:

@@ -44,6 +44,8 @@ def add_parser(sub, parent: argparse.ArgumentParser) -> None:
                    help="also sensitivity-n (Ancona et al. 2018): how well each map's sum over random patch sets "
                         "predicts what removing them costs")
     a.add_argument("--steps", type=int, default=10, help="removal steps per curve (default %(default)s)")
+    a.add_argument("--random-draws", type=int, default=8,
+                   help="seeded random maps averaged into the random baseline per image (default %(default)s)")
 
 
 def _words(table: str):
@@ -81,7 +83,7 @@ def _rows_for(model, info, decoded, args, methods) -> tuple[list, str | None]:
     x = prepare_image(decoded.image, info, fit=args.fit).to(device=param.device, dtype=param.dtype)
     return evaluate_image(model, x, name=str(decoded.item.path), methods=methods, target=args.target,
                           perturbations=args.perturbation, readouts=args.readout, sensitivity=args.sensitivity_n,
-                          steps=args.steps, seed=decoded.item.index), None
+                          steps=args.steps, seed=decoded.item.index, random_draws=args.random_draws), None
 
 
 def _evaluate(model, info, batches: list[list], args, methods, *, device: str, world) -> list:
