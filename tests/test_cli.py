@@ -330,3 +330,35 @@ def test_library_messages_are_worded_for_the_terminal():
     assert "on this machine" in text and "server" not in text and "--model default or --model FILE" in text
     assert for_terminal(ParameterError("discard ratio must be in [0, 1), got 2")) == ("discard ratio must be in [0, "
                                                                                       "1), got 2")
+
+
+def test_an_images_png_and_npz_are_written_as_one_even_when_interrupted_between_them(tmp_path, monkeypatch):
+    """SIGINT right after the first rename (what Ctrl-C between the two files did): both files are there, then the
+    interrupt arrives; a failing rename leaves neither file and no temp file."""
+    import os
+    import signal
+
+    from vitviz import export
+
+    real = os.replace
+    calls = []
+
+    def replace_then_interrupt(src, dst):
+        real(src, dst)
+        calls.append(dst)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(export.os, "replace", replace_then_interrupt)
+    files = {tmp_path / "3.png": b"png", tmp_path / "3.npz": b"npz"}
+    with pytest.raises(KeyboardInterrupt):
+        export.write_atomic_group(files)
+    assert (tmp_path / "3.png").read_bytes() == b"png" and (tmp_path / "3.npz").read_bytes() == b"npz"
+
+    def refuse(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export.os, "replace", refuse)
+    with pytest.raises(OSError):
+        export.write_atomic_group({tmp_path / "4.png": b"png", tmp_path / "4.npz": b"npz"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["3.npz", "3.png"]

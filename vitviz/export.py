@@ -10,7 +10,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["EXPORT_SETTINGS", "ATTENTION_MAP_KEY", "export_arrays", "npz_bytes", "read_attention_map", "write_atomic",
-           "write_npz"]
+           "write_atomic_group", "write_npz"]
 
 # the settings every export records as arrays of their own (besides the full JSON under ``settings``)
 EXPORT_SETTINGS = ("start_layer", "end_layer", "head_fusion", "discard_ratio")
@@ -42,6 +44,40 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _temp_copy(path: Path, data: bytes) -> str:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def write_atomic_group(files: Mapping[str | os.PathLike, bytes]) -> list[Path]:
+    """Write several files as one: every temp file first, then the renames with SIGINT and SIGTERM held back (in
+    the main thread), so an interrupted run leaves all of them or none under their final names."""
+    temps: dict[Path, str] = {}
+    try:
+        for path, data in files.items():
+            temps[Path(path)] = _temp_copy(Path(path), data)
+        main = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}) if main else None
+        try:
+            for path, tmp in temps.items():
+                os.replace(tmp, path)
+        finally:
+            if held is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a signal that came meanwhile is delivered now
+    finally:
+        for tmp in temps.values():
+            Path(tmp).unlink(missing_ok=True)  # only those not renamed (on failure) still exist
+    return list(temps)
 
 
 def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:

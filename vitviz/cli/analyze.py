@@ -214,11 +214,11 @@ def _explained(job: _Job, res) -> dict:
 
 
 def _write(job: _Job, item, loaded, res) -> dict:
-    """The PNG and npz of one result, each written atomically; its summary row (also stored in the npz)."""
+    """The PNG and npz of one result, written as one (both or neither); its summary row (also stored in the npz)."""
     import numpy as np
 
     from ..analysis.maps import rollout_map
-    from ..export import export_arrays, write_atomic, write_npz
+    from ..export import export_arrays, npz_bytes, write_atomic_group
     from ..figures import overlay_png
 
     t0 = time.perf_counter()
@@ -230,16 +230,15 @@ def _write(job: _Job, item, loaded, res) -> dict:
                box=" ".join(f"{v:.1f}" for v in res.box), input_h=info.img_size[0], input_w=info.img_size[1],
                grid=f"{info.grid[0]}x{info.grid[1]}", peak_row=peak_row, peak_col=peak_col, device=res.device,
                notes="; ".join(loaded.notes))
-    write_atomic(job.out / f"{item.stem}.png", overlay_png(res.pixels, heat, patch_size=info.patch_size,
-                                                           opacity=job.opacity))
+    png = overlay_png(res.pixels, heat, patch_size=info.patch_size, opacity=job.opacity)
     used = {**asdict(job.settings), "patch_size": info.patch_size, "img_size": list(info.img_size),
             "device": res.device, "start_layer": start, "end_layer": end}
     extra = _explained(job, res)
     row.update(map_method=job.method or "",
                outliers=" ".join(str(int(n)) for n in extra["outliers"]) if "outliers" in extra else "")
     extra.update(run=np.array(job.run), summary=np.array(json.dumps(row)))
-    write_npz(job.out / f"{item.stem}.npz", export_arrays(res, heat, settings=used, attention=job.save_attention,
-                                                          extra=extra))
+    arrays = export_arrays(res, heat, settings=used, attention=job.save_attention, extra=extra)
+    write_atomic_group({job.out / f"{item.stem}.png": png, job.out / f"{item.stem}.npz": npz_bytes(arrays)})
     return {**row, "status": "ok", "forward_s": f"{res.seconds:.4f}",
             "total_s": f"{res.seconds + time.perf_counter() - t0:.4f}"}
 
