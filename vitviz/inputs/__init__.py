@@ -3,7 +3,7 @@ and list files, decoded by a DataLoader (:mod:`.folders`)."""
 
 from __future__ import annotations
 
-import importlib
+from .._lazy import lazy_exports
 
 _LAZY = {
     "LoadedImage": "image",
@@ -20,15 +20,4 @@ _LAZY = {
 
 __all__ = [*_LAZY]
 
-
-def __getattr__(name: str):
-    # imported on first use: a package import never pulls in its siblings' dependencies (no import cycles)
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
