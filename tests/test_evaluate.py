@@ -155,3 +155,34 @@ def test_several_measures_share_one_explanation_and_sensitivity_rows_are_correla
     assert sens.score == pytest.approx(sensitivity_n(model, x, [e.map], target=e.target, readout="cls")[0].score,
                                        abs=1e-9)
     assert sens.score_kind == "correlation" and sens.morf == () and np.isnan(sens.morf_auc)
+
+
+def test_a_map_that_ranks_nothing_is_a_failure_row_not_a_score(tmp_path, capsys):
+    """With the final norm's weight at 0 the embedding is constant, every gradient 0, and Chefer's map flat: the row
+    says so (no score, the reason), the summary leaves it out, the CLI prints it and analyze's summary names it."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from vitviz.cli import main
+
+    model = tiny_vit()
+    with torch.no_grad():
+        model.norm.weight.zero_()
+    rows = evaluate(model, _photos(1), methods=["chefer", "rollout"])
+    chefer = [r for r in rows if r.method == "chefer"][0]
+    assert np.isnan(chefer.score) and "constant" in chefer.note
+    assert np.isfinite([r for r in rows if r.method == "rollout"][0].score)
+    assert "chefer" not in {s.method for s in summarize(rows)}
+    path = tmp_path / "flat.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata={
+        "arch": "vit_tiny_patch16_224", "kwargs": json.dumps(dict(embed_dim=32, depth=3, num_heads=4))})
+    img = tmp_path / "a.png"
+    _photos(1)[0][1].save(img)
+    assert main(["evaluate", str(img), "--out", str(tmp_path / "e"), "--model", str(path), "--img-size", "32",
+                 "--methods", "chefer;rollout", "--quiet"]) == 0
+    assert "chefer: no score: This map is constant" in capsys.readouterr().err
+    assert main(["analyze", str(img), "--out", str(tmp_path / "a"), "--model", str(path), "--img-size", "32",
+                 "--method", "chefer", "--quiet"]) == 0
+    row = next(csv.DictReader((tmp_path / "a" / "summary.csv").open()))
+    assert "constant" in row["map_note"]

@@ -81,6 +81,7 @@ class Row:
     morf: tuple[float, ...]
     lerf: tuple[float, ...]
     readout: str = "target"  # what the score read (vitviz.metrics.faithfulness.READOUTS)
+    note: str = ""  # why there is no score (a constant map ranks nothing: score, AUCs NaN), else empty
 
 
 @dataclass(frozen=True)
@@ -118,11 +119,15 @@ def _with_random(methods: Sequence[Method | str]) -> list[Method]:
 
 
 def _row(name: str, m: Method, e, c: Curves) -> Row:
+    """One map's row; a map that ranks nothing (constant, not finite) is a failure row: no score, the reason."""
+    failed = m.name != "random" and not e.informative
+    nan = float("nan")
     return Row(image=name, method=m.label, target=c.target.label, target_description=e.target_description,
-               perturbation=c.perturbation, score_kind=c.score_kind, morf_auc=c.morf_auc, lerf_auc=c.lerf_auc,
-               score=c.score, seconds=e.seconds, curve_seconds=c.seconds,
-               fractions=tuple(float(v) for v in c.fractions), morf=tuple(float(v) for v in c.morf),
-               lerf=tuple(float(v) for v in c.lerf), readout=c.readout)
+               perturbation=c.perturbation, score_kind=c.score_kind, morf_auc=nan if failed else c.morf_auc,
+               lerf_auc=nan if failed else c.lerf_auc, score=nan if failed else c.score, seconds=e.seconds,
+               curve_seconds=c.seconds, fractions=tuple(float(v) for v in c.fractions),
+               morf=tuple(float(v) for v in c.morf), lerf=tuple(float(v) for v in c.lerf), readout=c.readout,
+               note=" ".join(e.notes) if failed else "")
 
 
 def _averaged(rows: Sequence[Row]) -> Row:
@@ -139,6 +144,7 @@ def _sensitivity_rows(model, x, name, wanted, explanations, maps, *, readouts, s
         found = sensitivity_n(model, x, maps, target=explanations[0].target, readout=readout, seed=seed)
         for k, (m, e) in enumerate(zip(wanted, explanations, strict=True)):
             score = found[k].score if m.name != "random" else float(np.nanmean([f.score for f in found[k:]]))
+            score = score if m.name == "random" or e.informative else float("nan")
             rows.append(Row(image=name, method=m.label, target=e.target.label, target_description=e.target_description,
                             perturbation=SENSITIVITY, score_kind="correlation", morf_auc=float("nan"),
                             lerf_auc=float("nan"), score=score, seconds=e.seconds, curve_seconds=0.0, fractions=(),
@@ -237,7 +243,10 @@ def summarize(rows: Sequence[Row], *, confidence: float = 0.95, resamples: int =
     for r in rows:
         groups.setdefault((r.method, r.perturbation, r.readout), []).append(r)
     out = []
-    for (method, pert, readout), rs in groups.items():
+    for (method, pert, readout), group in groups.items():
+        rs = [r for r in group if np.isfinite(r.score)]  # failure rows (a map that ranks nothing) have no score
+        if not rs:
+            continue
         scores = [r.score for r in rs]
         lo, hi = bootstrap_interval(scores, confidence=confidence, resamples=resamples, seed=seed)
         out.append(MethodSummary(
@@ -259,7 +268,7 @@ def write_rows_csv(rows: Sequence[Row], path: str | Path) -> Path:
     """Per-image CSV: one row per (image, method); the curves as space-separated values over ``fractions``."""
     path = Path(path)
     cols = ["image", "method", "target", "target_description", "perturbation", "readout", "score_kind", "morf_auc",
-            "lerf_auc", "score", "seconds", "curve_seconds", "fractions", "morf", "lerf"]
+            "lerf_auc", "score", "seconds", "curve_seconds", "fractions", "morf", "lerf", "note"]
     with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -267,7 +276,7 @@ def write_rows_csv(rows: Sequence[Row], path: str | Path) -> Path:
             w.writerow([r.image, r.method, r.target, r.target_description, r.perturbation, r.readout, r.score_kind,
                         f"{r.morf_auc:.6f}", f"{r.lerf_auc:.6f}", f"{r.score:.6f}", f"{r.seconds:.4f}",
                         f"{r.curve_seconds:.4f}", _curve_text(r.fractions), _curve_text(r.morf),
-                        _curve_text(r.lerf)])
+                        _curve_text(r.lerf), r.note])
     return path
 
 

@@ -48,7 +48,7 @@ from ._common import (
 __all__ = ["SUMMARY_FIELDS", "TIMING_FIELDS", "add_parser", "run"]
 
 SUMMARY_FIELDS = ("image", "stem", "status", "width", "height", "box", "input_h", "input_w", "grid", "peak_row",
-                  "peak_col", "map_method", "outliers", "forward_s", "total_s", "device", "notes", "error")
+                  "peak_col", "map_method", "map_note", "outliers", "forward_s", "total_s", "device", "notes", "error")
 TIMING_FIELDS = ("forward_s", "total_s")  # the only columns that differ between two runs of the same inputs
 
 
@@ -205,7 +205,8 @@ def _explained(job: _Job, res) -> dict:
         param = next(model.parameters())
         x = to_tensor(res.pixels, mean=info.mean, std=info.std).to(device=param.device, dtype=param.dtype)
         e = explain(model, x, method=job.method, target="auto")
-        out.update(map=e.map, map_method=np.array(e.method.label), map_target=np.array(e.target_description))
+        out.update(map=e.map, map_method=np.array(e.method.label), map_target=np.array(e.target_description),
+                   map_note=np.array(" ".join(e.notes)))  # e.g. a constant map: it ranks nothing
     if res.tokens is not None:
         norms = token_norms(res.tokens)
         out.update(tokens=np.asarray(res.tokens, dtype=np.float32), token_norms=norms,
@@ -234,7 +235,7 @@ def _write(job: _Job, item, loaded, res) -> dict:
     used = {**asdict(job.settings), "patch_size": info.patch_size, "img_size": list(info.img_size),
             "device": res.device, "start_layer": start, "end_layer": end}
     extra = _explained(job, res)
-    row.update(map_method=job.method or "",
+    row.update(map_method=job.method or "", map_note=str(extra.get("map_note", "")),
                outliers=" ".join(str(int(n)) for n in extra["outliers"]) if "outliers" in extra else "")
     extra.update(run=np.array(job.run), summary=np.array(json.dumps(row)))
     arrays = export_arrays(res, heat, settings=used, attention=job.save_attention, extra=extra)

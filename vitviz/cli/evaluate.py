@@ -130,6 +130,8 @@ def _report(out: Path, items: list, parts: list) -> None:
     failures = [(str(item.path), err) for item, (_rs, err) in zip(items, merged, strict=True) if err]
     for path, err in failures:
         print(f"vitviz: {path}: {err}", file=sys.stderr)
+    for image, method, note in dict.fromkeys((r.image, r.method, r.note) for r in rows if r.note):
+        print(f"vitviz: {image}: {method}: no score: {note}", file=sys.stderr)  # a failure row in rows.csv
     _write(out, rows, failures)
     print(f"vitviz: {len(items) - len(failures)} of {len(items)} image(s) evaluated into {out}", file=sys.stderr)
 
