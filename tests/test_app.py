@@ -629,20 +629,22 @@ def test_explain_view_states_its_target_and_faithfulness_and_never_a_missing_cla
     assert at.selectbox(key="explain_target").options[0] == "the image's own embedding (label-free)"
     assert not any("class" in o for o in at.selectbox(key="explain_target").options)
     text = view_text(at)
-    assert "explains **the image's own CLS embedding**" in text and "a random map scores" in text
-    assert "greedy token deletion — default" in text and "still to go when it was removed" in text  # measured
+    assert "explains **the image's own CLS embedding**" in text and "8 random maps score" in text
+    assert "Faithfulness by token removal" in text  # the measure is named beside the score
+    assert "greedy token deletion (most faithful by token removal) — default" in text
+    assert "still to go when it was removed" in text
     assert "steps, each a forward and a forward + backward pass on the patches left" in text
     assert "Predictions" not in captions(at)
     curves = json.loads(chart_proto(at, "fig_explain_curves").spec)
-    assert [tr["name"] for tr in curves["data"]][2:] == ["random MoRF", "random LeRF"]
+    assert [tr["name"] for tr in curves["data"]][2:] == ["random MoRF (mean of 8)", "random LeRF (mean of 8)"]
     at.selectbox(key="explain_method").set_value("chefer").run()
     ok(at)
     assert "Chefer" in view_text(at) and len(calls) == 1  # the explanation pass is its own
-    assert "the default, greedy token deletion, was the most faithful" in view_text(at)
+    assert "ranked best among the fast methods" in view_text(at)
     at.selectbox(key="explain_method").set_value("legrad").run()
     assert "LeGrad (Bousselham et al. 2024)" in view_text(at)
     at.selectbox(key="explain_method").set_value("rollout:start=1,discard=0.9").run()
-    assert "attention rollout (start=1,discard=0.9)" in view_text(at)
+    assert "attention rollout of the CLS token (start=1,discard=0.9)" in view_text(at)
     assert "still to go" not in view_text(at) and not at.get("progress")  # ready: no bar left
 
 

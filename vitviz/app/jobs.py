@@ -45,7 +45,7 @@ class Explained:
 
     explanation: object  # vitviz.explain.Explanation
     curves: object  # vitviz.faithfulness.Curves of the method's map
-    random_curves: object  # ... of the seeded random map, the baseline
+    random_curves: object  # the mean curves of RANDOM_DRAWS seeded random maps, the baseline
 
 
 class Abandoned(Exception):
@@ -100,19 +100,20 @@ def _step(job: ExplainJob, done: int, total: int) -> None:
 
 
 def _compute(job: ExplainJob, built, info: ModelInfo, target: str, res: Analysis) -> Explained:
+    from vitviz.evaluate import RANDOM_DRAWS
     from vitviz.explain import Method, explain_all
-    from vitviz.metrics.faithfulness import curves
+    from vitviz.metrics.faithfulness import average_curves, curves
 
     param = next(built.parameters())
     x = to_tensor(res.pixels, mean=info.mean, std=info.std).to(device=param.device, dtype=param.dtype)
     job.stage = ("Greedy deletion: starting..." if Method.parse(job.method).name == "deletion"
                  else "Explaining: one forward and one backward pass...")
-    found, rnd = explain_all(built, x, methods=[job.method, "random"], target=target,
-                             progress=lambda i, n: _step(job, i, n), interrupt=job.check)
+    found, *draws = explain_all(built, x, methods=[job.method, *(f"random:seed={k}" for k in range(RANDOM_DRAWS))],
+                                target=target, progress=lambda i, n: _step(job, i, n), interrupt=job.check)
     job.fraction = max(job.fraction, 0.8)
-    job.stage = "Measuring faithfulness: 10 steps of token removal, against a random map..."
-    measured = curves(built, x, [found.map, rnd.map], target=found.target)
-    return Explained(found, measured[0], measured[1])
+    job.stage = f"Measuring faithfulness: 10 steps of token removal, against {RANDOM_DRAWS} random maps..."
+    measured = curves(built, x, [found.map, *(d.map for d in draws)], target=found.target)
+    return Explained(found, measured[0], average_curves(measured[1:]))
 
 
 def _run(job: ExplainJob, built, info: ModelInfo, target: str, res: Analysis) -> None:

@@ -51,7 +51,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -75,6 +75,7 @@ __all__ = [
     "curve_score",
     "curves",
     "curves_by_readout",
+    "average_curves",
     "faithfulness",
 ]
 
@@ -388,6 +389,18 @@ def curves(
     """
     return curves_by_readout(model, x, maps, target=target, perturbation=perturbation, readouts=(readout,),
                              steps=steps, seed=seed)[readout]
+
+
+def average_curves(measured: Sequence[Curves]) -> Curves:
+    """The mean of several maps' curves under one measure (e.g. a random baseline's seeded draws): the curves, their
+    areas and so the score averaged."""
+    if not measured:
+        raise ParameterError("no curves to average")
+    mean = lambda key: np.mean([getattr(c, key) for c in measured], axis=0)  # noqa: E731
+    logits = measured[0].morf_logit is not None
+    return replace(measured[0], morf=mean("morf"), lerf=mean("lerf"), morf_auc=float(mean("morf_auc")),
+                   lerf_auc=float(mean("lerf_auc")), morf_logit=mean("morf_logit") if logits else None,
+                   lerf_logit=mean("lerf_logit") if logits else None, seconds=float(sum(c.seconds for c in measured)))
 
 
 def faithfulness(

@@ -10,8 +10,9 @@ from __future__ import annotations
 import streamlit as st
 
 from vitviz import figures as vf
-from vitviz.evaluate import DEFAULT_METHODS
+from vitviz.evaluate import RANDOM_DRAWS
 from vitviz.explain import DEFAULT_METHOD
+from vitviz.explain.registry import METHODS as REGISTERED
 from vitviz.models.labels import has_head
 
 from .. import cache, jobs
@@ -19,12 +20,13 @@ from ..state import keep
 from ..widgets import chart
 
 TITLE = "Explain"
-METHODS = tuple(dict.fromkeys((DEFAULT_METHOD, *[m for m in DEFAULT_METHODS if m != "random"])))
-METHOD_TEXT = {"rollout": "attention rollout", "raw": "raw CLS attention of the last layer",
-               "chefer": "Chefer et al. 2021 relevance", "legrad": "LeGrad (Bousselham et al. 2024)",
-               "gradxattn": "gradient × attention, last layer", "deletion": "greedy token deletion"}
-MEASURED = (f" On the photos we measured, the default, {METHOD_TEXT[DEFAULT_METHOD.partition(':')[0]]}, was "
-            "the most faithful of these methods.")
+# every registered method but the random baseline (drawn beside each map), the default first; rollout as the
+# measured variant (from layer 1, discarding the lowest 90%)
+METHODS = tuple(dict.fromkeys((DEFAULT_METHOD, *("rollout:start=1,discard=0.9" if m.name == "rollout" else m.name
+                                                 for m in REGISTERED if m.name != "random"))))
+METHOD_TEXT = {m.name: m.title for m in REGISTERED}
+MEASURED = (f" On the photos we measured, the default, {METHOD_TEXT[DEFAULT_METHOD.partition(':')[0]]}, ranked "
+            "best among the fast methods by the measures no method is built on.")
 # how to read a map whose values are not a relevance on their own scale
 READING = {"deletion": "Patches were removed in steps, each step taking the patches whose presence the score "
                        "leaned on most among those left; a patch's value is how much of the score was still to go "
@@ -78,18 +80,23 @@ def render(ctx) -> None:
     if e.predictions:
         st.caption("Predictions: " + "; ".join(p.describe() for p in e.predictions))
     st.markdown(f"**{_method_label(method)}** explains **{e.target_description}** ({e.passes}). Brighter patches "
-                f"matter more to it. Faithfulness, by removing patch tokens in 10 steps: score {c.score:+.3f} "
-                f"(LeRF area {c.lerf_auc:.3f} − MoRF area {c.morf_auc:.3f}; a random map scores {r.score:+.3f} "
-                f"on this image). Higher is more faithful to the model. {READING.get(e.method.name, '')}"
+                f"matter more to it. Faithfulness {c.measure}, 10 steps: **{c.score:+.3g}** (LeRF area "
+                f"{c.lerf_auc:.3g} − MoRF area {c.morf_auc:.3g}; {RANDOM_DRAWS} random maps score {r.score:+.2g} "
+                f"on average on this image). Higher is more faithful to the model. {READING.get(e.method.name, '')}"
                 f"{'' if method == DEFAULT_METHOD else MEASURED}")
+    for note in e.notes:
+        st.warning(note)
     cols = st.columns(2)
     with cols[0]:
         chart(vf.overlay_figure(ctx.res.pixels, e.map, patch_size=info.patch_size, opacity=d.opacity,
                                 colorscale=d.colorscale, highlight=ctx.query, colorbar_title="relevance"),
               "fig_explain", stem=ctx.stem)
     with cols[1]:
-        unit = "cosine with the full image's embedding" if c.score_kind == "cosine" else f"{c.score_kind} of target"
+        unit = (f"{c.score_kind} of the class" if c.score_kind != "cosine" else
+                f"cosine with the full image's feature of patch {e.target.index}" if e.target.kind == "patch" else
+                "cosine with the full image's embedding")
         chart(vf.curves_figure(c.fractions, {"MoRF (most relevant removed first)": c.morf,
                                              "LeRF (least relevant removed first)": c.lerf,
-                                             "random MoRF": r.morf, "random LeRF": r.lerf}, y_title=unit),
+                                             f"random MoRF (mean of {RANDOM_DRAWS})": r.morf,
+                                             f"random LeRF (mean of {RANDOM_DRAWS})": r.lerf}, y_title=unit),
               "fig_explain_curves", stem=ctx.stem, clickable=False)
