@@ -924,3 +924,20 @@ def test_a_stride_zero_checkpoint_upload_is_refused_before_any_model_is_built(ca
     assert not at.exception and len(at.error) == 1
     assert "'evil.pt'" in err(at) and "not stored whole" in err(at), err(at)
     assert not [b for b in built if "gigantic" in str(b)], f"the attacker's model was built: {built}"
+
+
+def test_the_apps_jobs_never_ask_for_more_threads_than_cores(monkeypatch):
+    """The jobs that may compute at once and the page's own work share the cores; VITVIZ_THREADS overrides."""
+    import torch
+
+    from vitviz.app import jobs
+    from vitviz.device import cpu_threads
+
+    seen = []
+    monkeypatch.setattr(torch, "set_num_threads", seen.append)
+    for env, want in (("", cpu_threads(jobs.MAX_RUNNING + 1)), ("3", 3), ("x", cpu_threads(jobs.MAX_RUNNING + 1))):
+        jobs.share_cores.cache_clear()
+        monkeypatch.setenv("VITVIZ_THREADS", env)
+        assert jobs.share_cores() == want and seen[-1] == want
+    assert cpu_threads(jobs.MAX_RUNNING + 1, cores=2) == 1 and cpu_threads(jobs.MAX_RUNNING + 1, cores=16) == 5
+    jobs.share_cores.cache_clear()

@@ -13,6 +13,7 @@ kept: the first waiter to see the failure clears it, so asking again retries.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -85,6 +86,22 @@ class ExplainJob:
             return first
 
 
+@functools.cache
+def share_cores() -> int:
+    """Torch threads for the app's process, set once: ``VITVIZ_THREADS``, else the cores shared among the jobs that
+    may compute at once and the page's own work (each Python thread running torch starts a team of this many
+    threads: with the default, the server never asks for more threads than cores)."""
+    from vitviz.device import cpu_threads, use_threads
+
+    text = os.environ.get("VITVIZ_THREADS", "").strip()
+    try:
+        n = int(text) if text else cpu_threads(MAX_RUNNING + 1)
+    except ValueError:
+        n = cpu_threads(MAX_RUNNING + 1)  # a typo in an operator's setting must not stop the page
+    use_threads(max(1, n))
+    return max(1, n)
+
+
 def max_job_seconds() -> float:
     """``VITVIZ_MAX_JOB_SECONDS`` (the operator's bound on one explanation), else ``DEFAULT_MAX_JOB_S``."""
     try:
@@ -151,6 +168,7 @@ def explanation(key: cache.AnalysisKey, method: str, target: str, res: Analysis,
     """Computed once per (image, model, method, target) and shared, like the analysis; ``progress(fraction, text)``
     is called from this (the script's) thread while it runs. A failed explanation is not kept: asking again retries.
     """
+    share_cores()  # once per process, before the first job computes
     built = cache.model(key.model, weights)  # (model, info), from the cache in this thread
     while True:
         job = _job(key, method, target, res, built)
