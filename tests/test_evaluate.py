@@ -123,7 +123,7 @@ def test_writers_read_back(tmp_path):
     assert lines[2].startswith("| chefer | tokens | target | 2 | 0.300 [") and lines[3].startswith("| random |")
     png = write_plot(summaries, tmp_path / "curves.png")
     with Image.open(png) as im:
-        assert im.format == "PNG" and im.size == (960, 440)
+        assert im.format == "PNG" and im.size == (1180, 480)
         px = np.asarray(im.convert("RGB"))
     left, right = px[:, 50:380], px[:, 420:750]  # both panels have coloured curve pixels
     for panel in (left, right):
@@ -186,3 +186,29 @@ def test_a_map_that_ranks_nothing_is_a_failure_row_not_a_score(tmp_path, capsys)
                  "--method", "chefer", "--quiet"]) == 0
     row = next(csv.DictReader((tmp_path / "a" / "summary.csv").open()))
     assert "constant" in row["map_note"]
+
+
+def test_the_curves_plot_names_its_axes_ticks_and_every_label_whole(tmp_path, monkeypatch):
+    """Issue 19 item 13: the legend keeps method labels whole (colons included) inside the image, the y axis has a
+    title and round ticks, the x axis ticks."""
+    from PIL import ImageDraw
+
+    drawn = []
+    real = ImageDraw.ImageDraw.text
+
+    def spy(self, xy, text, *a, **k):
+        drawn.append((xy, text, k.get("font")))
+        return real(self, xy, text, *a, **k)
+
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", spy)
+    rows = [_row("rollout:start=1,discard=0.9", 0.25), _row("random", 0.01)]
+    path = write_plot(summarize(rows), tmp_path / "c.png", size=(1180, 480))
+    texts = [t for _xy, t, _f in drawn]
+    assert "rollout:start=1,discard=0.9 (+0.250)" in texts
+    (xy, _t, font), = [d for d in drawn if d[1].startswith("rollout:start")]
+    assert xy[0] + font.getlength(_t) <= 1180  # inside the image
+    assert any("cosine" in t or "score" in t for t in texts)  # a y title
+    assert "fraction of patches removed" in texts and {"0", "0.3", "0.6"} <= set(texts)  # x ticks
+    ticks = [float(t) for t in texts if t.replace(".", "", 1).replace("-", "", 1).isdigit()]
+    assert all(abs(v * 100 - round(v * 100)) < 1e-6 for v in ticks)  # round values
+    assert Image.open(path).size == (1180, 480)

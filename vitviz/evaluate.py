@@ -13,6 +13,7 @@ kaleido, which vitviz does not depend on): the mean MoRF and LeRF curves per met
 from __future__ import annotations
 
 import csv
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -307,26 +308,53 @@ _COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 
             (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
 
-def _panel(draw: ImageDraw.ImageDraw, box, title: str, series, lo: float, hi: float, font) -> None:
-    """One curve panel in ``box`` (left, top, right, bottom): axes, title and a polyline per (colour, xs, ys)."""
+def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    """Round tick values covering [lo, hi], steps of 1, 2 or 5 times a power of ten, about ``count`` of them."""
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.05, hi + 0.05
+    raw = (hi - lo) / (count - 1)
+    steps = [m * 10 ** (math.floor(math.log10(raw)) + e) for e in (0, 1) for m in (1, 2, 5)]
+
+    def ticks(step: float) -> list[float]:
+        first = math.floor(lo / step + 1e-9) * step
+        return [round(first + i * step, 12) for i in range(int(math.ceil((hi - first) / step - 1e-9)) + 1)]
+
+    return min((ticks(st) for st in steps), key=lambda t: (abs(len(t) - count), t[-1] - t[0]))
+
+
+def _panel(draw: ImageDraw.ImageDraw, box, title: str, series, ticks: list[float], font, y_title: str) -> None:
+    """One curve panel in ``box`` (left, top, right, bottom): axes with ticks and titles, a polyline per series."""
     left, top, right, bottom = box
+    lo, hi = ticks[0], ticks[-1]
     draw.rectangle(box, outline=(0, 0, 0))
-    draw.text((left, top - 14), title, fill=(0, 0, 0), font=font)
-    for frac in (0.0, 0.5, 1.0):
-        y = bottom - frac * (bottom - top)
-        draw.text((left - 40, y - 6), f"{lo + frac * (hi - lo):.2f}", fill=(0, 0, 0), font=font)
-    span = max(hi - lo, 1e-9)
+    draw.text((left, top - 18), title, fill=(0, 0, 0), font=font)
+    for v in ticks:
+        y = bottom - (v - lo) / (hi - lo) * (bottom - top)
+        draw.line([(left - 4, y), (left, y)], fill=(0, 0, 0))
+        draw.text((left - 6, y), f"{v:.3g}", fill=(0, 0, 0), font=font, anchor="rm")
+    x_max = max(series[0][1][-1], 1e-9)
+    for v in np.round(np.arange(0, x_max + 1e-9, 0.3 if x_max > 0.6 else 0.1), 2):
+        x = left + v / x_max * (right - left)
+        draw.line([(x, bottom), (x, bottom + 4)], fill=(0, 0, 0))
+        draw.text((x, bottom + 6), f"{v:g}", fill=(0, 0, 0), font=font, anchor="mt")
     for colour, xs, ys in series:
-        x_max = max(xs[-1], 1e-9)
-        pts = [(left + x / x_max * (right - left), bottom - (y - lo) / span * (bottom - top))
+        pts = [(left + x / x_max * (right - left), bottom - (y - lo) / (hi - lo) * (bottom - top))
                for x, y in zip(xs, ys, strict=True)]
         draw.line(pts, fill=colour, width=2)
-    draw.text((left, bottom + 4), f"removed fraction 0 .. {series[0][1][-1]:.1f}", fill=(0, 0, 0), font=font)
+    draw.text(((left + right) / 2, bottom + 24), "fraction of patches removed", fill=(0, 0, 0), font=font,
+              anchor="mt")
+    draw.text((left - 46, top - 18), y_title, fill=(0, 0, 0), font=font)
 
 
-def write_plot(summaries: Sequence[MethodSummary], path: str | Path, *, size: tuple[int, int] = (960, 440)) -> Path:
+def _y_title(s: MethodSummary) -> str:
+    what = {"target": "the explained score", "cls": "cosine, CLS embedding", "mean": "cosine, mean patch token",
+            "probability": "class probability", "logit": "class logit"}.get(s.readout, s.readout)
+    return f"{what} (by {s.perturbation})"
+
+
+def write_plot(summaries: Sequence[MethodSummary], path: str | Path, *, size: tuple[int, int] = (1180, 480)) -> Path:
     """The mean MoRF and LeRF curves of each method under one measure (the first perturbation × read-out with
-    curves among ``summaries``), side by side, with a legend: a PNG drawn with PIL."""
+    curves among ``summaries``), side by side, with tick values, axis titles and a legend: a PNG drawn with PIL."""
     summaries = [s for s in summaries if s.morf]
     if not summaries:
         raise ParameterError("nothing to plot")
@@ -336,19 +364,20 @@ def write_plot(summaries: Sequence[MethodSummary], path: str | Path, *, size: tu
     w, h = size
     img = Image.new("RGB", (w, h), (255, 255, 255))
     draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
+    font = ImageFont.load_default(size=13)  # a scalable font with every glyph (the bitmap default had few)
     values = [v for s in summaries for v in (*s.morf, *s.lerf)]
-    lo, hi = min(values), max(values)
-    panel_w = (w - 300) // 2
+    ticks = _nice_ticks(min(values), max(values))
+    legend_w = 360
+    panel_w = (w - legend_w - 140) // 2
     for k, (title, pick) in enumerate((("MoRF (most relevant removed first)", "morf"),
                                        ("LeRF (least relevant removed first)", "lerf"))):
-        left = 50 + k * (panel_w + 40)
+        left = 70 + k * (panel_w + 60)
         series = [(_COLOURS[i % len(_COLOURS)], s.fractions, getattr(s, pick)) for i, s in enumerate(summaries)]
-        _panel(draw, (left, 30, left + panel_w, h - 40), title, series, lo, hi, font)
+        _panel(draw, (left, 50, left + panel_w, h - 60), title, series, ticks, font, _y_title(summaries[0]))
     for i, s in enumerate(summaries):
-        y = 30 + 16 * i
-        draw.line([(w - 210, y + 6), (w - 190, y + 6)], fill=_COLOURS[i % len(_COLOURS)], width=3)
-        draw.text((w - 185, y), f"{s.method} ({s.score:+.3f})", fill=(0, 0, 0), font=font)
+        y = 50 + 18 * i
+        draw.line([(w - legend_w, y + 7), (w - legend_w + 20, y + 7)], fill=_COLOURS[i % len(_COLOURS)], width=3)
+        draw.text((w - legend_w + 26, y), f"{s.method} ({s.score:+.3f})", fill=(0, 0, 0), font=font)
     img.save(path, format="PNG")
     return path
 
