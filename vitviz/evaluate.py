@@ -26,7 +26,7 @@ from .errors import ParameterError
 from .explain import Method, Target, explain_all
 from .explain.baseline import random_map
 from .inputs.image import LoadedImage, fit_image, to_tensor
-from .metrics.faithfulness import Curves, Perturbation, Readout, curves_by_readout
+from .metrics.faithfulness import PERTURBATION_WORDS, Curves, Perturbation, Readout, curves_by_readout
 from .metrics.sensitivity import sensitivity_n
 from .models import ModelInfo, describe_model
 
@@ -343,13 +343,13 @@ def _panel(draw: ImageDraw.ImageDraw, box, title: str, series, ticks: list[float
         draw.line(pts, fill=colour, width=2)
     draw.text(((left + right) / 2, bottom + 24), "fraction of patches removed", fill=(0, 0, 0), font=font,
               anchor="mt")
-    draw.text((left - 46, top - 18), y_title, fill=(0, 0, 0), font=font)
+    draw.text((left - 46, top - 40), f"y: {y_title}", fill=(90, 90, 90), font=font)
 
 
 def _y_title(s: MethodSummary) -> str:
     what = {"target": "the explained score", "cls": "cosine, CLS embedding", "mean": "cosine, mean patch token",
             "probability": "class probability", "logit": "class logit"}.get(s.readout, s.readout)
-    return f"{what} (by {s.perturbation})"
+    return f"{what} (by {PERTURBATION_WORDS.get(s.perturbation, s.perturbation)})"
 
 
 def write_plot(summaries: Sequence[MethodSummary], path: str | Path, *, size: tuple[int, int] = (1180, 480)) -> Path:
@@ -373,9 +373,9 @@ def write_plot(summaries: Sequence[MethodSummary], path: str | Path, *, size: tu
                                        ("LeRF (least relevant removed first)", "lerf"))):
         left = 70 + k * (panel_w + 60)
         series = [(_COLOURS[i % len(_COLOURS)], s.fractions, getattr(s, pick)) for i, s in enumerate(summaries)]
-        _panel(draw, (left, 50, left + panel_w, h - 60), title, series, ticks, font, _y_title(summaries[0]))
+        _panel(draw, (left, 70, left + panel_w, h - 60), title, series, ticks, font, _y_title(summaries[0]))
     for i, s in enumerate(summaries):
-        y = 50 + 18 * i
+        y = 70 + 18 * i
         draw.line([(w - legend_w, y + 7), (w - legend_w + 20, y + 7)], fill=_COLOURS[i % len(_COLOURS)], width=3)
         draw.text((w - legend_w + 26, y), f"{s.method} ({s.score:+.3f})", fill=(0, 0, 0), font=font)
     img.save(path, format="PNG")
