@@ -318,7 +318,7 @@ def test_head_grid(pixels, shared):
         assert yaxis.autorange == "reversed" and yaxis.scaleanchor == t.xaxis
     assert [(im.xref, im.yref) for im in fig.layout.images] == axes  # the image once per subplot, under its map
     assert all((im.sizex, im.sizey, im.x, im.y) == (12, 8, 0, 0) for im in fig.layout.images)
-    assert [a.text for a in fig.layout.annotations] == [f"head {k}" for k in range(5)]
+    assert [a.text.split(" · ")[0] for a in fig.layout.annotations] == [f"head {k}" for k in range(5)]
     if shared:
         assert {t.coloraxis for t in fig.data} == {"coloraxis"}
         assert (fig.layout.coloraxis.cmin, fig.layout.coloraxis.cmax) == pytest.approx((maps.min(), maps.max()))
@@ -468,3 +468,84 @@ def test_histogram_and_curves_figures_carry_the_values():
     assert [tr.name for tr in curves.data] == ["LeGrad MoRF", "random MoRF"] and curves.data[1].line.dash == "dot"
     with pytest.raises(ParameterError, match="values for"):
         F.curves_figure(np.array([0, 0.5]), {"x": np.array([1.0])})
+
+
+# ------------------------------------------------------------------------------- what a new user hit (issue 19)
+
+
+def test_histogram_ticks_and_titles_sit_outside_the_bars():
+    """Issue 19, 4: the margins were 0, so the tick numbers were cut off, "log10 token norm" sat on the bars and the
+    CLS line's name crossed the y title. Now the margins grow to hold ticks and titles, the x axis is ticked in the
+    values' own unit (at their log10 positions) and each line's name sits above the plot area."""
+    values = np.array([28.0, 31.0, 35.0, 40.0, 44.0, 52.0])
+    fig = F.histogram_figure(values, x_title="token norm", extra={"CLS": 25.7, "register 0": np.array([80.0])})
+    xa, ya = fig.layout.xaxis, fig.layout.yaxis
+    assert xa.automargin and ya.automargin and xa.showticklabels is not False and ya.showticklabels is not False
+    assert "log10" not in xa.title.text and "token norm" in xa.title.text
+    ticks = dict(zip(xa.ticktext, xa.tickvals, strict=True))
+    assert len(ticks) >= 3 and all(text for text in ticks)
+    for text, pos in ticks.items():  # each label names the value at its position
+        assert 10 ** pos == pytest.approx(float(text.replace(",", "")))
+        assert np.log10(25.7) <= pos <= np.log10(80.0)
+    notes = {a.text: a for a in fig.layout.annotations}
+    assert set(notes) == {"CLS", "register 0"}
+    for name, want in (("CLS", 25.7), ("register 0", 80.0)):
+        a = notes[name]
+        assert a.yref == "y domain" and a.y >= 1 and a.yanchor == "bottom"  # above the data area
+        assert a.x == pytest.approx(np.log10(want))
+    assert notes["register 0"].yshift != notes["CLS"].yshift  # one row each: names never overlap
+    assert fig.layout.margin.t >= 2 * 16  # the top margin holds both rows
+
+
+def test_mosaic_title_and_axis_titles_keep_clear_of_each_other():
+    """Issue 19, 5: the title overlapped the top axis's title and the row title ran into the row numbers. The
+    title is placed above the plot area with its own automargin (plotly then keeps it off the tick labels and axis
+    titles); the axis titles stand off from their numbers."""
+    fig = F.similarity_mosaic_figure(np.eye(16 * 16), grid=(16, 16))
+    title = fig.layout.title
+    assert title.automargin and title.yref == "paper" and title.y >= 1 and title.yanchor == "bottom"
+    for axis in (fig.layout.xaxis, fig.layout.yaxis):
+        assert axis.automargin and axis.title.standoff >= 8 and axis.title.text
+
+
+def test_layer_scrub_slider_fits_and_play_starts_at_the_first_frame(pixels):
+    """Issue 19, 6: the slider's labels were cut off (no bottom margin), and ▶ did nothing where the slider opens,
+    on the last frame ("from current"). Now the bottom margin holds the slider, ▶ plays every frame from frame 0,
+    and (7) the query patch is outlined on every frame."""
+    maps = np.random.default_rng(5).random((4, *GRID)).astype(np.float32)
+    fig = F.layer_scrub_figure(pixels, maps, patch_size=P, labels=list("abcd"), active=3, highlight=4)
+    assert fig.layout.margin.b >= 80
+    (slider,) = fig.layout.sliders
+    assert slider.y <= 0 and slider.yanchor == "top"  # under the picture, in the bottom margin
+    play = next(b for b in fig.layout.updatemenus[0].buttons if b.label == "▶")
+    frames, options = play.args
+    assert list(frames) == [f.name for f in fig.frames] and frames[0] == fig.frames[0].name
+    assert options.get("fromcurrent") is not True
+    (rect,) = fig.layout.shapes  # patch 4 = row 1, col 1
+    assert (rect.x0, rect.y0, rect.x1, rect.y1) == (P, P, 2 * P, 2 * P)
+    assert not F.layer_scrub_figure(pixels, maps, patch_size=P, labels=list("abcd")).layout.shapes
+
+
+def test_colour_bars_never_write_si_suffixes(pixels):
+    """Issue 19, 8: Chefer's relevance showed "0.2M … 1M" and a tiny map "μ". Every colour bar writes its numbers
+    with significant digits and no SI suffix (d3's "s" type is what writes them)."""
+    heat = np.linspace(2e5, 1e6, GRID[0] * GRID[1]).reshape(GRID)
+    maps = np.stack([heat, heat])
+    bars = [F.overlay_figure(pixels, heat, patch_size=P).data[1].colorbar,
+            F.layer_scrub_figure(pixels, maps, patch_size=P, labels=["a", "b"]).data[1].colorbar,
+            F.similarity_map_figure(np.eye(6), grid=GRID, index=0).data[0].colorbar,
+            F.similarity_mosaic_figure(np.eye(6), grid=GRID).data[0].colorbar,
+            F.head_grid_figure(maps, patch_size=P, shared_scale=True).layout.coloraxis.colorbar]
+    for bar in bars:
+        fmt = bar.tickformat
+        assert fmt and re.fullmatch(r"[.,]?\d*~?[eg]", fmt.lstrip(",")), fmt  # significant digits, never "s"
+        assert int(re.search(r"\d+", fmt).group()) >= 2
+
+
+def test_each_head_on_its_own_range_states_the_range():
+    """Issue 19, 9: with each head on its own range there is no colour bar; each subplot's title states its range."""
+    maps = np.stack([np.full(GRID, 0.5), np.linspace(0.01, 0.42, 6).reshape(GRID)]).astype(np.float32)
+    own = F.head_grid_figure(maps, patch_size=P, shared_scale=False)
+    assert [a.text for a in own.layout.annotations] == ["head 0 · 0.5–0.5", "head 1 · 0.01–0.42"]
+    shared = F.head_grid_figure(maps, patch_size=P, shared_scale=True)
+    assert [a.text for a in shared.layout.annotations] == ["head 0", "head 1"]  # one colour bar says it

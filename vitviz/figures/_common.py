@@ -152,5 +152,11 @@ def _image_axes(title: str | None) -> dict:
     )
 
 
+# colour-bar numbers with three significant digits and never an SI suffix: plotly's default wrote a relevance of
+# 200000 as "0.2M" and 2e-6 as "2μ"; this writes "2e+5", "0.012", "45", "2e-6"
+COLORBAR_TICKS = ".3~g"
+
+
 def _colorbar(title: str | None = None) -> dict:
-    return dict(thickness=12, len=0.9, title=dict(text=title, side="right") if title else None)
+    return dict(thickness=12, len=0.9, tickformat=COLORBAR_TICKS,
+                title=dict(text=title, side="right") if title else None)

@@ -23,25 +23,64 @@ def histogram_figure(
     extra: dict[str, np.ndarray] | None = None,
 ) -> go.Figure:
     """A histogram of ``values`` (patches), the ``marked`` ones (e.g. outliers) in their own colour; ``extra``
-    named values (e.g. the CLS token, registers) as vertical lines."""
+    named values (e.g. the CLS token, registers) as vertical lines, each named above the plot area.
+
+    With ``log_x`` the bins are even in log10 of the values, and the axis is ticked and titled in the values' own
+    unit ("token norm (log scale)": 20, 30, 50). The margins grow to hold the tick numbers and the axis titles
+    (``automargin``), so neither is drawn over the bars nor cut off.
+    """
     values = np.asarray(values, dtype=np.float64).ravel()
     if values.size == 0:
         raise ParameterError("values must hold at least one value.")
     marked = np.zeros(values.shape, bool) if marked is None else np.asarray(marked, bool).ravel()
+    lines = [(name, float(val)) for name, v in (extra or {}).items() for val in np.atleast_1d(v)]
     x = np.log10(np.maximum(values, 1e-12)) if log_x else values
     traces = [go.Histogram(x=x[~marked], name="patches", marker=dict(color="rgb(120, 120, 140)"), nbinsx=60)]
     if marked.any():
         traces.append(go.Histogram(x=x[marked], name="outliers", marker=dict(color="rgb(0, 229, 255)"), nbinsx=60))
-    layout = dict(barmode="overlay", margin=dict(l=0, r=0, b=0, t=40 if title else 10),
-                  xaxis=dict(title=dict(text=f"log10 {x_title}" if log_x else x_title)),
-                  yaxis=dict(title=dict(text="patches")), showlegend=True,
+    xaxis = dict(title=dict(text=f"{x_title} (log scale)" if log_x else x_title), automargin=True)
+    if log_x:
+        shown = np.concatenate([values, [v for _, v in lines]])
+        shown = shown[np.isfinite(shown) & (shown > 0)]
+        if shown.size:
+            xaxis.update(_log_ticks(float(shown.min()), float(shown.max())))
+    names = list(dict.fromkeys(name for name, _ in lines))
+    layout = dict(barmode="overlay", margin=dict(l=10, r=10, b=10, t=(40 if title else 10) + _LINE_LABEL * len(names)),
+                  xaxis=xaxis, yaxis=dict(title=dict(text="patches"), automargin=True), showlegend=True,
                   title=dict(text=title, x=0.0, xanchor="left", font=dict(size=14)) if title else None)
     fig = go.Figure(data=traces, layout=layout)
-    for k, (name, v) in enumerate((extra or {}).items()):
-        for val in np.atleast_1d(v):
-            pos = float(np.log10(max(float(val), 1e-12)) if log_x else val)
-            fig.add_vline(x=pos, line=dict(color=_PALETTE[k % len(_PALETTE)], dash="dot"), annotation_text=name)
+    for name, val in lines:
+        k = names.index(name)
+        pos = float(np.log10(max(val, 1e-12)) if log_x else val)
+        colour = _PALETTE[k % len(_PALETTE)]
+        fig.add_vline(x=pos, line=dict(color=colour, dash="dot"))
+        # above the plot area (y = 1 of the y domain, anchored at its bottom), one row per name: never on the bars,
+        # the axis titles or each other
+        fig.add_annotation(x=pos, xref="x", y=1, yref="y domain", yanchor="bottom", yshift=_LINE_LABEL * k,
+                           text=name, showarrow=False, font=dict(color=colour, size=12))
     return fig
+
+
+_LINE_LABEL = 16  # px: the height of one row of line names above a histogram
+
+
+def _log_ticks(lo: float, hi: float) -> dict:
+    """Tick positions (log10) and their labels (the values) for a log10 axis over values ``lo..hi``: decades, or
+    1-2-5 steps, or every digit, whichever first gives three ticks; else evenly spaced round values."""
+    k0, k1 = int(np.floor(np.log10(lo))) - 1, int(np.ceil(np.log10(hi))) + 1
+    vals: list[float] = []
+    for digits in ((1,), (1, 2, 5), tuple(range(1, 10))):
+        vals = [float(f"{d * 10.0**k:.12g}") for k in range(k0, k1 + 1) for d in digits]
+        vals = [v for v in vals if lo <= v <= hi]
+        if len(vals) >= 3:
+            break
+    else:  # a range narrower than one digit step (e.g. 101..108): round steps
+        raw = (hi - lo) / 4 if hi > lo else max(abs(lo), 1e-12)
+        base = 10.0 ** np.floor(np.log10(raw))
+        step = next(m * base for m in (1, 2, 5, 10) if m * base >= raw)
+        vals = [float(f"{v:.12g}") for v in np.arange(np.floor(lo / step), np.ceil(hi / step) + 1) * step if v > 0]
+    text = [f"{v:,.6g}" if 1e-4 <= v < 1e6 else f"{v:.3g}" for v in vals]
+    return dict(tickvals=[float(np.log10(v)) for v in vals], ticktext=text, tickmode="array")
 
 
 def curves_figure(
@@ -99,5 +138,6 @@ def attention_distance_figure(dist: np.ndarray, *, title: str | None = None) -> 
 
 
 def figure_html(fig: go.Figure) -> str:
-    """Standalone HTML page of ``fig`` with plotly.js inlined, so it works offline."""
-    return fig.to_html(include_plotlyjs=True, full_html=True, config={"displaylogo": False})
+    """Standalone HTML page of ``fig`` with plotly.js inlined, so it works offline; a figure with frames opens on
+    the frame it shows (plotly's default would play every frame once on opening)."""
+    return fig.to_html(include_plotlyjs=True, full_html=True, config={"displaylogo": False}, auto_play=False)

@@ -151,18 +151,23 @@ def layer_scrub_figure(
     normalize: Literal["per_layer", "global"] = "per_layer",
     title: str | None = None,
     colorbar_title: str | None = None,
+    highlight: int | None = None,
 ) -> go.Figure:
     """One heat map per layer over the image, scrubbed with a slider (and played with a button) in the browser.
 
     Plotly frames hold only the heatmap and the click targets' hover values of each layer, so moving the slider needs
     no server round trip and never resends the image. ``z`` of frame ``k`` is ``maps[k]`` as given (hover shows real
     values); ``normalize`` picks the colour range: ``"per_layer"`` spans each layer's own min..max, ``"global"`` one
-    min..max over all layers.
+    min..max over all layers. ``highlight`` outlines the query patch (row-major index) on every frame.
+
+    ▶ plays every layer from the first (the slider usually opens at the last); the bottom margin holds the slider
+    and its labels.
     """
     p = _check_patch_size(patch_size)
     maps = _check_layer_maps(maps, labels=labels, active=active, normalize=normalize)
     n_layers = maps.shape[0]
     pixels = _check_image_array(pixels, patch_size=p, grid=maps.shape[1:])
+    highlight = _check_index(highlight, maps.shape[1] * maps.shape[2], name="highlight")
 
     lo, hi = _range(maps)
     ranges = [_range(m) for m in maps] if normalize == "per_layer" else [(lo, hi)] * n_layers
@@ -181,7 +186,11 @@ def layer_scrub_figure(
     ]
     layout = _image_axes(title)
     layout.update(_scrub_controls(labels, active))
-    return go.Figure(data=[_image_trace(pixels), heat, targets], frames=frames, layout=layout)
+    layout["margin"] = {**layout["margin"], "b": SCRUB_MARGIN}
+    fig = go.Figure(data=[_image_trace(pixels), heat, targets], frames=frames, layout=layout)
+    if highlight is not None:
+        fig.add_shape(_outline(highlight, grid[1], p))  # a layout shape: the frames never replace it
+    return fig
 
 
 def _check_layer_maps(maps, *, labels: list[str], active: int, normalize: str) -> np.ndarray:
@@ -198,18 +207,22 @@ def _check_layer_maps(maps, *, labels: list[str], active: int, normalize: str) -
     return maps
 
 
+SCRUB_MARGIN = 100  # px under the picture: the slider's current value, its rail, its tick labels and a little air
+
+
 def _scrub_controls(labels: list[str], active: int) -> dict:
-    """A slider with one step per frame and play/pause buttons, all in the browser."""
+    """A slider with one step per frame and play/pause buttons, all in the browser. ▶ plays the frames in order
+    from the first: "from current" would do nothing where the slider opens, at the last frame."""
     still = dict(mode="immediate", frame=dict(duration=0, redraw=True), transition=dict(duration=0))
     steps = [dict(method="animate", label=str(label), args=[[str(k)], still]) for k, label in enumerate(labels)]
-    play = dict(fromcurrent=True, frame=dict(duration=400, redraw=True), transition=dict(duration=0))
+    play = dict(mode="immediate", fromcurrent=False, frame=dict(duration=400, redraw=True), transition=dict(duration=0))
     return dict(
-        sliders=[dict(active=active, steps=steps, x=0.1, len=0.9, y=0, yanchor="top", pad=dict(t=8, b=0),
-                      currentvalue=dict(prefix="", visible=True, xanchor="left"))],
+        sliders=[dict(active=active, steps=steps, x=0.1, len=0.9, y=0, yanchor="top", pad=dict(t=8, b=10),
+                      currentvalue=dict(prefix="", visible=True, xanchor="right"))],
         updatemenus=[dict(
             type="buttons", direction="left", x=0.0, y=0, xanchor="left", yanchor="top", pad=dict(t=8, r=8),
             showactive=False,
-            buttons=[dict(label="▶", method="animate", args=[None, play]),
+            buttons=[dict(label="▶", method="animate", args=[[str(k) for k in range(len(labels))], play]),
                      dict(label="❚❚", method="animate", args=[[None], still])],
         )],
     )

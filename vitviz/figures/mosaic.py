@@ -98,17 +98,23 @@ def _mosaic(sim: np.ndarray, gh: int, gw: int) -> np.ndarray:
 def _mosaic_axes(title: str | None, gh: int, gw: int) -> dict:
     """Axes ticked by query patch row and column, at the tile centres."""
     layout = _image_axes(title or "Similarity of each patch (tile) to every patch")
+    # the margins grow to hold the tick numbers and the axis titles (automargin), the axis titles stand off from
+    # the numbers, and the figure title sits above the top axis's numbers and title (its own automargin, on paper)
     ticks = dict(showgrid=False, zeroline=False, ticks="", showline=False, automargin=True)
     layout["xaxis"] = dict(
-        constrain="domain", title=dict(text="query patch column"), side="top",
+        constrain="domain", title=dict(text="query patch column", standoff=_STANDOFF), side="top",
         tickvals=[cc * (gw + 1) + (gw - 1) / 2 for cc in range(gw)], ticktext=[str(cc) for cc in range(gw)], **ticks,
     )
     layout["yaxis"].update(
-        visible=True, title=dict(text="query patch row"),
+        visible=True, title=dict(text="query patch row", standoff=_STANDOFF),
         tickvals=[rr * (gh + 1) + (gh - 1) / 2 for rr in range(gh)], ticktext=[str(rr) for rr in range(gh)], **ticks,
     )
-    layout["margin"] = dict(l=0, r=0, b=0, t=80)
+    layout["title"].update(yref="paper", y=1, yanchor="bottom", automargin=True, pad=dict(b=_STANDOFF))
+    layout["margin"] = dict(l=10, r=0, b=0, t=10)
     return layout
+
+
+_STANDOFF = 10  # px between a mosaic axis's numbers and its title, and between the top axis's title and the title
 
 
 def mosaic_point_to_patch(x: float, y: float, *, grid: tuple[int, int]) -> int | None:
@@ -183,7 +189,8 @@ def head_grid_figure(
 
     Each subplot holds one heatmap trace; the image, when given, is one layout image per subplot (a shrunk PNG,
     shared by all of them). ``shared_scale`` puts every head on one colour range with one colour bar; otherwise each
-    head spans its own range and hover gives the values.
+    head spans its own range, which its subplot title states ("head 3 · 0.01–0.42": darkest to brightest), and
+    hover gives the values.
     """
     p = _check_patch_size(patch_size)
     maps, titles = _check_head_maps(maps, cols=cols, titles=titles)
@@ -201,6 +208,9 @@ def head_grid_figure(
         heat_kw = dict(coloraxis="coloraxis")
     else:
         heat_kw["showscale"] = False
+        for k, note in enumerate(layout["annotations"]):  # make_subplots' titles, in head order
+            lo, hi = _range(maps[k])
+            note.update(text=f"{titles[k]} · {_number(lo)}–{_number(hi)}", font=dict(size=12))
     if pixels is not None:
         pixels = _check_image_array(pixels, patch_size=p, grid=(gh, gw))
         heat_kw["opacity"] = _check_opacity(opacity)
@@ -227,6 +237,11 @@ def _head_traces(maps: np.ndarray, titles: list[str], layout: dict, *, patch_siz
         if image is not None:
             images.append(dict(image, xref=f"x{ax}", yref=f"y{ax}"))
     return traces, images
+
+
+def _number(v: float) -> str:
+    """A colour range's end in two significant digits: 0.012, 0.42, 37, 2.5e-06."""
+    return f"{v:.2g}"
 
 
 def _check_head_maps(maps, *, cols: int, titles: list[str] | None) -> tuple[np.ndarray, list[str]]:
