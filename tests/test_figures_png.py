@@ -25,8 +25,12 @@ def _offered_scales() -> tuple[str, ...]:
     raise AssertionError("vitviz/app/state.py defines no COLORSCALES")
 
 
+def _reversed(name: str) -> str:
+    return name.removesuffix("_r") if name.endswith("_r") else f"{name}_r"
+
+
 OFFERED = _offered_scales()
-NAMES = [*OFFERED, *(f"{n}_r" for n in OFFERED)]
+NAMES = [*OFFERED, *(_reversed(n) for n in OFFERED)]
 
 
 def _plotly_lut(scale) -> np.ndarray:
@@ -90,3 +94,26 @@ def test_other_scales_go_to_plotly_and_bad_ones_are_refused():
     for bad in bad_scales:
         with pytest.raises(ParameterError, match="colorscale"):
             png.heat_to_rgba(np.zeros((1, 2)), colorscale=bad)
+
+
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+    """Relative luminance (WCAG, sRGB) of (..., 3) colours in 0..255."""
+    c = np.asarray(rgb, dtype=np.float64) / 255.0
+    c = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    return c @ np.array([0.2126, 0.7152, 0.0722])
+
+
+@pytest.mark.parametrize("name", OFFERED)
+def test_every_offered_scale_grows_brighter_with_the_value(name):
+    """Every caption says "brighter = more": each offered scale is darkest at the lowest value and brightest at the
+    highest, and never darker at a higher value, both in the PNGs (the LUT) and on screen (the stops the figures
+    send, sampled as plotly.js does). Plotly's own Greys runs white -> black and failed this."""
+    from vitviz.figures._common import screen_colorscale
+
+    t = np.linspace(0.0, 1.0, 256)
+    png_lum = _luminance(png.heat_to_rgba(t[None, :], colorscale=name)[0, :, :3])
+    screen = pcolors.sample_colorscale([list(s) for s in screen_colorscale(name)], t.tolist(), colortype="tuple")
+    screen_lum = _luminance(np.asarray(screen) * 255.0)
+    for lum in (png_lum, screen_lum):
+        assert lum[-1] > lum[0] + 0.5, f"{name}: value 1 at luminance {lum[-1]:.3f}, value 0 at {lum[0]:.3f}"
+        assert (np.diff(lum) >= -1e-3).all(), f"{name} gets darker at a higher value"

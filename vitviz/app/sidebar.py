@@ -24,7 +24,7 @@ from vitviz.models.checkpoints import upload_param_cap
 from vitviz.settings import FITS
 
 from .cache import digest
-from .state import COLORSCALES, app_model, keep
+from .state import COLORSCALE_LABELS, COLORSCALES, app_model, keep
 from .widgets import fail
 
 __all__ = ["ImageChoice", "ModelChoice", "InputChoice", "DisplayChoice", "image_ui", "second_image_ui",
@@ -246,5 +246,8 @@ def display_ui() -> DisplayChoice:
     sb = st.sidebar
     sb.header("Display")
     opacity = sb.slider("Overlay opacity", 0.0, 1.0, step=0.05, key="opacity")
-    colorscale = sb.selectbox("Colour scale", COLORSCALES, key="colorscale")
+    keep("colorscale", lambda v: v in COLORSCALES, COLORSCALES[0])
+    colorscale = sb.selectbox("Colour scale", COLORSCALES, key="colorscale",
+                              format_func=lambda name: COLORSCALE_LABELS.get(name, name),
+                              help="Every scale grows brighter with the value: dark is low, bright is high.")
     return DisplayChoice(opacity, colorscale)

@@ -14,10 +14,15 @@ import streamlit as st
 
 from vitviz.settings import DEFAULTS
 
-__all__ = ["ALL_HEADS", "COLORSCALES", "TABS_PREFIX", "app_model", "init_state", "keep", "keep_query"]
+__all__ = ["ALL_HEADS", "COLORSCALES", "COLORSCALE_LABELS", "TABS_PREFIX", "app_model", "init_state", "keep",
+           "keep_query"]
 
 ALL_HEADS = "all heads (fused)"
-COLORSCALES = ("Inferno", "Viridis", "Magma", "Plasma", "Turbo", "Jet", "Greys")
+# plotly names of the offered colour scales: each grows brighter with the value all the way, as every caption says
+# ("brighter = more"). Plotly's Greys runs white -> black, so the reversed one is offered, under its plain name; the
+# rainbows (Turbo, Jet) are brightest in the middle and as dark at the top as at the bottom, so they are not offered
+COLORSCALES = ("Inferno", "Viridis", "Magma", "Plasma", "Greys_r")
+COLORSCALE_LABELS = {"Greys_r": "Greys"}
 
 PERSISTENT = ("example", "model", "arch", "patch_size", "img_size", "fit", "device", "precision", "layers", "view",
               "head", "head_fusion", "discard_ratio", "opacity", "colorscale", "query_patch", "heads_source",
