@@ -186,7 +186,7 @@ def test_each_section_renders_its_views_from_one_pass(calls):
     n = (224 // P) ** 2  # N = HW / P^2 at the default 224 px centre crop
     status_line = status(at)
     assert f"grid {224 // P}x{224 // P}" in status_line
-    assert f"{n + 1} tokens = {n} patches + 1 prefix (1 CLS)" in status_line
+    assert f"{n + 1} tokens = {n} patches + 1 CLS token" in status_line
     assert "centre crop" in status_line and "tiny.pth" in status_line
     assert f"**{n} patches**" in view_text(at)
     assert {b.key for b in at.get("download_button")} >= {"dl_png", "dl_npz", "dl_fig_grid"}
@@ -465,7 +465,7 @@ def test_embedded_default_model(monkeypatch):
     monkeypatch.delenv("VITVIZ_APP_ARCH", raising=False)
     at = started()
     ok(at)
-    assert "vit_small_patch14_dinov2" in status(at) and "257 tokens = 256 patches + 1 prefix" in status(at)
+    assert "vit_small_patch14_dinov2" in status(at) and "257 tokens = 256 patches + 1 CLS token" in status(at)
 
 
 def test_gpu_out_of_memory_falls_back_to_the_cpu_with_a_notice(calls, monkeypatch):
@@ -941,3 +941,152 @@ def test_the_apps_jobs_never_ask_for_more_threads_than_cores(monkeypatch):
         assert jobs.share_cores() == want and seen[-1] == want
     assert cpu_threads(jobs.MAX_RUNNING + 1, cores=2) == 1 and cpu_threads(jobs.MAX_RUNNING + 1, cores=16) == 5
     jobs.share_cores.cache_clear()
+
+
+# ------------------------------------------------------------------------------- what a new user hit (issue 19)
+
+
+def heat_trace(at: AppTest, key: str) -> dict:
+    return next(t for t in spec(at, key)["data"] if t["type"] == "heatmap")
+
+
+def plotly_array(value) -> np.ndarray:
+    """An array of a figure's JSON spec: a list, or plotly's typed array ({"dtype", "bdata", "shape"})."""
+    if isinstance(value, dict):
+        import base64
+
+        flat = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
+        shape = [int(v) for v in str(value.get("shape", flat.size)).split(",")]
+        return flat.reshape(shape).astype(float)
+    return np.asarray(value, dtype=float)
+
+
+def luminance(rgb_text: str) -> float:
+    r, g, b = (float(v) / 255 for v in re.findall(r"[\d.]+", rgb_text)[:3])
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def test_every_offered_colour_scale_grows_brighter_with_the_value(calls):
+    """Issue 19, 2: "Greys" drew the highest values black while every caption says brighter = more. Each scale the
+    sidebar offers reaches the figure darkest at its low end and brightest at its high end."""
+    at = show(started(), "Attention rollout")
+    box = at.selectbox(key="colorscale")
+    assert "Greys" in [box.format_func(o) for o in box.options]
+    for option in box.options:
+        box.set_value(option).run()
+        ok(at)
+        scale = heat_trace(at, "fig_rollout")["colorscale"]
+        assert luminance(scale[-1][1]) > luminance(scale[0][1]) + 0.5, (box.format_func(option), scale)
+        box = at.selectbox(key="colorscale")
+    assert len(calls) == 1
+
+
+def test_the_query_patch_is_outlined_in_the_query_and_rollout_views(calls):
+    """Issue 19, 7: the Query patch view (and the rollout) outline the query patch, as every other view does."""
+    at = started()
+    at.number_input(key="query_patch").set_value(3 * 14 + 12).run()
+    for view, key in (("Query patch", "fig_query"), ("Attention rollout", "fig_rollout")):
+        shapes = spec(show(at, view), key)["layout"]["shapes"]
+        assert [(s["x0"], s["y0"], s["x1"], s["y1"]) for s in shapes] == [(12 * P, 3 * P, 13 * P, 4 * P)], view
+
+
+def test_probabilities_keep_their_significant_digits():
+    """Issue 19, 8: the predictions caption printed "p = 0.00" for a small probability."""
+    from vitviz.models.labels import Prediction
+
+    assert Prediction(207, "golden retriever", 0.8312, 3.0).describe() == "class 207 'golden retriever' (p = 0.83)"
+    assert "(p = 0.0031)" in Prediction(3, None, 0.00312, -1.0).describe()
+    assert "(p = 4.2e-06)" in Prediction(3, None, 4.2e-6, -9.0).describe()
+
+
+def test_each_head_on_its_own_range_says_its_range(calls):
+    """Issue 19, 9: with each head on its own range there was no colour bar and no word of the ranges."""
+    at = show(started(), "Heads")
+    at.radio(key="heads_scale").set_value("per head").run()
+    ok(at)
+    fig = spec(at, "fig_heads")
+    titles = [a["text"] for a in fig["layout"]["annotations"]]
+    heats = [t for t in fig["data"] if t["type"] == "heatmap"]
+    assert len(titles) == len(heats) == HEADS
+    for title, trace in zip(titles, heats, strict=True):
+        z = plotly_array(trace["z"])
+        lo, hi = (float(v) for v in re.search(r"· (\S+)–(\S+)$", title).groups())
+        assert lo == pytest.approx(np.nanmin(z), rel=0.05, abs=1e-12) and hi == pytest.approx(np.nanmax(z), rel=0.05)
+    assert "each head's title gives its range" in view_text(at)
+
+
+def test_two_image_views_name_each_image_and_say_what_the_match_means(calls):
+    """Issue 19, 10: two unlabelled figures side by side; a match caption ("N of its patches are at least half as
+    similar") that said little in late layers."""
+    at = started()
+    name = "my *second*.jpg"
+    at.file_uploader(key="upload2").set_value((name, jpeg_bytes((120, 80)), "image/jpeg")).run()
+    for view, keys in (("Patch features", ("fig_pca_0", "fig_pca_1")),
+                       ("Feature similarity", ("fig_similarity", "fig_similarity_2"))):
+        ok(show(at, view))
+        assert {el.key for el in at.get("plotly_chart")} >= set(keys)
+        text = read(view_text(at))
+        assert "**Your image** (cat.jpg)" in text and f"**Second image**: {name}" in text, view
+    caption = captions(at)
+    assert "Best match in the second image" in caption and "typical patch of the second image" in caption
+    assert "half as similar" not in caption
+
+
+@pytest.mark.parametrize("left_out", [[], [3, 17]])
+def test_leaving_out_artefacts_says_how_many_and_which(calls, monkeypatch, left_out):
+    """Issue 19, 11: "Without artefacts" changed the map by 4e-4 and said nothing. The view says how many tokens
+    were left out (0 is an answer) and which; those patches get no rollout mass."""
+    import vitviz.analysis.tokens
+
+    def artefacts(norms, received=None, *, num_prefix_tokens, **kw):
+        mask = np.zeros(norms.shape[-1], bool)
+        mask[[num_prefix_tokens + i for i in left_out]] = True
+        return mask
+
+    monkeypatch.setattr(vitviz.analysis.tokens, "artefact_tokens", artefacts)
+    at = show(started(), "Attention rollout")
+    at.checkbox(key="drop_artefacts").check().run()
+    ok(at)
+    text = view_text(at)
+    if left_out:
+        assert "2 artefact tokens left out (patches 3, 17)" in text
+        z = plotly_array(heat_trace(at, "fig_rollout")["z"]).ravel()
+        assert z[left_out].tolist() == [0.0, 0.0] and (np.delete(z, left_out) > 0).all()
+    else:
+        assert "0 artefact tokens left out (none found in this image" in text
+
+
+def test_captions_are_short_and_the_long_words_one_click_away(calls):
+    """Issue 19, 21: a five-line caption on every rollout view, a subtitle that named three of eleven views, "1
+    prefix (1 CLS)". The rollout's caption is short, its long explanation in an expander; the subtitle names the
+    four sections; the token count is in plain words."""
+    at = started()
+    subtitle = at.main.markdown[0].value
+    assert all(section in subtitle for section in SECTIONS)
+    assert "prefix" not in status(at) and "1 CLS token" in status(at)
+    show(at, "Attention rollout")
+    caption = [m.value for m in at.tabs[0].markdown if "Attention of the CLS token" in m.value]
+    assert len(caption) == 1 and len(caption[0]) < 250
+    (about,) = [e for e in at.tabs[0].expander]
+    assert "Attention is not explanation" in "\n".join(m.value for m in about.markdown)
+    show(at, "Token norms")
+    assert "robust SDs" not in at.tabs[0].markdown[0].value  # the rule is in its expander
+    assert any("robust SDs" in m.value for e in at.tabs[0].expander for m in e.markdown)
+
+
+def test_a_backbone_says_why_it_makes_no_predictions(calls, tmp_path, monkeypatch):
+    """Issue 19, 22: the default model makes no predictions and the page never said why. One sentence, under the
+    status line, says it is a backbone without a classifier head and what to do; a classifier does not get it."""
+    torch.manual_seed(0)
+    classifier = timm.create_model(ARCH, pretrained=False, num_classes=10, img_size=64)
+    torch.save(classifier.state_dict(), tmp_path / "classifier.pth")
+    monkeypatch.setenv("VITVIZ_CHECKPOINT_DIR", str(tmp_path))
+    at = started()
+    note = [c.value for c in at.main.caption if "No class predictions" in c.value]
+    assert len(note) == 1
+    assert "backbone without a classifier head" in note[0] and "classifier checkpoint" in note[0]
+    assert "deit_small_patch16_224" in read(note[0]) and "linear probe" in note[0]
+    at.selectbox(key="model").set_value("dir:classifier.pth").run()
+    ok(at)
+    assert "classifier.pth" in status(at)
+    assert not [c.value for c in at.main.caption if "No class predictions" in c.value]

@@ -23,6 +23,7 @@ import streamlit as st
 from vitviz import figures as vf
 from vitviz.export import export_arrays, npz_bytes
 from vitviz.models import ModelKey
+from vitviz.models.labels import has_head
 from vitviz.settings import DEFAULTS
 
 from . import cache
@@ -79,7 +80,14 @@ def _second(key: cache.AnalysisKey, image: ImageChoice | None):
     return cache.AnalysisKey(key.model, image.digest, "crop"), decoded
 
 
-def _status(res, inputs: InputChoice) -> None:
+NO_HEAD = ("**No class predictions:** this model is a backbone without a classifier head: it returns an embedding "
+           "of the image, not classes, so Explain explains that embedding or a patch's feature. For classes, choose "
+           "a classifier in the sidebar: a Hub model such as `deit_small_patch16_224` or "
+           "`vit_base_patch16_224.augreg2_in21k_ft_in1k`, or a classifier checkpoint file. (A linear probe that "
+           "adds classes to a backbone is planned.)")
+
+
+def _status(res, inputs: InputChoice, key: cache.AnalysisKey, weights: cache.Weights) -> None:
     info = res.info
     st.sidebar.caption(f"Model input: **{info.img_size[1]} x {info.img_size[0]} px** = {info.grid[1]} x "
                        f"{info.grid[0]} patches of {inputs.patch_size} px.")
@@ -87,6 +95,9 @@ def _status(res, inputs: InputChoice) -> None:
     st.caption(f"**{md_escape(info.name)}** ({md_escape(info.arch)}) · {res.device}, {res.dtype} · "
                f"grid {info.grid[0]}x{info.grid[1]} · {token_text(info)} · forward pass {res.seconds * 1000:.0f} ms · "
                f"{res.fit_description}{notes}")
+    built, _info = cache.model(key.model, weights)  # the model the pass ran on (cached): its head or none
+    if not has_head(built):
+        st.caption(NO_HEAD)  # the one place the app says why there are no predictions
 
 
 def _download_npz(ctx: ViewContext, fit: str) -> bytes:
@@ -167,8 +178,9 @@ def _context(res, key, weights, image: ImageChoice, decoded, second: ImageChoice
 def main() -> None:
     st.set_page_config(page_title="vitviz", page_icon=":eye:", layout="wide")
     st.title("vitviz")
-    st.write("How a Vision Transformer reads an image: its patch grid, where its attention flows layer by layer, "
-             "what its answer depends on, and what its tokens hold.")
+    st.write("How a Vision Transformer reads an image, in four sections: what it is given (**Input**: the patches, "
+             "their positions), where its attention goes (**Attention**), what its answer depends on (**Explain**) "
+             "and what its tokens hold (**Tokens & features**).")
     init_state()
     image = image_ui()  # first, so a model that fails to load never drops the upload
     second = second_image_ui()
@@ -180,7 +192,7 @@ def main() -> None:
         st.info("Upload an image or choose an example in the sidebar to begin.")
         st.stop()
     res, key, decoded = _analysis(choice, inputs, image, weights)
-    _status(res, inputs)
+    _status(res, inputs, key, weights)
     st.session_state["_geometry"] = dict(grid=res.info.grid, patch_size=res.info.patch_size)
     keep_query(res.info.grid)
     ctx, section = _context(res, key, weights, image, decoded, second, display)

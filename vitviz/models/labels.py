@@ -32,9 +32,11 @@ class Prediction:
     logit: float
 
     def describe(self) -> str:
-        """``class 207 'golden retriever' (p = 0.83)``, or ``class 3 (p = 0.41)`` without a known name."""
+        """``class 207 'golden retriever' (p = 0.83)``, or ``class 3 (p = 0.41)`` without a known name; a small
+        probability in two significant digits (``p = 0.0031``, ``p = 4.2e-06``), never ``p = 0.00``."""
         named = f" '{self.name}'" if self.name else ""
-        return f"class {self.index}{named} (p = {self.probability:.2f})"
+        p = self.probability
+        return f"class {self.index}{named} (p = {p:.2f})" if p >= 0.01 else f"class {self.index}{named} (p = {p:.2g})"
 
 
 def has_head(model: torch.nn.Module) -> bool:

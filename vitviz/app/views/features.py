@@ -10,6 +10,7 @@ from vitviz.analysis import tokens as vt
 
 from .. import cache
 from ..widgets import chart
+from ._tokens import image_titles
 
 TITLE = "Patch features"
 SCALING = ("each component's scores from −2 to +2 standard deviations mapped to 0..1 (clipped beyond), "
@@ -43,6 +44,8 @@ def render(ctx) -> None:
             mask = vt.foreground_mask(patches, grid=res.info.grid, exclude=excludes[k]).reshape(res.info.grid)
             rgb = np.where(mask[..., None], rgb, 0.0)
         with col:
+            if second is not None:
+                st.markdown(image_titles(ctx)[k])
             chart(vf.rgb_patch_figure(rgb, patch_size=res.info.patch_size, pixels=res.pixels, opacity=0.85,
                                       highlight=ctx.query if k == 0 else None), f"fig_pca_{k}", stem=ctx.stem,
                   clickable=k == 0)

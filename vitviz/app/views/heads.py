@@ -12,10 +12,12 @@ from ..widgets import chart
 TITLE = "Heads"
 SCALES = {"shared": "one colour range for all heads (compare heads)",
           "per head": "each head its own range (shapes, not strength)"}
+RANGES = {"per head": "; each head's title gives its range, darkest to brightest"}  # no colour bar can say it
 
 
 def head_grid(ctx, maps, key: str) -> None:
-    """The small multiples of ``maps`` (H, gh, gw) on the colour range the user picked, with a colour bar."""
+    """The small multiples of ``maps`` (H, gh, gw) on the colour range the user picked: one shared range with a
+    colour bar, or each head's own, stated in its title."""
     d = ctx.display
     shared = st.session_state.get("heads_scale", "shared") == "shared"
     chart(vf.head_grid_figure(maps, patch_size=ctx.info.patch_size, pixels=ctx.res.pixels, colorscale=d.colorscale,
@@ -31,7 +33,7 @@ def render(ctx) -> None:
     query = None if source == "CLS token" else ctx.query
     maps = cache.query_maps(ctx.key, query, ctx.res)[layer]
     who = "the CLS token" if query is None else f"patch {query}"
-    scale = SCALES[st.session_state["heads_scale"]]
+    scale = SCALES[st.session_state["heads_scale"]] + RANGES.get(st.session_state["heads_scale"], "")
     st.markdown(f"Layer {layer} (the end layer above): where {who} attends, each of the {info.num_heads} heads; "
                 f"brighter = more attention, {scale}.")
     head_grid(ctx, maps, "fig_heads")

@@ -12,7 +12,7 @@ from ..widgets import chart
 from ._tokens import token_name
 
 TITLE = "Token norms"
-RULE = ("outliers by the data's own gap: a wide empty range (≥ 2.5 robust SDs) in the top log-norms of this layer's "
+RULE = ("a wide empty range (≥ 2.5 robust SDs) in the top log-norms of this layer's "
         "patches, the lowest outlier ≥ 3.5 robust SDs above the median")
 
 
@@ -23,7 +23,10 @@ def render(ctx) -> None:
     norms, flags = stats.norms[layer], stats.norm_outliers[layer]
     marked = np.flatnonzero(flags[p:])
     st.markdown(f"The length (L2 norm) of every patch token after layer {layer}; brighter = longer. Outlined: "
-                f"{len(marked)} {RULE}. Such tokens hold global information instead of their patch's content.")
+                f"{len(marked)} outliers, far longer than the other patches (such tokens hold global information "
+                "instead of their patch's content).")
+    with st.expander("How outliers are found"):
+        st.markdown(f"By the data's own gap: {RULE}.")
     left, right = st.columns(2)
     with left:
         chart(vf.overlay_figure(ctx.res.pixels, norms[p:].reshape(info.grid), patch_size=info.patch_size,

@@ -12,13 +12,12 @@ TITLE = "Patch grid"
 
 
 def token_text(info) -> str:
-    """'T tokens = N patches + K prefix (1 CLS, 4 registers)'."""
+    """'261 tokens = 256 patches + 1 CLS token + 4 registers': every token the transformer reads, in plain words."""
     cls = int(info.has_class_token)
     dist = info.num_prefix_tokens - cls - info.num_reg_tokens
-    parts = [f"{cls} CLS"] + [f"{n} {what}" for n, what in ((info.num_reg_tokens, "registers"),
-                                                             (dist, "distillation")) if n > 0]
-    prefix = f"{info.num_prefix_tokens} prefix ({', '.join(parts)})"
-    return f"{info.num_tokens} tokens = {info.num_patches} patches + {prefix}"
+    kinds = ((cls, "CLS token"), (info.num_reg_tokens, "register"), (dist, "distillation token"))
+    extra = [f"{n} {what if n == 1 else what + 's'}" for n, what in kinds if n > 0]
+    return " + ".join([f"{info.num_tokens} tokens = {info.num_patches} patches", *extra])
 
 
 def render(ctx) -> None:

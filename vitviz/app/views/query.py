@@ -21,7 +21,8 @@ def render(ctx) -> None:
                 "under the figure scrubs the layers in your browser); brighter = more attention.")
     chart(vf.layer_scrub_figure(ctx.res.pixels, qmaps.mean(axis=1), patch_size=info.patch_size,
                                 labels=[f"layer {b}" for b in range(info.depth)], active=layer, opacity=d.opacity,
-                                colorscale=d.colorscale, colorbar_title="attention"), "fig_query", stem=ctx.stem)
+                                colorscale=d.colorscale, colorbar_title="attention", highlight=ctx.query),
+          "fig_query", stem=ctx.stem)
     scale = SCALES[st.session_state.get("heads_scale", "shared")]
     st.markdown(f"Layer {layer} (the end layer above): patch {ctx.query}'s attention, each head ({scale}; set in the "
                 "Heads view).")

@@ -27,10 +27,12 @@ def render(ctx) -> None:
     p = info.num_prefix_tokens
     received = stats.received[layer]
     marked = np.flatnonzero(stats.sink_outliers[layer][p:])
-    spikes = f" {SPIKES}" if info.name == DEFAULT_MODEL_NAME else ""
     st.markdown(f"The attention every patch receives in layer {layer}, averaged over all heads and all queries "
                 f"(1/{info.num_tokens} each if attention were uniform); brighter = more. Outlined: {len(marked)} "
-                f"sinks, by the same rule as the token norms.{spikes}")
+                f"sinks, by the same rule as the token norms.")
+    if info.name == DEFAULT_MODEL_NAME:
+        with st.expander("Layer 0's spikes, and why the rollout starts at layer 1"):
+            st.markdown(SPIKES)
     chart(vf.overlay_figure(ctx.res.pixels, received[p:].reshape(info.grid), patch_size=info.patch_size,
                             opacity=d.opacity, colorscale=d.colorscale, highlight=ctx.query, outlined=marked,
                             colorbar_title="attention received", hover="received"), "fig_sinks", stem=ctx.stem)
