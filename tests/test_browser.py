@@ -306,6 +306,45 @@ def pick_example(page: Page, name: str) -> None:
                 raise
 
 
+def choose(page: Page, key: str, label: str) -> None:
+    """Pick ``label`` in selectbox ``key``: open the box, click the option (reopened if a rerun closed the list)."""
+    option = page.get_by_role("option", name=label, exact=True)
+    deadline = time.monotonic() + STEP_S
+    while True:
+        page.locator(f".st-key-{key}").click(timeout=STEP_S * 1000)
+        try:
+            option.click(timeout=5_000)
+            return
+        except PlaywrightTimeout:
+            if time.monotonic() > deadline:
+                raise
+
+
+def pixels_of(locator) -> np.ndarray:
+    """(h, w, 3) uint8: what the screen shows of an element (scrolled into view first)."""
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(locator.screenshot())).convert("RGB"))
+
+
+def luminance(rgb) -> float:
+    """Relative luminance (WCAG, sRGB) of one colour in 0..255."""
+    c = np.asarray(rgb, dtype=np.float64) / 255.0
+    c = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    return float(c @ np.array([0.2126, 0.7152, 0.0722]))
+
+
+def inside(page: Page, key: str, selector: str) -> list[tuple[str, bool]]:
+    """(text, drawn wholly inside the figure's box) of every ``selector`` element of figure ``key``."""
+    return figure(page, key).evaluate(
+        """(g, sel) => { const box = g.getBoundingClientRect();
+            return Array.from(g.querySelectorAll(sel), e => { const r = e.getBoundingClientRect();
+                return [e.textContent, r.width > 0 && r.left >= box.left - 0.5 && r.right <= box.right + 0.5
+                        && r.top >= box.top - 0.5 && r.bottom <= box.bottom + 0.5]; }); }""", selector)
+
+
 def test_first_visit_latency_and_true_colours(app_url, browser):
     """What a new user waits for (issue 13): the first page after the server starts, an example to its first figure,
     an upload to its figure, a control to the updated view (the timing keeps its old name, "sidebar control", for
@@ -341,6 +380,13 @@ def test_first_visit_latency_and_true_colours(app_url, browser):
         wait_text(page, "discard 0.89")
         settle(page)
         TIMINGS["sidebar control to updated view"] = time.perf_counter() - t0
+        healthy(page)
+        for fusion in ("max", "min", "mean"):  # issue 19, 23: "max" was said to take ~5 s; measured, not asserted
+            t0 = time.perf_counter()
+            choose(page, "head_fusion", fusion)
+            wait_text(page, f"all heads ({fusion})")
+            settle(page)
+            TIMINGS[f"head fusion {fusion}"] = time.perf_counter() - t0
         healthy(page)
     finally:
         ctx.close()
@@ -396,10 +442,20 @@ def test_tour_every_view(app_url, browser, reference):
                 assert visible_figures(page) >= 1
                 assert scrub_state(page, "fig_rollout") == (9, "layers 1-10")
                 assert_map_equal(heat_z(page, "fig_rollout"), table[1, 10])
+                labels = inside(page, "fig_rollout", ".slider-group text")  # issue 19, 6: none cut off
+                assert labels and all(whole for _text, whole in labels), labels
+                assert outline(page, "fig_rollout") == [[12 * PATCH, 3 * PATCH, 13 * PATCH, 4 * PATCH]]
                 shots.append(shoot(page, shot))
 
-                # the figure's own frames slider: click its first step; the browser swaps in frame 0 (layers 1-1)
+                # ▶ where the slider opens, on its last frame: it plays from the first (it did nothing before)
                 fig = figure(page, "fig_rollout")
+                fig.locator(".updatemenu-button").first.click()
+                page.wait_for_function("g => g._fullLayout.sliders[0].active < 3", arg=fig.element_handle(),
+                                       timeout=STEP_S * 1000)
+                page.wait_for_function("g => g._fullLayout.sliders[0].active === 9", arg=fig.element_handle(),
+                                       timeout=STEP_S * 1000)  # and on to the last, where it stops
+
+                # the figure's own frames slider: click its first step; the browser swaps in frame 0 (layers 1-1)
                 tick = fig.locator(".slider-tick-rect").first.bounding_box()
                 rail = fig.locator(".slider-rail-rect").bounding_box()
                 page.mouse.click(tick["x"] + tick["width"] / 2, rail["y"] + rail["height"] / 2)
@@ -410,8 +466,52 @@ def test_tour_every_view(app_url, browser, reference):
                 assert_map_equal(target_values(page, "fig_rollout"), table[1, 1])  # hover follows the frame
                 healthy(page)
                 continue
+            if name == "Query patch":  # issue 19, 7: outlined, as in every other view
+                assert outline(page, "fig_query") == [[12 * PATCH, 3 * PATCH, 13 * PATCH, 4 * PATCH]]
+            if name == "Token norms":  # issue 19, 4: tick numbers drawn, whole, inside the figure
+                for axis in ("xtick", "ytick"):
+                    ticks = inside(page, "fig_norm_hist", f".{axis} text")
+                    assert ticks and all(text.strip() for text, _ in ticks), (axis, ticks)
+                    assert all(whole for _, whole in ticks), (axis, ticks)
             shots.append(shoot(page, shot))
         assert all(p.stat().st_size > 10_000 for p in shots)
+    finally:
+        ctx.close()
+
+
+def test_every_offered_colour_scale_runs_dark_to_bright_on_screen(app_url, browser):
+    """Issue 19, 2: the colour bar of the rollout (a known ramp, low at the bottom) as the screen shows it, for every
+    scale the sidebar offers: its low end is the scale's first colour, its high end its last, and the high end is
+    the brighter ("Greys" drew the highest values black)."""
+    from vitviz.app.state import COLORSCALE_LABELS, COLORSCALES
+    from vitviz.figures._common import screen_colorscale
+    from vitviz.figures.png import _lut
+
+    offered = {COLORSCALE_LABELS.get(name, name): name for name in COLORSCALES}  # as the sidebar lists them
+    ctx = browser.new_context(viewport=VIEWPORT)
+    page = ctx.new_page()
+    try:
+        open_app(page, app_url, ASSETS / "cat.jpg")
+        wait_first_pass(page)
+        tab(page, "Attention rollout")
+        visible_figures(page)
+        settle(page)
+        assert "Greys" in offered
+        for name, scale in offered.items():
+            choose(page, "colorscale", name)  # the option must be in the sidebar's list, under this name
+            page.wait_for_function("n => document.querySelector('.st-key-colorscale').textContent.includes(n)",
+                                   arg=name, timeout=STEP_S * 1000)
+            settle(page)
+            page.wait_for_function(  # drawn in the new scale (looked up afresh: a rerun may redraw the element)
+                "c => document.querySelector('.st-key-fig_rollout .js-plotly-plot')?._fullData?.[1]"
+                "?.colorscale?.[0]?.[1] === c", arg=screen_colorscale(scale)[0][1], timeout=STEP_S * 1000)
+            bar = pixels_of(figure(page, "fig_rollout").locator(".cbfill").first)
+            h, w = bar.shape[:2]
+            low, high = bar[h - 3, w // 2].astype(int), bar[2, w // 2].astype(int)
+            lut = _lut(scale)
+            assert np.abs(low - lut[0]).max() <= 40 and np.abs(high - lut[255]).max() <= 40, (name, low, high)
+            assert luminance(high) > luminance(low) + 0.3, (name, low, high)
+        healthy(page)
     finally:
         ctx.close()
 
