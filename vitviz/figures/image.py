@@ -139,6 +139,17 @@ def rgb_patch_figure(
     return fig
 
 
+def _scrub_frames(maps: np.ndarray, ranges, grid: tuple[int, int]) -> list[go.Frame]:
+    """One frame per layer: only the heat map and the click targets' hover values change."""
+    return [
+        go.Frame(name=str(k), traces=[1, 2], data=[
+            go.Heatmap(z=maps[k], zmin=ranges[k][0], zmax=ranges[k][1]),
+            go.Scatter(customdata=_target_customdata(*grid, maps[k])),
+        ])
+        for k in range(maps.shape[0])
+    ]
+
+
 def layer_scrub_figure(
     pixels: np.ndarray,
     maps: np.ndarray,
@@ -177,13 +188,7 @@ def layer_scrub_figure(
     )
     grid = maps.shape[1:]
     targets = _patch_targets(maps[active], grid=grid, patch_size=p)
-    frames = [
-        go.Frame(name=str(k), traces=[1, 2], data=[
-            go.Heatmap(z=maps[k], zmin=ranges[k][0], zmax=ranges[k][1]),
-            go.Scatter(customdata=_target_customdata(*grid, maps[k])),
-        ])
-        for k in range(n_layers)
-    ]
+    frames = _scrub_frames(maps, ranges, grid)
     layout = _image_axes(title)
     layout.update(_scrub_controls(labels, active))
     layout["margin"] = {**layout["margin"], "b": SCRUB_MARGIN}
