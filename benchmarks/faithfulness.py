@@ -204,13 +204,18 @@ def _work(model, x, heat) -> dict[str, tuple[str, Callable[[], object], str]]:
         "chefer": ("Chefer explanation: forward + backward + map", ex("chefer"), "≤ 2.5× plain"),
         "legrad": ("LeGrad explanation: forward + per-layer backward + map", ex("legrad"), "≤ 2.5× plain"),
         "gradxattn": ("grad×attn explanation (backward through the last block)", ex("gradxattn"), "≤ 2.5× plain"),
+        "lrp": ("AttnLRP explanation: forward + backward under the relevance rules", ex("lrp"), "≤ 2.5× plain"),
         "rollout": ("rollout (start 1, discard 0.9): capture + map", ex(BASELINE), "—"),
         "deletion": ("greedy deletion, 32 steps (the default)", ex("deletion"), "— (not one pass)"),
         "deletion16": ("greedy deletion, 16 steps", ex("deletion:steps=16"), "— (not one pass)"),
         "curves_tokens": ("both curves of one map, token removal", lambda: faithfulness(
             model, x, heat, target="embedding", perturbation="tokens"), "≤ 1.2× floor"),
         "curves_pixels": ("both curves of one map, mean fill", lambda: faithfulness(
-            model, x, heat, target="embedding", perturbation="pixels"), "—"),
+            model, x, heat, target="embedding", perturbation="pixels"), "≤ 1.2× floor"),
+        "curves_blur": ("both curves of one map, blur", lambda: faithfulness(
+            model, x, heat, target="embedding", perturbation="blur"), "≤ 1.2× floor"),
+        "curves_road": ("both curves of one map, ROAD imputation", lambda: faithfulness(
+            model, x, heat, target="embedding", perturbation="road"), "≤ 1.2× floor"),
     }
 
 
@@ -223,7 +228,8 @@ def time_rows(model, info, photo: Image.Image, *, repeats: int = 7, warmup: int 
     t = interleaved({k: v[1] for k, v in work.items()}, repeats=repeats, warmup=warmup, clock=clock)
     med = {k: median_ms(v) for k, v in t.items()}
     low = {k: min_ms(v) for k, v in t.items()}
-    units = {"curves_tokens": _floor_units(info), "curves_pixels": 19.0}  # 19: 1 + 2 × 9 whole inputs
+    units = {"curves_tokens": _floor_units(info), **dict.fromkeys(("curves_pixels", "curves_blur", "curves_road"),
+                                                                  19.0)}  # 19: 1 + 2 × 9 whole inputs
     rows = ["| what | median ms | min ms | ratio of medians | ratio of minima | target |",
             "|---|---:|---:|---:|---:|---|"]
     for k, (label, _fn, target) in work.items():
