@@ -1090,3 +1090,18 @@ def test_a_backbone_says_why_it_makes_no_predictions(calls, tmp_path, monkeypatc
     ok(at)
     assert "classifier.pth" in status(at)
     assert not [c.value for c in at.main.caption if "No class predictions" in c.value]
+
+
+def test_the_checkpoint_uploader_takes_a_vit_b_file_and_images_keep_their_own_limit(calls):
+    """Issue 19 item 19: the server takes 400 MB uploads (an fp32 ViT-B checkpoint is 350 MB) and says so under the
+    checkpoint uploader; an image over its own 50 MB limit is still refused by name before it is decoded."""
+    from vitviz.app.config import SERVER_OPTIONS
+    from vitviz.inputs.image import MAX_UPLOAD_BYTES
+
+    assert SERVER_OPTIONS["server.maxUploadSize"] == 400 and MAX_UPLOAD_BYTES == 50 * 10**6
+    at = started()
+    big = b"\xff\xd8" + b"\x00" * MAX_UPLOAD_BYTES
+    at.file_uploader(key="upload").set_value(("big.jpg", big, "image/jpeg")).run()
+    assert not at.exception and "'big.jpg' is" in err(at) and "the limit is" in err(at)
+    at.selectbox(key="model").set_value("upload").run()
+    assert any("Up to 400 MB a file" in c.value for c in at.sidebar.caption)

@@ -70,14 +70,14 @@ def test_every_view_module_is_registered_once_and_has_render():
 def test_server_options_are_defined_once():
     """.streamlit/config.toml (for ``streamlit run app.py``) says what vitviz.app.config passes to ``vitviz app``."""
     from vitviz.app.config import SERVER_OPTIONS
-    from vitviz.inputs.image import MAX_UPLOAD_BYTES
+    from vitviz.models.checkpoints import MAX_CHECKPOINT_UPLOAD_BYTES
 
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
     toml = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
     flat = {f"{section}.{k}": v for section, opts in toml.items() for k, v in opts.items()}
     assert flat == SERVER_OPTIONS
-    assert SERVER_OPTIONS["server.maxUploadSize"] * 10**6 == MAX_UPLOAD_BYTES
+    assert SERVER_OPTIONS["server.maxUploadSize"] * 10**6 == MAX_CHECKPOINT_UPLOAD_BYTES
     assert SERVER_OPTIONS["server.fileWatcherType"] == "none", "never watch the checkout (and its venv)"
 
 

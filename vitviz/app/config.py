@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from vitviz.inputs.image import MAX_UPLOAD_BYTES
+from vitviz.models.checkpoints import MAX_CHECKPOINT_UPLOAD_BYTES
 
 __all__ = ["DEFAULT_HOST", "SERVER_OPTIONS", "host", "streamlit_flags"]
 
@@ -23,7 +23,9 @@ SERVER_OPTIONS: dict[str, object] = {
     "server.address": DEFAULT_HOST,  # loopback only; vitviz app: VITVIZ_HOST
     "server.fileWatcherType": "none",
     "server.runOnSave": False,
-    "server.maxUploadSize": MAX_UPLOAD_BYTES // 10**6,  # Streamlit's MB are 10^6 bytes
+    # the checkpoint uploader's limit, in Streamlit's MB of 10^6 bytes; image uploads are refused over their own
+    # limit (vitviz.inputs.image.MAX_UPLOAD_BYTES) by the decoder, before it reads them
+    "server.maxUploadSize": MAX_CHECKPOINT_UPLOAD_BYTES // 10**6,
     "browser.gatherUsageStats": False,
     "client.toolbarMode": "minimal",
     "client.showErrorDetails": "none",

@@ -20,7 +20,7 @@ from vitviz.models import (
     list_pretrained_vits,
     patch_size_range,
 )
-from vitviz.models.checkpoints import upload_param_cap
+from vitviz.models.checkpoints import MAX_CHECKPOINT_UPLOAD_BYTES, upload_param_cap
 from vitviz.settings import FITS
 
 from .cache import digest
@@ -77,7 +77,7 @@ def _upload_limits() -> str:
     """What this server takes as an uploaded model, in one line under the uploader."""
     cap = upload_param_cap()
     models = "models of any size" if cap is None else f"models of up to {cap / 1e6:,.0f} million parameters"
-    return f"Up to {MAX_UPLOAD_BYTES // 10**6} MB a file; {models} (the operator's limits)."
+    return f"Up to {MAX_CHECKPOINT_UPLOAD_BYTES // 10**6} MB a file; {models} (the operator's limits)."
 
 
 def image_ui() -> ImageChoice | None:

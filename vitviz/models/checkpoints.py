@@ -27,7 +27,7 @@ from ._arch import _LOADS_FILES, CHECKPOINT_SUFFIXES, ModelSource, _create
 from .hub import _suggest, is_model_name, list_vit_models
 
 __all__ = ["ARCH_KWARGS", "MAX_CHECKPOINT_BYTES", "MAX_CHECKPOINT_EXPANSION", "MAX_DEPTH", "MAX_STATE_PER_MODEL",
-           "read_checkpoint", "check_dense", "upload_param_cap"]
+           "MAX_CHECKPOINT_UPLOAD_BYTES", "read_checkpoint", "check_dense", "upload_param_cap"]
 
 MAX_CHECKPOINT_BYTES = 8 * 10**9  # tensors read into memory at most: timm's largest ViT, ViT-gigantic/14, fits in fp32
 MAX_CHECKPOINT_EXPANSION = 4  # a torch zip may hold this many times its file size (torch.save does not compress)
@@ -44,6 +44,9 @@ MAX_NATIVE_IMG_SIZE = 2048  # px per side of the grid a checkpoint was trained a
 MAX_REG_TOKENS = 16
 MAX_NUM_CLASSES = 100_000
 DEFAULT_MAX_PARAMS = 350_000_000  # uploads: ViT-L/14 (304 M) fits; ViT-H and ViT-g do not
+# the largest file the app's uploader takes (a checkpoint; images stay under their own, smaller limit): every upload
+# sits in the server's memory until it is read, and fp32 ViT-S/B/L files are 88 MB / 350 MB / 1.2 GB
+MAX_CHECKPOINT_UPLOAD_BYTES = 400 * 10**6
 
 _ARCH_NAME = re.compile(r"[a-z0-9_]{1,100}(\.[a-z0-9_]{1,100})?")  # a registered name and tag, never hf-hub:/local-dir:
 _NEVER_KWARGS = {  # kwargs a checkpoint's metadata may never set, and why
