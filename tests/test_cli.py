@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -362,3 +364,21 @@ def test_an_images_png_and_npz_are_written_as_one_even_when_interrupted_between_
     with pytest.raises(OSError):
         export.write_atomic_group({tmp_path / "4.png": b"png", tmp_path / "4.npz": b"npz"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["3.npz", "3.png"]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="python -P is Python 3.11+")
+def test_the_readmes_python_dash_m_advice_works_beside_a_folder_named_vitviz(tmp_path):
+    """Issue 19 item 17: from a folder holding a ``vitviz`` folder (a clone), ``python -m vitviz`` imports that
+    folder instead; the README's ``python -P -m vitviz`` works there, and ``--version`` imports no torch."""
+    clone = tmp_path / "vitviz"  # a clone's folder: what the folder above it holds
+    (clone / "vitviz").mkdir(parents=True)
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
+    installed = subprocess.run([sys.executable, "-P", "-c", "import vitviz.cli"], cwd=tmp_path, env=env,
+                               capture_output=True, timeout=120).returncode == 0
+    if not installed:
+        pytest.skip("vitviz is not installed in this interpreter (tests run from the checkout)")
+    out = subprocess.run([sys.executable, "-P", "-m", "vitviz", "--version"], cwd=tmp_path, capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("vitviz "), out.stderr[-500:]
+    assert "python -P -m vitviz" in (root / "README.md").read_text()
