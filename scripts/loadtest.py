@@ -76,8 +76,8 @@ def _setup(img_size: int, torch_threads: int | None) -> None:
 
 
 def _one(i: int) -> float:
-    from vitviz.analysis.onepass import analyze
     from vitviz.analysis.maps import rollout_map
+    from vitviz.analysis.onepass import analyze
     from vitviz.settings import DEFAULTS
 
     model, info, images = _MODEL
