@@ -631,9 +631,8 @@ def test_explain_view_states_its_target_and_faithfulness_and_never_a_missing_cla
     text = view_text(at)
     assert "explains **the image's own CLS embedding**" in text and "8 random maps score" in text
     assert "Faithfulness by token removal" in text  # the measure is named beside the score
-    assert "greedy token deletion (most faithful by token removal) — default" in text
-    assert "still to go when it was removed" in text
-    assert "steps, each a forward and a forward + backward pass on the patches left" in text
+    assert "attention rollout of the CLS token (start=1,discard=0.9) — default" in text
+    assert "1 forward (attention only)" in text and "still to go" not in text
     assert "Predictions" not in captions(at)
     curves = json.loads(chart_proto(at, "fig_explain_curves").spec)
     assert [tr["name"] for tr in curves["data"]][2:] == ["random MoRF (mean of 8)", "random LeRF (mean of 8)"]
@@ -643,9 +642,11 @@ def test_explain_view_states_its_target_and_faithfulness_and_never_a_missing_cla
     assert "ranked best among the fast methods" in view_text(at)
     at.selectbox(key="explain_method").set_value("legrad").run()
     assert "LeGrad (Bousselham et al. 2024)" in view_text(at)
-    at.selectbox(key="explain_method").set_value("rollout:start=1,discard=0.9").run()
-    assert "attention rollout of the CLS token (start=1,discard=0.9)" in view_text(at)
-    assert "still to go" not in view_text(at) and not at.get("progress")  # ready: no bar left
+    at.selectbox(key="explain_method").set_value("deletion").run()  # greedy deletion: on demand
+    assert "greedy token deletion (most faithful by token removal)" in view_text(at)
+    assert "still to go when it was removed" in view_text(at)
+    assert "steps, each a forward and a forward + backward pass on the patches left" in view_text(at)
+    assert not at.get("progress")  # ready: no bar left
 
 
 def _explain_inputs():
