@@ -376,7 +376,7 @@ def _decode(data: bytes | None, pil: Image.Image | None, *, name: str, max_pixel
     except MemoryError as e:
         raise ImageError(f"'{name}' needs more memory to decode than is available; downscale it first.") from e
     except ValueError as e:
-        if "MAX_TEXT_CHUNK" not in str(e) and "MAX_TEXT_MEMORY" not in str(e):  # Pillow's PNG text-chunk limits
+        if "MAX_TEXT" not in str(e) and "decompressed data too large" not in str(e).lower():  # PNG text-chunk limits
             raise ImageError(f"'{name}' could not be decoded ({type(e).__name__}: {e}); the file is probably "
                              "truncated or corrupt. Re-save or re-download it.") from e
         raise ImageError(f"'{name}' carries more compressed text (PNG metadata) than is safe to unpack, which is "
