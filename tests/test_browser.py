@@ -320,22 +320,6 @@ def choose(page: Page, key: str, label: str) -> None:
                 raise
 
 
-def pixels_of(locator) -> np.ndarray:
-    """(h, w, 3) uint8: what the screen shows of an element (scrolled into view first)."""
-    import io
-
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(locator.screenshot())).convert("RGB"))
-
-
-def luminance(rgb) -> float:
-    """Relative luminance (WCAG, sRGB) of one colour in 0..255."""
-    c = np.asarray(rgb, dtype=np.float64) / 255.0
-    c = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-    return float(c @ np.array([0.2126, 0.7152, 0.0722]))
-
-
 def inside(page: Page, key: str, selector: str) -> list[tuple[str, bool]]:
     """(text, drawn wholly inside the figure's box) of every ``selector`` element of figure ``key``."""
     return figure(page, key).evaluate(
@@ -390,7 +374,6 @@ def test_first_visit_latency_and_true_colours(app_url, browser):
         healthy(page)
     finally:
         ctx.close()
-
 
 
 def test_tour_every_view(app_url, browser, reference):

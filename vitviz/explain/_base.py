@@ -20,7 +20,7 @@ from ..errors import ParameterError
 from ..models.labels import Prediction
 from ..targets import ModelOutputs, Target
 
-__all__ = ["Geometry", "PassResult", "MethodSpec", "Explanation", "Progress", "layer_index"]
+__all__ = ["Geometry", "PassResult", "MethodSpec", "Explanation", "Progress", "layer_index", "ranks_nothing"]
 
 Progress = Callable[[int, int], None]  # (steps done, steps in all) of a method that runs in steps
 
@@ -124,8 +124,12 @@ class Explanation:
     @property
     def informative(self) -> bool:
         """False when the map is constant or not finite: it ranks no patch above another."""
-        m = self.map
-        return bool(np.isfinite(m).all() and m.size > 0 and m.max() > m.min())
+        return not ranks_nothing(self.map)
+
+
+def ranks_nothing(heat: np.ndarray) -> bool:
+    """Whether a map is empty, constant or not finite: then it ranks no patch above another."""
+    return not (heat.size > 0 and np.isfinite(heat).all() and heat.max() > heat.min())
 
 
 def layer_index(layer: int, depth: int, what: str) -> int:

@@ -11,7 +11,7 @@ import torch
 from ..errors import ParameterError
 from ..models.labels import class_names, top_predictions
 from ..targets import Target, check_one_image, describe_target
-from ._base import Explanation, Geometry, PassResult, Progress
+from ._base import Explanation, Geometry, PassResult, Progress, ranks_nothing
 from .passes import Plain, merge_passes
 from .registry import Method
 
@@ -26,9 +26,9 @@ def _frozen(heat: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def _notes(heat: np.ndarray) -> tuple[str, ...]:
-    if not np.isfinite(heat).all():
+    if ranks_nothing(heat) and not np.isfinite(heat).all():
         return ("This map has values that are not numbers (NaN or infinite): it ranks nothing.",)
-    if heat.size == 0 or heat.max() <= heat.min():
+    if ranks_nothing(heat):
         return ("This map is constant: this method gives no patch more weight than another for this target, so it "
                 "explains nothing here. Try another method or target.",)
     return ()
