@@ -10,6 +10,7 @@ import contextlib
 import copy
 import ctypes
 import gc
+import importlib
 import io
 import os
 import struct
@@ -23,6 +24,18 @@ import timm
 import torch
 from PIL import Image
 from timm.models.vision_transformer import ResPostBlock
+
+
+def require_extra(module: str, extra: str):
+    """Import an optional extra's ``module`` for a test (``pip install vitviz[extra]``): skipped where it is not
+    installed on purpose (the lower-bound venv sets VITVIZ_WITHOUT_EXTRAS), a failure in CI where it should be."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        if os.environ.get("CI") in ("true", "1") and not os.environ.get("VITVIZ_WITHOUT_EXTRAS"):
+            pytest.fail(f"{module} is missing: CI installs every extra (requirements-dev.txt, vitviz[{extra}])")
+        pytest.skip(f"needs the optional extra vitviz[{extra}] ({module})")
+
 
 TINY = dict(pretrained=False, embed_dim=32, depth=3, num_heads=4, num_classes=0)
 

@@ -96,7 +96,8 @@ def test_the_package_root_re_exports_the_main_api():
 
 
 @pytest.mark.parametrize("package", ["vitviz", "vitviz.walk", "vitviz.models", "vitviz.inputs", "vitviz.analysis",
-                                     "vitviz.explain", "vitviz.metrics", "vitviz.figures"])
+                                     "vitviz.explain", "vitviz.metrics", "vitviz.experiments",
+                                     "vitviz.figures"])
 def test_every_exported_name_imports(package):
     """Each name a package's ``__all__`` promises is really there (a lazy table can name a module or an attribute
     that does not exist: this imports each one)."""
