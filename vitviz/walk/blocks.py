@@ -77,9 +77,9 @@ class Interventions:
     """What the walk changes or watches, all optional; the default walk is the model's own forward.
 
     ``key_bias`` (B, T): added to every query's logit for key j in every layer and head (b_j = log m_j for a
-    presence m_j; -inf removes token j as a key). ``head_scale`` (L, H): multiplies head h's output in layer l
-    before the projection (0 ablates it). ``detach_inputs``: each block's input is detached, so layer l's
-    attention reaches nothing but layer l's own output (LeGrad's per-layer gradients from one backward).
+    presence m_j; -inf removes token j as a key). ``head_scale`` (L, H), or (B, L, H) per sample: multiplies head
+    h's output in layer l before the projection (0 ablates it). ``detach_inputs``: each block's input is detached,
+    so layer l's attention reaches nothing but layer l's own output (LeGrad's per-layer gradients from one backward).
     ``interrupt``: called before each block; it raises to stop the walk (an abandoned or timed-out job).
     ``rules``: relevance-propagation rules for the backward (:class:`Rules`).
     """
@@ -214,8 +214,9 @@ def _attention(attn: Attention, x: torch.Tensor, layer: int, probs: Probs, how: 
     if how.rules is not None and how.rules.constant_attention:
         a = a.detach()
     mixed = a.to(v.dtype) @ v  # (B, H, T, d)
-    if how.head_scale is not None:
-        mixed = mixed * how.head_scale[layer].to(mixed.dtype)[None, :, None, None]
+    if how.head_scale is not None:  # (H,) for every sample or (B, H) per sample, over (B, H, T, d)
+        s = how.head_scale[layer] if how.head_scale.ndim == 2 else how.head_scale[:, layer]
+        mixed = mixed * s.to(mixed.dtype)[..., None, None]
     out = apply_norm(attn.norm, mixed.transpose(1, 2).reshape(B, T, attn.num_heads * attn.head_dim), how.rules)
     if gate is not None:
         out = out * gate
