@@ -7,6 +7,7 @@ into the same caches the app reads: the first visitor then waits for none of tha
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 from pathlib import Path
@@ -17,6 +18,24 @@ from .config import host as listen_host
 __all__ = ["ENTRY", "launch", "streamlit_argv", "warm"]
 
 ENTRY = Path(__file__).with_name("entry.py")
+WARM_THREAD = "vitviz-warm-up"
+# what Streamlit logs when its caches are filled from a thread outside any page run: true of the warm-up by design,
+# and not the user's business (it reads like an error at start-up)
+_BARE_THREAD_LOGGERS = ("streamlit.runtime.scriptrunner_utils.script_run_context",
+                        "streamlit.runtime.caching.cache_data_api")
+
+
+class _NotFromWarmUp(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.threadName != WARM_THREAD
+
+
+def _quiet_warm_up() -> None:
+    """Drop Streamlit's bare-thread warnings, only those the warm-up thread itself causes."""
+    for name in _BARE_THREAD_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NotFromWarmUp) for f in logger.filters):
+            logger.addFilter(_NotFromWarmUp())
 
 
 def streamlit_argv(*, port: int, streamlit_args: list[str], host: str | None = None) -> list[str]:
@@ -31,6 +50,7 @@ def warm() -> None:
 
     Best effort: whatever fails here (no default model on this machine, say) is left for the page to report.
     """
+    _quiet_warm_up()
     try:
         from vitviz.analysis.onepass import input_size_for
         from vitviz.models import ModelKey
@@ -58,7 +78,7 @@ def launch(*, port: int, streamlit_args: list[str], host: str | None = None) -> 
     ``host`` (None: ``$VITVIZ_HOST``, else 127.0.0.1 only)."""
     from streamlit.web import cli as stcli
 
-    threading.Thread(target=warm, name="vitviz-warm-up", daemon=True).start()
+    threading.Thread(target=warm, name=WARM_THREAD, daemon=True).start()
     sys.argv = streamlit_argv(port=port, streamlit_args=streamlit_args, host=host)
     try:
         stcli.main()
