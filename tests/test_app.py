@@ -944,6 +944,32 @@ def test_the_apps_jobs_never_ask_for_more_threads_than_cores(monkeypatch):
     jobs.share_cores.cache_clear()
 
 
+def test_the_page_shares_the_cores_before_its_own_pass(monkeypatch, calls):
+    """The page's own forward pass already runs at the shared thread count (not torch's default of one thread per
+    core beside the jobs), set before the first pass of the process, not at its first explanation."""
+    import torch
+
+    from vitviz.app import jobs
+
+    events: list[tuple] = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: events.append(("threads", n)))
+    counting = vitviz.analysis.onepass.analyze_batch
+
+    def recording(*args, **kwargs):
+        events.append(("pass",))
+        return counting(*args, **kwargs)
+
+    monkeypatch.setattr(vitviz.analysis.onepass, "analyze_batch", recording)
+    monkeypatch.setenv("VITVIZ_THREADS", "1")
+    jobs.share_cores.cache_clear()
+    try:
+        at = started()
+        assert not at.exception and calls, "the page ran its pass"
+        assert ("pass",) in events and events.index(("threads", 1)) < events.index(("pass",)), events
+    finally:
+        jobs.share_cores.cache_clear()
+
+
 # ------------------------------------------------------------------------------- what a new user hit (issue 19)
 
 

@@ -57,9 +57,11 @@ def warm() -> None:
         from vitviz.settings import DEFAULTS
 
         from . import cache
+        from .jobs import share_cores
         from .sidebar import ASSETS
         from .state import app_model
 
+        share_cores()  # the threads the page would set, before this process's first pass
         name, arch = app_model()
         weights = cache.model_source(name, arch)
         example = sorted(ASSETS.glob("*.jpg"))[0]

@@ -29,6 +29,7 @@ from vitviz.settings import DEFAULTS
 from . import cache
 from .context import ViewContext
 from .controls import attention_ui, token_layer_ui
+from .jobs import share_cores
 from .sidebar import (
     DisplayChoice,
     ImageChoice,
@@ -182,6 +183,7 @@ def main() -> None:
              "their positions), where its attention goes (**Attention**), what its answer depends on (**Explain**) "
              "and what its tokens hold (**Tokens & features**).")
     init_state()
+    share_cores()  # torch threads for this process, once, before the page's own pass (not at the first job)
     image = image_ui()  # first, so a model that fails to load never drops the upload
     second = second_image_ui()
     choice = model_ui()
