@@ -6,7 +6,13 @@ from __future__ import annotations
 
 from .._lazy import lazy_exports
 
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {
+    "position_experiment": "position",
+    "PositionExperiment": "position",
+    "head_table": "ablation",
+    "ablate": "ablation",
+    "HeadTable": "ablation",
+}
 
 __all__ = [*_LAZY]
 
