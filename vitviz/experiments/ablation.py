@@ -48,7 +48,7 @@ class Reference:
 
     @property
     def probability(self) -> float | None:
-        return None if self.logits is None else float(self.logits.float().softmax(-1)[self.target])
+        return None if self.logits is None else float(self.logits.softmax(-1)[self.target])
 
     @property
     def logit(self) -> float | None:
@@ -193,10 +193,11 @@ def _measures(model: torch.nn.Module, final: torch.Tensor,
               ref: Reference) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(B,) cosines with the intact embedding, and the target's probabilities and logits (None for a backbone)."""
     out = head_outputs(model, final)
-    cos = torch.nn.functional.cosine_similarity(out.embedding.float(), ref.embedding.float()[None], dim=-1)
+    wide = torch.promote_types(final.dtype, torch.float32)
+    cos = torch.nn.functional.cosine_similarity(out.embedding.to(wide), ref.embedding.to(wide)[None], dim=-1)
     if ref.logits is None:
         return cos, None, None
-    logits = out.logits.float()
+    logits = out.logits.to(wide)
     return cos, logits.softmax(-1)[:, ref.target], logits[:, ref.target]
 
 
