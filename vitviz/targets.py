@@ -6,7 +6,10 @@ A *target* is one of:
   Chefer et al.'s and LeGrad's code); the faithfulness curves score its softmax probability;
 - ``embedding``, label-free after Crabbé & van der Schaar (ICML 2022): s(x̃) = ⟨f(x), f(x̃)⟩ with f the embedding
   the head reads (the final CLS token after the final norm; a classifier's pre-logits) and f(x) held constant;
-- ``patch`` p: the same with f the final (normed) feature of patch p, s(x̃) = ⟨g_p(x), g_p(x̃)⟩.
+- ``patch`` p: the same with f the final (normed) feature of patch p, s(x̃) = ⟨g_p(x), g_p(x̃)⟩;
+- ``prompt`` (CLIP-style models, :mod:`vitviz.models.clip`): s(x̃) = cos(e(x̃), t) of the image embedding e (the
+  head's output, open_clip's ``encode_image``) with the prompt's unit text embedding t. t is computed once by the
+  text encoder (:func:`prompt_target`) and travels with the target, so the shared model holds no request's state.
 
 A model without a head (``num_classes == 0``, the default DINOv2) never gets a class target: :class:`ModelError`.
 Methods (:mod:`vitviz.explain`) and metrics (:mod:`vitviz.metrics`) both read targets from here; neither imports
@@ -15,7 +18,8 @@ the other's targets.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -35,36 +39,49 @@ __all__ = [
     "target_reference",
     "target_score",
     "check_one_image",
+    "prompt_target",
 ]
 
-TargetKind = Literal["auto", "class", "embedding", "patch"]
-_TARGET_KINDS = ("auto", "class", "embedding", "patch")
+TargetKind = Literal["auto", "class", "embedding", "patch", "prompt"]
+_TARGET_KINDS = ("auto", "class", "embedding", "patch", "prompt")
 embed_tokens = embed  # (B, 3, H, W) -> (B, T, C), as timm's forward does
 
 
 @dataclass(frozen=True)
 class Target:
-    """What is explained. ``index``: the class (None = top-1) or the patch (row-major over the grid)."""
+    """What is explained. ``index``: the class (None = top-1) or the patch (row-major over the grid); ``text`` and
+    ``embedding``: a prompt and its unit text embedding (D,) (:func:`prompt_target` makes both)."""
 
     kind: TargetKind = "auto"
     index: int | None = None
+    text: str | None = None
+    embedding: tuple[float, ...] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.kind not in _TARGET_KINDS:
-            raise ParameterError(f"unknown target {self.kind!r}: choose auto, class, class:N, embedding or patch:N")
+            raise ParameterError(f"unknown target {self.kind!r}: choose auto, class, class:N, embedding, patch:N "
+                                 "or prompt:TEXT")
+        if (self.kind == "prompt") != (self.text is not None) or (self.kind != "prompt" and self.embedding):
+            raise ParameterError("a prompt and its text embedding belong to the prompt target only, which needs them")
+        if self.kind == "prompt" and not self.text.strip():
+            raise ParameterError("the prompt target needs some text: prompt:TEXT")
         if self.index is not None and (not isinstance(self.index, int) or isinstance(self.index, bool)
                                        or self.index < 0):
             raise ParameterError(f"a target index must be a non-negative integer, got {self.index!r}")
-        if self.kind in ("auto", "embedding") and self.index is not None:
+        if self.kind in ("auto", "embedding", "prompt") and self.index is not None:
             raise ParameterError(f"the {self.kind} target takes no index")
         if self.kind == "patch" and self.index is None:
             raise ParameterError("the patch target needs a patch index: patch:N")
 
     @classmethod
     def parse(cls, text: str | Target) -> Target:
-        """``auto``, ``class`` (top-1), ``class:N``, ``embedding`` or ``patch:N``."""
+        """``auto``, ``class`` (top-1), ``class:N``, ``embedding``, ``patch:N`` or ``prompt:TEXT`` (its text embedding
+        still to come: :func:`prompt_target`)."""
         if isinstance(text, Target):
             return text
+        kind, sep, prompt = str(text).strip().partition(":")
+        if kind.lower() == "prompt" and sep:
+            return cls("prompt", text=prompt.strip())
         kind, _, index = str(text).strip().lower().partition(":")
         if index and not index.isdigit():
             raise ParameterError(f"target {text!r}: the index after ':' must be a non-negative integer")
@@ -72,6 +89,8 @@ class Target:
 
     @property
     def label(self) -> str:
+        if self.kind == "prompt":
+            return f"prompt:{self.text}"
         return self.kind if self.index is None else f"{self.kind}:{self.index}"
 
 
@@ -119,9 +138,38 @@ def resolve_target(model: torch.nn.Module, target: Target | str, logits: torch.T
         if not 0 <= index < num:
             raise ParameterError(f"class {index} does not exist: choose 0 to {num - 1}")
         return Target("class", index)
+    if kind == "prompt":
+        return _checked_prompt(model, target)
     if kind == "patch" and not 0 <= target.index < _num_patches(model):
         raise ParameterError(f"patch {target.index} does not exist: choose 0 to {_num_patches(model) - 1}")
     return Target(kind, target.index)
+
+
+def _checked_prompt(model: torch.nn.Module, target: Target) -> Target:
+    """A prompt target whose text embedding fits the model's image embedding (the head's output)."""
+    if target.embedding is None:
+        raise ParameterError(f"the prompt {target.text!r} has no text embedding yet: make the target with "
+                             "vitviz.targets.prompt_target and the model's text encoder")
+    if not has_head(model) or int(model.num_classes) != len(target.embedding):
+        raise ModelError(f"the prompt's text embedding has {len(target.embedding)} numbers, but this model's head "
+                         f"gives {int(getattr(model, 'num_classes', 0) or 0)}: a prompt needs the image tower of the "
+                         "CLIP model whose text encoder made it")
+    return target
+
+
+def prompt_target(encoder: Callable[[Sequence[str]], torch.Tensor], prompt: str) -> Target:
+    """The prompt target of ``prompt``: ``encoder`` (a CLIP text encoder, :class:`vitviz.models.clip.TextEncoder`, or
+    a :class:`~vitviz.models.clip.ClipModel`) gives its unit text embedding, computed once and carried by the target."""
+    text = str(prompt).strip()
+    if not text:
+        raise ParameterError("the prompt target needs some text")
+    unit = getattr(encoder, "text", encoder)([text])[0]
+    return Target("prompt", text=text, embedding=tuple(float(v) for v in unit.detach().float().reshape(-1)))
+
+
+def _cosine(image: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """cos(e, t) per row of ``image`` (B, D) with a unit ``unit`` (D,)."""
+    return (image @ unit.to(image.dtype)) / image.norm(dim=-1)
 
 
 def describe_target(model: torch.nn.Module, target: Target, logits: torch.Tensor | None) -> str:
@@ -131,6 +179,10 @@ def describe_target(model: torch.nn.Module, target: Target, logits: torch.Tensor
         probs = logits.detach().float().softmax(-1)
         c = target.index
         return Prediction(c, names[c] if names else None, float(probs[c]), float(logits[c])).describe()
+    if target.kind == "prompt":
+        unit = torch.tensor(target.embedding, dtype=torch.float32)
+        cos = float(_cosine(logits.detach().float().cpu()[None], unit)[0])
+        return f"the prompt '{target.text}' (cos = {cos:.2g})"
     if target.kind == "patch":
         gw = int(model.patch_embed.grid_size[1])
         row, col = divmod(target.index, gw)
@@ -143,7 +195,10 @@ def describe_target(model: torch.nn.Module, target: Target, logits: torch.Tensor
 
 
 def target_reference(model: torch.nn.Module, target: Target, out: ModelOutputs) -> torch.Tensor | None:
-    """f(x) held constant (detached): the embedding, or patch p's feature; None for a class target."""
+    """f(x) held constant (detached): the embedding, or patch p's feature; the prompt's unit text embedding t (D,);
+    None for a class target."""
+    if target.kind == "prompt":
+        return torch.tensor(target.embedding, dtype=torch.float32, device=out.embedding.device)
     if target.kind == "embedding":
         return out.embedding[0].detach()
     if target.kind == "patch":
@@ -152,9 +207,11 @@ def target_reference(model: torch.nn.Module, target: Target, out: ModelOutputs) 
 
 
 def target_score(model: torch.nn.Module, target: Target, out: ModelOutputs, ref: torch.Tensor | None) -> torch.Tensor:
-    """The explained scalar per image (B,): y_c, or ⟨f(x), f(x̃)⟩ with ``ref`` = f(x) (constant)."""
+    """The explained scalar per image (B,): y_c, ⟨f(x), f(x̃)⟩ with ``ref`` = f(x) (constant), or cos(e(x̃), t)."""
     if target.kind == "class":
         return out.logits[:, target.index]
+    if target.kind == "prompt":
+        return _cosine(out.logits, ref)
     if target.kind == "embedding":
         return out.embedding @ ref.to(out.embedding.dtype)
     return out.tokens[:, int(model.num_prefix_tokens) + target.index] @ ref.to(out.tokens.dtype)

@@ -22,7 +22,7 @@ The score y at each step (:func:`curves`), by ``readout``:
 - ``target`` (the default: what the map explained): for the ``embedding`` target cos(f(x̃), f(x)), f the embedding
   the head reads (1 at step 0); for ``patch`` p cos(g_p(x̃), g_p(x)) of patch p's final feature (patch p is never
   removed: it is ranked out, and the k_i are counted over the other N - 1 patches); for ``class`` c the softmax
-  probability p_c(x̃), the logit y_c(x̃) recorded beside it;
+  probability p_c(x̃), the logit y_c(x̃) recorded beside it; for a ``prompt`` cos(e(x̃), t), the target's own score;
 - ``cls``: cos(f(x̃), f(x)) of the head's embedding (the CLS token for token pooling), whatever was explained;
 - ``mean``: the cosine of the mean of the final (normed) patch tokens with the full image's, a read-out no method
   here explains (for backbones);
@@ -59,7 +59,16 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModelError, ParameterError
-from ..targets import ModelOutputs, Target, check_one_image, embed_tokens, head_outputs, resolve_target
+from ..targets import (
+    ModelOutputs,
+    Target,
+    check_one_image,
+    embed_tokens,
+    head_outputs,
+    resolve_target,
+    target_reference,
+    target_score,
+)
 from .perturb import blur_fill, gaussian_blur, mean_fill, road_fill, road_noise
 
 __all__ = [
@@ -175,6 +184,8 @@ def curve_score(model: torch.nn.Module, target: Target, out: ModelOutputs, ref: 
         return logits.softmax(-1)[:, target.index], logits[:, target.index]
     if target.kind == "embedding":
         return F.cosine_similarity(out.embedding.float(), ref[None].float(), dim=-1), None
+    if target.kind == "prompt":  # the score is a cosine already: cos(e(x̃), t)
+        return target_score(model, target, out, ref).float(), None
     rows = torch.arange(out.tokens.shape[0], device=out.tokens.device)
     feat = out.tokens[rows, position].float()  # (B, C)
     return F.cosine_similarity(feat, ref[None].float(), dim=-1), None
@@ -188,15 +199,14 @@ class _Reader:
     """The curves' score of a batch of outputs under one read-out, with its references from the full image."""
 
     def __init__(self, model: torch.nn.Module, target: Target, readout: Readout, full: ModelOutputs) -> None:
-        self.model, self.target, self.readout, p = model, target, readout, int(model.num_prefix_tokens)
+        self.model, self.target, self.readout = model, target, readout
         if readout in ("probability", "logit") and full.logits is None:
             raise ModelError(f"the {readout} read-out needs a classifier head; this model has none")
         self.cls = target.index if target.kind == "class" else (
             int(full.logits[0].argmax()) if full.logits is not None else None)
         self.ref = {"cls": full.embedding[0], "mean": _patch_mean(model, full)[0]}.get(readout)
         if readout == "target":
-            self.ref = full.embedding[0] if target.kind == "embedding" else (
-                full.tokens[0, p + target.index] if target.kind == "patch" else None)
+            self.ref = target_reference(model, target, full)  # f(x), g_p(x), the prompt's t; None for a class
         self.kind: ScoreKind = ("probability" if target.kind == "class" else "cosine") if readout == "target" else (
             "cosine" if readout in ("cls", "mean") else readout)
 
