@@ -17,6 +17,7 @@ from vitviz.models import (
     ModelSource,
     check_arch,
     hub_cached,
+    is_hf_folder,
     list_pretrained_vits,
     patch_size_range,
 )
@@ -118,7 +119,8 @@ def checkpoint_files() -> list[str]:
     folder = checkpoint_dir()
     if folder is None or not folder.is_dir():
         return []
-    return sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in CHECKPOINT_SUFFIXES)
+    return sorted(p.name for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in CHECKPOINT_SUFFIXES or is_hf_folder(p))  # transformers
 
 
 def model_label(choice: str) -> str:
@@ -178,7 +180,8 @@ def model_ui() -> ModelChoice:
     keep("model", lambda v: v in choices, "default")
     choice = sb.selectbox("Model", choices, key="model", format_func=model_label,
                           help="The embedded DINOv2 ViT-S/14 works offline. Hub models need the Hugging Face Hub or "
-                               "its local cache. Checkpoints: .safetensors or plain-tensor .pth/.pt/.bin files.")
+                               "its local cache. Checkpoints: .safetensors or plain-tensor .pth/.pt/.bin files, or "
+                               "folders saved by Hugging Face transformers.")
     if choice in HUB_MODELS:
         return ModelChoice(choice, None)
     if choice == OTHER_HUB:

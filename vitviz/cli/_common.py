@@ -93,7 +93,8 @@ def parent_parser() -> argparse.ArgumentParser:
                    help="image files, folders (searched recursively) or .txt/.lst/.list files listing paths")
     p.add_argument("--out", type=Path, required=True, help="output folder (created)")
     p.add_argument("--model", default=setting("model"),
-                   help="'default' (the embedded DINOv2 ViT-S/14), a timm model name, or a checkpoint file")
+                   help="'default' (the embedded DINOv2 ViT-S/14), a timm model name, a checkpoint file, or a folder "
+                        "saved by Hugging Face transformers (or hf:owner/name on the Hub)")
     p.add_argument("--arch", default=None, help="timm architecture of a checkpoint file that does not name it")
     p.add_argument("--patch-size", type=int, default=setting("patch_size"),
                    help="patch size (default: the model's own)")

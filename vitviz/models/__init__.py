@@ -1,5 +1,5 @@
-"""Models and checkpoints: sources (the embedded default, the Hub, files), safe checkpoint reading, building at
-the sizes asked for, description, class names."""
+"""Models and checkpoints: sources (the embedded default, the Hub, files, transformers folders), safe checkpoint
+reading, building at the sizes asked for, description, class names."""
 
 from __future__ import annotations
 
@@ -28,6 +28,10 @@ _LAZY = {
     "read_checkpoint": "checkpoints",
     "check_dense": "checkpoints",
     "upload_param_cap": "checkpoints",
+    "HF_PREFIX": "hf",
+    "HFSource": "hf",
+    "hf_source": "hf",
+    "is_hf_folder": "hf",
     "check_arch": "hub",
     "hub_cached": "hub",
     "is_model_name": "hub",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +34,7 @@ from .checkpoints import (
 
 __all__: list[str] = []  # internals of .hf
 
-MAX_LABEL_CHARS = 200
+MAX_LABEL_CHARS = 100  # as checkpoints' class_names metadata
 _TIMM_EPS = 1e-6  # timm's ViT LayerNorm eps; another one is passed as norm_layer
 _ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu",
          "silu": "silu", "swish": "silu", "relu": "relu"}  # transformers' hidden_act -> timm's act_layer
@@ -130,14 +131,21 @@ def _settings(config: dict[str, Any], family: _Family, model_type: str, *, what:
 
 
 def _label_names(config: dict[str, Any], num_classes: int) -> tuple[str, ...] | None:
-    """id2label as one name per class, or None: no head, no or partial id2label, or transformers' placeholders."""
+    """id2label as one name per class, or None: no head, no or partial id2label, transformers' ``LABEL_i``
+    placeholders, or a name that is not printable text (names are shown to every user; long ones are cut)."""
     raw = config.get("id2label")
     if num_classes == 0 or not isinstance(raw, dict) or len(raw) != num_classes:
         return None
     names = [raw.get(str(i)) for i in range(num_classes)]
-    if not all(isinstance(n, str) for n in names) or all(n == f"LABEL_{i}" for i, n in enumerate(names)):
+    if not all(isinstance(n, str) and n.strip() for n in names):
         return None
-    return tuple(n[:MAX_LABEL_CHARS] for n in names)
+    if all(n == f"LABEL_{i}" for i, n in enumerate(names)) or any(_unprintable(n) for n in names):
+        return None
+    return tuple(n if len(n) <= MAX_LABEL_CHARS else n[:MAX_LABEL_CHARS - 1] + "…" for n in names)
+
+
+def _unprintable(name: str) -> bool:
+    return any(unicodedata.category(ch)[0] == "C" for ch in name)
 
 
 # ---------------------------------------------------------------------------------------------------------- weights

@@ -6,7 +6,7 @@ A model comes from one of three places, all ending as a timm ``VisionTransformer
   ships (see :mod:`vitviz.models.pretrained`), so it works offline;
 - a timm model name, with its pretrained weights from the Hugging Face Hub (or its local cache), :mod:`.hub`;
 - a local checkpoint file: ``.safetensors``, or ``.pth``/``.pt``/``.bin`` read with ``torch.load(weights_only=True)``,
-  :mod:`.checkpoints`.
+  :mod:`.checkpoints`; or a folder saved by Hugging Face ``transformers`` or ``hf:owner/name``, :mod:`.hf`.
 
 The weights are then rebuilt at the patch size and image size asked for: FlexiViT PI-resize of the patch embedding
 (``timm.layers.resample_patch_embed``) and bicubic resampling of the position embedding.
@@ -30,6 +30,7 @@ from ..errors import CheckpointError, ParameterError
 from ..walk.capture import check_capturable
 from ._arch import CHECKPOINT_SUFFIXES, DEFAULT_MODEL, ModelSource, Status, _create, _native
 from .checkpoints import _file_source
+from .hf import HF_PREFIX, hf_source, is_hf_folder
 from .hub import _hub_source
 from .pretrained import (
     DEFAULT_ARCH,
@@ -185,6 +186,8 @@ def load_source(
         )
         return src, state
     path = Path(text).expanduser()
+    if text.startswith(HF_PREFIX) or is_hf_folder(path):  # transformers' save_pretrained folder or Hub id
+        return hf_source(text, progress=progress, max_params=max_params, name=shown_name)
     if path.suffix.lower() in CHECKPOINT_SUFFIXES or path.exists():
         return _file_source(path, arch, max_params=max_params, name=shown_name)
     return _hub_source(text, progress)

@@ -79,10 +79,9 @@ _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-
 
 @dataclass(frozen=True)
 class HFSource(ModelSource):
-    """A transformers checkpoint's source: its model_type and the class names of its config's id2label."""
+    """A transformers checkpoint's source; ``label_names`` are its config's id2label (None: no head, or no names)."""
 
-    model_type: str = ""
-    class_names: tuple[str, ...] | None = None  # one per class of the head; None: no head, or no real names
+    model_type: str = ""  # transformers' name of the family (of the vision tower of a CLIPModel or SiglipModel)
 
 
 def is_hf_folder(path: str | os.PathLike) -> bool:
@@ -95,9 +94,12 @@ def _read_config(path: Path, *, what: str) -> dict[str, Any]:
     """config.json as a JSON object, its size checked before it is read."""
     try:
         size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise CheckpointError(f"{what}: its config.json is {_gigabytes(size)}; vitviz reads at most "
-                                  f"{_gigabytes(MAX_CONFIG_BYTES)}")
+    except OSError as exc:
+        raise CheckpointError(f"{what}: its config.json cannot be read ({exc.strerror or exc})") from exc
+    if size > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{what}: its config.json is {_gigabytes(size)}; vitviz reads at most "
+                              f"{_gigabytes(MAX_CONFIG_BYTES)}")
+    try:
         config = json.loads(path.read_bytes())
     except OSError as exc:
         raise CheckpointError(f"{what}: its config.json cannot be read ({exc.strerror or exc})") from exc
@@ -166,7 +168,7 @@ def _load(config_path: Path, weights: Path, *, name: str, kind: str, max_params:
         _check_state_size(_state_bytes(state), probe, rows, what=what)
         _arch, _kwargs, renamed = _convert(state, model_type, s, what=what)
     source = HFSource(name=name, arch=arch, kind=kind, kwargs=kwargs, model_type=model_type,
-                      class_names=_label_names(config, kwargs["num_classes"]))
+                      label_names=_label_names(config, kwargs["num_classes"]))
     return source, renamed
 
 
