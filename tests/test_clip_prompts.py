@@ -208,3 +208,37 @@ def test_offline_a_hub_clip_name_fails_fast_and_says_so(monkeypatch):
         load_clip("clip:ViT-B-32")
     with pytest.raises(ModelError, match="not an open_clip model"):
         load_clip("clip:ViT-Q-99/x")
+
+
+TINY_NAME = "vitviz-tiny-clip"
+
+
+def register_tiny(folder) -> str:
+    """``clip:vitviz-tiny-clip``: the tiny config registered with open_clip (no pretrained tags: random weights)."""
+    import json
+
+    path = folder / f"{TINY_NAME}.json"
+    path.write_text(json.dumps({**CFG, "quick_gelu": True}))
+    open_clip.add_model_config(path)
+    return f"clip:{TINY_NAME}"
+
+
+def test_the_cli_explains_a_prompt_and_writes_zero_shot_predictions(tmp_path, capsys):
+    from PIL import Image
+
+    from vitviz.cli import main
+
+    name = register_tiny(tmp_path)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    common = [str(tmp_path / "a.png"), "--model", name, "--img-size", "32", "--quiet"]
+    assert main(["analyze", *common, "--out", str(tmp_path / "an"), "--method", "gradxattn", "--prompt", "a dog",
+                 "--prompts", "cat,dog,car"]) == 0
+    with np.load(tmp_path / "an" / "a.npz") as d:
+        assert str(d["map_target"]).startswith("the prompt 'a dog' (cos = ")
+        assert len(d["zero_shot"]) == 3 and all(" (p = " in str(p) for p in d["zero_shot"])
+    assert main(["evaluate", *common, "--out", str(tmp_path / "ev"), "--methods", "rollout", "--prompts",
+                 "cat,dog"]) == 0
+    rows = (tmp_path / "ev" / "rows.csv").read_text()
+    assert "prompt:a photo of a " in rows  # the top zero-shot class's prompt is what was explained
+    assert main(["analyze", str(tmp_path / "a.png"), "--out", str(tmp_path / "x"), "--prompt", "a dog"]) != 0
+    assert "need a CLIP model: use --model clip:NAME/TAG" in capsys.readouterr().err

@@ -12,13 +12,14 @@ import argparse
 import importlib
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointError, ModelUnavailableError, ResourceError, VitvizError
 
 __all__ = ["GPU_WORKERS", "DEFAULT_DIST_TIMEOUT_S", "Lazy", "HelpWithMethods", "parent_parser", "resolve",
            "check_common", "batch_size", "workers", "threads", "collect", "progress", "parse_methods", "for_terminal",
-           "setting", "FITS", "FUSIONS"]
+           "setting", "FITS", "FUSIONS", "Prompts", "prompts", "image_prompt"]
 
 GPU_WORKERS = 4  # decoding processes per GPU rank by default (fewer when the machine has fewer cores per rank)
 DEFAULT_DIST_TIMEOUT_S = 24 * 3600  # the final wait for the slowest rank; a dead rank is caught by torchrun first
@@ -93,9 +94,17 @@ def parent_parser() -> argparse.ArgumentParser:
                    help="image files, folders (searched recursively) or .txt/.lst/.list files listing paths")
     p.add_argument("--out", type=Path, required=True, help="output folder (created)")
     p.add_argument("--model", default=setting("model"),
-                   help="'default' (the embedded DINOv2 ViT-S/14), a timm model name, a checkpoint file, or a folder "
-                        "saved by Hugging Face transformers (or hf:owner/name on the Hub)")
+                   help="'default' (the embedded DINOv2 ViT-S/14), a timm model name, a checkpoint file, a folder "
+                        "saved by Hugging Face transformers (or hf:owner/name on the Hub), or an open_clip model "
+                        "clip:NAME/TAG (pip install 'vitviz[clip]')")
     p.add_argument("--arch", default=None, help="timm architecture of a checkpoint file that does not name it")
+    p.add_argument("--prompt", default=None, metavar="TEXT",
+                   help="CLIP models (--model clip:NAME/TAG, e.g. clip:ViT-B-32/openai): explain the cosine of the "
+                        "image's embedding with this text prompt's, e.g. 'a dog'")
+    p.add_argument("--prompts", default=None, metavar="NAMES",
+                   help="CLIP models: zero-shot predictions over these comma-separated class names, each read as 'a "
+                        "photo of a NAME.', or 'imagenet' (ImageNet-1k's names); without --prompt the top "
+                        "prediction's prompt is explained")
     p.add_argument("--patch-size", type=int, default=setting("patch_size"),
                    help="patch size (default: the model's own)")
     p.add_argument("--img-size", type=int, default=setting("img_size"), help="input size in px (default %(default)s)")
@@ -144,6 +153,67 @@ def check_common(args: argparse.Namespace) -> None:
         raise VitvizError(f"workers must be 0 or more, got {args.workers}")
     if args.threads is not None and args.threads < 1:
         raise VitvizError(f"threads must be at least 1, got {args.threads}")
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """``--prompt`` and ``--prompts`` of a CLIP model, resolved once: the model, the prompt target, the classes."""
+
+    clip: object  # vitviz.models.clip.ClipModel
+    target: object | None  # the --prompt target (vitviz.targets.Target), None without --prompt
+    classes: tuple[str, ...]  # --prompts' class names; () without
+
+
+def prompts(args: argparse.Namespace) -> Prompts | None:
+    """``--prompt``/``--prompts`` checked and their text embedded (None without either): a CLIP model only."""
+    if args.prompt is None and args.prompts is None:
+        return None
+    from ..models.clip import is_clip_name, load_clip
+
+    if not is_clip_name(args.model):
+        raise VitvizError("--prompt and --prompts need a CLIP model: use --model clip:NAME/TAG, e.g. "
+                          "clip:ViT-B-32/openai (pip install 'vitviz[clip]')")
+    clip = load_clip(str(args.model).strip())
+    target = None
+    if args.prompt is not None:
+        from ..targets import prompt_target
+
+        target = prompt_target(clip.text, args.prompt)
+    return Prompts(clip, target, _classes(args.prompts))
+
+
+def _classes(text: str | None) -> tuple[str, ...]:
+    if text is None:
+        return ()
+    if text.strip().lower() == "imagenet":
+        from ..models.clip import imagenet_classes
+
+        return imagenet_classes()
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        raise VitvizError("--prompts needs class names separated by commas, e.g. 'cat,dog,car', or 'imagenet'")
+    return names
+
+
+def image_prompt(found: Prompts | None, model, x, target="auto") -> tuple[object, tuple]:
+    """The target to explain on image ``x`` (1, 3, H, W) and its zero-shot predictions: --prompt's target, else the
+    top prediction's prompt with --prompts, else ``target``; the predictions () without --prompts."""
+    if found is None:
+        return target, ()
+    predictions = ()
+    if found.classes:
+        import torch
+
+        from ..models.clip import DEFAULT_TEMPLATE, zero_shot
+
+        with torch.inference_mode():
+            embedding = model(x)[0]
+        predictions = zero_shot(found.clip, embedding, found.classes)
+    if found.target is not None or not predictions:
+        return found.target or target, predictions
+    from ..targets import prompt_target
+
+    return prompt_target(found.clip.text, DEFAULT_TEMPLATE.format(predictions[0].name)), predictions
 
 
 def parse_methods(names: list[str]) -> list:

@@ -39,8 +39,10 @@ from ._common import (
     check_common,
     collect,
     for_terminal,
+    image_prompt,
     parse_methods,
     progress,
+    prompts,
     setting,
     workers,
 )
@@ -48,7 +50,8 @@ from ._common import (
 __all__ = ["SUMMARY_FIELDS", "TIMING_FIELDS", "add_parser", "run"]
 
 SUMMARY_FIELDS = ("image", "stem", "status", "width", "height", "box", "input_h", "input_w", "grid", "peak_row",
-                  "peak_col", "map_method", "map_note", "outliers", "forward_s", "total_s", "device", "notes", "error")
+                  "peak_col", "map_method", "map_note", "outliers", "top1", "top1_p", "forward_s", "total_s", "device",
+                  "notes", "error")  # top1, top1_p: a classifier's most probable class (its name) and probability
 TIMING_FIELDS = ("forward_s", "total_s")  # the only columns that differ between two runs of the same inputs
 
 
@@ -96,6 +99,7 @@ class _Job:
     run: str  # JSON of every option that shapes the outputs: what --resume compares
     method: str | None = None  # the explanation stored as ``map``; None: none
     save_features: bool = False
+    prompts: object = None  # --prompt/--prompts of a CLIP model (_common.Prompts), None without
 
 
 def _run_options(settings, *, arch: str | None, patch: int, layers: tuple[int, int], opacity: float,
@@ -142,10 +146,12 @@ def _job(args: argparse.Namespace, world) -> _Job:
     layers = settings.layer_range(info.depth)  # a bad layer range is refused before any image is run
     run = _run_options(settings, arch=args.arch, patch=patch, layers=layers, opacity=args.opacity,
                        save_attention=args.save_attention)
-    run = json.dumps({**json.loads(run), "method": method, "save_features": args.save_features}, sort_keys=True)
+    run = json.dumps({**json.loads(run), "method": method, "save_features": args.save_features,
+                      **({"prompt": args.prompt, "prompts": args.prompts} if args.prompt or args.prompts else {})},
+                     sort_keys=True)
     return _Job(settings, args.arch, patch, settings.precision, device, batch_size(args.batch_size, device), args.out,
                 args.opacity, args.save_attention, args.quiet, workers(args.workers, device), run, method,
-                args.save_features)
+                args.save_features, prompts(args))
 
 
 def _kept(item, *, out: Path, run: str) -> dict | None:
@@ -199,12 +205,16 @@ def _explained(job: _Job, res) -> dict:
     from ..models import get_model
 
     info, out = res.info, {}
-    if job.method is not None:
+    if job.method is not None or job.prompts is not None:
         model, _ = get_model(job.settings.model, arch=job.arch, patch_size=job.patch_size, img_size=info.img_size,
                              device=res.device, precision=job.precision if res.device == job.device else "auto")
         param = next(model.parameters())
         x = to_tensor(res.pixels, mean=info.mean, std=info.std).to(device=param.device, dtype=param.dtype)
-        e = explain(model, x, method=job.method, target="auto")
+        target, predictions = image_prompt(job.prompts, model, x)
+        if predictions:  # CLIP's zero-shot predictions over --prompts, most probable first
+            out.update(zero_shot=np.array([p.describe() for p in predictions]))
+    if job.method is not None:
+        e = explain(model, x, method=job.method, target=target)
         out.update(map=e.map, map_method=np.array(e.method.label), map_target=np.array(e.target_description),
                    map_note=np.array(" ".join(e.notes)))  # e.g. a constant map: it ranks nothing
     if res.tokens is not None:
@@ -212,6 +222,28 @@ def _explained(job: _Job, res) -> dict:
         out.update(tokens=np.asarray(res.tokens, dtype=np.float32), token_norms=norms,
                    outliers=find_outliers(norms, num_prefix_tokens=info.num_prefix_tokens).sum(axis=1))
     return out
+
+
+def _predicted(job: _Job, res) -> dict:
+    """A classifier's top 5 on the image (``top5_indices``, ``top5_names``, ``top5_probabilities``) from one plain
+    forward pass; nothing for a backbone, which has no classes."""
+    import numpy as np
+
+    from ..inputs.image import to_tensor
+    from ..models import get_model
+    from ..models.labels import has_head, predict
+
+    info = res.info
+    model, _ = get_model(job.settings.model, arch=job.arch, patch_size=job.patch_size, img_size=info.img_size,
+                         device=res.device, precision=job.precision if res.device == job.device else "auto")
+    if not has_head(model):
+        return {}
+    param = next(model.parameters())
+    top = predict(model, to_tensor(res.pixels, mean=info.mean, std=info.std).to(device=param.device,
+                                                                                 dtype=param.dtype))
+    return dict(top5_indices=np.array([p.index for p in top], dtype=np.int64),
+                top5_names=np.array([p.name or f"class {p.index}" for p in top]),
+                top5_probabilities=np.array([p.probability for p in top], dtype=np.float32))
 
 
 def _write(job: _Job, item, loaded, res) -> dict:
@@ -234,7 +266,10 @@ def _write(job: _Job, item, loaded, res) -> dict:
     png = overlay_png(res.pixels, heat, patch_size=info.patch_size, opacity=job.opacity)
     used = {**asdict(job.settings), "patch_size": info.patch_size, "img_size": list(info.img_size),
             "device": res.device, "start_layer": start, "end_layer": end}
-    extra = _explained(job, res)
+    extra = {**_explained(job, res), **_predicted(job, res)}
+    top = extra.get("top5_names")
+    row.update(top1="" if top is None else str(top[0]),
+               top1_p="" if top is None else f"{float(extra['top5_probabilities'][0]):.4f}")
     row.update(map_method=job.method or "", map_note=str(extra.get("map_note", "")),
                outliers=" ".join(str(int(n)) for n in extra["outliers"]) if "outliers" in extra else "")
     extra.update(run=np.array(job.run), summary=np.array(json.dumps(row)))

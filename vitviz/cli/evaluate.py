@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from ..errors import VitvizError
-from ._common import Lazy, batch_size, check_common, collect, parse_methods, progress, workers
+from ._common import Lazy, batch_size, check_common, collect, image_prompt, parse_methods, progress, prompts, workers
 
 __all__ = ["add_parser", "run"]
 
@@ -73,20 +73,21 @@ def _model(args: argparse.Namespace, device: str):
                      precision=args.precision)
 
 
-def _rows_for(model, info, decoded, args, methods) -> tuple[list, str | None]:
-    """One decoded input's rows, or the reason it could not be read."""
+def _rows_for(model, info, decoded, args, methods, found=None) -> tuple[list, str | None]:
+    """One decoded input's rows, or the reason it could not be read; ``found``: --prompt/--prompts (a CLIP model)."""
     from ..evaluate import evaluate_image, prepare_image
 
     if decoded.image is None:
         return [], decoded.error
     param = next(model.parameters())
     x = prepare_image(decoded.image, info, fit=args.fit).to(device=param.device, dtype=param.dtype)
-    return evaluate_image(model, x, name=str(decoded.item.path), methods=methods, target=args.target,
+    target, _predictions = image_prompt(found, model, x, args.target)
+    return evaluate_image(model, x, name=str(decoded.item.path), methods=methods, target=target,
                           perturbations=args.perturbation, readouts=args.readout, sensitivity=args.sensitivity_n,
                           steps=args.steps, seed=decoded.item.index, random_draws=args.random_draws), None
 
 
-def _evaluate(model, info, batches: list[list], args, methods, *, device: str, world) -> list:
+def _evaluate(model, info, batches: list[list], args, methods, *, device: str, world, found=None) -> list:
     """``(index, (rows, error))`` for every input of ``batches``, decoded in workers, with a progress bar."""
     from ..inputs.folders import loader
 
@@ -94,7 +95,7 @@ def _evaluate(model, info, batches: list[list], args, methods, *, device: str, w
     bar = progress(sum(map(len, batches)), args.quiet, world)
     try:
         for decoded in loader(batches, workers=workers(args.workers, device)):
-            done += [(d.item.index, _rows_for(model, info, d, args, methods)) for d in decoded]
+            done += [(d.item.index, _rows_for(model, info, d, args, methods, found)) for d in decoded]
             if bar:
                 bar.update(len(decoded))
     finally:
@@ -147,12 +148,15 @@ def run(args: argparse.Namespace) -> int:
         raise VitvizError(f"steps must be at least 2, got {args.steps}")
     world = world_from_env()
     device = local_device(str(pick_device(args.device)), world)
+    if (args.prompt or args.prompts) and args.target != "auto":
+        raise VitvizError("--target and --prompt/--prompts both say what to explain: give one of them")
+    found = prompts(args)  # a prompt's text embedding once, before any image
     model, info = _model(args, device)
     with process_group(world, device=device, timeout_s=args.dist_timeout):
         args.out.mkdir(parents=True, exist_ok=True)
         items = collect(args, world)
         mine = shard(chunks(items, batch_size(args.batch_size, device)), rank=world.rank, world=world.size)
-        parts = gather(_evaluate(model, info, mine, args, methods, device=device, world=world), world)
+        parts = gather(_evaluate(model, info, mine, args, methods, device=device, world=world, found=found), world)
         if world.main:
             _report(args.out, items, parts)
         wait_all(world, timeout_s=args.dist_timeout)

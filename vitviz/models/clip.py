@@ -221,17 +221,22 @@ def _cached(cfg: dict) -> bool:
     return any(isinstance(try_to_load_from_cache(repo, f), str) for f in names)
 
 
-@functools.lru_cache(maxsize=2)
 def load_clip(name: str, progress: Status | None = None) -> ClipModel:
-    """The open_clip model ``clip:NAME/TAG`` (see the module docstring), cached; its tokenizer is open_clip's own."""
+    """The open_clip model ``clip:NAME/TAG`` (see the module docstring), cached by its name (one model however it is
+    asked for: the tower and the text encoder of one load); its tokenizer is open_clip's own."""
+    if progress:
+        progress(f"Loading {name} from the Hugging Face Hub (or its local cache)...")
+    return _load_clip(str(name).strip())
+
+
+@functools.lru_cache(maxsize=2)
+def _load_clip(name: str) -> ClipModel:
     try:
         import open_clip
     except ImportError as exc:
         raise ModelUnavailableError("CLIP models need the optional extra: pip install 'vitviz[clip]'") from exc
     model_name, tag = _split(name)
     _check_weights(open_clip, name, model_name, tag)
-    if progress:
-        progress(f"Loading {name} from the Hugging Face Hub (or its local cache)...")
     try:
         model = open_clip.create_model(model_name, pretrained=tag, device="cpu").eval().requires_grad_(False)
         tokenizer = open_clip.get_tokenizer(model_name)
