@@ -130,3 +130,17 @@ def test_bad_inputs_are_refused_with_a_sentence():
     with pytest.raises(ParameterError, match="class 9 does not exist"):
         reference(model, x, target=9)
     assert layer_heads(model, 2) == ((2, 0), (2, 1), (2, 2), (2, 3))
+
+
+def test_the_layer_head_figure_draws_the_table_with_layer_0_on_top():
+    from vitviz.figures import layer_head_figure
+
+    values = np.arange(12, dtype=float).reshape(3, 4) - 5
+    fig = layer_head_figure(values, colorbar_title="effect", marked=[(2, 1)])
+    heat = fig.data[0]
+    np.testing.assert_array_equal(np.asarray(heat.z), values)
+    assert heat.zmid == 0 and fig.layout.yaxis.autorange == "reversed"
+    (box,) = fig.layout.shapes
+    assert (box.x0, box.x1, box.y0, box.y1) == (0.5, 1.5, 1.5, 2.5)
+    with pytest.raises(ParameterError, match="layers, heads"):
+        layer_head_figure(np.zeros(3))

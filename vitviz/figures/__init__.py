@@ -27,6 +27,7 @@ _LAZY = {
     "similarity_map_figure": "mosaic",
     "head_grid_figure": "mosaic",
     "attention_distance_figure": "charts",
+    "layer_head_figure": "charts",
     "heat_to_rgba": "png",
     "overlay_png": "png",
     "overlay_original_png": "png",

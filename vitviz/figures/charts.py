@@ -8,9 +8,9 @@ import numpy as np
 import plotly.graph_objects as go
 
 from ..errors import ParameterError
-from ._common import _PALETTE
+from ._common import _PALETTE, _colorbar, _scale_arg
 
-__all__ = ["histogram_figure", "curves_figure", "attention_distance_figure", "figure_html"]
+__all__ = ["histogram_figure", "curves_figure", "attention_distance_figure", "layer_head_figure", "figure_html"]
 
 
 def histogram_figure(
@@ -135,6 +135,31 @@ def attention_distance_figure(dist: np.ndarray, *, title: str | None = None) -> 
         margin=dict(l=0, r=0, b=0, t=40), legend=dict(title=dict(text="head")),
     )
     return go.Figure(data=traces, layout=layout)
+
+
+def layer_head_figure(values: np.ndarray, *, title: str | None = None, colorbar_title: str | None = None,
+                      marked: list[tuple[int, int]] | None = None) -> go.Figure:
+    """A (layers, heads) table as a heat map, layer 0 at the top: e.g. what ablating each head takes from the target.
+
+    Signed values sit on a diverging scale centred at 0 (red: the value, blue: its negative); ``marked`` (layer,
+    head) cells are outlined.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 2 or values.size == 0:
+        raise ParameterError(f"values must be (layers, heads), got shape {values.shape}.")
+    n_layers, n_heads = values.shape
+    heat = go.Heatmap(z=values, x=np.arange(n_heads), y=np.arange(n_layers), colorscale=_scale_arg("RdBu_r"),
+                      zmid=0.0, colorbar=_colorbar(colorbar_title), xgap=1, ygap=1,
+                      hovertemplate="layer %{y} · head %{x}<br>%{z:.3g}<extra></extra>")
+    layout = dict(
+        title=dict(text=title, x=0.0, xanchor="left", font=dict(size=14)) if title else None,
+        xaxis=dict(title=dict(text="head"), dtick=1, automargin=True),
+        yaxis=dict(title=dict(text="layer"), dtick=1, autorange="reversed", automargin=True),
+        margin=dict(l=0, r=0, b=0, t=40 if title else 10), height=max(240, 26 * n_layers + 90),
+        shapes=[dict(type="rect", x0=h - 0.5, x1=h + 0.5, y0=layer - 0.5, y1=layer + 0.5,
+                     line=dict(color="black", width=2)) for layer, h in (marked or [])],
+    )
+    return go.Figure(data=[heat], layout=layout)
 
 
 def figure_html(fig: go.Figure) -> str:

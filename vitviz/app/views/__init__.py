@@ -4,7 +4,21 @@
 section, its views as tabs in this order. ``VIEWS`` is the same views as one flat list.
 """
 
-from . import distance, explain, features, heads, norms, patch_grid, position, query, rollout, similarity, sinks
+from . import (
+    ablation,
+    distance,
+    explain,
+    features,
+    heads,
+    norms,
+    patch_grid,
+    position,
+    position_experiment,
+    query,
+    rollout,
+    similarity,
+    sinks,
+)
 
 __all__ = ["SECTIONS", "VIEWS", "ATTENTION", "TOKENS"]
 
@@ -14,5 +28,6 @@ SECTIONS = {
     ATTENTION: [rollout, heads, query, distance],
     "Explain": [explain],
     TOKENS: [norms, sinks, features, similarity],
+    "Experiments": [position_experiment, ablation],
 }
 VIEWS = [view for views in SECTIONS.values() for view in views]

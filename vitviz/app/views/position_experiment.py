@@ -1,0 +1,73 @@
+"""Take the position embeddings away: the same image with its positions zeroed or its patches shuffled, side by side.
+
+One batched pass through the walk (:func:`vitviz.experiments.position.position_experiment`), cached per (image,
+model, map, seed): moving another control never runs it again.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from vitviz import figures as vf
+from vitviz.experiments.position import DESCRIPTIONS, PositionExperiment, position_experiment
+from vitviz.inputs.image import to_tensor
+
+from .. import cache, jobs
+from ..widgets import chart
+
+TITLE = "Remove positions"
+MAPS = {"rollout": "CLS rollout over every layer", "last_layer": "last layer's CLS attention"}
+SHORT = {"intact": "Intact", "no_position": "No position embeddings", "shuffled": "Patches shuffled",
+         "shuffled_no_position": "Shuffled, no positions"}
+
+
+@st.cache_data(max_entries=8, show_spinner="Running the image with its positions taken away...")
+def _experiment(key: cache.AnalysisKey, map_kind: str, seed: int, _res, _weights) -> PositionExperiment:
+    jobs.share_cores()  # the page's torch threads, set once, as for the explanation jobs
+    built, info = cache.model(key.model, _weights)
+    param = next(built.parameters())
+    x = to_tensor(_res.pixels, mean=info.mean, std=info.std).to(device=param.device, dtype=param.dtype)
+    return position_experiment(built, x, variants=("no_position", "shuffled", "shuffled_no_position"), seed=seed,
+                               map_kind=map_kind)
+
+
+def cosine_text(cosine: float) -> str:
+    """A cosine near 1 as 1 − its distance in two significant digits (0.99999 would read as 1.0000)."""
+    return f"{cosine:.4f}" if 1 - cosine >= 1e-4 else f"1 − {max(1 - cosine, 0):.2g}"
+
+
+def _variant_text(v) -> str:
+    same = ("the reference the others are compared with" if v.name == "intact" else
+            f"**{cosine_text(v.cosine)}**")
+    lines = [f"**{SHORT[v.name]}**: {DESCRIPTIONS[v.name]}.",
+             f"Cosine of the CLS embedding with the intact run: {same}."]
+    if v.predictions:
+        lines.append("Predicts " + "; ".join(p.describe() for p in v.predictions[:3]) + ".")
+    return "  \n".join(lines)
+
+
+def render(ctx) -> None:
+    info, res, d = ctx.info, ctx.res, ctx.display
+    st.markdown("A transformer block treats its tokens as a set: only the **position embeddings** tell the model "
+                "where a patch sits. Here the same image runs with them removed (zeroed), with its patches shuffled "
+                "(each patch's content moved to another place, the position embeddings left where they are), and "
+                "both. Without positions a shuffle changes nothing but the order: the CLS embedding stays the same.")
+    left, right = st.columns(2)
+    map_kind = left.radio("Map", list(MAPS), key="posx_map", horizontal=True, format_func=MAPS.get)
+    seed = int(right.number_input("Shuffle seed", 0, 10_000, 0, key="posx_seed"))
+    done = _experiment(ctx.key, map_kind, seed, res, ctx.weights)
+    st.caption(f"Maps: the {MAPS[map_kind]}, each in the image's own patch order (a shuffled run is put back); "
+               "brighter = more attention.")
+    for col, v in zip(st.columns(len(done.variants)), done.variants, strict=True):
+        with col:
+            st.markdown(_variant_text(v))
+            chart(vf.overlay_figure(res.pixels, v.attention_map, patch_size=info.patch_size, opacity=d.opacity,
+                                    colorscale=d.colorscale, colorbar_title="attention"),
+                  f"fig_posx_{v.name}", stem=ctx.stem, toolbar=False)
+    st.markdown("**The position embeddings themselves:** cosine similarity of each patch's learned embedding with "
+                "every other's. Nearby patches look alike when the model learned the 2-D layout.")
+    if info.num_patches <= vf.MOSAIC_MAX_TOKENS:
+        chart(vf.similarity_mosaic_figure(res.pos_sim, grid=info.grid, highlight=ctx.query), "fig_posx_mosaic",
+              stem=ctx.stem, mosaic=True)
+    else:
+        st.info(f"The mosaic of {info.num_patches} patches is too large to draw (at most {vf.MOSAIC_MAX_TOKENS}).")
