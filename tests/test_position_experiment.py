@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vitviz.analysis.rollout import rollout_matrices, rollout_row, tokens_to_grid
-from vitviz.errors import ParameterError
+from vitviz.errors import ModelError, ParameterError
 from vitviz.experiments.position import patch_permutation, position_experiment
 from vitviz.models.labels import top_predictions
 from vitviz.walk.capture import capture_attention
@@ -137,3 +137,5 @@ def test_bad_inputs_are_refused_with_a_sentence():
         position_experiment(model, torch.randn(2, 3, 32, 32))
     with pytest.raises(ParameterError, match="was not run"):
         position_experiment(model, x, variants=("no_position",)).variant("shuffled")
+    with pytest.raises(ModelError, match="position embedding"):
+        position_experiment(tiny_vit(pos_embed="none"), x)

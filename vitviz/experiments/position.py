@@ -16,6 +16,9 @@ model:
   attention are put back in the image's patch order for display;
 - ``shuffled_no_position``: both.
 
+Only learned absolute position embeddings are taken away: a model that also turns q and k by a rotary embedding
+(Eva) keeps those positions inside attention, and one without absolute embeddings is refused.
+
 The shuffle is made with ``embed``'s own ``pos_embed`` argument: embedding patch j with position π⁻¹(j)'s
 embedding and then moving the patch tokens by π gives exactly the sequence [prefix, p_π(i) + e_i].
 """
@@ -29,7 +32,7 @@ import numpy as np
 import torch
 
 from ..analysis.rollout import cls_attention, rollout_matrices, rollout_row, tokens_to_grid
-from ..errors import ParameterError
+from ..errors import ModelError, ParameterError
 from ..models.labels import Prediction, class_names, has_head, top_predictions
 from ..targets import head_outputs
 from ..walk.blocks import BufferProbs, embed, walk
@@ -86,6 +89,9 @@ def patch_permutation(num_patches: int, *, seed: int = 0) -> torch.Tensor:
 
 def _check(model: torch.nn.Module, x: torch.Tensor, variants, map_kind: str) -> tuple[Variant, ...]:
     check_capturable(model)
+    if getattr(model, "pos_embed", None) is None:
+        raise ModelError(f"{type(model).__name__} has no learned position embeddings to take away (its positions are "
+                         "rotary or relative, inside attention)")
     want = tuple(int(v) for v in model.patch_embed.img_size)
     if x.ndim != 4 or x.shape[0] != 1 or x.shape[1] != 3 or tuple(x.shape[-2:]) != want:
         raise ParameterError(f"expected one image as a (1, 3, {want[0]}, {want[1]}) tensor, got {tuple(x.shape)}")
