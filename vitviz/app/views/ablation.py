@@ -121,7 +121,8 @@ def render(ctx) -> None:
         mode = st.radio("Ablation", list(MODES), key="ablate_mode", horizontal=True, format_func=MODES.get)
     with right:
         target = _target(ctx, built)
-    ref = _reference(ctx.key, target, ctx.res, ctx.weights)
+    top1 = _reference(ctx.key, None, ctx.res, ctx.weights)  # the intact run measured on its top-1 class
+    ref = top1 if target == top1.target else _reference(ctx.key, target, ctx.res, ctx.weights)
     asked = st.session_state.setdefault("_ablate_asked", set())
     wanted = (ctx.key, mode, target)
     if wanted not in asked and st.button(f"Ablate each of the {ctx.info.depth * ctx.info.num_heads} heads",
