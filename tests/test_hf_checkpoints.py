@@ -57,6 +57,8 @@ def _two_tower(T, kind: str):
 FAMILIES = {
     "vit": lambda T: T.ViTModel(T.ViTConfig(**TINY)),
     "vit_classifier": lambda T: T.ViTForImageClassification(T.ViTConfig(**TINY, id2label=NAMES)),
+    # an MLP width whose ratio to the width does not survive float rounding: int(56 * (61 / 56)) == 60
+    "vit_odd_width": lambda T: T.ViTModel(T.ViTConfig(**{**TINY, "hidden_size": 56, "intermediate_size": 61})),
     "deit": lambda T: T.DeiTModel(T.DeiTConfig(**TINY)),
     "deit_classifier": lambda T: T.DeiTForImageClassification(T.DeiTConfig(**TINY, id2label=NAMES)),
     "deit_distilled": lambda T: T.DeiTForImageClassificationWithTeacher(T.DeiTConfig(**TINY, num_labels=5)),
@@ -291,6 +293,42 @@ def test_a_hub_id_in_the_local_cache_loads_offline(T, monkeypatch, tmp_path):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x), hf(pixel_values=x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_download_is_size_checked_before_it_starts(T, monkeypatch, tmp_path):
+    """The Hub's answers stood in for (no network here): the weights' size is asked before they are downloaded."""
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    import vitviz.models.hf as hf_module
+
+    folder, downloads, said = tmp_path / "snapshot", [], []
+    _saved(T, "clip_projection", folder)
+    size = [10**6]
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(hf_module, "_hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", lambda url: SimpleNamespace(size=size[0]))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo, file: downloads.append(file) or str(folder / file))
+    source, _state = hf_module.hf_source("hf:someone/clip", progress=said.append)
+    assert downloads == ["config.json", "model.safetensors"] and source.kwargs["num_classes"] == 16
+    assert said == ["Loading someone/clip from the Hugging Face Hub..."]
+    size[0], downloads[:] = 9 * 10**9, []
+    with pytest.raises(CheckpointError, match="its model.safetensors is 9.0 GB; vitviz reads checkpoints of at most"):
+        hf_module.hf_source("hf:someone/clip")
+    assert downloads == ["config.json"]
+
+
+def test_the_text_tower_of_a_two_tower_file_is_never_read(T, monkeypatch, tmp_path):
+    import vitviz.models.hf as hf_module
+
+    _saved(T, "siglip_two_towers", tmp_path / "m")
+    read, real = [], hf_module._read_safetensors
+    monkeypatch.setattr(hf_module, "_read_safetensors", lambda path, names: read.extend(names) or real(path, names))
+    load_source(tmp_path / "m")
+    assert read and all(k.startswith("vision_model.") for k in read)
 
 
 # ---------------------------------------------------------------------------------------------------------- surfaces

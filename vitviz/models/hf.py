@@ -140,7 +140,8 @@ def _read_safetensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
 
 def _load(config_path: Path, weights: Path, *, name: str, kind: str, max_params: int | None,
           ) -> tuple[HFSource, dict[str, torch.Tensor]]:
-    """A transformers checkpoint as a timm source and weights; every size is checked before the tensors are read."""
+    """A transformers checkpoint as a timm source and weights; every size is checked before the tensors are read
+    (safetensors: from its header, renamed as meta tensors; a torch zip: from its directory, before torch.load)."""
     what = repr(name)
     config = _read_config(config_path, what=what)
     model_type, fields = _family(config, what=what)
@@ -148,25 +149,24 @@ def _load(config_path: Path, weights: Path, *, name: str, kind: str, max_params:
     size = _checked_file(weights, MAX_CHECKPOINT_BYTES)
     if weights.suffix == ".safetensors":
         header = _safetensors_header(weights)
-        state = {k: torch.empty(shape, device="meta") for k, shape in header.shapes.items()}
+        shapes, nbytes = header.shapes, header.nbytes
+        state = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
     else:
         state = _torch_state(weights, size, MAX_CHECKPOINT_BYTES)
         check_dense(state, what=what)
         _check_stored_bytes(state, what=what)
-    arch, kwargs, renamed = _convert(state, model_type, s, what=what)  # meta tensors: shapes only
+        shapes, nbytes = {k: tuple(v.shape) for k, v in state.items()}, _state_bytes(state)
+    arch, kwargs, renamed = _convert(state, model_type, s, what=what)
     probe = _create(arch, kwargs, what=what)
     _probe_check(probe, {k: tuple(v.shape) for k, v in renamed.items()}, model_type, what=what)
     rows = int(probe.pos_embed.shape[1])
     _check_params(probe, rows, max_params, what=what)
+    used = [k for k in shapes if not _UNUSED.fullmatch(k.removeprefix(_FAMILIES[model_type].base))]
+    total = sum(math.prod(v) for v in shapes.values()) or 1
+    # the image model's share of the bytes: a CLIPModel's or SiglipModel's text tower is no part of it
+    _check_state_size(nbytes * sum(math.prod(shapes[k]) for k in used) // total, probe, rows, what=what)
     if weights.suffix == ".safetensors":
-        used = [k for k in header.shapes if not _UNUSED.fullmatch(k.removeprefix(_FAMILIES[model_type].base))]
-        total = sum(math.prod(v) for v in header.shapes.values()) or 1
-        nbytes = header.nbytes * sum(math.prod(header.shapes[k]) for k in used) // total  # the image model's share
-        _check_state_size(nbytes, probe, rows, what=what)
-        _arch, _kwargs, renamed = _convert(_read_safetensors(weights, used), model_type, s, what=what)
-    else:
-        _check_state_size(_state_bytes(state), probe, rows, what=what)
-        _arch, _kwargs, renamed = _convert(state, model_type, s, what=what)
+        renamed = _convert(_read_safetensors(weights, used), model_type, s, what=what)[2]
     source = HFSource(name=name, arch=arch, kind=kind, kwargs=kwargs, model_type=model_type,
                       label_names=_label_names(config, kwargs["num_classes"]))
     return source, renamed
