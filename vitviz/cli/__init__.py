@@ -1,8 +1,9 @@
-"""Command line: ``vitviz analyze INPUT... --out DIR``, ``vitviz evaluate INPUT... --out DIR``, ``vitviz app``
-(also ``python -m vitviz``).
+"""Command line: ``vitviz analyze INPUT... --out DIR``, ``vitviz evaluate INPUT... --out DIR``, ``vitviz app``,
+``vitviz train digits --out FILE``, ``vitviz probe FOLDER --out FILE`` (also ``python -m vitviz``).
 
 - :mod:`.analyze`: rollout overlays, maps and arrays per image, and ``summary.csv``;
 - :mod:`.evaluate`: the faithfulness of explanation methods over images;
+- :mod:`.train`, :mod:`.probe`: train a tiny ViT, or fit a linear head on a backbone, saved as a checkpoint;
 - :mod:`.app`: the Streamlit UI; options after ``--port``/``--host`` are passed to streamlit;
 - :mod:`._common`: the options ``analyze`` and ``evaluate`` share (one parent parser), their inputs, the messages;
 - :mod:`.distributed`: runs launched by ``torchrun``.
@@ -20,11 +21,13 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import VitvizError
-from . import analyze, app, evaluate
+from . import analyze, app, evaluate, probe, train
 from ._common import check_common, for_terminal, parent_parser, resolve, threads
 from .analyze import SUMMARY_FIELDS, TIMING_FIELDS
 
 __all__ = ["main", "build_parser", "SUMMARY_FIELDS", "TIMING_FIELDS"]
+
+EXPERIMENTS = {"train": train.run, "probe": probe.run}  # commands that train or fit a model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_parser(sub, parent)
     evaluate.add_parser(sub, parent)
     app.add_parser(sub)
+    train.add_parser(sub)
+    probe.add_parser(sub)
     return parser
 
 
@@ -45,6 +50,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         with interruptible():
             args = resolve(args)
+            if args.command in EXPERIMENTS:  # their own options: no batches, workers or ranks
+                return EXPERIMENTS[args.command](args)
             check_common(args)
             use_threads(threads(args.threads))
             return (evaluate.run if args.command == "evaluate" else analyze.run)(args)

@@ -12,6 +12,15 @@ _LAZY: dict[str, str] = {
     "head_table": "ablation",
     "ablate": "ablation",
     "HeadTable": "ablation",
+    "TrainConfig": "train",
+    "Trained": "train",
+    "train_vit": "train",
+    "training_data": "train",
+    "Labelled": "data",
+    "digits": "data",
+    "labelled_images": "data",
+    "Probe": "probe",
+    "fit_probe": "probe",
 }
 
 __all__ = [*_LAZY]

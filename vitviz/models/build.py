@@ -27,9 +27,20 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ..device import pick_device, pick_dtype
 from ..errors import CheckpointError, ParameterError
+from ..walk._families import has_class_token, num_reg_tokens
 from ..walk.capture import check_capturable
-from ._arch import CHECKPOINT_SUFFIXES, DEFAULT_MODEL, ModelSource, Status, _create, _native
+from ._arch import (
+    CHECKPOINT_SUFFIXES,
+    DEFAULT_MODEL,
+    ModelSource,
+    Status,
+    _create,
+    _native,
+    materialize_buffers,
+    resample_rel_pos_tables,
+)
 from .checkpoints import _file_source
+from .clip import CLIP_PREFIX, clip_source
 from .hf import HF_PREFIX, hf_source, is_hf_folder
 from .hub import _hub_source
 from .pretrained import (
@@ -53,6 +64,7 @@ __all__ = [
     "build_for",
     "get_model",
     "native_patch_size",
+    "model_source",
 ]
 
 MAX_IMG_SIZE = 1036  # px per side; 74 patches of 14, 64 of 16
@@ -114,8 +126,8 @@ def describe_model(
         native_patch_size=native_p,
         native_img_size=native_img,
         num_prefix_tokens=int(model.num_prefix_tokens),
-        num_reg_tokens=int(getattr(model, "num_reg_tokens", 0)),
-        has_class_token=bool(model.has_class_token),
+        num_reg_tokens=num_reg_tokens(model),  # Eva holds its registers without counting them
+        has_class_token=has_class_token(model),
         embed_dim=int(model.embed_dim),
         depth=len(model.blocks),
         num_heads=int(model.blocks[0].attn.num_heads) if len(model.blocks) else 0,
@@ -188,6 +200,8 @@ def load_source(
     path = Path(text).expanduser()
     if text.startswith(HF_PREFIX) or is_hf_folder(path):  # transformers' save_pretrained folder or Hub id
         return hf_source(text, progress=progress, max_params=max_params, name=shown_name)
+    if text.startswith(CLIP_PREFIX):  # an open_clip model's image tower (the optional extra vitviz[clip])
+        return clip_source(text, progress)
     if path.suffix.lower() in CHECKPOINT_SUFFIXES or path.exists():
         return _file_source(path, arch, max_params=max_params, name=shown_name)
     return _hub_source(text, progress)
@@ -212,7 +226,7 @@ def build_model(
     p0 = int(state["patch_embed.proj.weight"].shape[-1])
     native = _native(source)
     old_grid, native_img, num_pos_prefix = native.grid, native.img_size, native.pos_prefix
-    if state["pos_embed"].shape[1] != old_grid[0] * old_grid[1] + num_pos_prefix:
+    if "pos_embed" in state and state["pos_embed"].shape[1] != old_grid[0] * old_grid[1] + num_pos_prefix:
         raise CheckpointError(
             f"the position embedding of {source.name!r} has {state['pos_embed'].shape[1]} rows, "
             f"not the {old_grid[0]}x{old_grid[1]} grid (+{num_pos_prefix}) of {source.arch!r} as configured"
@@ -224,15 +238,19 @@ def build_model(
         state["patch_embed.proj.weight"] = resample_patch_embed(
             state["patch_embed.proj.weight"].float(), new_size=[p, p], verbose=False
         )
-    if old_grid != (h // p, w // p):
+    if old_grid != (h // p, w // p) and "pos_embed" in state:  # Eva's RoPE, Beit's relative bias: none
         state["pos_embed"] = resample_pos_embed(
             state["pos_embed"], new_grid=(h // p, w // p), old_grid=old_grid, num_prefix=num_pos_prefix,
             antialias=source.pos_antialias,
         )
+    state = resample_rel_pos_tables(state, old_grid=old_grid, new_grid=(h // p, w // p))  # Beit
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise CheckpointError(_mismatch_message(source, model, state, exc)) from exc
+    materialize_buffers(model)  # Eva's RoPE frequencies, Beit's relative position indices: not in a state dict
+    if source.label_names:  # the checkpoint's own class names, in timm's field for them (read by models.labels)
+        model.pretrained_cfg = {**model.pretrained_cfg, "label_names": source.label_names}
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     check_capturable(model)
     return model
@@ -306,6 +324,11 @@ def get_model(
     size = (img_size, img_size) if isinstance(img_size, int) else None if img_size is None else tuple(img_size)
     dev = str(pick_device(device))  # "auto" resolved, so the key names the real device
     return _cached_model(ModelKey(str(name), arch, patch_size, size, dev, precision))
+
+
+def model_source(name: str | os.PathLike = DEFAULT_MODEL, *, arch: str | None = None) -> ModelSource:
+    """How :func:`get_model` builds ``name`` (architecture, kwargs, class names), from the same cached read."""
+    return _cached_source(str(name), arch)[0]
 
 
 def native_patch_size(name: str | os.PathLike = DEFAULT_MODEL, *, arch: str | None = None) -> int:

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import unicodedata
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,17 +24,21 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ..errors import CheckpointError
 from ..walk.capture import check_capturable
-from ._arch import _LOADS_FILES, CHECKPOINT_SUFFIXES, ModelSource, _create
+from ._arch import _LOADS_FILES, CHECKPOINT_SUFFIXES, ModelSource, _create, patch_rows
 from .hub import _suggest, is_model_name, list_vit_models
 
 __all__ = ["ARCH_KWARGS", "MAX_CHECKPOINT_BYTES", "MAX_CHECKPOINT_EXPANSION", "MAX_DEPTH", "MAX_STATE_PER_MODEL",
-           "MAX_CHECKPOINT_UPLOAD_BYTES", "read_checkpoint", "check_dense", "upload_param_cap"]
+           "MAX_CHECKPOINT_UPLOAD_BYTES", "CLASS_NAMES_KEY", "read_checkpoint", "check_dense", "checked_class_names",
+           "upload_param_cap"]
 
 MAX_CHECKPOINT_BYTES = 8 * 10**9  # tensors read into memory at most: timm's largest ViT, ViT-gigantic/14, fits in fp32
 MAX_CHECKPOINT_EXPANSION = 4  # a torch zip may hold this many times its file size (torch.save does not compress)
 MAX_CHECKPOINT_ENTRIES = 100_000  # files in a torch zip (one per tensor storage, plus a few)
 MAX_STATE_PER_MODEL = 2  # a state dict may hold at most twice the float32 bytes of its architecture's own tensors
 MAX_METADATA_KWARGS_CHARS = 4096
+MAX_CLASS_NAME_CHARS = 100  # one class name in a checkpoint's 'class_names' metadata
+MAX_CLASS_NAMES_CHARS = 4_000_000  # the whole list (ImageNet-21k's 21,843 WordNet names fit in ~1 MB)
+CLASS_NAMES_KEY = "class_names"  # metadata: a JSON list of the head's class names, in index order
 _SMALL_FILE_SLACK = 10**6  # bytes of expansion or extra tensors that are never worth refusing
 
 MAX_DEPTH = 48  # timm's deepest ViTs (ViT-gigantic/14) have 48 blocks
@@ -167,6 +172,33 @@ def _checked_kwargs(text: str | None, *, arch: str, what: str) -> dict[str, Any]
     return kwargs
 
 
+def _bad_name(name: Any) -> bool:
+    return (not isinstance(name, str) or not name.strip() or len(name) > MAX_CLASS_NAME_CHARS
+            or any(unicodedata.category(ch)[0] == "C" for ch in name))
+
+
+def checked_class_names(text: str | None, *, num_classes: int, what: str) -> tuple[str, ...] | None:
+    """The class names in a checkpoint's 'class_names' metadata (a JSON list of short strings, one per class of its
+    head, in index order); None where it has none. Anything else is refused: names are shown to every user."""
+    if text is None:
+        return None
+    prefix = f"{what}: its 'class_names' metadata"
+    if len(text) > MAX_CLASS_NAMES_CHARS:
+        raise CheckpointError(f"{prefix} is {len(text):,} characters long; at most {MAX_CLASS_NAMES_CHARS:,} are read")
+    try:
+        names = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{prefix} is not JSON ({exc})") from exc
+    if not isinstance(names, list) or len(names) != num_classes:
+        got = f"{len(names)} names" if isinstance(names, list) else f"a {type(names).__name__}"
+        raise CheckpointError(f"{prefix} must be a list of one name per class of its head ({num_classes}), got {got}")
+    bad = [i for i, n in enumerate(names) if _bad_name(n)]
+    if bad:
+        raise CheckpointError(f"{prefix}: name {bad[0]} ({str(names[bad[0]])[:40]!r}) is not a name of 1 to "
+                              f"{MAX_CLASS_NAME_CHARS} printable characters")
+    return tuple(names)
+
+
 def _checked_arch(arch: Any, *, what: str) -> str:
     """A timm architecture name of the plain-ViT families, for a checkpoint file (from its metadata or the user)."""
     if not arch:
@@ -181,7 +213,7 @@ def _checked_arch(arch: Any, *, what: str) -> str:
                               f"{_suggest(arch)}")
     if arch.split(".")[0] not in list_vit_models():
         raise CheckpointError(f"cannot build architecture {arch!r} for {what}: it is not a plain Vision Transformer "
-                              "(vitviz builds timm's vision_transformer and deit families, e.g. "
+                              "(vitviz builds timm's vision_transformer, deit, eva and beit families, e.g. "
                               "vit_small_patch16_224)")
     return arch
 
@@ -334,10 +366,9 @@ def _check_state_size(nbytes: int, probe: VisionTransformer, pos_rows: int, *, w
 
 
 def _patch_size(shapes: dict[str, tuple[int, ...]], *, what: str) -> int:
-    for key in ("patch_embed.proj.weight", "pos_embed"):
-        if key not in shapes:
-            raise CheckpointError(f"{what} has no {key!r}: not a ViT checkpoint with absolute position embeddings")
-    w, pos = shapes["patch_embed.proj.weight"], shapes["pos_embed"]  # (D, 3, P, P), (1, N, D)
+    if "patch_embed.proj.weight" not in shapes:
+        raise CheckpointError(f"{what} has no 'patch_embed.proj.weight': not a ViT checkpoint")
+    w, pos = shapes["patch_embed.proj.weight"], shapes.get("pos_embed", (1, 0, 0))  # none: see patch_rows
     if len(w) != 4 or w[-1] != w[-2] or not 1 <= w[-1] <= MAX_NATIVE_PATCH_SIZE or len(pos) != 3:
         raise CheckpointError(f"{what}: its patch embedding {list(w)} and position embedding {list(pos)} are not "
                               f"those of a ViT (square patches of 1 to {MAX_NATIVE_PATCH_SIZE} px)")
@@ -378,10 +409,11 @@ def _file_spec(
         raise CheckpointError(f"{what}: its head has {kwargs['num_classes']:,} classes; at most {MAX_NUM_CLASSES:,}")
     probe = _create(arch, {**kwargs, "img_size": p * 2}, what=what)
     check_capturable(probe)
-    prefix = 0 if probe.no_embed_class else int(probe.num_prefix_tokens)
-    if "img_size" not in extra:  # square grid from the position embedding's length
-        kwargs["img_size"] = _grid_img_size(shapes["pos_embed"][1], prefix, p, what=what)
-    return ModelSource(name=name, arch=arch, kind="file", kwargs=kwargs), probe
+    rows = patch_rows(shapes, probe, what=what)  # None: RoPE only, the architecture's own grid
+    if "img_size" not in extra and rows is not None:  # square grid from the positions' patch rows
+        kwargs["img_size"] = _grid_img_size(rows, 0, p, what=what)
+    names = checked_class_names(metadata.get(CLASS_NAMES_KEY), num_classes=kwargs["num_classes"], what=what)
+    return ModelSource(name=name, arch=arch, kind="file", kwargs=kwargs, label_names=names), probe
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -455,13 +487,13 @@ def _file_source(
     if path.suffix.lower() == ".safetensors":  # safetensors stores every tensor whole (the format checks offsets)
         header = _safetensors_header(path)
         source, probe = _file_spec(header.shapes, header.metadata, arch=arch, name=name)
-        _check_params(probe, header.shapes["pos_embed"][1], max_params, what=what)
-        _check_state_size(header.nbytes, probe, header.shapes["pos_embed"][1], what=what)
+        _check_params(probe, header.shapes.get("pos_embed", (1, 0))[1], max_params, what=what)
+        _check_state_size(header.nbytes, probe, header.shapes.get("pos_embed", (1, 0))[1], what=what)
         return source, _safetensors_state(path)
     state = _torch_state(path, size, max_bytes)
     check_dense(state, what=what)
     _check_stored_bytes(state, what=what)
     source, probe = _file_spec({k: tuple(v.shape) for k, v in state.items()}, {}, arch=arch, name=name)
-    _check_params(probe, state["pos_embed"].shape[1], max_params, what=what)
-    _check_state_size(_state_bytes(state), probe, state["pos_embed"].shape[1], what=what)
+    _check_params(probe, state.get("pos_embed", torch.empty(1, 0)).shape[1], max_params, what=what)
+    _check_state_size(_state_bytes(state), probe, state.get("pos_embed", torch.empty(1, 0)).shape[1], what=what)
     return source, state

@@ -1,6 +1,8 @@
 """Predictions of a classifier head and the names of its classes.
 
-Class names come from timm's bundled label info: :func:`timm.data.infer_imagenet_subset` guesses the ImageNet
+Class names come first from the model itself: ``pretrained_cfg["label_names"]`` (timm's own field), which vitviz sets
+when it builds a checkpoint whose metadata names its classes (a trained or probed model, :mod:`vitviz.experiments`).
+Otherwise from timm's bundled label info: :func:`timm.data.infer_imagenet_subset` guesses the ImageNet
 subset from the number of classes (1000 -> ImageNet-1k, 11821 -> ImageNet-12k, ...) and
 :class:`timm.data.ImageNetInfo` names each index with its WordNet lemma ("golden retriever"). A head whose size
 matches no known subset gets "class N". A model without a head (``num_classes == 0``, e.g. the default DINOv2
@@ -19,7 +21,8 @@ from timm.data import ImageNetInfo, infer_imagenet_subset
 
 from ..errors import ModelError, ParameterError
 
-__all__ = ["Prediction", "has_head", "label_set", "class_names", "class_name", "top_predictions", "predict"]
+__all__ = ["Prediction", "has_head", "label_set", "own_names", "class_names", "class_name", "top_predictions",
+           "predict"]
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,20 @@ def label_set(model: torch.nn.Module) -> str | None:
     return subset
 
 
+def own_names(model: torch.nn.Module) -> tuple[str, ...] | None:
+    """The class names the model carries (``pretrained_cfg["label_names"]``, one per class of its head), or None."""
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
+    if not has_head(model) or not isinstance(names, (list, tuple)) or len(names) != int(model.num_classes):
+        return None
+    return tuple(str(n) for n in names)
+
+
 def class_names(model: torch.nn.Module) -> tuple[str, ...] | None:
-    """Every class name of ``model``'s head in index order, or None when the label set is unknown."""
+    """Every class name of ``model``'s head in index order: the model's own names, else those of the ImageNet subset
+    timm infers from the head's size; None when the label set is unknown."""
+    own = own_names(model)
+    if own is not None:
+        return own
     subset = label_set(model)
     return _names(subset) if subset else None
 
