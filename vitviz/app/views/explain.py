@@ -3,17 +3,27 @@
 Attention shows where attention goes; this view shows which patches the target depends on, and measures it:
 the target's score as the most relevant patches are removed (MoRF, should fall fast) and as the least relevant are
 removed (LeRF, should stay), against a random map. Score = area under LeRF − area under MoRF (random ≈ 0).
+
+A CLIP model (``clip:NAME/TAG``) is explained for a text prompt typed in a box (the cosine of the image with the
+prompt), and its zero-shot predictions over a list of class names are shown instead of a classifier's.
 """
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import streamlit as st
+import torch
 
 from vitviz import figures as vf
 from vitviz.evaluate import RANDOM_DRAWS
 from vitviz.explain import DEFAULT_METHOD
 from vitviz.explain.registry import METHODS as REGISTERED
+from vitviz.inputs.image import to_tensor
+from vitviz.models.clip import DEFAULT_TEMPLATE, is_clip_name, load_clip, zero_shot
 from vitviz.models.labels import has_head
+from vitviz.targets import Target, prompt_target
 
 from .. import cache, jobs
 from ..state import keep
@@ -40,17 +50,30 @@ def _method_label(label: str) -> str:
                                                                              else "")
 
 
+DEFAULT_PROMPT = "a photo of a cat"
+DEFAULT_CLASSES = "cat, dog, bird, car, person, tree"
+
+
+def _is_clip(ctx) -> bool:
+    return is_clip_name(ctx.key.model.name)
+
+
 def _targets(ctx) -> list[str]:
     """What can be explained: a classifier's top-5 classes and its embedding; a backbone's embedding (label-free,
-    Crabbé & van der Schaar 2022) or the query patch's feature. Never a class the model does not have."""
+    Crabbé & van der Schaar 2022) or the query patch's feature; a CLIP model's text prompt. Never a class the model
+    does not have (a CLIP tower's head is its projection into the text space, not classes)."""
     built, _info = cache.model(ctx.key.model, ctx.weights)
     patch = f"patch:{ctx.query}"
+    if _is_clip(ctx):
+        return ["prompt", "embedding", patch]
     if not has_head(built):
         return ["embedding", patch]
     return ["class", "embedding", patch]
 
 
 def _target_text(target: str, ctx) -> str:
+    if target == "prompt":  # the text itself is in its own box (a label that changed with it would reset the menu)
+        return "the text prompt (typed below)"
     if target == "class":
         return "the top-1 class"
     if target == "embedding":
@@ -58,7 +81,45 @@ def _target_text(target: str, ctx) -> str:
     return f"the query patch {ctx.query}'s feature"
 
 
-def _explained(ctx, method: str, target: str):
+def _prompt_ui() -> tuple[str, tuple[str, ...]]:
+    """A CLIP model's text boxes: the prompt explained, and the class names of the zero-shot predictions."""
+    keep("explain_prompt", lambda v: isinstance(v, str), DEFAULT_PROMPT)
+    keep("explain_classes", lambda v: isinstance(v, str), DEFAULT_CLASSES)
+    left, right = st.columns(2)
+    prompt = left.text_input("Prompt", key="explain_prompt", max_chars=300,
+                             help="What to look for: the explained score is the cosine of the image's embedding "
+                                  "with this text's embedding.")
+    names = right.text_input("Zero-shot classes", key="explain_classes", max_chars=2000,
+                             help=f"Class names separated by commas, each read as '{DEFAULT_TEMPLATE}': the "
+                                  "predictions are the softmax of the scaled cosines with the image.")
+    return prompt.strip(), tuple(dict.fromkeys(n.strip() for n in names.split(",") if n.strip()))
+
+
+@functools.lru_cache(maxsize=64)
+def _prompt_target(model: str, text: str) -> Target:
+    """The prompt's target, its text embedded once per model and text (shared by every session)."""
+    return prompt_target(load_clip(model).text, text)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _image_embedding(key, _res, _weights) -> np.ndarray:
+    """The CLIP image embedding (D,) of the analysed image: the tower's head output, one plain forward."""
+    built, info = cache.model(key.model, _weights)
+    param = next(built.parameters())
+    x = to_tensor(_res.pixels, mean=info.mean, std=info.std).to(device=param.device, dtype=param.dtype)
+    with torch.inference_mode():
+        return built(x)[0].float().cpu().numpy()
+
+
+def _zero_shot_caption(ctx, classes: tuple[str, ...]) -> str | None:
+    if not classes:
+        return None
+    found = zero_shot(load_clip(ctx.key.model.name), torch.from_numpy(_image_embedding(ctx.key, ctx.res, ctx.weights)),
+                      classes)
+    return "Zero-shot predictions: " + "; ".join(f"'{p.name}' (p = {p.probability:.2g})" for p in found)
+
+
+def _explained(ctx, method: str, target: str | Target):
     """The cached explanation; a progress bar while it is computed (none when it is ready)."""
     slot = st.empty()
     done = jobs.explanation(ctx.key, method, target, ctx.res, ctx.weights,
@@ -76,10 +137,16 @@ def render(ctx) -> None:
     target = left.selectbox("What to explain", targets, key="explain_target",
                             format_func=lambda t: _target_text(t, ctx))
     method = right.selectbox("Method", METHODS, key="explain_method", format_func=_method_label)
-    done = _explained(ctx, method, target)
+    prompt, classes = _prompt_ui() if _is_clip(ctx) else ("", ())
+    if target == "prompt" and not prompt:
+        st.info("Type a prompt to explain, e.g. 'a photo of a cat'.")
+        return
+    done = _explained(ctx, method, _prompt_target(ctx.key.model.name, prompt) if target == "prompt" else target)
     e, c, r = done.explanation, done.curves, done.random_curves
-    if e.predictions:
-        st.caption("Predictions: " + "; ".join(p.describe() for p in e.predictions))
+    predicted = _zero_shot_caption(ctx, classes) if _is_clip(ctx) else (
+        "Predictions: " + "; ".join(p.describe() for p in e.predictions) if e.predictions else None)
+    if predicted:
+        st.caption(predicted)
     st.markdown(f"**{_method_label(method)}** explains **{e.target_description}** ({e.passes}). Brighter patches "
                 f"matter more to it. Faithfulness {c.measure}, 10 steps: **{c.score:+.3g}** (LeRF area "
                 f"{c.lerf_auc:.3g} − MoRF area {c.morf_auc:.3g}; {RANDOM_DRAWS} random maps score {r.score:+.2g} "
@@ -95,6 +162,7 @@ def render(ctx) -> None:
     with cols[1]:
         unit = (f"{c.score_kind} of the class" if c.score_kind != "cosine" else
                 f"cosine with the full image's feature of patch {e.target.index}" if e.target.kind == "patch" else
+                "cosine with the prompt's text embedding" if e.target.kind == "prompt" else
                 "cosine with the full image's embedding")
         chart(vf.curves_figure(c.fractions, {"MoRF (most relevant removed first)": c.morf,
                                              "LeRF (least relevant removed first)": c.lerf,
