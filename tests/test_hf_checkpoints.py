@@ -163,6 +163,21 @@ def test_other_sizes_resample_positions_and_patches(T, tmp_path):
     assert cap.attention.shape == (1, 2, 4, 20, 20)
 
 
+def test_timm_names_say_the_size_and_every_norm_has_the_configs_eps(T, tmp_path):
+    one = dict(num_hidden_layers=1, attn_implementation="eager")
+    T.Dinov2Model(T.Dinov2Config(**one, hidden_size=384, num_attention_heads=6, image_size=28,
+                                 patch_size=14)).save_pretrained(tmp_path / "dino")
+    T.ViTModel(T.ViTConfig(**one, hidden_size=384, num_attention_heads=6, intermediate_size=1536, image_size=224,
+                           patch_size=16)).save_pretrained(tmp_path / "vit")
+    assert load_source(tmp_path / "dino")[0].arch == "vit_small_patch14_dinov2"
+    assert load_source(tmp_path / "vit")[0].arch == "vit_small_patch16_224"
+    assert load_source(tmp_path / "vit")[0].kwargs["norm_layer"].keywords["eps"] == 1e-12  # transformers' ViT's
+    T.CLIPVisionModel(T.CLIPVisionConfig(**{**TINY, "layer_norm_eps": 1e-6})).save_pretrained(tmp_path / "clip")
+    _source, model = _vitviz_model(tmp_path / "clip")  # timm's CLIP towers have eps 1e-5 of their own
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 2 * 2 + 2 and all(m.eps == 1e-6 for m in norms)
+
+
 def test_pytorch_model_bin_loads_like_safetensors(T, tmp_path):
     hf = _saved(T, "vit_classifier", tmp_path / "st")
     (tmp_path / "bin").mkdir()

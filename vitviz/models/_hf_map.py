@@ -14,6 +14,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
+import timm
 import torch
 from timm.layers import LayerNorm
 
@@ -251,16 +252,17 @@ def _mlp_width(s: dict[str, Any], layout: str) -> int:
 
 
 def _kwargs(s: dict[str, Any], layout: str) -> dict[str, Any]:
-    """timm create_model kwargs of the backbone, from the checked config fields."""
+    """timm create_model kwargs of the backbone, from the checked config fields; every structural setting is
+    given, whatever the registered architecture's own defaults (the layouts change some of them)."""
     dim, width = s["hidden_size"], _mlp_width(s, layout)
     ratio = width / dim if int(dim * (width / dim)) == width else (width + 0.5) / dim  # int(dim * ratio) == width
     kwargs = dict(embed_dim=dim, depth=s["num_hidden_layers"], num_heads=s["num_attention_heads"],
-                  patch_size=s["patch_size"], img_size=s["image_size"], mlp_ratio=ratio, num_classes=0)
-    if "qkv_bias" in s:
-        kwargs["qkv_bias"] = s["qkv_bias"]
+                  patch_size=s["patch_size"], img_size=s["image_size"], mlp_ratio=ratio, num_classes=0,
+                  qkv_bias=s.get("qkv_bias", True), class_token=True, global_pool="token", reg_tokens=0,
+                  no_embed_class=False, pre_norm=layout == "clip", init_values=None)
     if not s.get("use_swiglu_ffn"):  # SwiGLU's SiLU comes with the architecture
         kwargs["act_layer"] = _ACTS[s["hidden_act"]]
-    if s["layer_norm_eps"] != _TIMM_EPS:
+    if s["layer_norm_eps"] != _TIMM_EPS or layout == "clip":  # timm's CLIP towers bring their own eps
         kwargs["norm_layer"] = functools.partial(LayerNorm, eps=s["layer_norm_eps"])
     if layout == "dinov2":
         kwargs["init_values"] = s["layerscale_value"]
@@ -310,6 +312,21 @@ def _siglip(r: _Renamer, model_type: str, s: dict[str, Any], kwargs: dict[str, A
     return _FAMILIES[model_type].arch
 
 
+_SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1152: "so400m", 1280: "huge", 1536: "giant"}
+
+
+def _sized(arch: str, s: dict[str, Any]) -> str:
+    """timm's registered name for the family's model of this width, patch and image size where it has one
+    (vit_base_patch16_224 -> vit_large_patch32_384), so the name shown says what the model is; else the family's.
+    The kwargs set every size either way; the name also picks the pretrained cfg (the family's preprocessing)."""
+    size, img = _SIZES.get(s["hidden_size"]), s["image_size"]
+    if size is None:
+        return arch
+    name = re.sub(r"patch\d+", f"patch{s['patch_size']}", re.sub(r"^(vit|deit)_[a-z0-9]+_", rf"\1_{size}_", arch))
+    name = re.sub(r"_\d+$", f"_{img}", name) if isinstance(img, int) else name
+    return name if timm.is_model(name) else arch
+
+
 _LAYOUTS = {"vit": _vit, "dinov2": _dinov2, "clip": _clip, "siglip": _siglip}
 
 
@@ -326,6 +343,7 @@ def _convert(
     r = _Renamer({k.removeprefix(family.base): v for k, v in state.items()}, what=what)
     _blocks(r, family.layout, s["num_hidden_layers"], swiglu=bool(s.get("use_swiglu_ffn")))
     arch = _LAYOUTS[family.layout](r, model_type, s, kwargs, what=what)
+    arch = arch if s.get("use_swiglu_ffn") else _sized(arch, s)  # timm's SwiGLU DINOv2 is the giant only
     if "head.weight" in r.out:
         kwargs["num_classes"] = int(r.out["head.weight"].shape[0])
     if kwargs["num_classes"] > MAX_NUM_CLASSES:

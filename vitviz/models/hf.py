@@ -31,6 +31,10 @@ SiglipVisionModel, SiglipModel  (global_pool "map"; "avg" without    head.attent
 (its vision tower)              vision_use_head)                     out_proj, layernorm, mlp -> proj, norm, mlp
 ==============================  ===================================  ==================================================
 
+The architecture column names the base model of each family; a checkpoint of another width, patch or image size gets
+timm's registered name for that size where timm has one (``vit_large_patch14_clip_336``, ``vit_base_patch14_dinov2``),
+whose pretrained cfg gives the family's preprocessing (mean, std, crop); the kwargs set every size either way.
+
 Fields read from ``config.json`` (of ``vision_config`` for CLIPModel / SiglipModel): hidden_size, num_hidden_layers,
 num_attention_heads, intermediate_size (mlp_ratio for DINOv2), image_size, patch_size, num_channels (3), layer_norm_eps,
 hidden_act (gelu, gelu_new, gelu_pytorch_tanh, quick_gelu, silu, swish, relu), qkv_bias, layerscale_value,
