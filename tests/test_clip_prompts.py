@@ -9,6 +9,7 @@ prompt target (or refuse it with a sentence).
 
 from __future__ import annotations
 
+import csv
 import functools
 
 import numpy as np
@@ -235,7 +236,14 @@ def test_the_cli_explains_a_prompt_and_writes_zero_shot_predictions(tmp_path, ca
                  "--prompts", "cat,dog,car"]) == 0
     with np.load(tmp_path / "an" / "a.npz") as d:
         assert str(d["map_target"]).startswith("the prompt 'a dog' (cos = ")
-        assert len(d["zero_shot"]) == 3 and all(" (p = " in str(p) for p in d["zero_shot"])
+        assert sorted(d["top5_names"]) == ["car", "cat", "dog"]  # zero-shot, stored as a classifier's top 5
+        assert d["top5_probabilities"].sum() == pytest.approx(1.0, abs=1e-5)
+    with (tmp_path / "an" / "summary.csv").open() as f:
+        row = next(csv.DictReader(f))
+    assert row["top1"] in ("cat", "dog", "car")
+    assert main(["analyze", *common, "--out", str(tmp_path / "plain"), "--method", "gradxattn"]) == 0
+    with np.load(tmp_path / "plain" / "a.npz") as d:  # no prompt: the embedding, never a "class" of the projection
+        assert str(d["map_target"]).startswith("the image's own CLS embedding") and "top5_names" not in d
     assert main(["evaluate", *common, "--out", str(tmp_path / "ev"), "--methods", "rollout", "--prompts",
                  "cat,dog"]) == 0
     rows = (tmp_path / "ev" / "rows.csv").read_text()

@@ -165,11 +165,11 @@ class Prompts:
 
 
 def prompts(args: argparse.Namespace) -> Prompts | None:
-    """``--prompt``/``--prompts`` checked and their text embedded (None without either): a CLIP model only."""
-    if args.prompt is None and args.prompts is None:
-        return None
+    """``--prompt``/``--prompts`` checked and their text embedded: a CLIP model only. None for another model."""
     from ..models.clip import is_clip_name, load_clip
 
+    if args.prompt is None and args.prompts is None and not is_clip_name(args.model):
+        return None
     if not is_clip_name(args.model):
         raise VitvizError("--prompt and --prompts need a CLIP model: use --model clip:NAME/TAG, e.g. "
                           "clip:ViT-B-32/openai (pip install 'vitviz[clip]')")
@@ -197,9 +197,12 @@ def _classes(text: str | None) -> tuple[str, ...]:
 
 def image_prompt(found: Prompts | None, model, x, target="auto") -> tuple[object, tuple]:
     """The target to explain on image ``x`` (1, 3, H, W) and its zero-shot predictions: --prompt's target, else the
-    top prediction's prompt with --prompts, else ``target``; the predictions () without --prompts."""
+    top prediction's prompt with --prompts, else ``target`` (a CLIP model's ``auto``: its embedding, for its head is
+    no classifier); the predictions () without --prompts."""
     if found is None:
         return target, ()
+    if target == "auto":
+        target = "embedding"
     predictions = ()
     if found.classes:
         import torch

@@ -211,8 +211,10 @@ def _explained(job: _Job, res) -> dict:
         param = next(model.parameters())
         x = to_tensor(res.pixels, mean=info.mean, std=info.std).to(device=param.device, dtype=param.dtype)
         target, predictions = image_prompt(job.prompts, model, x)
-        if predictions:  # CLIP's zero-shot predictions over --prompts, most probable first
-            out.update(zero_shot=np.array([p.describe() for p in predictions]))
+        if predictions:  # CLIP's zero-shot predictions over --prompts, as a classifier's top 5 are stored
+            out.update(top5_indices=np.array([p.index for p in predictions], dtype=np.int64),
+                       top5_names=np.array([p.name for p in predictions]),
+                       top5_probabilities=np.array([p.probability for p in predictions], dtype=np.float32))
     if job.method is not None:
         e = explain(model, x, method=job.method, target=target)
         out.update(map=e.map, map_method=np.array(e.method.label), map_target=np.array(e.target_description),
@@ -236,7 +238,7 @@ def _predicted(job: _Job, res) -> dict:
     info = res.info
     model, _ = get_model(job.settings.model, arch=job.arch, patch_size=job.patch_size, img_size=info.img_size,
                          device=res.device, precision=job.precision if res.device == job.device else "auto")
-    if not has_head(model):
+    if not has_head(model) or job.prompts is not None:  # a CLIP tower's head is no classifier: zero-shot instead
         return {}
     param = next(model.parameters())
     top = predict(model, to_tensor(res.pixels, mean=info.mean, std=info.std).to(device=param.device,
