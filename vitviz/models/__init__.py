@@ -1,5 +1,5 @@
-"""Models and checkpoints: sources (the embedded default, the Hub, files, transformers folders), safe checkpoint
-reading, building at the sizes asked for, description, class names."""
+"""Models and checkpoints: sources (the embedded default, the Hub, files, transformers folders, open_clip models),
+safe checkpoint reading, building at the sizes asked for, description, class names."""
 
 from __future__ import annotations
 
@@ -28,6 +28,10 @@ _LAZY = {
     "read_checkpoint": "checkpoints",
     "check_dense": "checkpoints",
     "upload_param_cap": "checkpoints",
+    "ClipModel": "clip",
+    "load_clip": "clip",
+    "clip_model": "clip",
+    "zero_shot": "clip",
     "HF_PREFIX": "hf",
     "HFSource": "hf",
     "hf_source": "hf",
