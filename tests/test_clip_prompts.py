@@ -23,11 +23,11 @@ from vitviz.explain.passes import attention_gradients
 from vitviz.metrics.faithfulness import curves
 from vitviz.targets import describe_target, prompt_target, resolve_target
 
-from .helpers import require_extra
+from .helpers import hook_state, require_extra
 
 open_clip = require_extra("open_clip", "clip")
 
-from vitviz.models.clip import clip_model, load_clip, zero_shot  # noqa: E402 - after the extra is known
+from vitviz.models.clip import clip_model, imagenet_classes, load_clip, zero_shot  # noqa: E402 - after the extra
 
 EMBED = 16
 CFG = dict(embed_dim=EMBED,
@@ -146,6 +146,8 @@ def test_zero_shot_probabilities_are_the_softmax_of_scaled_cosines():
     assert clip.logit_scale == pytest.approx(1 / 0.07, rel=1e-6)  # open_clip's initial scale
     with pytest.raises(ParameterError, match="class names"):
         zero_shot(clip, clip.image(x)[0], [])
+    names = imagenet_classes()  # timm's ImageNet-1k label info, each its first lemma
+    assert len(names) == 1000 and names[0] == "tench" and names[207] == "golden retriever"
 
 
 def test_a_prompt_target_is_one_frozen_value_and_is_checked_against_the_model():
@@ -188,6 +190,7 @@ def test_every_method_takes_the_prompt_target(spec):
     x = image(7)
     target = prompt_target(clip.text, "a photo of a dog")
     label = "deletion:steps=2" if spec.name == "deletion" else spec.name
+    before = hook_state(clip.image)
     try:
         e = explain_all(clip.image, x, methods=[label], target=target)[0]
     except VitvizError as exc:  # a refusal is a sentence
@@ -197,6 +200,7 @@ def test_every_method_takes_the_prompt_target(spec):
     assert e.target == target and e.target_description.startswith("the prompt 'a photo of a dog'")
     c = curves(clip.image, x, [e.map], target=e.target, perturbation="pixels")[0]
     assert np.isfinite(c.score)
+    assert hook_state(clip.image) == before  # the shared tower holds nothing of the request
 
 
 def test_offline_a_hub_clip_name_fails_fast_and_says_so(monkeypatch):
