@@ -82,10 +82,10 @@ def _second(key: cache.AnalysisKey, image: ImageChoice | None):
 
 
 NO_HEAD = ("**No class predictions:** this model is a backbone without a classifier head: it returns an embedding "
-           "of the image, not classes, so Explain explains that embedding or a patch's feature. For classes, choose "
-           "a classifier in the sidebar: a Hub model such as `deit_small_patch16_224` or "
-           "`vit_base_patch16_224.augreg2_in21k_ft_in1k`, or a classifier checkpoint file. (A linear probe that "
-           "adds classes to a backbone is planned.)")
+           "of the image, not classes, so Explain explains that embedding or a patch's feature. To get one here: "
+           "probe this backbone into a classifier on your own labelled images, or train a tiny ViT from scratch "
+           "(both on the **Train & probe** page of the Experiments section), or choose a classifier in the sidebar "
+           "(a Hub model such as `deit_small_patch16_224`, or a classifier checkpoint file).")
 
 
 def _status(res, inputs: InputChoice, key: cache.AnalysisKey, weights: cache.Weights) -> None:

@@ -41,6 +41,7 @@ HUB_MODELS = (
     "vit_small_patch14_reg4_dinov2.lvd142m",
 )
 UPLOAD, OTHER_HUB, DIR_PREFIX = "upload", "hub:other", "dir:"
+TRAINED, TRAINED_KEY = "trained", "_trained_ckpt"  # a model trained or probed on the Train & probe page
 IMG_MIN, IMG_MAX = 112, 518
 
 
@@ -129,6 +130,8 @@ def model_label(choice: str) -> str:
         return "Embedded DINOv2 ViT-S/14 (offline)" if name == "default" else f"{Path(name).name} (app)"
     if choice == UPLOAD:
         return "Upload a checkpoint..."
+    if choice == TRAINED:
+        return "Trained or probed here (Train & probe page)"
     if choice == OTHER_HUB:
         return "Another timm ViT from the Hub..."
     if choice.startswith(DIR_PREFIX):
@@ -176,7 +179,8 @@ def _checkpoint(choice: str) -> ModelChoice:
 def model_ui() -> ModelChoice:
     sb = st.sidebar
     sb.header("Model")
-    choices = ["default", *HUB_MODELS, OTHER_HUB, *(DIR_PREFIX + f for f in checkpoint_files()), UPLOAD]
+    trained = [TRAINED] if TRAINED_KEY in st.session_state else []
+    choices = ["default", *HUB_MODELS, OTHER_HUB, *(DIR_PREFIX + f for f in checkpoint_files()), UPLOAD, *trained]
     keep("model", lambda v: v in choices, "default")
     choice = sb.selectbox("Model", choices, key="model", format_func=model_label,
                           help="The embedded DINOv2 ViT-S/14 works offline. Hub models need the Hugging Face Hub or "
@@ -188,6 +192,9 @@ def model_ui() -> ModelChoice:
         return _hub_other()
     if choice == UPLOAD or choice.startswith(DIR_PREFIX):
         return _checkpoint(choice)
+    if choice == TRAINED:  # the session's own checkpoint, read as an uploaded one
+        name, data = st.session_state[TRAINED_KEY]
+        return ModelChoice(f"upload:{digest(data)}", None, upload=data, filename=name)
     return ModelChoice(*app_model())
 
 
@@ -215,6 +222,13 @@ def _device_ui() -> tuple[str, str]:
     return str(dev), precision
 
 
+def _small_native(source: ModelSource) -> int | None:
+    """The image size a checkpoint was trained at when it is below the sizes offered (IMG_MIN), else None."""
+    size = source.kwargs.get("img_size") if source.kind == "file" else None
+    size = size[0] if isinstance(size, (list, tuple)) and len(set(size)) == 1 else size
+    return size if isinstance(size, int) and size < IMG_MIN else None
+
+
 def input_ui(source: ModelSource, model_id: tuple) -> InputChoice:
     """Patch size, image size (only sizes whose analysis fits the server's memory budget), fit, device."""
     sb = st.sidebar
@@ -229,7 +243,11 @@ def input_ui(source: ModelSource, model_id: tuple) -> InputChoice:
                            "(FlexiViT PI-resize).")
     depth, heads, prefix, dim = source.layout
     fits = max_square_size(depth=depth, heads=heads, patch_size=patch, num_prefix_tokens=prefix, embed_dim=dim)
+    small = _small_native(source)  # a tiny model trained here (32 px digits) is analysed at its own size
+    if small and st.session_state.get("_small_for") != model_id:
+        st.session_state["_small_for"], st.session_state["img_size"] = model_id, small
     lo_s, hi_s = -(-IMG_MIN // patch) * patch, max(min(IMG_MAX, fits) // patch * patch, patch)
+    lo_s = min(lo_s, small) if small else lo_s
     lo_s = min(lo_s, hi_s)
     st.session_state["img_size"] = _snap(st.session_state["img_size"], step=patch, lo=lo_s, hi=hi_s)
     img_size = sb.slider("Image size (px)", lo_s, hi_s, step=patch, key="img_size", disabled=lo_s == hi_s,

@@ -18,6 +18,7 @@ from . import (
     rollout,
     similarity,
     sinks,
+    train,
 )
 
 __all__ = ["SECTIONS", "VIEWS", "ATTENTION", "TOKENS"]
@@ -28,6 +29,6 @@ SECTIONS = {
     ATTENTION: [rollout, heads, query, distance],
     "Explain": [explain],
     TOKENS: [norms, sinks, features, similarity],
-    "Experiments": [position_experiment, ablation],
+    "Experiments": [position_experiment, ablation, train],
 }
 VIEWS = [view for views in SECTIONS.values() for view in views]
