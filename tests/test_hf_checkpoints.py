@@ -275,6 +275,18 @@ def test_a_pickle_that_would_run_code_is_never_loaded(T, tmp_path):
         load_source(tmp_path / "m")
 
 
+def test_loading_runs_no_transformers_code(T, tmp_path, monkeypatch):
+    """transformers is the tests' reference only: vitviz reads the folder with transformers made unimportable."""
+    import sys
+
+    hf = _saved(T, "dinov2_registers", tmp_path / "m")
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError now
+    model, _info = get_model(tmp_path / "m")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf(pixel_values=x).pooler_output, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------- the Hub
 
 
