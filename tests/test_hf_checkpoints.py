@@ -66,6 +66,8 @@ FAMILIES = {
     "dinov2_swiglu": lambda T: T.Dinov2Model(T.Dinov2Config(**TINY, use_swiglu_ffn=True)),
     "dinov2_registers": lambda T: T.Dinov2WithRegistersModel(T.Dinov2WithRegistersConfig(**TINY,
                                                                                          num_register_tokens=3)),
+    "dinov2_registers_swiglu": lambda T: T.Dinov2WithRegistersModel(T.Dinov2WithRegistersConfig(
+        **TINY, num_register_tokens=1, use_swiglu_ffn=True, mlp_ratio=3)),
     "clip": lambda T: T.CLIPVisionModel(T.CLIPVisionConfig(**TINY)),
     "clip_projection": lambda T: T.CLIPVisionModelWithProjection(T.CLIPVisionConfig(**TINY, projection_dim=16)),
     "clip_two_towers": lambda T: _two_tower(T, "clip"),
