@@ -249,7 +249,7 @@ def test_the_cli_explains_a_prompt_and_writes_zero_shot_predictions(tmp_path, ca
     with np.load(tmp_path / "plain" / "a.npz") as d:  # no prompt: the embedding, never a "class" of the projection
         assert str(d["map_target"]).startswith("the image's own CLS embedding") and "top5_names" not in d
     assert main(["evaluate", *common, "--out", str(tmp_path / "ev"), "--methods", "rollout", "--prompts",
-                 "cat,dog"]) == 0
+                 "cat,dog", "--random-draws", "1", "--steps", "2"]) == 0
     rows = (tmp_path / "ev" / "rows.csv").read_text()
     assert "prompt:a photo of a " in rows  # the top zero-shot class's prompt is what was explained
     assert main(["analyze", str(tmp_path / "a.png"), "--out", str(tmp_path / "x"), "--prompt", "a dog"]) != 0
