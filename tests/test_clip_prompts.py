@@ -198,6 +198,7 @@ def test_every_method_takes_the_prompt_target(spec):
         pytest.fail(f"{spec.name} refused the prompt target: {exc}")
     assert e.map.shape == (4, 4) and np.isfinite(e.map).all()
     assert e.target == target and e.target_description.startswith("the prompt 'a photo of a dog'")
+    assert e.predictions == ()  # the projection's outputs are no classes
     c = curves(clip.image, x, [e.map], target=e.target, perturbation="pixels")[0]
     assert np.isfinite(c.score)
     assert hook_state(clip.image) == before  # the shared tower holds nothing of the request

@@ -71,7 +71,9 @@ def explain_all(
     first = next(iter(runs.values()))[0]
     logits = None if first.outputs.logits is None else first.outputs.logits[0]
     description = describe_target(model, first.target, logits)
-    predictions = top_predictions(logits, names=class_names(model)) if logits is not None else ()
+    # a prompt's model is a CLIP tower: its head projects into the text space, its outputs are no classes
+    classifies = logits is not None and first.target.kind != "prompt"
+    predictions = top_predictions(logits, names=class_names(model)) if classifies else ()
     out = []
     for m, r in zip(methods, requests, strict=True):
         run, pass_seconds = runs.get(serving[r], (first, 0.0))
