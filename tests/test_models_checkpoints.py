@@ -83,8 +83,8 @@ def test_checkpoint_for_another_architecture_is_refused(tmp_path):
     source, state = load_source(path)
     with pytest.raises(CheckpointError, match=r"do not fit architecture 'vit_small_patch16_224'.*(missing|shape)"):
         build_model(source, state)
-    save_file(sd, str(path), metadata={"arch": "beit_base_patch16_224"})  # a non-ViT name for ViT weights
-    with pytest.raises(ModelError, match="beit_base_patch16_224.*is not a plain Vision Transformer"):
+    save_file(sd, str(path), metadata={"arch": "convnext_atto"})  # a non-ViT name for ViT weights
+    with pytest.raises(ModelError, match="convnext_atto.*is not a plain Vision Transformer"):
         load_source(path)
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     with pytest.raises(CheckpointError, match="does not hold a state dict of tensors"):
@@ -99,8 +99,6 @@ UNSUPPORTED = {
     "swin_tiny_patch4_window7_224": (dict(embed_dim=32, depths=(1, 1), num_heads=(2, 2), img_size=64, window_size=4),
                                      r"SwinTransformer is not a plain Vision Transformer"),
     "convnext_atto": (dict(), r"ConvNeXt is not a plain Vision Transformer"),
-    "eva02_tiny_patch14_224": (dict(embed_dim=32, depth=1, num_heads=2, img_size=28), r"Eva is not a plain"),
-    "beit_base_patch16_224": (dict(embed_dim=32, depth=1, num_heads=2, img_size=32), r"Beit is not a plain"),
     "vit_relpos_base_patch16_224": (dict(embed_dim=32, depth=1, num_heads=2, img_size=32),
                                     r"VisionTransformerRelPos is not a plain"),
     "vit_small_patch16_18x2_224": (dict(embed_dim=32, depth=1, num_heads=2, img_size=32),

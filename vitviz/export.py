@@ -110,7 +110,7 @@ def export_arrays(res: Any, heat: np.ndarray, *, settings: Mapping[str, Any], at
     arrays = dict(
         attention_map=np.asarray(heat, dtype=np.float32),
         attention_map_kind=np.array(str(settings.get("view", "rollout"))),
-        pos_sim=res.pos_sim.astype(np.float32),
+        **({} if res.pos_sim is None else {"pos_sim": res.pos_sim.astype(np.float32)}),  # none without pos_embed
         grid=np.array(info.grid, dtype=np.int32),
         patch_size=np.int32(info.patch_size),
         img_size=np.array(info.img_size, dtype=np.int32),

@@ -28,7 +28,7 @@ from ..inputs.fit import Fit, FittedImage, fit_image, to_tensor, whole_image_siz
 from ..inputs.image import LoadedImage
 from ..models import MAX_IMG_SIZE, ModelInfo, describe_model
 from ..walk.capture import attention_forward
-from .posembed import patch_pos_embed, pos_embed_similarity
+from .posembed import patch_pos_embed, pos_embed_similarity, position_embedding_note
 
 __all__ = [
     "Analysis",
@@ -74,12 +74,13 @@ class Analysis:
     box: tuple[float, float, float, float]  # the part of the original image the model saw (left, top, right, bottom)
     fit_description: str
     attention: np.ndarray  # (L, H, T, T) rows sum to 1
-    pos_sim: np.ndarray  # (N, N) cosine similarity of the patch position embeddings
+    pos_sim: np.ndarray | None  # (N, N) cosine similarity of the patch position embeddings; None without them
     seconds: float  # the forward pass
     device: str
     dtype: str = "float32"  # the model's weights (the capture is kept in fp32, or fp16 when large)
     notes: tuple[str, ...] = field(default=())
     tokens: np.ndarray | None = None  # (L, T, D) every block's output, prefix tokens first; when asked for
+    pos_note: str | None = None  # why there is no pos_sim (RoPE, a relative position bias), as a sentence
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -195,7 +196,8 @@ def analyze_batch(
     seconds = (time.perf_counter() - t0) / len(images)
     sim = _pos_similarity(model)
     kept = cap.tokens.float() if cap.tokens is not None else None  # (B, L, T, D), small beside the attention
-    return [_result(info, im, f, cap.attention[i], sim, seconds, param, None if kept is None else kept[i])
+    note = position_embedding_note(model)  # a RoPE or relative-bias model has no position vectors to compare
+    return [_result(info, im, f, cap.attention[i], sim, seconds, param, None if kept is None else kept[i], note)
             for i, (im, f) in enumerate(zip(images, fitted, strict=True))]
 
 
@@ -204,8 +206,8 @@ def _fit(image: LoadedImage | Image.Image, info: ModelInfo, fit: Fit) -> FittedI
                      crop_pct=info.crop_pct, interpolation=_interp(info.interpolation))
 
 
-def _result(info: ModelInfo, image, fitted: FittedImage, attention: torch.Tensor, sim: np.ndarray, seconds: float,
-            param: torch.Tensor, tokens: torch.Tensor | None) -> Analysis:
+def _result(info: ModelInfo, image, fitted: FittedImage, attention: torch.Tensor, sim: np.ndarray | None,
+            seconds: float, param: torch.Tensor, tokens: torch.Tensor | None, pos_note: str | None = None) -> Analysis:
     return Analysis(
         info=info,
         pixels=_frozen(fitted.pixels),
@@ -218,6 +220,7 @@ def _result(info: ModelInfo, image, fitted: FittedImage, attention: torch.Tensor
         dtype=str(param.dtype).removeprefix("torch."),
         notes=tuple(image.notes) if isinstance(image, LoadedImage) else (),
         tokens=None if tokens is None else _frozen(tokens.numpy()),
+        pos_note=pos_note,
     )
 
 
@@ -225,9 +228,11 @@ _POS_SIM: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _POS_SIM_LOCK = threading.Lock()
 
 
-def _pos_similarity(model: torch.nn.Module) -> np.ndarray:
+def _pos_similarity(model: torch.nn.Module) -> np.ndarray | None:
     """The (N, N) position similarity depends on the model only: computed once per model (and pos_embed state)."""
-    pos = model.pos_embed
+    pos = getattr(model, "pos_embed", None)
+    if pos is None:  # positions inside attention (Eva's RoPE, Beit's relative bias): position_embedding_note says so
+        return None
     stamp = (pos.data_ptr(), pos._version, tuple(pos.shape))
     with _POS_SIM_LOCK:
         hit = _POS_SIM.get(model)

@@ -1,4 +1,10 @@
-"""Position-embedding analysis: cosine similarity of the patch position embeddings (ViT paper, Fig. 7 centre)."""
+"""Position-embedding analysis: cosine similarity of the patch position embeddings (ViT paper, Fig. 7 centre).
+
+Only a learned absolute position embedding (added to the tokens) has rows to compare. A model whose positions live
+inside attention has none: rotary embeddings turning q and k (Eva: DINOv3, the RoPE ViTs) or a relative position
+bias on the logits (BEiT); :func:`position_embedding_note` says which, in words, and :func:`patch_pos_embed`
+raises :class:`ModelError` with that sentence.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,25 @@ import torch.nn.functional as F
 
 from ..errors import ModelError
 
-__all__ = ["patch_pos_embed", "pos_embed_similarity", "nearest_neighbour_offsets"]
+__all__ = ["patch_pos_embed", "pos_embed_similarity", "nearest_neighbour_offsets", "position_embedding_note"]
+
+
+def position_embedding_note(model: torch.nn.Module) -> str | None:
+    """Why ``model`` has no learned position embedding to compare, as a sentence; None when it has one."""
+    if getattr(model, "pos_embed", None) is not None:
+        return None
+    name = type(model).__name__
+    if getattr(model, "rope", None) is not None:
+        return (f"{name} has no learned position embedding: it tells positions by rotary embeddings (RoPE) that turn "
+                "each patch's queries and keys by its place in the grid, inside every attention layer, so there are "
+                "no position vectors to compare")
+    rel = getattr(model, "rel_pos_bias", None) is not None or any(
+        getattr(getattr(blk, "attn", None), "relative_position_bias_table", None) is not None
+        for blk in getattr(model, "blocks", ()))
+    if rel:
+        return (f"{name} has no learned position embedding: it tells positions by a relative position bias added to "
+                "the attention logits of each pair of patches, so there are no position vectors to compare")
+    return f"{name} has no learned position embedding, so there are no position vectors to compare"
 
 
 def patch_pos_embed(model: torch.nn.Module) -> torch.Tensor:
@@ -18,7 +42,7 @@ def patch_pos_embed(model: torch.nn.Module) -> torch.Tensor:
     """
     pos = getattr(model, "pos_embed", None)
     if pos is None:
-        raise ModelError(f"{type(model).__name__} has no absolute position embedding")
+        raise ModelError(position_embedding_note(model))
     gh, gw = model.patch_embed.grid_size
     num_prefix = pos.shape[1] - gh * gw
     if num_prefix < 0:

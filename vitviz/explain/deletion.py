@@ -62,7 +62,7 @@ from ..targets import (
     resolve_target,
     target_reference,
 )
-from ..walk.blocks import Interventions, KeptProbs, walk
+from ..walk.blocks import Interventions, KeptProbs, run_blocks, walk
 from ._base import MethodSpec, PassResult, Progress
 
 __all__ = ["DELETION", "DELETION_STEPS", "PRESENCE", "Deletion", "DeletionSettings", "deletion_order",
@@ -96,13 +96,20 @@ def _sequence(tokens: torch.Tensor, kept: torch.Tensor, *, num_prefix_tokens: in
     return torch.cat([tokens[:, :p], extra, tokens[:, p:][:, kept]], dim=1)
 
 
+def _places(kept: torch.Tensor, protect: int | None) -> torch.Tensor:
+    """(1, K') the patches of :func:`_sequence`'s sequence in its order: where Eva's RoPE and Beit's bias read them."""
+    first = kept.new_tensor([protect]) if protect is not None else kept[:0]
+    return torch.cat([first, kept])[None]
+
+
 def _kept_score(model: torch.nn.Module, tokens: torch.Tensor, kept: torch.Tensor, *, target: Target,
                 ref: torch.Tensor, protect: int | None) -> float:
     """y(K): the curves' score with only the prefix tokens (and the protected patch) and ``kept`` in the sequence."""
     p = int(model.num_prefix_tokens)
     with torch.inference_mode():
         seq = _sequence(tokens, kept, num_prefix_tokens=p, protect=protect)
-        score, _logit = curve_score(model, target, head_outputs(model, model.blocks(seq)), ref,
+        out = head_outputs(model, run_blocks(model, seq, patches=_places(kept, protect)))
+        score, _logit = curve_score(model, target, out, ref,
                                     torch.tensor([p], device=tokens.device))  # the protected patch sits at p
     return float(score[0])
 
@@ -138,7 +145,8 @@ def _presence_gradient(model: torch.nn.Module, tokens: torch.Tensor, kept: torch
         delta = torch.zeros(1, kept.numel(), device=tokens.device, dtype=torch.float32, requires_grad=True)
         fixed = delta.new_zeros(1, t.shape[1] - kept.numel())  # prefix tokens and the protected patch: present
         bias = torch.cat([fixed, delta + math.log(PRESENCE)], dim=1)  # (1, T')
-        t = walk(model, t, probs=KeptProbs(), interventions=Interventions(key_bias=bias, interrupt=interrupt))
+        how = Interventions(key_bias=bias, patches=_places(kept, protect), interrupt=interrupt)
+        t = walk(model, t, probs=KeptProbs(), interventions=how)
         out = _weighted_outputs(model, t, bias)
         score, _logit = curve_score(model, target, out, ref, torch.tensor([p], device=t.device))
         (grad,) = torch.autograd.grad(score[0], delta)
@@ -158,7 +166,7 @@ def deletion_order(model: torch.nn.Module, x: torch.Tensor, *, target: Target | 
     gh, gw = (int(v) for v in model.patch_embed.grid_size)
     with torch.inference_mode():
         tokens = embed_tokens(model, x)  # (1, T, C)
-        full = head_outputs(model, model.blocks(tokens))
+        full = head_outputs(model, run_blocks(model, tokens))
     resolved = resolve_target(model, target, None if full.logits is None else full.logits[0])
     protect = resolved.index if resolved.kind == "patch" else None
     ref = target_reference(model, resolved, full)

@@ -31,7 +31,7 @@ from ..targets import (
     target_reference,
     target_score,
 )
-from ..walk.blocks import Interventions, KeptProbs, walk
+from ..walk.blocks import Interventions, KeptProbs, run_blocks, walk
 from ..walk.capture import attention_forward
 from ._base import PassResult, Progress
 
@@ -72,7 +72,7 @@ class Plain:
     def run(self, model: torch.nn.Module, x: torch.Tensor, target: Target | str, *, progress: Progress | None = None,
             interrupt: Interrupt | None = None) -> PassResult:
         with torch.inference_mode():
-            out = head_outputs(model, model.blocks(embed_tokens(model, x)))
+            out = head_outputs(model, run_blocks(model, embed_tokens(model, x)))
         return PassResult(outputs=out, target=_resolved(model, target, out), passes=self.text(len(model.blocks)))
 
 

@@ -69,6 +69,7 @@ from ..targets import (
     target_reference,
     target_score,
 )
+from ..walk.blocks import run_blocks  # Eva's and Beit's blocks read positions inside attention
 from .perturb import blur_fill, gaussian_blur, mean_fill, road_fill, road_noise
 
 __all__ = [
@@ -169,7 +170,7 @@ def run_kept(model: torch.nn.Module, tokens: torch.Tensor, keep: torch.Tensor) -
     B = keep.shape[0]
     prefix = tokens[:, :p].expand(B, -1, -1)
     patches = tokens[0, p:][keep]  # (B, K, C)
-    return head_outputs(model, model.blocks(torch.cat([prefix, patches], dim=1)))
+    return head_outputs(model, run_blocks(model, torch.cat([prefix, patches], dim=1), patches=keep))
 
 
 def curve_score(model: torch.nn.Module, target: Target, out: ModelOutputs, ref: torch.Tensor,
@@ -243,7 +244,7 @@ def _kept_sets(orders: list[tuple[np.ndarray, np.ndarray]], k: int, protect: int
 
 def _start(model, x, target, readouts):
     """The full image's outputs, the resolved target and a reader of the curves' score per read-out."""
-    full = head_outputs(model, model.blocks(embed_tokens(model, x)))
+    full = head_outputs(model, run_blocks(model, embed_tokens(model, x)))
     resolved = resolve_target(model, target, None if full.logits is None else full.logits[0])
     return full, resolved, [_Reader(model, resolved, r, full) for r in readouts]
 
@@ -310,7 +311,7 @@ def _pixel_steps(model, x, orders, counts, target, protect, readers, perturbatio
         for r, (_i, _j, removed) in enumerate(chunk):
             masks[r, torch.from_numpy(removed).to(x.device)] = True
         pixel_mask = masks.view(-1, 1, gh, gw).repeat_interleave(ps, 2).repeat_interleave(ps, 3)
-        out = head_outputs(model, model.blocks(embed_tokens(model, fill(pixel_mask))))
+        out = head_outputs(model, run_blocks(model, embed_tokens(model, fill(pixel_mask))))
         for reader, (scores, logits) in zip(readers, tables, strict=True):
             s, lg = reader(out, None if pos is None else pos.expand(len(chunk)))
             for r, (i, j, _rm) in enumerate(chunk):

@@ -16,17 +16,22 @@ from ._arch import CHECKPOINT_SUFFIXES, ModelSource, Status
 __all__ = ["check_arch", "hub_cached", "is_model_name", "list_pretrained_vits", "list_vit_models"]
 
 
+# timm modules whose models vitviz walks: ViT, DeiT, DINOv2 and SigLIP towers (vision_transformer, deit), EVA-02,
+# DINOv3 and the RoPE ViTs (eva), BEiT (beit); docs/families.md says which views and methods work for each
+_VIT_MODULES = ("vision_transformer", "deit", "eva", "beit")
+
+
 @functools.lru_cache(maxsize=1)
 def list_vit_models() -> tuple[str, ...]:
-    """timm architecture names of the VisionTransformer family (a few, e.g. parallel-block or CLS-less ones, are
+    """timm architecture names of the ViT families vitviz walks (a few, e.g. parallel-block or CLS-less ones, are
     refused with their reason when loaded)."""
-    return tuple(timm.list_models(module="vision_transformer")) + tuple(timm.list_models(module="deit"))
+    return tuple(name for module in _VIT_MODULES for name in timm.list_models(module=module))
 
 
 @functools.lru_cache(maxsize=1)
 def list_pretrained_vits() -> tuple[str, ...]:
-    """``arch.tag`` names with pretrained weights on the Hub, VisionTransformer family (no network: timm's registry)."""
-    names = timm.list_models(module=["vision_transformer", "deit"], pretrained=True)
+    """``arch.tag`` names with pretrained weights on the Hub, of the ViT families (no network: timm's registry)."""
+    names = timm.list_models(module=list(_VIT_MODULES), pretrained=True)
     return tuple(sorted(names))
 
 

@@ -16,8 +16,10 @@ Relevance propagation (AttnLRP, Achtibat et al. 2024, and its CP-LRP variant) is
 backward follows rules instead of the chain rule: :class:`Rules` makes the softmax probabilities, the normalisation
 statistics and the activation's slope constants of the backward (the forward values are unchanged).
 
-Supported blocks are ``Block`` (pre-norm) and ``ResPostBlock`` (post-norm) with ``timm.layers.Attention``;
-:func:`check_walkable` refuses anything else with the reason.
+Supported blocks (:mod:`._families`): a ViT's ``Block`` (pre-norm) and ``ResPostBlock`` (post-norm) with
+``timm.layers.Attention``; Eva's blocks, whose attention turns q and k by a rotary embedding (RoPE) before the
+logits; Beit's, whose logits get a relative position bias b_rel (H, T, T) beside the key bias. :func:`check_walkable`
+refuses anything else with the reason.
 """
 
 from __future__ import annotations
@@ -27,34 +29,23 @@ from dataclasses import dataclass
 
 import torch
 from timm.layers import Attention
-from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
+from timm.models.vision_transformer import Block, ResPostBlock
 
 from ..errors import ModelError
+from . import _families as fam
+from ._families import Positions, check_family, has_class_token, positions
 
 __all__ = ["BLOCKS", "Rules", "Interventions", "BufferProbs", "KeptProbs", "softmax_probs", "check_walkable", "embed",
-           "apply_norm", "walk"]
+           "apply_norm", "walk", "run_blocks"]
 
 BLOCKS = (Block, ResPostBlock)
 
 
 def check_walkable(model: torch.nn.Module) -> None:
     """Raise :class:`ModelError` unless vitviz can walk ``model``'s blocks and read their attention."""
-    name = type(model).__name__
-    if not isinstance(model, VisionTransformer):
-        raise ModelError(
-            f"{name} is not a plain Vision Transformer: vitviz needs a timm VisionTransformer "
-            "(global self-attention over patch tokens with absolute position embeddings)"
-        )
-    if getattr(model, "pos_embed", None) is None:
-        raise ModelError(f"{name} has no absolute position embedding (relative or rotary positions are not supported)")
-    if not model.has_class_token:
-        raise ModelError(f"{name} has no CLS token, so there is no CLS attention to roll out")
-    for i, blk in enumerate(model.blocks):
-        if type(blk) not in BLOCKS or type(blk.attn) is not Attention:
-            raise ModelError(
-                f"block {i} of {name} is a {type(blk).__name__} with {type(getattr(blk, 'attn', None)).__name__}: "
-                "vitviz reads attention from timm Block/ResPostBlock with the standard Attention only"
-            )
+    check_family(model)
+    if not has_class_token(model):
+        raise ModelError(f"{type(model).__name__} has no CLS token, so there is no CLS attention to roll out")
 
 
 @dataclass(frozen=True)
@@ -81,7 +72,9 @@ class Interventions:
     h's output in layer l before the projection (0 ablates it). ``detach_inputs``: each block's input is detached,
     so layer l's attention reaches nothing but layer l's own output (LeGrad's per-layer gradients from one backward).
     ``interrupt``: called before each block; it raises to stop the walk (an abandoned or timed-out job).
-    ``rules``: relevance-propagation rules for the backward (:class:`Rules`).
+    ``rules``: relevance-propagation rules for the backward (:class:`Rules`). ``patches`` (B, K): the sequence holds
+    the prefix tokens and these patches only (token removal): Eva's rotary embedding and Beit's relative position
+    bias are read at the kept patches' places (a ViT's position embeddings travel with its tokens already).
     """
 
     key_bias: torch.Tensor | None = None
@@ -89,6 +82,7 @@ class Interventions:
     detach_inputs: bool = False
     interrupt: Callable[[], None] | None = None
     rules: Rules | None = None
+    patches: torch.Tensor | None = None
 
 
 class BufferProbs:
@@ -102,14 +96,14 @@ class BufferProbs:
         self.buf, self.scratch = buf, scratch
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, scale: float,
-                 key_bias: torch.Tensor | None) -> torch.Tensor:
+                 bias: torch.Tensor | None) -> torch.Tensor:
         out = self.buf[layer] if self.scratch is None else self.scratch
         B, H, T, d = q.shape
         flat = out.view(B * H, T, T)
         q, k = q.reshape(B * H, T, d).to(out.dtype), k.reshape(B * H, T, d).to(out.dtype)
         torch.baddbmm(flat, q, k.transpose(1, 2), beta=0, alpha=scale, out=flat)  # logits straight into the buffer
-        if key_bias is not None:
-            out.add_(key_bias.to(out.dtype)[:, None, None, :])
+        if bias is not None:
+            out.add_(bias.to(out.dtype))
         torch.ops.aten._softmax.out(out, -1, False, out=out)  # in place
         if self.scratch is not None:
             self.buf[layer].copy_(out)
@@ -123,11 +117,11 @@ class KeptProbs:
         self.kept: list[torch.Tensor] = []
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, scale: float,
-                 key_bias: torch.Tensor | None) -> torch.Tensor:
+                 bias: torch.Tensor | None) -> torch.Tensor:
         compute = torch.promote_types(q.dtype, torch.float32)
         logits = (q.to(compute) * scale) @ k.to(compute).transpose(-2, -1)  # (B, H, T, T); scale on the smaller q
-        if key_bias is not None:
-            logits = logits + key_bias.to(compute)[:, None, None, :]
+        if bias is not None:
+            logits = logits + bias.to(compute)
         probs = logits.softmax(-1)
         if not probs.requires_grad:  # weights without requires_grad: our own probabilities are the leaves
             probs.requires_grad_()
@@ -136,15 +130,16 @@ class KeptProbs:
 
 
 def softmax_probs(layer: int, q: torch.Tensor, k: torch.Tensor, scale: float,
-                  key_bias: torch.Tensor | None) -> torch.Tensor:
+                  bias: torch.Tensor | None) -> torch.Tensor:
     """Differentiable probabilities kept nowhere (softmax in fp32 at least): for walks that read no attention."""
     compute = torch.promote_types(q.dtype, torch.float32)
     logits = (q.to(compute) * scale) @ k.to(compute).transpose(-2, -1)
-    if key_bias is not None:
-        logits = logits + key_bias.to(compute)[:, None, None, :]
+    if bias is not None:
+        logits = logits + bias.to(compute)
     return logits.softmax(-1)
 
 
+# probs(layer, q, k, scale, bias): bias an additive logit bias broadcast to (B, H, T, T) (key bias, relative positions)
 Probs = Callable[[int, torch.Tensor, torch.Tensor, float, "torch.Tensor | None"], torch.Tensor]
 
 
@@ -153,16 +148,21 @@ def embed(model: torch.nn.Module, x: torch.Tensor, *, pos_embed: torch.Tensor | 
 
     ``pos_embed`` (shaped as ``model.pos_embed``) replaces the model's own position embeddings, e.g. zeros to take
     them away. They are added to the last rows of the sequence in either layout: all tokens (original ViT, DeiT)
-    or the patches only (``no_embed_class``, DeiT-3); exact up to one rounding of the swap.
+    or the patches only (``no_embed_class``, DeiT-3); exact up to one rounding of the swap. Rotary embeddings
+    (Eva) and relative position biases (Beit) are not tokens: the walk applies them inside attention.
     """
-    t = model._pos_embed(model.patch_embed(x))
+    t, rows = fam.embed_tokens(model, x)
     if pos_embed is not None:
-        own = model.pos_embed
+        own = getattr(model, "pos_embed", None)
+        if own is None:
+            raise ModelError(f"{type(model).__name__} has no learned absolute position embedding to replace (its "
+                             "positions are rotary or relative, inside attention)")
         if tuple(pos_embed.shape) != tuple(own.shape):
             raise ModelError(f"position embeddings of shape {tuple(pos_embed.shape)} do not fit this model's "
                              f"{tuple(own.shape)}")
-        rows = own.shape[1]
         t = torch.cat([t[:, :-rows], t[:, -rows:] - own + pos_embed.to(t.dtype)], dim=1)
+    if fam.family(model) != "vit":  # Eva drops patches inside _pos_embed; Beit has neither
+        return getattr(model, "norm_pre", torch.nn.Identity())(t)
     return model.norm_pre(model.patch_drop(t))
 
 
@@ -171,7 +171,8 @@ def apply_norm(norm: torch.nn.Module, x: torch.Tensor, rules: Rules | None) -> t
     if rules is None or not rules.constant_norms or isinstance(norm, torch.nn.Identity):
         return norm(x)
     if not isinstance(norm, torch.nn.LayerNorm):
-        raise ModelError(f"relevance propagation has no rule for a {type(norm).__name__} normalisation yet")
+        raise ModelError(f"relevance propagation has no rule for a {type(norm).__name__} normalisation yet: choose "
+                         "another method")
     centred = x - x.mean(-1, keepdim=True)
     sigma = (centred.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt().detach()
     y = centred / sigma
@@ -191,8 +192,9 @@ def _mlp(mlp: torch.nn.Module, x: torch.Tensor, rules: Rules | None) -> torch.Te
     """timm ``Mlp.forward`` (fc1, act, norm, fc2; dropouts are identities in eval mode), with the rules."""
     if rules is None:
         return mlp(x)
-    if not hasattr(mlp, "fc1") or not hasattr(mlp, "act"):
-        raise ModelError(f"relevance propagation has no rule for a {type(mlp).__name__} MLP yet")
+    if not fam.is_plain_mlp(mlp):  # gated MLPs (SwiGLU) multiply two branches: no rule for the product yet
+        raise ModelError(f"relevance propagation has no rule for a {type(mlp).__name__} MLP (a gated product) yet: "
+                         "choose another method")
     return mlp.fc2(apply_norm(mlp.norm, _activation(mlp.act, mlp.fc1(x), rules), rules))
 
 
@@ -204,38 +206,74 @@ def _qkv(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     return attn.q_norm(q), attn.k_norm(k), v
 
 
-def _attention(attn: Attention, x: torch.Tensor, layer: int, probs: Probs, how: Interventions) -> torch.Tensor:
-    """timm Attention.forward, unfused, its probabilities made by ``probs``: x (B, T, C) -> (B, T, C)."""
+def _qkv_of(attn: torch.nn.Module, x: torch.Tensor, layer: int,
+            pos: Positions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (B, H, T, d) of any family's attention: Eva's q and k turned by the rotary embedding (then grouped
+    k/v heads repeated), a ViT's and Beit's as they are."""
+    if type(attn) is Attention:
+        return _qkv(attn, x)
+    q, k, v = fam.qkv(attn, x)
+    q, k = fam.rotate(attn, q, k, pos.rope_of(layer))
+    k, v = fam.expand_kv(q, k, v)
+    return q, k, v
+
+
+def _logit_bias(attn: torch.nn.Module, pos: Positions, how: Interventions) -> torch.Tensor | None:
+    """What is added to the logits q·kᵀ·scale: Beit's relative position bias (1, H, T, T), the key bias (B, 1, 1, T)."""
+    key = None if how.key_bias is None else how.key_bias[:, None, None, :]
+    rel = fam.block_bias(attn, pos.shared_bias) if hasattr(attn, "relative_position_bias_table") else None
+    if rel is None:
+        return key
+    rel = pos.bias_of(rel)
+    return rel if key is None else rel + key.to(rel.dtype)
+
+
+def _attention(attn: torch.nn.Module, x: torch.Tensor, layer: int, probs: Probs, how: Interventions,
+               pos: Positions) -> torch.Tensor:
+    """The attention's forward, unfused, its probabilities made by ``probs``: x (B, T, C) -> (B, T, C)."""
     B, T, _ = x.shape
     gate_proj = getattr(attn, "gate", None)  # newer timm only
     gate = gate_proj(x).sigmoid() if gate_proj is not None else None
-    q, k, v = _qkv(attn, x)
-    a = probs(layer, q, k, attn.scale, how.key_bias)
+    q, k, v = _qkv_of(attn, x, layer, pos)
+    a = probs(layer, q, k, attn.scale, _logit_bias(attn, pos, how))
     if how.rules is not None and how.rules.constant_attention:
         a = a.detach()
     mixed = a.to(v.dtype) @ v  # (B, H, T, d)
     if how.head_scale is not None:  # (H,) for every sample or (B, H) per sample, over (B, H, T, d)
         s = how.head_scale[layer] if how.head_scale.ndim == 2 else how.head_scale[:, layer]
         mixed = mixed * s.to(mixed.dtype)[..., None, None]
-    out = apply_norm(attn.norm, mixed.transpose(1, 2).reshape(B, T, attn.num_heads * attn.head_dim), how.rules)
+    out = apply_norm(getattr(attn, "norm", _IDENTITY), mixed.transpose(1, 2).reshape(B, T, -1), how.rules)
     if gate is not None:
         out = out * gate
     return attn.proj(out)
 
 
-def _block(blk: torch.nn.Module, x: torch.Tensor, layer: int, probs: Probs, how: Interventions) -> torch.Tensor:
+_IDENTITY = torch.nn.Identity()  # Beit's attention has no norm after the value mixing
+_POST_NORM = (ResPostBlock, fam.EvaBlockPostNorm)  # norms after attention and MLP
+
+
+def _scaled(gamma: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    return x if gamma is None else gamma * x  # Eva's and Beit's layer scale γ (a ViT's is a module, ls1/ls2)
+
+
+def _block(blk: torch.nn.Module, x: torch.Tensor, layer: int, probs: Probs, how: Interventions,
+           pos: Positions) -> torch.Tensor:
     r = how.rules
-    if type(blk) is ResPostBlock:  # post-norm (ResPostBlock): the norms sit after attention and MLP
-        x = x + apply_norm(blk.norm1, _attention(blk.attn, x, layer, probs, how), r)
+    if type(blk) in _POST_NORM:  # post-norm (ResPostBlock, EvaBlockPostNorm): the norms sit after attention and MLP
+        x = x + apply_norm(blk.norm1, _attention(blk.attn, x, layer, probs, how, pos), r)
         return x + apply_norm(blk.norm2, _mlp(blk.mlp, x, r), r)
-    x = x + blk.ls1(_attention(blk.attn, apply_norm(blk.norm1, x, r), layer, probs, how))
-    return x + blk.ls2(_mlp(blk.mlp, apply_norm(blk.norm2, x, r), r))
+    if type(blk) is Block:
+        x = x + blk.ls1(_attention(blk.attn, apply_norm(blk.norm1, x, r), layer, probs, how, pos))
+        return x + blk.ls2(_mlp(blk.mlp, apply_norm(blk.norm2, x, r), r))
+    x = x + _scaled(blk.gamma_1, _attention(blk.attn, apply_norm(blk.norm1, x, r), layer, probs, how, pos))
+    return x + _scaled(blk.gamma_2, _mlp(blk.mlp, apply_norm(blk.norm2, x, r), r))
 
 
-def _probs_only(blk: torch.nn.Module, x: torch.Tensor, layer: int, probs: Probs, how: Interventions) -> None:
+def _probs_only(blk: torch.nn.Module, x: torch.Tensor, layer: int, probs: Probs, how: Interventions,
+                pos: Positions) -> None:
     """Only ``blk``'s probabilities, from the same input and ops as :func:`_block`; nothing after them."""
-    q, k, _v = _qkv(blk.attn, x if type(blk) is ResPostBlock else apply_norm(blk.norm1, x, how.rules))
-    probs(layer, q, k, blk.attn.scale, how.key_bias)
+    q, k, _v = _qkv_of(blk.attn, x if type(blk) in _POST_NORM else apply_norm(blk.norm1, x, how.rules), layer, pos)
+    probs(layer, q, k, blk.attn.scale, _logit_bias(blk.attn, pos, how))
 
 
 def walk(
@@ -255,14 +293,27 @@ def walk(
     entering it are returned.
     """
     how, depth = interventions, len(model.blocks)
+    pos = positions(model, patches=how.patches)  # Eva's RoPE, Beit's shared relative bias: once per walk
     for layer, blk in enumerate(model.blocks):
         if how.interrupt is not None:
             how.interrupt()
         x = tokens.detach() if how.detach_inputs else tokens
         if layer == depth - 1 and not last_block:
-            _probs_only(blk, x, layer, probs, how)
+            _probs_only(blk, x, layer, probs, how, pos)
             return tokens
-        tokens = _block(blk, x, layer, probs, how)
+        tokens = _block(blk, x, layer, probs, how, pos)
         if taps is not None:
             taps(layer, tokens)
     return tokens
+
+
+def run_blocks(model: torch.nn.Module, tokens: torch.Tensor, *, patches: torch.Tensor | None = None) -> torch.Tensor:
+    """The blocks without reading attention: (B, T, C) -> (B, T, C), un-normed; timm's own fused blocks.
+
+    ``patches`` (B, K): each sequence holds the prefix tokens and these patches only (token removal). A ViT's
+    positions travel with its tokens, so its own blocks run as they are; Eva's and Beit's positions live inside
+    attention, so their shortened sequences are walked here with the positions read at the kept patches.
+    """
+    if patches is None or fam.family(model) == "vit":
+        return fam.own_blocks(model, tokens)
+    return walk(model, tokens, probs=softmax_probs, interventions=Interventions(patches=patches))

@@ -13,6 +13,9 @@ TITLE = "Position embeddings"
 
 def render(ctx) -> None:
     info, res = ctx.info, ctx.res
+    if res.pos_sim is None:  # RoPE (DINOv3, EVA-02's rotary part) or BEiT's relative bias: nothing learned to compare
+        st.info(res.pos_note or "This model has no learned position embedding to compare.")
+        return
     st.markdown("Cosine similarity of the learned position embeddings. Nearby patches should look alike: the model "
                 "learned the 2-D layout. Click a tile (or set the query patch) to see that patch's map.")
     left, right = st.columns(2)
