@@ -78,7 +78,7 @@ def test_a_clip_model_is_explained_for_the_typed_prompt_with_zero_shot_predictio
     with torch.no_grad():
         t = F.normalize(clip.text.model.encode_text(tokens), dim=-1)[0]
     got = _prompt_target(f"clip:{NAME}", "a dog")
-    assert torch.allclose(torch.tensor(got.embedding), t, atol=1e-6)
+    assert torch.allclose(torch.tensor(got.text_embedding), t, atol=1e-6)
     assert abs(float(re.search(r"cos = ([-0-9.e]+)\)", text).group(1))) <= 1
     at.text_input(key="explain_prompt").input("  ").run()
     assert any("Type a prompt" in i.value for i in at.info)

@@ -102,7 +102,7 @@ def test_the_prompts_gradient_equals_finite_differences():
     model, x = clip.image.double(), image().double()
     try:
         target = prompt_target(clip.text, "a red car")
-        t = torch.tensor(target.embedding, dtype=torch.float64)
+        t = torch.tensor(target.text_embedding, dtype=torch.float64)
         g = attention_gradients(model, x, target=target, layers=[-1]).gradients[0]  # (H, T, T)
 
         def score(delta):
@@ -154,8 +154,8 @@ def test_a_prompt_target_is_one_frozen_value_and_is_checked_against_the_model():
     clip, _oc = tiny_clip()
     target = prompt_target(clip, "a dog")  # a ClipModel or its text encoder
     assert target == prompt_target(clip.text, " a dog ") and hash(target) == hash(prompt_target(clip.text, "a dog"))
-    assert target.label == "prompt:a dog" and len(target.embedding) == EMBED
-    assert np.linalg.norm(target.embedding) == pytest.approx(1.0, abs=1e-6)
+    assert target.label == "prompt:a dog" and len(target.text_embedding) == EMBED
+    assert np.linalg.norm(target.text_embedding) == pytest.approx(1.0, abs=1e-6)
     assert Target.parse("prompt:A Dog") == Target("prompt", text="A Dog")  # the text kept as written
     with pytest.raises(ParameterError, match="no text embedding"):
         resolve_target(clip.image, Target.parse("prompt:a dog"), None)
@@ -164,7 +164,7 @@ def test_a_prompt_target_is_one_frozen_value_and_is_checked_against_the_model():
     with pytest.raises(ParameterError, match="some text"):
         prompt_target(clip.text, "  ")
     other = tiny_clip(False)[0]
-    wrong = Target("prompt", text="x", embedding=(1.0,) * 8)
+    wrong = Target("prompt", text="x", text_embedding=(1.0,) * 8)
     with pytest.raises(ModelError, match="head"):
         resolve_target(other.image, wrong, None)
 
@@ -179,7 +179,7 @@ def test_the_prompt_reaches_the_map_and_the_curves():
     c = curves(clip.image, x, [ea.map], target=ea.target)[0]
     with torch.no_grad():
         e = clip.image(x)[0]
-    assert c.morf[0] == pytest.approx(float(e @ torch.tensor(a.embedding) / e.norm()), abs=1e-5)
+    assert c.morf[0] == pytest.approx(float(e @ torch.tensor(a.text_embedding) / e.norm()), abs=1e-5)
     assert c.score_kind == "cosine"
 
 

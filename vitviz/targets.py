@@ -50,18 +50,18 @@ embed_tokens = embed  # (B, 3, H, W) -> (B, T, C), as timm's forward does
 @dataclass(frozen=True)
 class Target:
     """What is explained. ``index``: the class (None = top-1) or the patch (row-major over the grid); ``text`` and
-    ``embedding``: a prompt and its unit text embedding (D,) (:func:`prompt_target` makes both)."""
+    ``text_embedding``: a prompt and its unit text embedding (D,) (:func:`prompt_target` makes both)."""
 
     kind: TargetKind = "auto"
     index: int | None = None
     text: str | None = None
-    embedding: tuple[float, ...] | None = field(default=None, repr=False)
+    text_embedding: tuple[float, ...] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.kind not in _TARGET_KINDS:
             raise ParameterError(f"unknown target {self.kind!r}: choose auto, class, class:N, embedding, patch:N "
                                  "or prompt:TEXT")
-        if (self.kind == "prompt") != (self.text is not None) or (self.kind != "prompt" and self.embedding):
+        if (self.kind == "prompt") != (self.text is not None) or (self.kind != "prompt" and self.text_embedding):
             raise ParameterError("a prompt and its text embedding belong to the prompt target only, which needs them")
         if self.kind == "prompt" and not self.text.strip():
             raise ParameterError("the prompt target needs some text: prompt:TEXT")
@@ -147,11 +147,11 @@ def resolve_target(model: torch.nn.Module, target: Target | str, logits: torch.T
 
 def _checked_prompt(model: torch.nn.Module, target: Target) -> Target:
     """A prompt target whose text embedding fits the model's image embedding (the head's output)."""
-    if target.embedding is None:
+    if target.text_embedding is None:
         raise ParameterError(f"the prompt {target.text!r} has no text embedding yet: make the target with "
                              "vitviz.targets.prompt_target and the model's text encoder")
-    if not has_head(model) or int(model.num_classes) != len(target.embedding):
-        raise ModelError(f"the prompt's text embedding has {len(target.embedding)} numbers, but this model's head "
+    if not has_head(model) or int(model.num_classes) != len(target.text_embedding):
+        raise ModelError(f"the prompt's text embedding has {len(target.text_embedding)} numbers, but this model's head "
                          f"gives {int(getattr(model, 'num_classes', 0) or 0)}: a prompt needs the image tower of the "
                          "CLIP model whose text encoder made it")
     return target
@@ -164,7 +164,7 @@ def prompt_target(encoder: Callable[[Sequence[str]], torch.Tensor], prompt: str)
     if not text:
         raise ParameterError("the prompt target needs some text")
     unit = getattr(encoder, "text", encoder)([text])[0]
-    return Target("prompt", text=text, embedding=tuple(float(v) for v in unit.detach().float().reshape(-1)))
+    return Target("prompt", text=text, text_embedding=tuple(float(v) for v in unit.detach().float().reshape(-1)))
 
 
 def _cosine(image: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
@@ -180,7 +180,7 @@ def describe_target(model: torch.nn.Module, target: Target, logits: torch.Tensor
         c = target.index
         return Prediction(c, names[c] if names else None, float(probs[c]), float(logits[c])).describe()
     if target.kind == "prompt":
-        unit = torch.tensor(target.embedding, dtype=torch.float32)
+        unit = torch.tensor(target.text_embedding, dtype=torch.float32)
         cos = float(_cosine(logits.detach().float().cpu()[None], unit)[0])
         return f"the prompt '{target.text}' (cos = {cos:.2g})"
     if target.kind == "patch":
@@ -198,7 +198,7 @@ def target_reference(model: torch.nn.Module, target: Target, out: ModelOutputs) 
     """f(x) held constant (detached): the embedding, or patch p's feature; the prompt's unit text embedding t (D,);
     None for a class target."""
     if target.kind == "prompt":
-        return torch.tensor(target.embedding, dtype=torch.float32, device=out.embedding.device)
+        return torch.tensor(target.text_embedding, dtype=torch.float32, device=out.embedding.device)
     if target.kind == "embedding":
         return out.embedding[0].detach()
     if target.kind == "patch":
