@@ -52,6 +52,9 @@ def render(ctx) -> None:
                 "where a patch sits. Here the same image runs with them removed (zeroed), with its patches shuffled "
                 "(each patch's content moved to another place, the position embeddings left where they are), and "
                 "both. Without positions a shuffle changes nothing but the order: the CLS embedding stays the same.")
+    if res.pos_sim is None:  # positions inside attention (RoPE, a relative bias): no learned embedding to remove
+        st.info(res.pos_note or "This model has no learned position embeddings to take away.")
+        return
     left, right = st.columns(2)
     map_kind = left.radio("Map", list(MAPS), key="posx_map", horizontal=True, format_func=MAPS.get)
     seed = int(right.number_input("Shuffle seed", 0, 10_000, 0, key="posx_seed"))
