@@ -82,9 +82,9 @@ def _config_ui() -> TrainConfig:
         st.session_state.setdefault(key, value)
     c = st.columns(6)
     patch = c[0].selectbox("Patch size", (2, 4, 8, 16), key="train_patch")
-    keep("train_img", lambda v: v % patch == 0, 8 * patch)
-    img = c[1].selectbox("Image size", [s for s in (16, 24, 32, 48, 64) if s % patch == 0 and s > patch],
-                         key="train_img")
+    sizes = [s for s in (16, 24, 32, 48, 64) if s % patch == 0 and s > patch]
+    keep("train_img", lambda v: v in sizes, 32 if 32 in sizes else sizes[0])
+    img = c[1].selectbox("Image size", sizes, key="train_img", help="The digits (8x8) are resized to it.")
     dim = c[2].selectbox("Embedding dim", (16, 32, 64, 128), key="train_dim")
     depth = c[3].slider("Depth", 1, 8, key="train_depth")
     keep("train_heads", lambda v: dim % v == 0, 4 if dim % 4 == 0 else 1)
