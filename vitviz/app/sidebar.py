@@ -223,8 +223,9 @@ def _device_ui() -> tuple[str, str]:
 
 
 def _small_native(source: ModelSource) -> int | None:
-    """The image size a checkpoint was trained at when it is below the sizes offered (IMG_MIN), else None."""
-    size = source.kwargs.get("img_size") if source.kind == "file" else None
+    """The image size a classifier checkpoint that names its classes (one trained or probed here) was trained at,
+    when it is below the sizes offered (IMG_MIN); else None. Its predictions hold at the scale it learned."""
+    size = source.kwargs.get("img_size") if source.kind == "file" and source.label_names else None
     size = size[0] if isinstance(size, (list, tuple)) and len(set(size)) == 1 else size
     return size if isinstance(size, int) and size < IMG_MIN else None
 
@@ -243,7 +244,7 @@ def input_ui(source: ModelSource, model_id: tuple) -> InputChoice:
                            "(FlexiViT PI-resize).")
     depth, heads, prefix, dim = source.layout
     fits = max_square_size(depth=depth, heads=heads, patch_size=patch, num_prefix_tokens=prefix, embed_dim=dim)
-    small = _small_native(source)  # a tiny model trained here (32 px digits) is analysed at its own size
+    small = _small_native(source)  # a tiny classifier trained here (32 px digits) is analysed at its own size
     if small and st.session_state.get("_small_for") != model_id:
         st.session_state["_small_for"], st.session_state["img_size"] = model_id, small
     lo_s, hi_s = -(-IMG_MIN // patch) * patch, max(min(IMG_MAX, fits) // patch * patch, patch)
