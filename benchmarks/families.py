@@ -16,6 +16,7 @@ import datetime
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import timm
@@ -42,7 +43,10 @@ def _model(arch: str, kwargs: dict) -> torch.nn.Module:
     return timm.create_model(arch, pretrained=False, img_size=224, num_classes=1000, **kwargs).eval()
 
 
-def run(*, repeats: int, warmup: int, threads: int) -> str:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}  # cpu: this process's CPU seconds, all threads
+
+
+def run(*, repeats: int, warmup: int, threads: int, clock: str = "wall") -> str:
     torch.set_num_threads(threads)
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     models = {name: _model(arch, kw) for name, (arch, kw) in MODELS.items()}
@@ -51,15 +55,17 @@ def run(*, repeats: int, warmup: int, threads: int) -> str:
         fns[f"{name}|plain"] = lambda m=m: m(x)
         fns[f"{name}|capture"] = lambda m=m: attention_forward(m, x)
     with torch.inference_mode():
-        times = interleaved(fns, repeats=repeats, warmup=warmup)
+        times = interleaved(fns, repeats=repeats, warmup=warmup, clock=CLOCKS[clock])
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     now = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+    what = ("wall-clock" if clock == "wall"
+            else "CPU time of this process (all its threads; waiting for a core not counted)")
     lines = [
-        "# The capture per ViT family (CPU, fp32, 224 px, random weights)",
+        f"## {what.split(' (')[0]} (CPU, fp32, 224 px, random weights)",
         "",
         f"{now}, {platform.processor() or platform.machine()}, torch {torch.__version__}, timm {timm.__version__},"
         f" {threads} threads, load average {load:.2f} at the end;"
-        f" {repeats} interleaved rounds after {warmup} warm-up rounds, all rows in one process.",
+        f" {repeats} interleaved rounds after {warmup} warm-up rounds, all rows in one process; ms of {what}.",
         "`plain`: `model(x)`, timm's fused attention (SDPA). `capture`: `attention_forward(model, x)`: the blocks"
         " walked with explicit softmax into one (L, B, H, T, T) buffer, every layer's attention kept, plus the"
         " features.",
@@ -76,14 +82,26 @@ def run(*, repeats: int, warmup: int, threads: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+_READING = (
+    "On a machine shared with other jobs (see the load average) the rows at 2 threads wait for cores (and their"
+    " OpenMP workers spin, which counts as CPU time too), so they swing by several times between rounds; the CPU"
+    " time at 1 thread counts only the work done and is the table to read. RoPE (Eva) and the relative bias (BEiT)"
+    " add a rotation of q and k or a gathered (H, T, T) bias per block to the capture, as they do to timm's own"
+    " forward.\n"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tables", default="wall:2,cpu:1",
+                    help="clock:threads per table, comma-separated; clock wall or cpu (this process's CPU seconds)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
-    report = run(repeats=args.repeats, warmup=args.warmup, threads=args.threads)
+    specs = [t.strip().partition(":") for t in args.tables.split(",")]
+    tables = [run(repeats=args.repeats, warmup=args.warmup, threads=int(n or 1), clock=c) for c, _, n in specs]
+    report = "# The capture per ViT family\n\n" + _READING + "\n" + "\n".join(tables)
     print(report)
     if args.out is not None:
         args.out.write_text(report)

@@ -28,7 +28,7 @@ from vitviz.explain import METHOD_NAMES, explain
 from vitviz.explain.passes import attention_gradients
 from vitviz.models import build_model, describe_model, list_pretrained_vits, list_vit_models, load_source
 from vitviz.targets import Target
-from vitviz.walk.blocks import embed, run_blocks
+from vitviz.walk.blocks import embed, pool_attention, run_blocks
 from vitviz.walk.capture import attention_forward
 
 SMALL = dict(pretrained=False, embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8)
@@ -79,7 +79,7 @@ def family_model(name: str, *, num_classes: int = 3, dtype: torch.dtype = torch.
         for pname, p in model.named_parameters():
             if "gamma" in pname:  # Eva's and Beit's layer scale γ (init 1e-5 or 0.1)
                 p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-            elif pname.endswith(("qkv.weight", "q_proj.weight", "k_proj.weight")):
+            elif pname.endswith(("qkv.weight", "q_proj.weight", "k_proj.weight", "kv.weight", "pool.q.weight")):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
             elif any(s in pname for s in ("pos_embed", "token", "bias_table", "q_bias", "v_bias", "latent")):
                 p.copy_(torch.randn(p.shape, generator=g))
@@ -172,6 +172,30 @@ def test_a_shortened_sequence_keeps_its_positions_as_timm_with_the_removed_keys_
         rows = torch.cat([torch.arange(p).expand(2, -1), keep + p], 1)
         want = torch.gather(ref, 1, rows[..., None].expand(-1, -1, ref.shape[-1]))
     torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["siglip_like", "pe_core", "vit"])
+def test_the_attention_pool_exposes_its_own_attention(name):
+    """The latent query's probabilities over the tokens: the pool's output rebuilt from them (value mixing,
+    projection, residual MLP, as AttentionPoolLatent does) equals timm's attn_pool on the same features."""
+    model = family_model(name)
+    x = torch.cat([image(model, 0), image(model, 1)])
+    with torch.no_grad():
+        feats = attention_forward(model, x).features
+        a = pool_attention(model, feats)
+        if name == "vit":
+            assert a is None
+            return
+        pool = model.attn_pool
+        B, T, C = feats.shape
+        assert a.shape == (B, pool.num_heads, pool.latent_len, T)
+        torch.testing.assert_close(a.sum(-1), torch.ones(a.shape[:-1]))
+        inp = feats if pool.pos_embed is None else feats + pool.pos_embed[None]
+        v = pool.kv(inp).reshape(B, T, 2, pool.num_heads, pool.head_dim)[:, :, 1].transpose(1, 2)
+        out = pool.proj((a @ v).transpose(1, 2).reshape(B, pool.latent_len, C))
+        out = (out + pool.mlp(pool.norm(out)))[:, 0]
+        torch.testing.assert_close(out, pool(feats), rtol=1e-5, atol=1e-5)
+        assert a.std() > 1e-3  # the weights spread: not a uniform pool that any probabilities would match
 
 
 def test_positions_inside_attention_matter():

@@ -36,7 +36,7 @@ from . import _families as fam
 from ._families import Positions, check_family, has_class_token, positions
 
 __all__ = ["BLOCKS", "Rules", "Interventions", "BufferProbs", "KeptProbs", "softmax_probs", "check_walkable", "embed",
-           "apply_norm", "walk", "run_blocks"]
+           "apply_norm", "walk", "run_blocks", "pool_attention"]
 
 BLOCKS = (Block, ResPostBlock)
 
@@ -317,3 +317,19 @@ def run_blocks(model: torch.nn.Module, tokens: torch.Tensor, *, patches: torch.T
     if patches is None or fam.family(model) == "vit":
         return fam.own_blocks(model, tokens)
     return walk(model, tokens, probs=softmax_probs, interventions=Interventions(patches=patches))
+
+
+def pool_attention(model: torch.nn.Module, features: torch.Tensor) -> torch.Tensor | None:
+    """An attention-pool head's own attention (timm's "map" pooling, SigLIP's and PE's heads): its latent queries
+    over the final normed tokens ``features`` (B, T, C) -> (B, H, Q, T) probabilities, rows summing to 1; None for
+    a head that pools otherwise. softmax(q·kᵀ·scale) with q from the learned latent and k from the tokens (plus the
+    pool's own position embedding, if any), after its q/k norms, as ``AttentionPoolLatent`` computes them."""
+    pool = getattr(model, "attn_pool", None)
+    if pool is None:
+        return None
+    B, T, _ = features.shape
+    x = features if pool.pos_embed is None else features + pool.pos_embed[None].to(features.dtype)
+    q = pool.q(pool.latent.expand(B, -1, -1)).reshape(B, pool.latent_len, pool.num_heads, pool.head_dim)
+    k = pool.kv(x).reshape(B, T, 2, pool.num_heads, pool.head_dim)[:, :, 0]
+    q, k = pool.q_norm(q.transpose(1, 2)), pool.k_norm(k.transpose(1, 2))
+    return softmax_probs(0, q, k, pool.scale, None)
