@@ -73,8 +73,10 @@ def started(example: str | None = "cat.jpg") -> AppTest:
 SECTIONS = {"Input": ["Patch grid", "Position embeddings"],
             "Attention": ["Attention rollout", "Heads", "Query patch", "Attention distance"],
             "Explain": ["Explain"],
-            "Tokens & features": ["Token norms", "Attention sinks", "Patch features", "Feature similarity"]}
-TAB_KEYS = {"Input": "tab_input", "Attention": "tab_attention", "Tokens & features": "tab_tokens_features"}
+            "Tokens & features": ["Token norms", "Attention sinks", "Patch features", "Feature similarity"],
+            "Experiments": ["Remove positions", "Head ablation", "Train & probe"]}
+TAB_KEYS = {"Input": "tab_input", "Attention": "tab_attention", "Tokens & features": "tab_tokens_features",
+            "Experiments": "tab_experiments"}
 TABS = [view for views in SECTIONS.values() for view in views]
 SECTION_OF = {view: section for section, views in SECTIONS.items() for view in views}
 ATTENTION_KEYS = {"view", "layers", "raw_layer", "head", "head_fusion", "discard_ratio", "drop_artefacts"}
@@ -161,7 +163,7 @@ def test_no_image_shows_info(calls):
 
 
 def test_each_section_renders_its_views_from_one_pass(calls):
-    """Four sections, each its views as tabs (Explain alone, no tabs); every view renders, only the open one is
+    """Five sections, each its views as tabs (Explain alone, no tabs); every view renders, only the open one is
     built, moving between sections never runs the model again, and a section reopens at the tab it was left on."""
     at = started()
     ok(at)
@@ -179,7 +181,8 @@ def test_each_section_renders_its_views_from_one_pass(calls):
             keys |= {el.key for el in at.get("plotly_chart")}
     assert keys == {"fig_grid", "fig_mosaic", "fig_simmap", "fig_rollout", "fig_heads", "fig_query",
                     "fig_query_heads", "fig_distance", "fig_norms", "fig_norm_hist", "fig_sinks", "fig_pca_0",
-                    "fig_similarity", "fig_explain", "fig_explain_curves"}
+                    "fig_similarity", "fig_explain", "fig_explain_curves", "fig_posx_intact", "fig_posx_no_position",
+                    "fig_posx_shuffled", "fig_posx_shuffled_no_position", "fig_posx_mosaic"}
     at.segmented_control(key="section").set_value("Attention").run()  # back where it was left
     assert {el.key for el in at.get("plotly_chart")} == {"fig_distance"}
     show(at, "Patch grid")
@@ -202,7 +205,8 @@ def test_attention_controls_live_in_the_attention_section_and_each_section_has_o
     """The attention knobs are on the page only while the Attention section is open (in its main column, never in
     the sidebar); Attention and Tokens & features each have one layer control that all their views share."""
     at = started()
-    layers = {"Input": set(), "Attention": {"layers"}, "Explain": set(), "Tokens & features": {"tokens_layer"}}
+    layers = {"Input": set(), "Attention": {"layers"}, "Explain": set(), "Tokens & features": {"tokens_layer"},
+              "Experiments": set()}
     for view in TABS:
         section = SECTION_OF[view]
         ok(show(at, view))
@@ -1086,7 +1090,7 @@ def test_leaving_out_artefacts_says_how_many_and_which(calls, monkeypatch, left_
 def test_captions_are_short_and_the_long_words_one_click_away(calls):
     """Issue 19, 21: a five-line caption on every rollout view, a subtitle that named three of eleven views, "1
     prefix (1 CLS)". The rollout's caption is short, its long explanation in an expander; the subtitle names the
-    four sections; the token count is in plain words."""
+    sections; the token count is in plain words."""
     at = started()
     subtitle = at.main.markdown[0].value
     assert all(section in subtitle for section in SECTIONS)

@@ -83,7 +83,7 @@ def _second(key: cache.AnalysisKey, image: ImageChoice | None):
 
 NO_HEAD = ("**No class predictions:** this model is a backbone without a classifier head: it returns an embedding "
            "of the image, not classes, so Explain explains that embedding or a patch's feature. To get one here: "
-           "probe this backbone into a classifier on your own labelled images, or train a tiny ViT from scratch "
+           "fit a linear probe on its embedding with your own labelled images, or train a tiny ViT from scratch "
            "(both on the **Train & probe** page of the Experiments section), or choose a classifier in the sidebar "
            "(a Hub model such as `deit_small_patch16_224`, or a classifier checkpoint file).")
 
@@ -141,7 +141,7 @@ def _navigation(info) -> tuple[str, int]:
     keep("section", lambda v: v in SECTIONS, next(iter(SECTIONS)))
     left, right = st.columns([3, 1], vertical_alignment="bottom")
     section = left.segmented_control("Section", list(SECTIONS), key="section", required=True,
-                                     help="The views in four groups; the open group's views are its tabs. Every "
+                                     help="The views in five groups; the open group's views are its tabs. Every "
                                           "view reads the same forward pass.")
     query = right.number_input("Query patch (or click a patch)", 0, info.num_patches - 1, key="query_patch",
                                help="Row-major patch index, as timm flattens the grid.")
@@ -179,9 +179,10 @@ def _context(res, key, weights, image: ImageChoice, decoded, second: ImageChoice
 def main() -> None:
     st.set_page_config(page_title="vitviz", page_icon=":eye:", layout="wide")
     st.title("vitviz")
-    st.write("How a Vision Transformer reads an image, in four sections: what it is given (**Input**: the patches, "
-             "their positions), where its attention goes (**Attention**), what its answer depends on (**Explain**) "
-             "and what its tokens hold (**Tokens & features**).")
+    st.write("How a Vision Transformer reads an image: what it is given (**Input**: the patches, their positions), "
+             "where its attention goes (**Attention**), what its answer depends on (**Explain**), what its tokens "
+             "hold (**Tokens & features**), and what changes when you change the model (**Experiments**: remove its "
+             "positions, knock out heads, train or probe your own).")
     init_state()
     share_cores()  # torch threads for this process, once, before the page's own pass (not at the first job)
     image = image_ui()  # first, so a model that fails to load never drops the upload
