@@ -28,7 +28,7 @@ from vitviz.explain import METHOD_NAMES, explain
 from vitviz.explain.passes import attention_gradients
 from vitviz.models import build_model, describe_model, list_pretrained_vits, list_vit_models, load_source
 from vitviz.targets import Target
-from vitviz.walk.blocks import embed, pool_attention, run_blocks
+from vitviz.walk.blocks import KeptProbs, embed, pool_attention, run_blocks, walk
 from vitviz.walk.capture import attention_forward
 
 SMALL = dict(pretrained=False, embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8)
@@ -47,10 +47,14 @@ FAMILIES = {
     "gqa_rmsnorm": ("vit_base_patch16_sapiens2", dict(num_kv_heads=1)),  # Sapiens2: grouped-query, RmsNorm, GLU
     "pe_core": ("vit_pe_core_tiny_patch16_384", {}),  # Perception Encoder: RoPE and an attention-pool head
     "siglip_like": ("vit_tiny_patch16_224", dict(global_pool="map")),  # attention-pool head (with a CLS token)
+    "siglip": ("vit_tiny_patch16_224", dict(class_token=False, global_pool="map")),  # SigLIP's tower: no CLS token
+    "eva_gap": ("vit_medium_patch16_rope_reg1_gap_256", {}),  # RoPE, 1 register, no CLS token, average pool
     "avg_pool": ("vit_tiny_patch16_224", dict(global_pool="avg")),
 }
 
 _MAP = "reads no token row"  # gradient-weighted attention on an attention pool
+_NO_CLS = "no CLS token, so there is no CLS attention to roll out"  # rollout and raw read the CLS row
+NO_CLS = ("siglip", "eva_gap")  # walked by the gradient methods; the capture's views need a CLS token
 _GATED = "gated product"  # AttnLRP has no rule for SwiGLU yet
 # (family, method) -> a phrase of the sentence it is refused with; every other pair runs
 REFUSED = {
@@ -64,6 +68,14 @@ REFUSED = {
     ("pe_core", "gradxattn"): _MAP,
     ("pe_core", "lrp"): "no rule for 'map' pooling",
     ("pe_core", "deletion"): "not attention pooling",
+    ("siglip", "rollout"): _NO_CLS,
+    ("siglip", "raw"): _NO_CLS,
+    ("siglip", "chefer"): _MAP,
+    ("siglip", "gradxattn"): _MAP,
+    ("siglip", "lrp"): "no rule for 'map' pooling",
+    ("siglip", "deletion"): "not attention pooling",
+    ("eva_gap", "rollout"): _NO_CLS,
+    ("eva_gap", "raw"): _NO_CLS,
 }
 FAST = {"deletion": "deletion:steps=2"}
 
@@ -121,7 +133,24 @@ class EagerProbe:
         return self.ref(x)
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", NO_CLS)
+def test_a_model_without_a_cls_token_is_walked_as_timm_and_its_capture_refused(name):
+    """The walk (what the gradient methods run) equals timm's own attention and forward; the capture, whose views
+    read the CLS token, refuses the model with the reason."""
+    model = family_model(name)
+    x = torch.cat([image(model, 0), image(model, 1)])
+    probe = EagerProbe(model)
+    with torch.no_grad():
+        want_logits = probe.logits(x)
+        kept = KeptProbs()
+        out = model.forward_head(model.norm(walk(model, embed(model, x), probs=kept)))
+        torch.testing.assert_close(torch.stack(kept.kept, 1), torch.stack(probe.probs, 1), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out, want_logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ModelError, match=_NO_CLS):
+        attention_forward(model, x)
+
+
+@pytest.mark.parametrize("name", [f for f in FAMILIES if f not in NO_CLS])
 def test_capture_equals_the_family_own_attention_and_outputs(name):
     model = family_model(name)
     x = torch.cat([image(model, 0), image(model, 1)])
@@ -144,7 +173,7 @@ def test_capture_equals_the_family_own_attention_and_outputs(name):
     torch.testing.assert_close(rows, torch.ones_like(rows))
 
 
-@pytest.mark.parametrize("name", ["eva_rope", "eva02", "rope_mixed", "gqa_rmsnorm", "beit", "beit_shared"])
+@pytest.mark.parametrize("name", ["eva_rope", "eva02", "rope_mixed", "gqa_rmsnorm", "eva_gap", "beit", "beit_shared"])
 def test_a_shortened_sequence_keeps_its_positions_as_timm_with_the_removed_keys_masked(name):
     """Token removal (greedy deletion, the faithfulness curves): the prefix tokens and K kept patches, walked with
     the rotary embedding / relative bias read at the kept patches' places, equal timm's own blocks on the whole
@@ -216,7 +245,7 @@ def test_positions_inside_attention_matter():
         assert (a - b).abs().max() > 1e-3, name
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", [f for f in FAMILIES if f not in NO_CLS])
 def test_the_analysis_behind_the_views_runs_for_every_family(name):
     model = family_model(name)
     res = analyze(model, Image.new("RGB", (48, 40), (10, 200, 90)), tokens=True)
@@ -264,7 +293,7 @@ def test_every_method_runs_or_is_refused_with_its_reason(name, method):
         with pytest.raises(ModelError) as err:
             explain(model, x, method=label, target="class:1")
         assert isinstance(err.value, VitvizError) and reason in str(err.value)
-        assert "choose another method" in str(err.value)
+        assert reason == _NO_CLS or "choose another method" in str(err.value)
         return
     e = explain(model, x, method=label, target="class:1")
     assert e.map.shape == tuple(int(v) for v in model.patch_embed.grid_size)

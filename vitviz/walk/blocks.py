@@ -35,15 +35,22 @@ from ..errors import ModelError
 from . import _families as fam
 from ._families import Positions, check_family, has_class_token, positions
 
-__all__ = ["BLOCKS", "Rules", "Interventions", "BufferProbs", "KeptProbs", "softmax_probs", "check_walkable", "embed",
-           "apply_norm", "walk", "run_blocks", "pool_attention"]
+__all__ = ["BLOCKS", "Rules", "Interventions", "BufferProbs", "KeptProbs", "softmax_probs", "check_walkable",
+           "check_capturable", "embed", "apply_norm", "walk", "run_blocks", "pool_attention"]
 
 BLOCKS = (Block, ResPostBlock)
 
 
 def check_walkable(model: torch.nn.Module) -> None:
-    """Raise :class:`ModelError` unless vitviz can walk ``model``'s blocks and read their attention."""
+    """Raise :class:`ModelError` unless vitviz can walk ``model``'s blocks and read their attention (a model
+    without a CLS token is walkable: the gradient methods read its head; the capture's views need the CLS token,
+    :func:`check_capturable`)."""
     check_family(model)
+
+
+def check_capturable(model: torch.nn.Module) -> None:
+    """Raise :class:`ModelError` unless ``model`` is walkable and has the CLS token whose attention the views read."""
+    check_walkable(model)
     if not has_class_token(model):
         raise ModelError(f"{type(model).__name__} has no CLS token, so there is no CLS attention to roll out")
 

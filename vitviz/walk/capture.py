@@ -15,11 +15,10 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from ..errors import CaptureError, ModelError, ParameterError
-from .blocks import BufferProbs, check_walkable, embed, walk
+from .blocks import BufferProbs, check_capturable, embed, walk
 
 __all__ = ["Capture", "attention_forward", "capture_attention", "check_capturable"]
 
-check_capturable = check_walkable  # the name callers know: whether a model's attention can be captured
 
 
 @dataclass(frozen=True)
@@ -37,7 +36,7 @@ class Capture:
 
 
 def _check_input(model: VisionTransformer, x: torch.Tensor) -> None:
-    check_walkable(model)
+    check_capturable(model)
     if model.training:
         raise ModelError("the model is in training mode: call model.eval() first (dropout would change attention)")
     want = tuple(int(v) for v in model.patch_embed.img_size)
