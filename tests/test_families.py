@@ -362,3 +362,21 @@ def test_the_families_are_offered_by_name_and_fail_clearly_offline(monkeypatch):
     monkeypatch.setattr(timm, "create_model", never)
     with pytest.raises(ModelUnavailableError, match="'vit_small_patch16_dinov3' are not on this server"):
         load_source("vit_small_patch16_dinov3")
+
+
+@pytest.mark.parametrize("perturbation", ["tokens", "pixels"])
+@pytest.mark.parametrize("name", ["eva_rope", "eva02", "beit", "beit_shared", "siglip", "eva_gap"])
+def test_faithfulness_curves_run_for_every_family(name, perturbation):
+    """The curves beside every map: step 0 is timm's own probability of the class; token removal shortens the
+    sequence (the positions inside attention read at the kept patches), pixel removal runs the family's blocks."""
+    from vitviz.metrics.faithfulness import faithfulness
+
+    model = family_model(name)
+    x = image(model)
+    heat = np.random.default_rng(0).random(tuple(int(v) for v in model.patch_embed.grid_size))
+    c = faithfulness(model, x, heat, target="class:1", perturbation=perturbation, steps=4)
+    with torch.no_grad():
+        p1 = float(model(x).softmax(-1)[0, 1])
+    assert np.isfinite(c.morf).all() and np.isfinite(c.lerf).all()
+    assert c.morf[0] == pytest.approx(p1, rel=1e-4) and c.lerf[0] == pytest.approx(p1, rel=1e-4)
+    assert not np.allclose(c.morf[1:], p1)  # removing patches changes the score
