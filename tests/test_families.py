@@ -380,3 +380,20 @@ def test_faithfulness_curves_run_for_every_family(name, perturbation):
     assert np.isfinite(c.morf).all() and np.isfinite(c.lerf).all()
     assert c.morf[0] == pytest.approx(p1, rel=1e-4) and c.lerf[0] == pytest.approx(p1, rel=1e-4)
     assert not np.allclose(c.morf[1:], p1)  # removing patches changes the score
+
+
+@pytest.mark.parametrize("name", ["eva_rope", "rope_mixed", "eva_gap", "beit", "beit_shared", "avg_pool"])
+def test_lrp_conserves_the_score_with_zero_biases_in_every_family_it_runs_on(name):
+    """AttnLRP's rules make the walk linear in its tokens given the constants (softmax, 1/σ, activation slopes; the
+    rotary embedding and the relative position bias act on the constant probabilities only, layer scale γ is a
+    factor), so with every bias at zero the relevance of all tokens sums to the score exactly (Euler)."""
+    from vitviz.explain.lrp import relevance
+
+    model = copy.deepcopy(family_model(name, dtype=torch.float64))
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("bias"):  # biases, Eva's and Beit's q/v biases; the relative bias tables stay
+                p.zero_()
+    rel, _out, _t, score = relevance(model, image(model), target="class:1")
+    assert abs(score) > 1e-3
+    assert float(rel.sum()) == pytest.approx(score, rel=1e-9, abs=1e-12)
