@@ -207,7 +207,7 @@ def test_analyze_stores_the_default_explanation_and_the_tokens(tmp_path, ckpt):
     assert main(["analyze", str(src), "--out", str(out), "--model", str(ckpt), "--img-size", "32", "--quiet",
                  "--save-features", "--method", "default"]) == 0
     with np.load(out / "a.npz") as d:
-        assert str(d["map_method"]) == DEFAULT_METHOD and "embedding" in str(d["map_target"])
+        assert str(d["map_method"]) == DEFAULT_METHOD and "attention" in str(d["map_target"])
         model, info = get_model(str(ckpt), img_size=32, device="cpu")
         want = explain(model, to_tensor(d["pixels"], mean=info.mean, std=info.std), method=DEFAULT_METHOD)
         np.testing.assert_allclose(d["map"], want.map, rtol=1e-5, atol=1e-7)
@@ -382,3 +382,69 @@ def test_the_readmes_python_dash_m_advice_works_beside_a_folder_named_vitviz(tmp
                          text=True, env=env, timeout=120)
     assert out.returncode == 0 and out.stdout.startswith("vitviz "), out.stderr[-500:]
     assert "python -P -m vitviz" in (root / "README.md").read_text()
+
+
+def _photo(path: Path, size=(50, 40), seed: int = 3) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_the_png_is_drawn_as_the_app_draws_it_at_either_size(tmp_path, ckpt):
+    """Issue 19, 16: one rendering for the CLI and the app. 'original' is byte for byte the app's download (the
+    seen part of the original image at its resolution, crisp patch blocks); 'model' (the default) is the same
+    drawing at the model's input size: crisp blocks, never a smooth upsampling of the map."""
+    from vitviz.figures import overlay_original_png
+    from vitviz.inputs.image import load_image
+
+    img = _photo(tmp_path / "p.png")
+    for png in ("original", "model"):
+        out = tmp_path / png
+        assert main(["analyze", str(img), "--out", str(out), "--model", str(ckpt), "--img-size", "32", "--png", png,
+                     "--quiet"]) == 0
+        d = np.load(out / "p.npz")
+        drawn = (out / "p.png").read_bytes()
+        if png == "original":
+            app = overlay_original_png(load_image(img).image, tuple(d["box"]), d["attention_map"], opacity=0.6)
+            assert drawn == app
+            left, top, right, bottom = (round(v) for v in d["box"])
+            assert Image.open(out / "p.png").size == (right - left, bottom - top)
+        else:
+            assert Image.open(out / "p.png").size == (32, 32)
+    flat = tmp_path / "flat.png"  # a uniform image: every pixel's colour is its patch's value alone
+    Image.new("RGB", (32, 32), (128, 128, 128)).save(flat)
+    assert main(["analyze", str(flat), "--out", str(tmp_path / "flat"), "--model", str(ckpt), "--img-size", "32",
+                 "--quiet"]) == 0
+    rgb = np.asarray(Image.open(tmp_path / "flat" / "flat.png").convert("RGB")).reshape(4, 8, 4, 8, 3)
+    assert (rgb == rgb[:, :1, :, :1]).all(), "each 8x8 patch is one colour (crisp blocks)"
+
+
+def test_method_rollout_equal_to_the_analysis_reuses_it_without_a_second_pass(tmp_path, ckpt, monkeypatch):
+    """Issue 19, 15: '--method default' (= rollout from layer 1, discard 0.9, the analysis's own settings) is the
+    rollout already drawn: no explanation pass runs, and the stored map equals the library's explanation of it."""
+    import timm
+    import torch
+
+    import vitviz.explain
+    from vitviz.explain import explain
+    from vitviz.inputs.image import to_tensor
+    from vitviz.models import get_model
+
+    img = _photo(tmp_path / "p.png")
+    calls = []
+    real = vitviz.explain.explain
+    monkeypatch.setattr(vitviz.explain, "explain", lambda *a, **k: calls.append(k["method"]) or real(*a, **k))
+    for method in ("default", "rollout:start=1,discard=0.9", "chefer"):
+        out = tmp_path / method.replace(":", "_").replace(",", "_").replace("=", "")
+        assert main(["analyze", str(img), "--out", str(out), "--model", str(ckpt), "--img-size", "32",
+                     "--method", method, "--quiet"]) == 0
+    assert calls == ["chefer"], "only the method that is not the drawn rollout runs a pass"
+    d = np.load(tmp_path / "default" / "p.npz")
+    assert str(d["map_method"]) == "rollout:start=1,discard=0.9" and "attention" in str(d["map_target"])
+    model, info = get_model(str(ckpt), patch_size=8, img_size=(32, 32))
+    assert isinstance(model, timm.models.vision_transformer.VisionTransformer)
+    x = to_tensor(d["pixels"], mean=info.mean, std=info.std)  # what the model saw, as stored
+    with torch.no_grad():
+        ref = explain(model, x, method="rollout:start=1,discard=0.9").map
+    np.testing.assert_allclose(d["map"], ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(d["map"], d["attention_map"])

@@ -71,6 +71,11 @@ def add_parser(sub, parent: argparse.ArgumentParser) -> None:
     a.add_argument("--resume", action="store_true",
                    help="keep inputs whose outputs exist and were made with these options; do the rest")
     a.add_argument("--opacity", type=float, default=0.6, help="overlay opacity in the PNG (default %(default)s)")
+    a.add_argument("--png", choices=PNG_SIZES, default="model",
+                   help="the overlay PNG drawn as the app draws it (crisp patch blocks, its colour scale): at the "
+                        "model's input size ('model', the default: a dataset run stays about the cost of its forward "
+                        "passes), or, as the app's download, on the part of the original image the model saw at the "
+                        "original's resolution ('original': seconds and megabytes an image for camera photos)")
     a.add_argument("--save-attention", action="store_true", help="also store attention (L x H x T x T) in the npz")
     a.add_argument("--method", default="none",
                    help="an explanation to store as 'map' in each npz: a method below, 'default' (the app's "
@@ -79,6 +84,10 @@ def add_parser(sub, parent: argparse.ArgumentParser) -> None:
     a.add_argument("--save-features", action="store_true",
                    help="also store every layer's tokens (L x T x D) and their norms (L x T) in the npz, and count "
                         "outlier tokens per layer in the summary")
+
+
+PNG_SIZES = ("original", "model")
+_NO_TARGET = "where the CLS token's attention flows ({} uses no target)"  # what an attention-only map explains
 
 
 @dataclass(frozen=True)
@@ -100,14 +109,15 @@ class _Job:
     method: str | None = None  # the explanation stored as ``map``; None: none
     save_features: bool = False
     prompts: object = None  # --prompt/--prompts of a CLIP model (_common.Prompts), None without
+    png: str = "model"  # PNG_SIZES
 
 
 def _run_options(settings, *, arch: str | None, patch: int, layers: tuple[int, int], opacity: float,
-                 save_attention: bool) -> str:
+                 save_attention: bool, png: str = "model") -> str:
     return json.dumps(dict(model=str(settings.model), arch=arch, patch_size=patch, img_size=settings.img_size,
                            fit=settings.fit, start_layer=layers[0], end_layer=layers[1],
                            head_fusion=settings.head_fusion, discard_ratio=settings.discard_ratio,
-                           precision=settings.precision, opacity=opacity, save_attention=save_attention),
+                           precision=settings.precision, opacity=opacity, save_attention=save_attention, png=png),
                       sort_keys=True)
 
 
@@ -145,13 +155,13 @@ def _job(args: argparse.Namespace, world) -> _Job:
                         precision=settings.precision)
     layers = settings.layer_range(info.depth)  # a bad layer range is refused before any image is run
     run = _run_options(settings, arch=args.arch, patch=patch, layers=layers, opacity=args.opacity,
-                       save_attention=args.save_attention)
+                       save_attention=args.save_attention, png=args.png)
     run = json.dumps({**json.loads(run), "method": method, "save_features": args.save_features,
                       **({"prompt": args.prompt, "prompts": args.prompts} if args.prompt or args.prompts else {})},
                      sort_keys=True)
     return _Job(settings, args.arch, patch, settings.precision, device, batch_size(args.batch_size, device), args.out,
                 args.opacity, args.save_attention, args.quiet, workers(args.workers, device), run, method,
-                args.save_features, prompts(args))
+                args.save_features, prompts(args), args.png)
 
 
 def _kept(item, *, out: Path, run: str) -> dict | None:
@@ -195,8 +205,26 @@ def _analyze(job: _Job, group: list):
                                  tokens=job.save_features)
 
 
-def _explained(job: _Job, res) -> dict:
-    """The npz arrays of the default explanation (``map``, ``map_method``, ``map_target``) and of the tokens."""
+def _same_rollout(job: _Job, depth: int) -> bool:
+    """Whether ``--method`` asks for the very rollout the analysis draws (same first layer, fusion and discard, to
+    the last layer): then it is that map, with no second pass (``--method default`` is this rollout)."""
+    from ..explain._base import layer_index
+    from ..explain.registry import Method
+
+    if job.method is None or job.prompts is not None:
+        return False
+    m = Method.parse(job.method)
+    if m.name != "rollout":
+        return False
+    start, end = job.settings.layer_range(depth)
+    first = 0 if depth == 1 and m.settings.start == 1 else layer_index(m.settings.start, depth, "rollout start layer")
+    return (end == depth - 1 and first == start and m.settings.fusion == job.settings.head_fusion
+            and m.settings.discard == job.settings.discard_ratio)
+
+
+def _explained(job: _Job, res, rollout) -> dict:
+    """The npz arrays of the explanation (``map``, ``map_method``, ``map_target``) and of the tokens. ``rollout``:
+    the analysis's own rollout map, which is the explanation when ``--method`` asks for that very rollout."""
     import numpy as np
 
     from ..analysis.tokens import find_outliers, token_norms
@@ -205,7 +233,10 @@ def _explained(job: _Job, res) -> dict:
     from ..models import get_model
 
     info, out = res.info, {}
-    if job.method is not None or job.prompts is not None:
+    if _same_rollout(job, info.depth):
+        out.update(map=rollout, map_method=np.array(job.method), map_note=np.array(""),
+                   map_target=np.array(_NO_TARGET.format("rollout")))
+    elif job.method is not None or job.prompts is not None:
         model, _ = get_model(job.settings.model, arch=job.arch, patch_size=job.patch_size, img_size=info.img_size,
                              device=res.device, precision=job.precision if res.device == job.device else "auto")
         param = next(model.parameters())
@@ -215,9 +246,10 @@ def _explained(job: _Job, res) -> dict:
             out.update(top5_indices=np.array([p.index for p in predictions], dtype=np.int64),
                        top5_names=np.array([p.name for p in predictions]),
                        top5_probabilities=np.array([p.probability for p in predictions], dtype=np.float32))
-    if job.method is not None:
+    if job.method is not None and "map" not in out:
         e = explain(model, x, method=job.method, target=target)
-        out.update(map=e.map, map_method=np.array(e.method.label), map_target=np.array(e.target_description),
+        what = e.target_description if e.uses_target else _NO_TARGET.format(e.method.name)
+        out.update(map=e.map, map_method=np.array(e.method.label), map_target=np.array(what),
                    map_note=np.array(" ".join(e.notes)))  # e.g. a constant map: it ranks nothing
     if res.tokens is not None:
         norms = token_norms(res.tokens)
@@ -254,7 +286,7 @@ def _write(job: _Job, item, loaded, res) -> dict:
 
     from ..analysis.maps import rollout_map
     from ..export import export_arrays, npz_bytes, write_atomic_group
-    from ..figures import overlay_png
+    from ..figures import overlay_original_png, overlay_png
 
     t0 = time.perf_counter()
     info = res.info
@@ -265,10 +297,11 @@ def _write(job: _Job, item, loaded, res) -> dict:
                box=" ".join(f"{v:.1f}" for v in res.box), input_h=info.img_size[0], input_w=info.img_size[1],
                grid=f"{info.grid[0]}x{info.grid[1]}", peak_row=peak_row, peak_col=peak_col, device=res.device,
                notes="; ".join(loaded.notes))
-    png = overlay_png(res.pixels, heat, patch_size=info.patch_size, opacity=job.opacity)
+    png = (overlay_original_png(loaded.image, res.box, heat, opacity=job.opacity) if job.png == "original" else
+           overlay_png(res.pixels, heat, patch_size=info.patch_size, opacity=job.opacity, smooth=False))
     used = {**asdict(job.settings), "patch_size": info.patch_size, "img_size": list(info.img_size),
             "device": res.device, "start_layer": start, "end_layer": end}
-    extra = {**_explained(job, res), **_predicted(job, res)}
+    extra = {**_explained(job, res, heat), **_predicted(job, res)}
     top = extra.get("top5_names")
     row.update(top1="" if top is None else str(top[0]),
                top1_p="" if top is None else f"{float(extra['top5_probabilities'][0]):.4f}")
