@@ -92,3 +92,48 @@ def test_unsupported_heads_and_settings_are_refused_with_a_sentence():
         explain(model, torch.randn(1, 3, 32, 32), method="lrp", target="embedding")
     with pytest.raises(ParameterError, match="at="):
         explain(_model("cls"), torch.randn(1, 3, 32, 32, dtype=torch.float64), method="lrp:at=logits")
+
+
+def test_the_gamma_rule_of_a_linear_layer_equals_its_equation_by_loops():
+    """Rules.gamma on one linear layer (Montavon et al. 2019, the generalised γ-rule): the forward value is the
+    layer's own; input × modified gradient hands output k's relevance r_k to input j in proportion to
+    z_jk + γ·(z_jk of y_k's sign), z_jk = x_j·w_jk, the bias a sink of its own. Loops over j and k as reference."""
+    from vitviz.walk.blocks import Rules, apply_linear
+
+    g = torch.Generator().manual_seed(3)
+    lin = torch.nn.Linear(5, 4).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(4, 5, generator=g, dtype=torch.float64))
+        lin.bias.copy_(0.5 * torch.randn(4, generator=g, dtype=torch.float64))
+    x = torch.randn(5, generator=g, dtype=torch.float64).requires_grad_()
+    r = torch.randn(4, generator=g, dtype=torch.float64)  # the relevance arriving at the outputs
+    for gamma in (0.0, 0.5, 2.0):
+        out = apply_linear(lin, x, Rules(gamma=gamma))
+        y = lin(x).detach()
+        torch.testing.assert_close(out.detach(), y)
+        (grad,) = torch.autograd.grad((out * (r / y)).sum(), x)
+        got = (x.detach() * grad).numpy()
+        w, b, xv = lin.weight.detach().numpy(), lin.bias.detach().numpy(), x.detach().numpy()
+        want = [0.0] * 5
+        for k in range(4):
+            def boost(z, k=k, gamma=gamma, y=y):
+                return z + gamma * (max(z, 0.0) if y[k] > 0 else min(z, 0.0))
+            zs = [boost(xv[j] * w[k, j]) for j in range(5)]
+            den = sum(zs) + boost(b[k])
+            for j in range(5):
+                want[j] += zs[j] / den * float(r[k])
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["cls", "registers", "post_norm_qk"])
+def test_with_zero_biases_the_gamma_rule_still_conserves_the_score(layout):
+    """Each γ-layer hands on all it receives (bias zero), so Euler still holds: Σ relevance = score; and the map
+    differs from LRP-0's (the rule is applied)."""
+    model = _model(layout, zero_bias=True)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    rel, _out, _t, score = relevance(model, x, target="class", gamma=0.25)
+    plain, *_ = relevance(model, x, target="class")
+    assert float(rel.sum()) == pytest.approx(score, rel=1e-9, abs=1e-12)
+    assert (rel - plain).abs().max() > 1e-6 * plain.abs().max()
+    with pytest.raises(ParameterError, match="gamma"):
+        explain(model, x, method="lrp:gamma=-1")

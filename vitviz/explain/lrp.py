@@ -4,9 +4,10 @@ one backward.
 The relevance of an input is input × the gradient of a walk whose backward follows LRP's rules instead of the chain
 rule (:class:`vitviz.walk.blocks.Rules`): the softmax probabilities are constants (CP-LRP: relevance flows through
 the values), each LayerNorm's 1/σ is a constant (the identity rule for normalisation), GELU passes relevance on
-unchanged (the identity rule). What stays is linear in the tokens given those constants, so with the layers'
-biases at zero the relevance of all tokens sums to the score exactly (Euler: s = Σ_i t_i·∂s/∂t_i); biases absorb
-the rest (tests/test_lrp.py measures both). The map sums each patch token's relevance over its channels:
+unchanged (the identity rule); ``gamma`` > 0 adds the γ-rule on the blocks' linear layers (each output's
+contributions of its own sign weighted 1 + γ). What stays is linear in the tokens given those constants, so with
+the layers' biases at zero the relevance of all tokens sums to the score exactly (Euler: s = Σ_i t_i·∂s/∂t_i);
+biases absorb the rest (tests/test_lrp.py measures both). The map sums each patch token's relevance over its channels:
 
     R_j = Σ_c t_{j,c} · ∂̃s/∂t_{j,c}       (``at="tokens"``: the embedded tokens, position embeddings included)
     R_j = Σ_{pixels of patch j} Σ_c x · ∂̃s/∂x   (``at="pixels"``)
@@ -37,10 +38,12 @@ _AT = ("tokens", "pixels")
 @dataclass(frozen=True)
 class LrpSettings:
     at: str = "tokens"  # where input × gradient is taken: the embedded tokens or the pixels
+    gamma: float = 0.0  # the γ-rule on the blocks' linear layers (Rules.gamma); 0: LRP-0
 
     def __post_init__(self) -> None:
         if self.at not in _AT:
             raise ParameterError(f"lrp: at={self.at!r}; choose one of {', '.join(_AT)}")
+        Rules(gamma=self.gamma)  # a bad gamma is refused here, before any pass
 
 
 def _readout(model: torch.nn.Module, t: torch.Tensor, rules: Rules) -> ModelOutputs:
@@ -64,12 +67,14 @@ def _readout(model: torch.nn.Module, t: torch.Tensor, rules: Rules) -> ModelOutp
 
 
 def relevance(model: torch.nn.Module, x: torch.Tensor, *, target: Target | str = "auto", at: str = "tokens",
-              interrupt: Callable[[], None] | None = None) -> tuple[torch.Tensor, ModelOutputs, Target, float]:
+              gamma: float = 0.0, interrupt: Callable[[], None] | None = None,
+              ) -> tuple[torch.Tensor, ModelOutputs, Target, float]:
     """AttnLRP's relevance of every token (1, T) (``at="tokens"``) or pixel (1, H, W), the outputs, the resolved
-    target and its score, from one forward and one backward of the walk under :class:`Rules`."""
-    LrpSettings(at)
+    target and its score, from one forward and one backward of the walk under :class:`Rules` (``gamma``: the
+    γ-rule on the blocks' linear layers)."""
+    LrpSettings(at, gamma)
     check_one_image(model, x)
-    rules = Rules()
+    rules = Rules(gamma=gamma)
     with torch.inference_mode(False), torch.enable_grad():
         x = x.clone().requires_grad_(at == "pixels")
         t = embed(model, x)
@@ -92,13 +97,15 @@ class RelevancePass:
     """One forward + one backward under the LRP rules."""
 
     at: str
+    gamma: float = 0.0
 
     def text(self, depth: int) -> str:
         return "1 forward + 1 backward (relevance rules)"
 
     def run(self, model: torch.nn.Module, x: torch.Tensor, target: Target | str, *, progress: Progress | None = None,
             interrupt: Callable[[], None] | None = None) -> PassResult:
-        rel, out, resolved, _score = relevance(model, x, target=target, at=self.at, interrupt=interrupt)
+        rel, out, resolved, _score = relevance(model, x, target=target, at=self.at, gamma=self.gamma,
+                                               interrupt=interrupt)
         return PassResult(outputs=out, target=resolved, extra=rel[0], passes=self.text(len(model.blocks)))
 
 
@@ -112,4 +119,4 @@ def _map(s: LrpSettings, run: PassResult, geo: Geometry) -> torch.Tensor:
 
 
 LRP = MethodSpec(name="lrp", title="AttnLRP (Achtibat et al. 2024), CP-LRP in attention: relevance per patch",
-                 settings=LrpSettings, needs=lambda s, geo: RelevancePass(s.at), map=_map)
+                 settings=LrpSettings, needs=lambda s, geo: RelevancePass(s.at, s.gamma), map=_map)

@@ -24,19 +24,21 @@ refuses anything else with the reason.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, ResPostBlock
 
-from ..errors import ModelError
+from ..errors import ModelError, ParameterError
 from . import _families as fam
 from ._families import Positions, check_family, has_class_token, positions
 
 __all__ = ["BLOCKS", "Rules", "Interventions", "BufferProbs", "KeptProbs", "softmax_probs", "check_walkable",
-           "check_capturable", "embed", "apply_norm", "walk", "run_blocks", "pool_attention"]
+           "check_capturable", "embed", "apply_norm", "apply_linear", "walk", "run_blocks", "pool_attention"]
 
 BLOCKS = (Block, ResPostBlock)
 
@@ -62,12 +64,20 @@ class Rules:
     ``constant_attention``: the softmax probabilities A are constants, so relevance flows through the values only
     (CP-LRP, Ali et al. 2022; AttnLRP's recommendation for ViTs). ``constant_norms``: a LayerNorm's 1/σ is a
     constant, the centring stays (the identity rule for normalisation). ``identity_activations``: GELU/SiLU pass
-    relevance on unchanged, y = x · (f(x)/x) with the ratio constant (the identity rule).
+    relevance on unchanged, y = x · (f(x)/x) with the ratio constant (the identity rule). ``gamma``: the generalised
+    γ-rule on the blocks' linear layers (the value projection, the attention's output projection, the MLP's two):
+    each output's contributions x_j·w_jk of its own sign are weighted 1 + γ, so relevance favours what supports the
+    output over what cancels (Montavon et al. 2019; γ = 0 is LRP-0, the plain gradient × input).
     """
 
     constant_attention: bool = True
     constant_norms: bool = True
     identity_activations: bool = True
+    gamma: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (self.gamma >= 0.0 and math.isfinite(self.gamma)):
+            raise ParameterError(f"gamma must be a finite number of at least 0, got {self.gamma!r}")
 
 
 @dataclass(frozen=True)
@@ -186,6 +196,25 @@ def apply_norm(norm: torch.nn.Module, x: torch.Tensor, rules: Rules | None) -> t
     return y * norm.weight + norm.bias if norm.elementwise_affine else y
 
 
+def apply_linear(linear: torch.nn.Module, x: torch.Tensor, rules: Rules | None) -> torch.Tensor:
+    """``linear(x)``; under the γ-rule the forward value is the same, and the backward runs through
+    z_k + γ·(z_k⁺ if y_k > 0 else z_k⁻), z_k⁺/z_k⁻ the sums of output k's positive/negative contributions x_j·w_jk
+    (bias included), times the constant y_k / that: x_j·∂̃/∂x_j then hands output k's relevance to the inputs in
+    proportion to x_j·w_jk + γ·(x_j·w_jk of y_k's sign)."""
+    y = linear(x)
+    if rules is None or rules.gamma == 0.0:
+        return y
+    w, b = linear.weight, linear.bias
+    xp, xn, wp, wn = x.clamp(min=0), x.clamp(max=0), w.clamp(min=0), w.clamp(max=0)
+    zp = F.linear(xp, wp) + F.linear(xn, wn)  # Σ_j of the positive contributions
+    zn = F.linear(xp, wn) + F.linear(xn, wp)  # ... and of the negative ones
+    if b is not None:
+        zp, zn = zp + b.clamp(min=0), zn + b.clamp(max=0)
+    z = zp + zn + rules.gamma * torch.where(y > 0, zp, zn)
+    z_safe = torch.where(z == 0, torch.ones_like(z), z)  # z = 0 only where every contribution is 0: y = 0 too
+    return z * (y / z_safe).detach()
+
+
 def _activation(act: torch.nn.Module, x: torch.Tensor, rules: Rules | None) -> torch.Tensor:
     """``act(x)``; under ``identity_activations``, x · (act(x)/x) with the ratio a constant of the backward."""
     y = act(x)
@@ -202,23 +231,24 @@ def _mlp(mlp: torch.nn.Module, x: torch.Tensor, rules: Rules | None) -> torch.Te
     if not fam.is_plain_mlp(mlp):  # gated MLPs (SwiGLU) multiply two branches: no rule for the product yet
         raise ModelError(f"relevance propagation has no rule for a {type(mlp).__name__} MLP (a gated product) yet: "
                          "choose another method")
-    return mlp.fc2(apply_norm(mlp.norm, _activation(mlp.act, mlp.fc1(x), rules), rules))
+    hidden = apply_norm(mlp.norm, _activation(mlp.act, apply_linear(mlp.fc1, x, rules), rules), rules)
+    return apply_linear(mlp.fc2, hidden, rules)
 
 
-def _qkv(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _qkv(attn: Attention, x: torch.Tensor, rules: Rules | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (B, T, C) -> q, k, v, each (B, H, T, d), with the attention's own q/k norms applied."""
     B, T, _ = x.shape
-    qkv = attn.qkv(x).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    qkv = apply_linear(attn.qkv, x, rules).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     return attn.q_norm(q), attn.k_norm(k), v
 
 
-def _qkv_of(attn: torch.nn.Module, x: torch.Tensor, layer: int,
-            pos: Positions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _qkv_of(attn: torch.nn.Module, x: torch.Tensor, layer: int, pos: Positions,
+            rules: Rules | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v (B, H, T, d) of any family's attention: Eva's q and k turned by the rotary embedding (then grouped
-    k/v heads repeated), a ViT's and Beit's as they are."""
+    k/v heads repeated), a ViT's and Beit's as they are. The γ-rule reaches a ViT's fused qkv projection only."""
     if type(attn) is Attention:
-        return _qkv(attn, x)
+        return _qkv(attn, x, rules)
     q, k, v = fam.qkv(attn, x)
     q, k = fam.rotate(attn, q, k, pos.rope_of(layer))
     k, v = fam.expand_kv(q, k, v)
@@ -241,7 +271,7 @@ def _attention(attn: torch.nn.Module, x: torch.Tensor, layer: int, probs: Probs,
     B, T, _ = x.shape
     gate_proj = getattr(attn, "gate", None)  # newer timm only
     gate = gate_proj(x).sigmoid() if gate_proj is not None else None
-    q, k, v = _qkv_of(attn, x, layer, pos)
+    q, k, v = _qkv_of(attn, x, layer, pos, how.rules)
     a = probs(layer, q, k, attn.scale, _logit_bias(attn, pos, how))
     if how.rules is not None and how.rules.constant_attention:
         a = a.detach()
@@ -252,7 +282,7 @@ def _attention(attn: torch.nn.Module, x: torch.Tensor, layer: int, probs: Probs,
     out = apply_norm(getattr(attn, "norm", _IDENTITY), mixed.transpose(1, 2).reshape(B, T, -1), how.rules)
     if gate is not None:
         out = out * gate
-    return attn.proj(out)
+    return apply_linear(attn.proj, out, how.rules)
 
 
 _IDENTITY = torch.nn.Identity()  # Beit's attention has no norm after the value mixing
@@ -279,7 +309,8 @@ def _block(blk: torch.nn.Module, x: torch.Tensor, layer: int, probs: Probs, how:
 def _probs_only(blk: torch.nn.Module, x: torch.Tensor, layer: int, probs: Probs, how: Interventions,
                 pos: Positions) -> None:
     """Only ``blk``'s probabilities, from the same input and ops as :func:`_block`; nothing after them."""
-    q, k, _v = _qkv_of(blk.attn, x if type(blk) in _POST_NORM else apply_norm(blk.norm1, x, how.rules), layer, pos)
+    q, k, _v = _qkv_of(blk.attn, x if type(blk) in _POST_NORM else apply_norm(blk.norm1, x, how.rules), layer, pos,
+                       how.rules)
     probs(layer, q, k, blk.attn.scale, _logit_bias(blk.attn, pos, how))
 
 
