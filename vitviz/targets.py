@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 
 from .errors import ModelError, ParameterError
-from .models.labels import Prediction, class_names, has_head
+from .models.labels import Prediction, class_names, has_classes, has_head, no_classes_reason
 from .walk.blocks import check_walkable, embed
 
 __all__ = [
@@ -127,12 +127,10 @@ def resolve_target(model: torch.nn.Module, target: Target | str, logits: torch.T
     out of range.
     """
     target = Target.parse(target)
-    kind = ("class" if has_head(model) else "embedding") if target.kind == "auto" else target.kind
+    kind = ("class" if has_classes(model) else "embedding") if target.kind == "auto" else target.kind
     if kind == "class":
-        if not has_head(model):
-            raise ModelError(
-                "the model has no classifier head, so there is no class to explain: use the embedding target"
-            )
+        if not has_classes(model):
+            raise ModelError(f"{no_classes_reason(model)}: there is no class to explain")
         num = int(model.num_classes)
         index = int(logits.argmax()) if target.index is None else target.index
         if not 0 <= index < num:

@@ -23,7 +23,7 @@ import streamlit as st
 from vitviz import figures as vf
 from vitviz.export import export_arrays, npz_bytes
 from vitviz.models import ModelKey
-from vitviz.models.labels import has_head
+from vitviz.models.labels import has_classes, is_projection_head
 from vitviz.settings import DEFAULTS
 
 from . import cache
@@ -81,6 +81,9 @@ def _second(key: cache.AnalysisKey, image: ImageChoice | None):
     return cache.AnalysisKey(key.model, image.digest, "crop"), decoded
 
 
+PROJECTION = ("**No class predictions:** this is the image tower of an image-text model (CLIP, SigLIP): its head "
+              "projects the image into the space of text embeddings and scores no classes. Explain explains that "
+              "embedding, a patch's feature, or (an open_clip model loaded as `clip:NAME/TAG`) a text prompt.")
 NO_HEAD = ("**No class predictions:** this model is a backbone without a classifier head: it returns an embedding "
            "of the image, not classes, so Explain explains that embedding or a patch's feature. To get one here: "
            "fit a linear probe on its embedding with your own labelled images, or train a tiny ViT from scratch "
@@ -97,8 +100,8 @@ def _status(res, inputs: InputChoice, key: cache.AnalysisKey, weights: cache.Wei
                f"grid {info.grid[0]}x{info.grid[1]} · {token_text(info)} · forward pass {res.seconds * 1000:.0f} ms · "
                f"{res.fit_description}{notes}")
     built, _info = cache.model(key.model, weights)  # the model the pass ran on (cached): its head or none
-    if not has_head(built):
-        st.caption(NO_HEAD)  # the one place the app says why there are no predictions
+    if not has_classes(built):  # the one place the app says why there are no predictions
+        st.caption(PROJECTION if is_projection_head(built) else NO_HEAD)
 
 
 def _download_npz(ctx: ViewContext, fit: str) -> bytes:

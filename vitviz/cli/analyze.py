@@ -265,12 +265,12 @@ def _predicted(job: _Job, res) -> dict:
 
     from ..inputs.image import to_tensor
     from ..models import get_model
-    from ..models.labels import has_head, predict
+    from ..models.labels import has_classes, predict
 
     info = res.info
     model, _ = get_model(job.settings.model, arch=job.arch, patch_size=job.patch_size, img_size=info.img_size,
                          device=res.device, precision=job.precision if res.device == job.device else "auto")
-    if not has_head(model) or job.prompts is not None:  # a CLIP tower's head is no classifier: zero-shot instead
+    if not has_classes(model) or job.prompts is not None:  # a CLIP tower's head is no classifier: zero-shot instead
         return {}
     param = next(model.parameters())
     top = predict(model, to_tensor(res.pixels, mean=info.mean, std=info.std).to(device=param.device,

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import ParameterError
-from ..models.labels import class_name, has_head
+from ..models.labels import class_name, has_classes
 from ..targets import head_outputs
 from ..walk.blocks import BufferProbs, Interventions, embed, softmax_probs, walk
 from ..walk.capture import check_capturable
@@ -179,7 +179,7 @@ def reference(model: torch.nn.Module, x: torch.Tensor, *, target: int | None = N
     _check_input(model, x, "zero")
     with torch.inference_mode():
         out = head_outputs(model, walk(model, embed(model, x), probs=softmax_probs))
-    if not has_head(model):
+    if not has_classes(model):
         if target is not None:
             raise ParameterError("the model has no classifier head, so there is no class to measure: leave the "
                                  "target out and the embedding's cosine is measured")

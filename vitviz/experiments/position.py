@@ -33,7 +33,7 @@ import torch
 
 from ..analysis.rollout import cls_attention, rollout_matrices, rollout_row, tokens_to_grid
 from ..errors import ModelError, ParameterError
-from ..models.labels import Prediction, class_names, has_head, top_predictions
+from ..models.labels import Prediction, class_names, has_classes, top_predictions
 from ..targets import head_outputs
 from ..walk.blocks import BufferProbs, embed, walk
 from ..walk.capture import check_capturable
@@ -172,7 +172,7 @@ def position_experiment(
         results.append(VariantResult(
             name=name, description=DESCRIPTIONS[name],
             cosine=float(torch.nn.functional.cosine_similarity(emb, intact, dim=0)),
-            predictions=top_predictions(outs.logits[i], names=names_of, k=k) if has_head(model) else (),
+            predictions=top_predictions(outs.logits[i], names=names_of, k=k) if has_classes(model) else (),
             attention_map=_attention_map(a, model=model, map_kind=map_kind),
             features=outs.tokens[i].to(wide).cpu().numpy(), embedding=emb.cpu().numpy()))
     return PositionExperiment(variants=tuple(results), permutation=perm.cpu().numpy(), map_kind=map_kind)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import ParameterError
-from ..models.labels import class_names, top_predictions
+from ..models.labels import class_names, has_classes, top_predictions
 from ..targets import Target, check_one_image, describe_target
 from ._base import Explanation, Geometry, PassResult, Progress, ranks_nothing
 from .passes import Plain, merge_passes
@@ -71,8 +71,8 @@ def explain_all(
     first = next(iter(runs.values()))[0]
     logits = None if first.outputs.logits is None else first.outputs.logits[0]
     description = describe_target(model, first.target, logits)
-    # a prompt's model is a CLIP tower: its head projects into the text space, its outputs are no classes
-    classifies = logits is not None and first.target.kind != "prompt"
+    # a CLIP tower's head projects into the text space: its outputs are no classes (has_classes)
+    classifies = logits is not None and first.target.kind != "prompt" and has_classes(model)
     predictions = top_predictions(logits, names=class_names(model)) if classifies else ()
     out = []
     for m, r in zip(methods, requests, strict=True):

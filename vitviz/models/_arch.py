@@ -36,6 +36,7 @@ class ModelSource:
     kwargs: dict[str, Any] = field(default_factory=dict)  # create_model kwargs for the native architecture
     pos_antialias: bool = True  # how the position embedding is resampled to other grids
     label_names: tuple[str, ...] | None = None  # the head's class names a checkpoint's metadata gives, in index order
+    projection_head: bool = False  # the head projects into an image-text space (CLIP, SigLIP): it has no classes
 
     @property
     def native_patch_size(self) -> int:

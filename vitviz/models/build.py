@@ -43,6 +43,7 @@ from .checkpoints import _file_source
 from .clip import CLIP_PREFIX, clip_source
 from .hf import HF_PREFIX, hf_source, is_hf_folder
 from .hub import _hub_source
+from .labels import PROJECTION_KEY
 from .pretrained import (
     DEFAULT_ARCH,
     DEFAULT_ARCH_KWARGS,
@@ -251,6 +252,8 @@ def build_model(
     materialize_buffers(model)  # Eva's RoPE frequencies, Beit's relative position indices: not in a state dict
     if source.label_names:  # the checkpoint's own class names, in timm's field for them (read by models.labels)
         model.pretrained_cfg = {**model.pretrained_cfg, "label_names": source.label_names}
+    if source.projection_head:  # a CLIP/SigLIP tower's projection: no classes (read by models.labels.has_classes)
+        model.pretrained_cfg = {**model.pretrained_cfg, PROJECTION_KEY: True}
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     check_capturable(model)
     return model

@@ -29,7 +29,7 @@ import torch
 
 from ..errors import ModelError, ModelUnavailableError, ParameterError
 from ._arch import ModelSource, Status, _create
-from .labels import Prediction
+from .labels import PROJECTION_KEY, Prediction
 
 __all__ = ["CLIP_PREFIX", "DEFAULT_TEMPLATE", "ClipModel", "TextEncoder", "is_clip_name", "tower_source",
            "clip_model", "load_clip", "clip_source", "imagenet_classes", "zero_shot"]
@@ -152,12 +152,13 @@ def tower_source(visual: torch.nn.Module, *, name: str) -> tuple[ModelSource, di
     if not kwargs["pre_norm"]:  # timm's patch embedding has a bias without the pre-norm; open_clip's never does
         state["patch_embed.proj.bias"] = torch.zeros(width)
     quick = kwargs["act_layer"] == "quick_gelu"
-    return ModelSource(name=name, arch=_ARCH[quick], kind="hub", kwargs=kwargs), state
+    return ModelSource(name=name, arch=_ARCH[quick], kind="hub", kwargs=kwargs, projection_head=True), state
 
 
 def _build_tower(source: ModelSource, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     model = _create(source.arch, source.kwargs, what=repr(source.name))
     model.load_state_dict(state, strict=True, assign=True)
+    model.pretrained_cfg = {**model.pretrained_cfg, PROJECTION_KEY: True}  # its head is no classifier (has_classes)
     return model.eval().requires_grad_(False)
 
 

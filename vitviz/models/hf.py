@@ -172,7 +172,8 @@ def _load(config_path: Path, weights: Path, *, name: str, kind: str, max_params:
     if weights.suffix == ".safetensors":
         renamed = _convert(_read_safetensors(weights, used), model_type, s, what=what)[2]
     source = HFSource(name=name, arch=arch, kind=kind, kwargs=kwargs, model_type=model_type,
-                      label_names=_label_names(config, kwargs["num_classes"]))
+                      label_names=_label_names(config, kwargs["num_classes"]),
+                      projection_head=_FAMILIES[model_type].layout in ("clip", "siglip"))
     return source, renamed
 
 

@@ -12,7 +12,7 @@ from vitviz import figures as vf
 from vitviz.analysis.maps import query_attention_maps, rollout_map
 from vitviz.experiments.ablation import Ablated, HeadTable, Reference, ablate, head_table, reference
 from vitviz.inputs.image import to_tensor
-from vitviz.models.labels import class_names, has_head, top_predictions
+from vitviz.models.labels import class_names, has_classes, top_predictions
 
 from .. import cache, jobs
 from ..state import keep
@@ -48,7 +48,7 @@ def _ablated(key: cache.AnalysisKey, heads: tuple, mode: str, target: int | None
 
 def _target(ctx, built) -> int | None:
     """The class measured: one of the intact run's top 5 (its top-1 first); None for a backbone."""
-    if not has_head(built):
+    if not has_classes(built):
         st.caption("This model has no classifier head: an ablation's effect is 1 − the cosine of the CLS embedding "
                    "with the intact one.")
         return None

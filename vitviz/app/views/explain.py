@@ -22,7 +22,7 @@ from vitviz.explain import DEFAULT_METHOD
 from vitviz.explain.registry import METHODS as REGISTERED
 from vitviz.inputs.image import to_tensor
 from vitviz.models.clip import DEFAULT_TEMPLATE, is_clip_name, load_clip, zero_shot
-from vitviz.models.labels import has_head
+from vitviz.models.labels import has_classes
 from vitviz.targets import Target, prompt_target
 
 from .. import cache, jobs
@@ -66,7 +66,7 @@ def _targets(ctx) -> list[str]:
     patch = f"patch:{ctx.query}"
     if _is_clip(ctx):
         return ["prompt", "embedding", patch]
-    if not has_head(built):
+    if not has_classes(built):
         return ["embedding", patch]
     return ["class", "embedding", patch]
 
