@@ -65,7 +65,8 @@ def _write(out: Path, rows: list[dict], probe: list[str], args) -> None:
     import torch
 
     text = [f"# Training a tiny ViT on digits (32 px), {args.threads} torch threads", "",
-            f"`benchmarks/training.py --threads {args.threads} --rows {args.rows} --epochs {args.epochs}`; "
+            f"`benchmarks/training.py --threads {args.threads} --rows {args.rows} --epochs {args.epochs}"
+            + (f" --max-seconds {args.max_seconds:g}" if args.max_seconds else "") + "`; "
             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}. "
             "Depth 4, 4 heads, batches of 32, AdamW lr 1e-3 (warm-up one epoch, cosine to 0), seed 0, the fixed "
             "20% validation split of 1,797 digits. Wall time on a machine shared with other jobs (load average at "
