@@ -339,6 +339,7 @@ def test_an_images_png_and_npz_are_written_as_one_even_when_interrupted_between_
     interrupt arrives; a failing rename leaves neither file and no temp file."""
     import os
     import signal
+    import threading
 
     from vitviz import export
 
@@ -353,8 +354,17 @@ def test_an_images_png_and_npz_are_written_as_one_even_when_interrupted_between_
 
     monkeypatch.setattr(export.os, "replace", replace_then_interrupt)
     files = {tmp_path / "3.png": b"png", tmp_path / "3.npz": b"npz"}
-    with pytest.raises(KeyboardInterrupt):
-        export.write_atomic_group(files)
+    # another thread running, as torch's and a DataLoader's do: the kernel may hand it the signal
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, daemon=True)
+    other.start()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            export.write_atomic_group(files)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        stop.set()
     assert (tmp_path / "3.png").read_bytes() == b"png" and (tmp_path / "3.npz").read_bytes() == b"npz"
 
     def refuse(src, dst):

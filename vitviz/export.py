@@ -7,13 +7,14 @@ file is removed when anything fails, Ctrl-C included.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import signal
 import tempfile
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,31 @@ def _temp_copy(path: Path, data: bytes) -> str:
     return tmp
 
 
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive in the block are recorded and delivered after it, to the handlers there were.
+
+    A Python handler, not a blocked signal mask: a mask holds back only the calling thread, and the kernel hands a
+    process's signal to any thread that does not block it (torch's, a DataLoader's), whose arrival Python then acts
+    on in the main thread at once. Off the main thread (no handlers can be set there) the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _frame: got.append(signum)) for s in _HELD}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(got):
+            signal.raise_signal(s)  # now handled as it would have been: KeyboardInterrupt, the CLI's stop, ...
+
+
+_HELD = (signal.SIGINT, signal.SIGTERM)
+
+
 def write_atomic_group(files: Mapping[str | os.PathLike, bytes]) -> list[Path]:
     """Write several files as one: every temp file first, then the renames with SIGINT and SIGTERM held back (in
     the main thread), so an interrupted run leaves all of them or none under their final names."""
@@ -62,14 +88,9 @@ def write_atomic_group(files: Mapping[str | os.PathLike, bytes]) -> list[Path]:
     try:
         for path, data in files.items():
             temps[Path(path)] = _temp_copy(Path(path), data)
-        main = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}) if main else None
-        try:
+        with _signals_held():
             for path, tmp in temps.items():
                 os.replace(tmp, path)
-        finally:
-            if held is not None:
-                signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a signal that came meanwhile is delivered now
     finally:
         for tmp in temps.values():
             Path(tmp).unlink(missing_ok=True)  # only those not renamed (on failure) still exist
