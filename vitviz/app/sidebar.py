@@ -145,7 +145,7 @@ def _hub_other() -> ModelChoice:
         "timm model", list_pretrained_vits(), key="hub_name", index=None, placeholder="Type to search, e.g. deit_base",
         format_func=lambda n: f"{n} (cached)" if hub_cached(n) else n,
         help="Any pretrained timm ViT; its weights come from the Hugging Face Hub (or its local cache). Models that "
-             "are not plain ViTs are refused with the reason.")
+             "are not ViTs (Swin, ConvNeXt) are refused with the reason; DINOv3, EVA-02 and BEiT are listed too.")
     if name is None:
         st.info("Choose a timm model in the sidebar, or another model.")
         st.stop()
@@ -185,7 +185,10 @@ def model_ui() -> ModelChoice:
     choice = sb.selectbox("Model", choices, key="model", format_func=model_label,
                           help="The embedded DINOv2 ViT-S/14 works offline. Hub models need the Hugging Face Hub or "
                                "its local cache. Checkpoints: .safetensors or plain-tensor .pth/.pt/.bin files, or "
-                               "folders saved by Hugging Face transformers.")
+                               "folders saved by Hugging Face transformers. Families read: ViT, DeiT, DINOv2, "
+                               "DINOv3 and EVA-02 (rotary positions), BEiT (relative positions), CLIP/SigLIP image "
+                               "towers; a method that has no rule for a family says so (docs/families.md: the "
+                               "table of families and methods).")
     if choice in HUB_MODELS:
         return ModelChoice(choice, None)
     if choice == OTHER_HUB:
