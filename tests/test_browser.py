@@ -320,6 +320,22 @@ def choose(page: Page, key: str, label: str) -> None:
                 raise
 
 
+def pixels_of(locator) -> np.ndarray:
+    """(h, w, 3) uint8: what the screen shows of an element (scrolled into view first)."""
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(locator.screenshot())).convert("RGB"))
+
+
+def luminance(rgb) -> float:
+    """Relative luminance (WCAG, sRGB) of one colour in 0..255."""
+    c = np.asarray(rgb, dtype=np.float64) / 255.0
+    c = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    return float(c @ np.array([0.2126, 0.7152, 0.0722]))
+
+
 def inside(page: Page, key: str, selector: str) -> list[tuple[str, bool]]:
     """(text, drawn wholly inside the figure's box) of every ``selector`` element of figure ``key``."""
     return figure(page, key).evaluate(
@@ -458,6 +474,41 @@ def test_tour_every_view(app_url, browser, reference):
                     assert all(whole for _, whole in ticks), (axis, ticks)
             shots.append(shoot(page, shot))
         assert all(p.stat().st_size > 10_000 for p in shots)
+    finally:
+        ctx.close()
+
+
+def test_every_offered_colour_scale_runs_dark_to_bright_on_screen(app_url, browser):
+    """Issue 19, 2: the colour bar of the rollout (a known ramp, low at the bottom) as the screen shows it, for every
+    scale the sidebar offers: its low end is the scale's first colour, its high end its last, and the high end is
+    the brighter ("Greys" drew the highest values black)."""
+    from vitviz.app.state import COLORSCALE_LABELS, COLORSCALES
+    from vitviz.figures._common import screen_colorscale
+    from vitviz.figures.png import _lut
+
+    offered = {COLORSCALE_LABELS.get(name, name): name for name in COLORSCALES}  # as the sidebar lists them
+    ctx = browser.new_context(viewport=VIEWPORT)
+    page = ctx.new_page()
+    try:
+        open_app(page, app_url, ASSETS / "cat.jpg")
+        wait_first_pass(page)
+        tab(page, "Attention rollout")
+        visible_figures(page)
+        settle(page)
+        assert "Greys" in offered
+        for name, scale in offered.items():
+            choose(page, "colorscale", name)  # the option must be in the sidebar's list, under this name
+            settle(page)
+            page.wait_for_function(  # drawn in the new scale (looked up afresh: a rerun may redraw the element)
+                "c => document.querySelector('.st-key-fig_rollout .js-plotly-plot')?._fullData?.[1]"
+                "?.colorscale?.[0]?.[1] === c", arg=screen_colorscale(scale)[0][1], timeout=STEP_S * 1000)
+            bar = pixels_of(figure(page, "fig_rollout").locator(".cbfill").first)
+            h, w = bar.shape[:2]
+            low, high = bar[h - 3, w // 2].astype(int), bar[2, w // 2].astype(int)
+            lut = _lut(scale)
+            assert np.abs(low - lut[0]).max() <= 40 and np.abs(high - lut[255]).max() <= 40, (name, low, high)
+            assert luminance(high) > luminance(low) + 0.3, (name, low, high)
+        healthy(page)
     finally:
         ctx.close()
 
