@@ -47,13 +47,15 @@ PATCH, GRID = 14, 16  # the default model at the app's defaults: 224 px centre c
 SECTIONS = {"Input": ["Patch grid", "Position embeddings"],
             "Attention": ["Attention rollout", "Heads", "Query patch", "Attention distance"],
             "Explain": ["Explain"],
-            "Tokens & features": ["Token norms", "Attention sinks", "Patch features", "Feature similarity"]}
+            "Tokens & features": ["Token norms", "Attention sinks", "Patch features", "Feature similarity"],
+            "Experiments": ["Remove positions", "Head ablation", "Train & probe"]}
 SECTION_OF = {view: section for section, views in SECTIONS.items() for view in views}
 TABS = [("Patch grid", "01-patch-grid"), ("Position embeddings", "02-position-embedding"),
         ("Attention rollout", "03-rollout"), ("Heads", "04-heads"), ("Query patch", "05-query-patch"),
         ("Attention distance", "06-attention-distance"), ("Explain", "09-explain"), ("Token norms", "10-token-norms"),
         ("Attention sinks", "11-attention-sinks"), ("Patch features", "12-patch-features"),
-        ("Feature similarity", "13-feature-similarity")]  # every view, section by section, and its screenshot
+        ("Feature similarity", "13-feature-similarity"),
+        ("Remove positions", "14-remove-positions")]  # every view that draws on opening, and its screenshot
 
 try:
     from playwright.sync_api import Page, sync_playwright

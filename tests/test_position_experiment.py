@@ -15,7 +15,7 @@ from vitviz.experiments.position import patch_permutation, position_experiment
 from vitviz.models.labels import top_predictions
 from vitviz.walk.capture import capture_attention
 
-from .helpers import hook_state, tiny_vit
+from .helpers import hook_state, naive_rollout, tiny_vit
 
 ALL = ("no_position", "shuffled", "shuffled_no_position")
 
@@ -121,6 +121,9 @@ def test_predictions_and_maps_of_the_intact_run_are_the_models_own():
     row = rollout_row(rollout_matrices(attn), start=0, end=2, source=0)
     np.testing.assert_allclose(res.variant("intact").attention_map,
                                tokens_to_grid(row, num_prefix_tokens=1, grid=(4, 4)).numpy(), rtol=1e-4, atol=1e-6)
+    ranged = position_experiment(model, x, variants=(), start=1, discard=0.5).variant("intact").attention_map
+    naive = naive_rollout(attn, start=1, end=2, fusion="mean", ratio=0.5)[1:]  # the app's map: layers 1.., discard
+    np.testing.assert_allclose(ranged, naive.reshape(4, 4), rtol=1e-4, atol=1e-6)
     last = position_experiment(model, x, variants=(), map_kind="last_layer").variant("intact").attention_map
     np.testing.assert_allclose(last, attn[-1].mean(0)[0, 1:].reshape(4, 4).numpy(), rtol=1e-4, atol=1e-6)
     assert position_experiment(tiny_vit(), torch.randn(1, 3, 32, 32)).variant("intact").predictions == ()

@@ -123,10 +123,14 @@ def _order(perm: torch.Tensor, num_prefix: int) -> torch.Tensor:
     return torch.cat([torch.arange(num_prefix), num_prefix + back])
 
 
-def _attention_map(attn: torch.Tensor, *, model: torch.nn.Module, map_kind: MapKind) -> np.ndarray:
-    """(L, H, T, T) attention in the image's order -> (gh, gw): CLS rollout over every layer, or the last layer's."""
+def _attention_map(attn: torch.Tensor, *, model: torch.nn.Module, map_kind: MapKind, start: int = 0,
+                   discard: float = 0.0) -> np.ndarray:
+    """(L, H, T, T) attention in the image's order -> (gh, gw): CLS rollout from layer ``start`` to the last
+    (discarding the lowest ``discard`` of each fused matrix), or the last layer's CLS attention."""
     if map_kind == "rollout":
-        row = rollout_row(rollout_matrices(attn), start=0, end=attn.shape[0] - 1, source=0)
+        start = min(start, attn.shape[0] - 1)  # a one-layer model has no layer 1
+        mats = rollout_matrices(attn[start:], discard_ratio=discard)
+        row = rollout_row(mats, start=0, end=attn.shape[0] - start - 1, source=0)
     else:
         row = cls_attention(attn[-1:])[0]
     grid = tuple(int(g) for g in model.patch_embed.grid_size)
@@ -140,13 +144,16 @@ def position_experiment(
         variants: tuple[Variant, ...] = ("no_position", "shuffled", "shuffled_no_position"),
         seed: int = 0,
         map_kind: MapKind = "rollout",
+        start: int = 0,
+        discard: float = 0.0,
         k: int = 5,
 ) -> PositionExperiment:
     """Run one image ``x`` (1, 3, H, W) intact and as each of ``variants``, in one batched walk of the blocks.
 
     Returns per variant the cosine of its embedding with the intact one, the top-``k`` predictions when the model
-    has a head, the CLS attention map (``rollout`` over every layer with the heads averaged, or the ``last_layer``'s
-    CLS attention) and the final tokens, all in the image's patch order.
+    has a head, the CLS attention map (``rollout`` from layer ``start`` with the heads averaged and the lowest
+    ``discard`` of each matrix dropped, or the ``last_layer``'s CLS attention) and the final tokens, all in the image's
+    patch order.
     """
     names = _check(model, x, variants, map_kind)
     gh, gw = model.patch_embed.grid_size
@@ -173,6 +180,6 @@ def position_experiment(
             name=name, description=DESCRIPTIONS[name],
             cosine=float(torch.nn.functional.cosine_similarity(emb, intact, dim=0)),
             predictions=top_predictions(outs.logits[i], names=names_of, k=k) if has_classes(model) else (),
-            attention_map=_attention_map(a, model=model, map_kind=map_kind),
+            attention_map=_attention_map(a, model=model, map_kind=map_kind, start=start, discard=discard),
             features=outs.tokens[i].to(wide).cpu().numpy(), embedding=emb.cpu().numpy()))
     return PositionExperiment(variants=tuple(results), permutation=perm.cpu().numpy(), map_kind=map_kind)

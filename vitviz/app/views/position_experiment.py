@@ -11,12 +11,14 @@ import streamlit as st
 from vitviz import figures as vf
 from vitviz.experiments.position import DESCRIPTIONS, PositionExperiment, position_experiment
 from vitviz.inputs.image import to_tensor
+from vitviz.settings import DEFAULTS
 
 from .. import cache, jobs
 from ..widgets import chart
 
 TITLE = "Remove positions"
-MAPS = {"rollout": "CLS rollout over every layer", "last_layer": "last layer's CLS attention"}
+MAPS = {"rollout": f"CLS rollout (from layer {DEFAULTS.start_layer}, discard {DEFAULTS.discard_ratio})",
+        "last_layer": "last layer's CLS attention"}
 SHORT = {"intact": "Intact", "no_position": "No position embeddings", "shuffled": "Patches shuffled",
          "shuffled_no_position": "Shuffled, no positions"}
 
@@ -28,7 +30,7 @@ def _experiment(key: cache.AnalysisKey, map_kind: str, seed: int, _res, _weights
     param = next(built.parameters())
     x = to_tensor(_res.pixels, mean=info.mean, std=info.std).to(device=param.device, dtype=param.dtype)
     return position_experiment(built, x, variants=("no_position", "shuffled", "shuffled_no_position"), seed=seed,
-                               map_kind=map_kind)
+                               map_kind=map_kind, start=DEFAULTS.start_layer, discard=DEFAULTS.discard_ratio)
 
 
 def cosine_text(cosine: float) -> str:
@@ -61,7 +63,8 @@ def render(ctx) -> None:
     done = _experiment(ctx.key, map_kind, seed, res, ctx.weights)
     st.caption(f"Maps: the {MAPS[map_kind]}, each in the image's own patch order (a shuffled run is put back); "
                "brighter = more attention.")
-    for col, v in zip(st.columns(len(done.variants)), done.variants, strict=True):
+    cols = [c for _ in range(0, len(done.variants), 2) for c in st.columns(2)]  # two a row: maps large enough to read
+    for col, v in zip(cols, done.variants, strict=False):
         with col:
             st.markdown(_variant_text(v))
             chart(vf.overlay_figure(res.pixels, v.attention_map, patch_size=info.patch_size, opacity=d.opacity,
