@@ -205,12 +205,11 @@ def apply_linear(linear: torch.nn.Module, x: torch.Tensor, rules: Rules | None) 
     if rules is None or rules.gamma == 0.0:
         return y
     w, b = linear.weight, linear.bias
-    xp, xn, wp, wn = x.clamp(min=0), x.clamp(max=0), w.clamp(min=0), w.clamp(max=0)
-    zp = F.linear(xp, wp) + F.linear(xn, wn)  # Σ_j of the positive contributions
-    zn = F.linear(xp, wn) + F.linear(xn, wp)  # ... and of the negative ones
+    zp = F.linear(x.clamp(min=0), w.clamp(min=0)) + F.linear(x.clamp(max=0), w.clamp(max=0))  # the positive parts
     if b is not None:
-        zp, zn = zp + b.clamp(min=0), zn + b.clamp(max=0)
-    z = zp + zn + rules.gamma * torch.where(y > 0, zp, zn)
+        zp = zp + b.clamp(min=0)
+    zn = y - zp  # the negative ones: y is their sum (two products, not four)
+    z = y + rules.gamma * torch.where(y > 0, zp, zn)
     z_safe = torch.where(z == 0, torch.ones_like(z), z)  # z = 0 only where every contribution is 0: y = 0 too
     return z * (y / z_safe).detach()
 
