@@ -34,7 +34,7 @@ def require_extra(module: str, extra: str):
     except ImportError:
         if os.environ.get("CI") in ("true", "1") and not os.environ.get("VITVIZ_WITHOUT_EXTRAS"):
             pytest.fail(f"{module} is missing: CI installs every extra (requirements-dev.txt, vitviz[{extra}])")
-        pytest.skip(f"needs the optional extra vitviz[{extra}] ({module})")
+        pytest.skip(f"needs the optional extra vitviz[{extra}] ({module})", allow_module_level=True)
 
 
 TINY = dict(pretrained=False, embed_dim=32, depth=3, num_heads=4, num_classes=0)

@@ -107,3 +107,24 @@ def test_probe_the_current_backbone_on_an_uploaded_zip(app_env):
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert re.search(r"held-out accuracy \*\*\d\.\d{3}\*\* on 2 images", _text(at)), _text(at)
     assert "blue, red" in _text(at)
+
+
+def test_without_the_digits_the_page_says_why_and_still_probes(app_env, monkeypatch):
+    """No scikit-learn (the base install): the digits choice says how to get them, Train stays off, and the probe
+    below still works (it needs no extra)."""
+    from vitviz.app.views import train as view
+    from vitviz.errors import ModelError
+
+    def missing(*_a, **_k):
+        raise ModelError("the digits data set comes with scikit-learn, which is not installed: pip install "
+                         "vitviz[train]")
+
+    monkeypatch.setattr(view, "training_data", missing)
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    at.selectbox(key="example").set_value("cat.jpg").run()
+    at = _page(at)
+    assert not at.exception and any("vitviz\\[train\\]" in e.value or "vitviz[train]" in e.value for e in at.error)
+    assert at.button(key="train_start").disabled
+    at.file_uploader(key="probe_zip").set_value(("colours.zip", _zip(), "application/zip")).run()
+    at.button(key="probe_start").click().run()
+    assert re.search(r"held-out accuracy \*\*\d\.\d{3}\*\*", _text(at)), _text(at)

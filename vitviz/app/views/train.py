@@ -15,6 +15,7 @@ from dataclasses import replace
 import plotly.graph_objects as go
 import streamlit as st
 
+from vitviz.errors import VitvizError
 from vitviz.experiments.data import Labelled, labelled_images
 from vitviz.experiments.train import Step, TrainConfig, Trained, train_vit, training_data
 
@@ -98,14 +99,18 @@ def _data_ui(config: TrainConfig) -> Labelled | None:
     choice = st.radio("Data", ("digits", "zip"), key="train_data", horizontal=True,
                       format_func={"digits": "handwritten digits (scikit-learn, 1,797 images)",
                                    "zip": "my labelled images (a .zip, one folder per class)"}.get)
-    if choice == "digits":
-        return _digits(config.img_size)
-    upload = st.file_uploader("Labelled images (.zip)", type=["zip"], key="train_zip",
-                              help="One sub-folder per class, its name the class name; up to 2,000 images.")
-    if upload is None:
+    try:
+        if choice == "digits":
+            return _digits(config.img_size)
+        upload = st.file_uploader("Labelled images (.zip)", type=["zip"], key="train_zip",
+                                  help="One sub-folder per class, its name the class name; up to 2,000 images.")
+        if upload is None:
+            return None
+        data = upload.getvalue()
+        return _zip(cache.digest(data), config.img_size, upload.name, data)
+    except VitvizError as exc:  # no scikit-learn, a bad zip: said here, and the probe below still works
+        st.error(md_escape(str(exc)))
         return None
-    data = upload.getvalue()
-    return _zip(cache.digest(data), config.img_size, upload.name, data)
 
 
 def _curves(steps: list[Step]) -> go.Figure:
