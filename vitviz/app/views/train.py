@@ -108,8 +108,8 @@ def _data_ui(config: TrainConfig) -> Labelled | None:
             return None
         data = upload.getvalue()
         return _zip(cache.digest(data), config.img_size, upload.name, data)
-    except VitvizError as exc:  # no scikit-learn, a bad zip: said here, and the probe below still works
-        st.error(md_escape(str(exc)))
+    except VitvizError as exc:  # no scikit-learn (a note: the base install) or a bad zip (an error); the probe works
+        (st.info if choice == "digits" else st.error)(md_escape(str(exc)))
         return None
 
 
