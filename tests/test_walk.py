@@ -25,27 +25,40 @@ def _layer_norm(norm, x, constant: bool):
     return (x - mu) / (sigma.detach() if constant else sigma) * norm.weight + norm.bias
 
 
+def _linear(x, lin, gamma: float):
+    """x·wᵀ + b; with γ > 0 the generalised γ-rule from every contribution x_j·w_kj held apart (T, out, in)."""
+    z = x @ lin.weight.T + lin.bias
+    if gamma == 0.0:
+        return z
+    c = x[..., None, :] * lin.weight
+    zp = c.clamp(min=0).sum(-1) + lin.bias.clamp(min=0)
+    zn = c.clamp(max=0).sum(-1) + lin.bias.clamp(max=0)
+    boosted = z + gamma * torch.where(z > 0, zp, zn)
+    return boosted * (z / boosted).detach()
+
+
 def hand_forward(model, t, *, scale=None, rules: Rules | None = None):
     """Pre-norm timm blocks written out: per head softmax(q_h·k_hᵀ/√d)·v_h, each head's output times scale[l, h];
-    under ``rules`` the softmax, 1/σ of each LayerNorm and GELU's slope are detached, by these formulas."""
+    under ``rules`` the softmax, 1/σ of each LayerNorm and GELU's slope are detached, by these formulas, and every
+    linear layer (all of qkv too) follows the γ-rule."""
     r = rules or Rules(False, False, False)
     for layer, blk in enumerate(model.blocks):
         a = blk.attn
         h = _layer_norm(blk.norm1, t, r.constant_norms)
         T, H, d = h.shape[1], a.num_heads, a.head_dim
-        qkv = (h[0] @ a.qkv.weight.T + a.qkv.bias).reshape(T, 3, H, d)
+        qkv = _linear(h[0], a.qkv, r.gamma).reshape(T, 3, H, d)
         heads = []
         for j in range(H):
             q, k, v = qkv[:, 0, j], qkv[:, 1, j], qkv[:, 2, j]
             p = torch.softmax(q @ k.T / math.sqrt(d), dim=-1)
             out = (p.detach() if r.constant_attention else p) @ v
             heads.append(out * (1.0 if scale is None else scale[layer, j]))
-        t = t + blk.ls1((torch.cat(heads, -1) @ a.proj.weight.T + a.proj.bias)[None])
-        z = blk.mlp.fc1(_layer_norm(blk.norm2, t, r.constant_norms))
+        t = t + blk.ls1(_linear(torch.cat(heads, -1), a.proj, r.gamma)[None])
+        z = _linear(_layer_norm(blk.norm2, t, r.constant_norms), blk.mlp.fc1, r.gamma)
         g = torch.nn.functional.gelu(z)
         if r.identity_activations:
             g = z * (g / z).detach()
-        t = t + blk.ls2(blk.mlp.fc2(g))
+        t = t + blk.ls2(_linear(g, blk.mlp.fc2, r.gamma))
     return t
 
 
@@ -121,9 +134,14 @@ def test_without_position_embeddings_a_vit_is_permutation_equivariant():
 
 
 @pytest.mark.parametrize("rules", [Rules(), Rules(True, False, False), Rules(False, True, False),
-                                   Rules(False, False, True)])
+                                   Rules(False, False, True), Rules(gamma=0.5), Rules(False, False, False, 0.25)])
 def test_relevance_rules_change_the_backward_only_as_their_formulas_say(rules):
     model = _model()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # timm starts the biases at zero: the γ-rule's bias terms must be exercised
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
     x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         t0 = embed(model, x)

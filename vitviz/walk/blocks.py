@@ -38,7 +38,8 @@ from . import _families as fam
 from ._families import Positions, check_family, has_class_token, positions
 
 __all__ = ["BLOCKS", "Rules", "Interventions", "BufferProbs", "KeptProbs", "softmax_probs", "check_walkable",
-           "check_capturable", "embed", "apply_norm", "apply_linear", "walk", "run_blocks", "pool_attention"]
+           "check_capturable", "embed", "apply_norm", "apply_linear", "gamma_rule", "walk", "run_blocks",
+           "pool_attention"]
 
 BLOCKS = (Block, ResPostBlock)
 
@@ -197,19 +198,27 @@ def apply_norm(norm: torch.nn.Module, x: torch.Tensor, rules: Rules | None) -> t
 
 
 def apply_linear(linear: torch.nn.Module, x: torch.Tensor, rules: Rules | None) -> torch.Tensor:
-    """``linear(x)``; under the γ-rule the forward value is the same, and the backward runs through
-    z_k + γ·(z_k⁺ if y_k > 0 else z_k⁻), z_k⁺/z_k⁻ the sums of output k's positive/negative contributions x_j·w_jk
-    (bias included), times the constant y_k / that: x_j·∂̃/∂x_j then hands output k's relevance to the inputs in
-    proportion to x_j·w_jk + γ·(x_j·w_jk of y_k's sign)."""
+    """``linear(x)``; under the γ-rule the same forward value with the γ-rule's backward (:func:`gamma_rule`)."""
     y = linear(x)
     if rules is None or rules.gamma == 0.0:
         return y
-    w, b = linear.weight, linear.bias
-    zp = F.linear(x.clamp(min=0), w.clamp(min=0)) + F.linear(x.clamp(max=0), w.clamp(max=0))  # the positive parts
+    return gamma_rule(x, y, linear.weight, linear.bias, rules.gamma)
+
+
+def gamma_rule(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+               gamma: float) -> torch.Tensor:
+    """y = x·wᵀ + b, the same value, with a backward through z_k + γ·(z_k⁺ if y_k > 0 else z_k⁻), z_k⁺/z_k⁻ the
+    sums of output k's positive/negative contributions x_j·w_kj (bias included), times the constant y_k / that:
+    x_j·∂̃/∂x_j then hands output k's relevance to the inputs in proportion to x_j·w_kj + γ·(x_j·w_kj of y_k's sign).
+
+    Σ_j (x_j·w_kj)⁺ = (Σ_j |x_j|·|w_kj| + Σ_j x_j·w_kj) / 2, so one product (|x|·|w|ᵀ) joins the layer's own, in the
+    forward and in the backward: the rule costs a second linear layer, not the four of x⁺, x⁻ times w⁺, w⁻."""
+    plain = y if b is None else y - b
+    zp = (F.linear(x.abs(), w.abs()) + plain) / 2  # the positive contributions
     if b is not None:
         zp = zp + b.clamp(min=0)
-    zn = y - zp  # the negative ones: y is their sum (two products, not four)
-    z = y + rules.gamma * torch.where(y > 0, zp, zn)
+    zn = y - zp  # the negative ones: y is their sum
+    z = y + gamma * torch.where(y > 0, zp, zn)
     z_safe = torch.where(z == 0, torch.ones_like(z), z)  # z = 0 only where every contribution is 0: y = 0 too
     return z * (y / z_safe).detach()
 
@@ -236,9 +245,16 @@ def _mlp(mlp: torch.nn.Module, x: torch.Tensor, rules: Rules | None) -> torch.Te
 
 def _qkv(attn: Attention, x: torch.Tensor, rules: Rules | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (B, T, C) -> q, k, v, each (B, H, T, d), with the attention's own q/k norms applied."""
-    B, T, _ = x.shape
-    qkv = apply_linear(attn.qkv, x, rules).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
+    B, T, C = x.shape
+    if rules is not None and rules.constant_attention and rules.gamma != 0.0:
+        # CP-LRP: relevance reaches q and k nowhere (the probabilities are constants), so the γ-rule's second
+        # product is needed for the value rows only
+        y = attn.qkv(x)
+        bias = None if attn.qkv.bias is None else attn.qkv.bias[2 * C:]
+        y = torch.cat([y[..., :2 * C], gamma_rule(x, y[..., 2 * C:], attn.qkv.weight[2 * C:], bias, rules.gamma)], -1)
+    else:
+        y = apply_linear(attn.qkv, x, rules)
+    q, k, v = y.reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     return attn.q_norm(q), attn.k_norm(k), v
 
 
