@@ -55,24 +55,18 @@ FAMILIES = {
 _MAP = "reads no token row"  # gradient-weighted attention on an attention pool
 _NO_CLS = "no CLS token, so there is no CLS attention to roll out"  # rollout and raw read the CLS row
 NO_CLS = ("siglip", "eva_gap")  # walked by the gradient methods; the capture's views need a CLS token
-_GATED = "gated product"  # AttnLRP has no rule for SwiGLU yet
 # (family, method) -> a phrase of the sentence it is refused with; every other pair runs
 REFUSED = {
     ("siglip_like", "chefer"): _MAP,
     ("siglip_like", "gradxattn"): _MAP,
-    ("siglip_like", "lrp"): "no rule for 'map' pooling",
     ("siglip_like", "deletion"): "not attention pooling",
-    ("eva02", "lrp"): _GATED,
-    ("gqa_rmsnorm", "lrp"): "no rule for a RmsNorm",
     ("pe_core", "chefer"): _MAP,
     ("pe_core", "gradxattn"): _MAP,
-    ("pe_core", "lrp"): "no rule for 'map' pooling",
     ("pe_core", "deletion"): "not attention pooling",
     ("siglip", "rollout"): _NO_CLS,
     ("siglip", "raw"): _NO_CLS,
     ("siglip", "chefer"): _MAP,
     ("siglip", "gradxattn"): _MAP,
-    ("siglip", "lrp"): "no rule for 'map' pooling",
     ("siglip", "deletion"): "not attention pooling",
     ("eva_gap", "rollout"): _NO_CLS,
     ("eva_gap", "raw"): _NO_CLS,
@@ -382,11 +376,14 @@ def test_faithfulness_curves_run_for_every_family(name, perturbation):
     assert not np.allclose(c.morf[1:], p1)  # removing patches changes the score
 
 
-@pytest.mark.parametrize("name", ["eva_rope", "rope_mixed", "eva_gap", "beit", "beit_shared", "avg_pool"])
+@pytest.mark.parametrize("name", ["eva_rope", "rope_mixed", "eva_gap", "beit", "beit_shared", "avg_pool", "eva02",
+                                  "gqa_rmsnorm", "siglip_like", "siglip", "pe_core"])
 def test_lrp_conserves_the_score_with_zero_biases_in_every_family_it_runs_on(name):
     """AttnLRP's rules make the walk linear in its tokens given the constants (softmax, 1/σ, activation slopes; the
     rotary embedding and the relative position bias act on the constant probabilities only, layer scale γ is a
-    factor), so with every bias at zero the relevance of all tokens sums to the score exactly (Euler)."""
+    factor; a gated MLP's product is quadratic and its gradient halved by the uniform rule; an attention pool's
+    probabilities are constants too), so with every bias at zero the relevance of all tokens sums to the score
+    exactly (Euler)."""
     from vitviz.explain.lrp import relevance
 
     model = copy.deepcopy(family_model(name, dtype=torch.float64))

@@ -87,8 +87,8 @@ def test_lrp_leaves_no_state_and_threads_agree():
 
 
 def test_unsupported_heads_and_settings_are_refused_with_a_sentence():
-    model = tiny_vit(img_size=32, patch_size=8, depth=2, global_pool="map")
-    with pytest.raises(ModelError, match="no rule for 'map' pooling"):
+    model = tiny_vit(img_size=32, patch_size=8, depth=2, global_pool="max")
+    with pytest.raises(ModelError, match="no rule for 'max' pooling"):
         explain(model, torch.randn(1, 3, 32, 32), method="lrp", target="embedding")
     with pytest.raises(ParameterError, match="at="):
         explain(_model("cls"), torch.randn(1, 3, 32, 32, dtype=torch.float64), method="lrp:at=logits")
@@ -137,3 +137,30 @@ def test_with_zero_biases_the_gamma_rule_still_conserves_the_score(layout):
     assert (rel - plain).abs().max() > 1e-6 * plain.abs().max()
     with pytest.raises(ParameterError, match="gamma"):
         explain(model, x, method="lrp:gamma=-1")
+
+
+def test_a_gated_mlp_after_a_rmsnorm_passes_relevance_as_its_rules_written_out_say():
+    """RmsNorm then timm's SwiGLU, relevance passed message by message (LRP-0 through each linear layer:
+    R_i = Σ_k x_i·w_ki / z_k · R_k with z_k the layer's output, bias included; the identity rule through the norm and
+    SiLU; the uniform rule splitting the product's relevance in halves), against input × the walk rules' gradient."""
+    from timm.layers import RmsNorm, SwiGLU
+
+    from vitviz.walk.rules import Rules, apply_mlp, apply_norm
+
+    g = torch.Generator().manual_seed(4)
+    norm, mlp = RmsNorm(6).double(), SwiGLU(6, 8).double()
+    with torch.no_grad():
+        for p in [*norm.parameters(), *mlp.parameters()]:
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+    x = torch.randn(1, 3, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(1, 3, 6, generator=g, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((c * apply_mlp(mlp, apply_norm(norm, x, Rules()), Rules())).sum(), x)
+    with torch.no_grad():
+        n = norm(x)
+        gate, up = mlp.fc1_g(n), mlp.fc1_x(n)
+        hidden = torch.nn.functional.silu(gate) * up
+        out = mlp.fc2(hidden)
+        r_hidden = torch.einsum("btk,jk,btj->btk", hidden, mlp.fc2.weight, c * out / out)
+        r_n = (torch.einsum("bti,ki,btk->bti", n, mlp.fc1_g.weight, r_hidden / 2 / gate)
+               + torch.einsum("bti,ki,btk->bti", n, mlp.fc1_x.weight, r_hidden / 2 / up))
+    torch.testing.assert_close(x.detach() * grad, r_n)  # the identity rule: the norm hands R_n on to x unchanged

@@ -14,7 +14,9 @@ biases absorb the rest (tests/test_lrp.py measures both). The map sums each patc
 
 Nothing is patched on torch or on the model (lxt patches torch's classes process-wide; a timm port patches
 ``Attention.forward``): the rules are arguments of the one walk, so other threads' methods are unaffected.
-Refused with a sentence: attention-pool heads, and norms or MLPs that have no rule yet.
+Gated MLPs (SwiGLU) split the product's relevance evenly between its branches (the uniform rule); RmsNorm's 1/rms
+is a constant like LayerNorm's 1/σ; an attention-pool head ("map", SigLIP's) is read like a block's attention
+(its probabilities constant). Refused with a sentence: norms, MLPs and pooling heads that have no rule yet.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from timm.layers import AttentionPoolLatent
 
 from ..errors import ModelError, ParameterError
 from ..models.labels import has_head
 from ..targets import ModelOutputs, Target, check_one_image, resolve_target, target_reference, target_score
-from ..walk.blocks import Interventions, Rules, apply_norm, embed, softmax_probs, walk
+from ..walk.blocks import Interventions, embed, softmax_probs, walk
+from ..walk.rules import Rules, apply_linear, apply_mlp, apply_norm, gamma_rule
 from ._base import Geometry, MethodSpec, PassResult, Progress
 
 __all__ = ["LRP", "LrpSettings", "RelevancePass", "relevance"]
@@ -49,15 +53,49 @@ class LrpSettings:
         Rules(gamma=self.gamma)  # a bad gamma is refused here, before any pass
 
 
+def _attention_pool(pool: torch.nn.Module, x: torch.Tensor, rules: Rules) -> torch.Tensor:
+    """timm's ``AttentionPoolLatent`` (SigLIP's "map" head) under the rules: its latent queries' probabilities are
+    constants (CP-LRP, as in the blocks), relevance flows through the values, the projection and its MLP."""
+    B, N, _ = x.shape
+    H, d, Q = pool.num_heads, pool.head_dim, pool.latent_len
+    if pool.pos_embed is not None:
+        x = x + pool.pos_embed[None].to(x.dtype)
+    q = pool.q(pool.latent.expand(B, -1, -1)).reshape(B, Q, H, d).transpose(1, 2)
+    kv = pool.kv(x)
+    if rules.gamma != 0.0:  # the value half only: the keys feed the constant probabilities
+        bias = None if pool.kv.bias is None else pool.kv.bias[H * d:]
+        kv = torch.cat([kv[..., :H * d], gamma_rule(x, kv[..., H * d:], pool.kv.weight[H * d:], bias, rules.gamma)],
+                       -1)
+    k, v = kv.reshape(B, N, 2, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+    a = softmax_probs(0, pool.q_norm(q), pool.k_norm(k), pool.scale, None).detach()
+    out = apply_linear(pool.proj, (a.to(v.dtype) @ v).transpose(1, 2).reshape(B, Q, H * d), rules)
+    if pool.mlp is not None:
+        out = out + apply_mlp(pool.mlp, apply_norm(pool.norm, out, rules), rules)
+    return out[:, 0] if pool.pool == "token" else out.mean(1) if pool.pool == "avg" else out
+
+
+def _pooled(model: torch.nn.Module, feats: torch.Tensor, rules: Rules) -> torch.Tensor:
+    """The head's input from the normed tokens (B, T, C): an attention pool's output, or the patches' mean."""
+    pool = getattr(model, "attn_pool", None)
+    if pool is not None:
+        if type(pool) is not AttentionPoolLatent or pool.pool not in ("token", "avg"):
+            raise ModelError(f"relevance propagation has no rule for a {type(pool).__name__} pooling head yet: "
+                             "choose another method")
+        include = getattr(model, "pool_include_prefix", True)  # a ViT drops its prefix tokens first, Eva does not
+        return _attention_pool(pool, feats if include else feats[:, int(model.num_prefix_tokens):], rules)
+    start = 0 if getattr(model, "pool_include_prefix", False) else int(model.num_prefix_tokens)
+    return feats[:, start:].mean(1)
+
+
 def _readout(model: torch.nn.Module, t: torch.Tensor, rules: Rules) -> ModelOutputs:
-    """The final norm and the head under the rules: token or average pooling (a distilled DeiT's two heads too)."""
-    if getattr(model, "attn_pool", None) is not None or model.global_pool not in ("token", "avg"):
+    """The final norm and the head under the rules: attention, average or token pooling (a distilled DeiT's two
+    heads too)."""
+    if getattr(model, "attn_pool", None) is None and model.global_pool not in ("token", "avg"):
         raise ModelError(f"relevance propagation has no rule for {model.global_pool!r} pooling yet: choose another "
                          "method")
     feats = apply_norm(model.norm, t, rules)
-    if model.global_pool == "avg":  # the mean of the patches, then fc_norm under the rule
-        start = 0 if getattr(model, "pool_include_prefix", False) else int(model.num_prefix_tokens)
-        embedding = apply_norm(model.fc_norm, feats[:, start:].mean(1), rules)
+    if getattr(model, "attn_pool", None) is not None or model.global_pool == "avg":  # then fc_norm under the rule
+        embedding = apply_norm(model.fc_norm, _pooled(model, feats, rules), rules)
         logits = model.head(embedding) if has_head(model) else None
         return ModelOutputs(tokens=feats, embedding=embedding, logits=logits)
     if not isinstance(model.fc_norm, torch.nn.Identity):

@@ -24,22 +24,21 @@ refuses anything else with the reason.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, ResPostBlock
 
-from ..errors import ModelError, ParameterError
+from ..errors import ModelError
 from . import _families as fam
 from ._families import Positions, check_family, has_class_token, positions
+from .rules import Rules, apply_linear, apply_mlp, apply_norm, gamma_rule
 
 __all__ = ["BLOCKS", "Rules", "Interventions", "BufferProbs", "KeptProbs", "softmax_probs", "check_walkable",
-           "check_capturable", "embed", "apply_norm", "apply_linear", "gamma_rule", "walk", "run_blocks",
-           "pool_attention"]
+           "check_capturable", "embed", "apply_norm", "apply_linear", "apply_mlp", "gamma_rule", "walk",
+           "run_blocks", "pool_attention"]
 
 BLOCKS = (Block, ResPostBlock)
 
@@ -56,29 +55,6 @@ def check_capturable(model: torch.nn.Module) -> None:
     check_walkable(model)
     if not has_class_token(model):
         raise ModelError(f"{type(model).__name__} has no CLS token, so there is no CLS attention to roll out")
-
-
-@dataclass(frozen=True)
-class Rules:
-    """Backward rules of relevance propagation, as constants in the backward (the forward is unchanged).
-
-    ``constant_attention``: the softmax probabilities A are constants, so relevance flows through the values only
-    (CP-LRP, Ali et al. 2022; AttnLRP's recommendation for ViTs). ``constant_norms``: a LayerNorm's 1/σ is a
-    constant, the centring stays (the identity rule for normalisation). ``identity_activations``: GELU/SiLU pass
-    relevance on unchanged, y = x · (f(x)/x) with the ratio constant (the identity rule). ``gamma``: the generalised
-    γ-rule on the blocks' linear layers (the value projection, the attention's output projection, the MLP's two):
-    each output's contributions x_j·w_jk of its own sign are weighted 1 + γ, so relevance favours what supports the
-    output over what cancels (Montavon et al. 2019; γ = 0 is LRP-0, the plain gradient × input).
-    """
-
-    constant_attention: bool = True
-    constant_norms: bool = True
-    identity_activations: bool = True
-    gamma: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not (self.gamma >= 0.0 and math.isfinite(self.gamma)):
-            raise ParameterError(f"gamma must be a finite number of at least 0, got {self.gamma!r}")
 
 
 @dataclass(frozen=True)
@@ -184,65 +160,6 @@ def embed(model: torch.nn.Module, x: torch.Tensor, *, pos_embed: torch.Tensor | 
     return model.norm_pre(model.patch_drop(t))
 
 
-def apply_norm(norm: torch.nn.Module, x: torch.Tensor, rules: Rules | None) -> torch.Tensor:
-    """``norm(x)``; under ``constant_norms`` a LayerNorm's 1/σ is a constant of the backward."""
-    if rules is None or not rules.constant_norms or isinstance(norm, torch.nn.Identity):
-        return norm(x)
-    if not isinstance(norm, torch.nn.LayerNorm):
-        raise ModelError(f"relevance propagation has no rule for a {type(norm).__name__} normalisation yet: choose "
-                         "another method")
-    centred = x - x.mean(-1, keepdim=True)
-    sigma = (centred.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt().detach()
-    y = centred / sigma
-    return y * norm.weight + norm.bias if norm.elementwise_affine else y
-
-
-def apply_linear(linear: torch.nn.Module, x: torch.Tensor, rules: Rules | None) -> torch.Tensor:
-    """``linear(x)``; under the γ-rule the same forward value with the γ-rule's backward (:func:`gamma_rule`)."""
-    y = linear(x)
-    if rules is None or rules.gamma == 0.0:
-        return y
-    return gamma_rule(x, y, linear.weight, linear.bias, rules.gamma)
-
-
-def gamma_rule(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-               gamma: float) -> torch.Tensor:
-    """y = x·wᵀ + b, the same value, with a backward through z_k + γ·(z_k⁺ if y_k > 0 else z_k⁻), z_k⁺/z_k⁻ the
-    sums of output k's positive/negative contributions x_j·w_kj (bias included), times the constant y_k / that:
-    x_j·∂̃/∂x_j then hands output k's relevance to the inputs in proportion to x_j·w_kj + γ·(x_j·w_kj of y_k's sign).
-
-    Σ_j (x_j·w_kj)⁺ = (Σ_j |x_j|·|w_kj| + Σ_j x_j·w_kj) / 2, so one product (|x|·|w|ᵀ) joins the layer's own, in the
-    forward and in the backward: the rule costs a second linear layer, not the four of x⁺, x⁻ times w⁺, w⁻."""
-    plain = y if b is None else y - b
-    zp = (F.linear(x.abs(), w.abs()) + plain) / 2  # the positive contributions
-    if b is not None:
-        zp = zp + b.clamp(min=0)
-    zn = y - zp  # the negative ones: y is their sum
-    z = y + gamma * torch.where(y > 0, zp, zn)
-    z_safe = torch.where(z == 0, torch.ones_like(z), z)  # z = 0 only where every contribution is 0: y = 0 too
-    return z * (y / z_safe).detach()
-
-
-def _activation(act: torch.nn.Module, x: torch.Tensor, rules: Rules | None) -> torch.Tensor:
-    """``act(x)``; under ``identity_activations``, x · (act(x)/x) with the ratio a constant of the backward."""
-    y = act(x)
-    if rules is None or not rules.identity_activations:
-        return y
-    ratio = torch.where(x == 0, torch.zeros_like(y), y / torch.where(x == 0, torch.ones_like(x), x))
-    return x * ratio.detach()
-
-
-def _mlp(mlp: torch.nn.Module, x: torch.Tensor, rules: Rules | None) -> torch.Tensor:
-    """timm ``Mlp.forward`` (fc1, act, norm, fc2; dropouts are identities in eval mode), with the rules."""
-    if rules is None:
-        return mlp(x)
-    if not fam.is_plain_mlp(mlp):  # gated MLPs (SwiGLU) multiply two branches: no rule for the product yet
-        raise ModelError(f"relevance propagation has no rule for a {type(mlp).__name__} MLP (a gated product) yet: "
-                         "choose another method")
-    hidden = apply_norm(mlp.norm, _activation(mlp.act, apply_linear(mlp.fc1, x, rules), rules), rules)
-    return apply_linear(mlp.fc2, hidden, rules)
-
-
 def _qkv(attn: Attention, x: torch.Tensor, rules: Rules | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (B, T, C) -> q, k, v, each (B, H, T, d), with the attention's own q/k norms applied."""
     B, T, C = x.shape
@@ -261,13 +178,30 @@ def _qkv(attn: Attention, x: torch.Tensor, rules: Rules | None) -> tuple[torch.T
 def _qkv_of(attn: torch.nn.Module, x: torch.Tensor, layer: int, pos: Positions,
             rules: Rules | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v (B, H, T, d) of any family's attention: Eva's q and k turned by the rotary embedding (then grouped
-    k/v heads repeated), a ViT's and Beit's as they are. The γ-rule reaches a ViT's fused qkv projection only."""
+    k/v heads repeated), a ViT's and Beit's as they are. Under CP-LRP the γ-rule reaches the value rows only (q and k
+    carry no relevance there); without CP-LRP all of a ViT's fused qkv."""
     if type(attn) is Attention:
         return _qkv(attn, x, rules)
     q, k, v = fam.qkv(attn, x)
+    if rules is not None and rules.constant_attention and rules.gamma != 0.0:
+        v = _gamma_values(attn, x, v, rules.gamma)
     q, k = fam.rotate(attn, q, k, pos.rope_of(layer))
     k, v = fam.expand_kv(q, k, v)
     return q, k, v
+
+
+def _gamma_values(attn: torch.nn.Module, x: torch.Tensor, v: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Eva's and Beit's v (B, H_kv, T, d), the same values with the γ-rule's backward: the last rows of a fused qkv
+    (with Eva's/Beit's own v bias) or the separate v projection."""
+    B, H, T, d = v.shape
+    if attn.qkv is None:  # separate q/k/v projections
+        w, b = attn.v_proj.weight, attn.v_proj.bias
+    else:
+        w = attn.qkv.weight[-H * d:]
+        b = getattr(attn, "v_bias", None)
+        b = b if b is not None else None if attn.qkv.bias is None else attn.qkv.bias[-H * d:]
+    out = gamma_rule(x, v.transpose(1, 2).reshape(B, T, H * d), w, b, gamma)
+    return out.reshape(B, T, H, d).transpose(1, 2)
 
 
 def _logit_bias(attn: torch.nn.Module, pos: Positions, how: Interventions) -> torch.Tensor | None:
@@ -286,6 +220,8 @@ def _attention(attn: torch.nn.Module, x: torch.Tensor, layer: int, probs: Probs,
     B, T, _ = x.shape
     gate_proj = getattr(attn, "gate", None)  # newer timm only
     gate = gate_proj(x).sigmoid() if gate_proj is not None else None
+    if gate is not None and how.rules is not None and how.rules.constant_attention:
+        gate = gate.detach()  # an output gate, like the probabilities, steers what flows: a constant under CP-LRP
     q, k, v = _qkv_of(attn, x, layer, pos, how.rules)
     a = probs(layer, q, k, attn.scale, _logit_bias(attn, pos, how))
     if how.rules is not None and how.rules.constant_attention:
@@ -313,12 +249,12 @@ def _block(blk: torch.nn.Module, x: torch.Tensor, layer: int, probs: Probs, how:
     r = how.rules
     if type(blk) in _POST_NORM:  # post-norm (ResPostBlock, EvaBlockPostNorm): the norms sit after attention and MLP
         x = x + apply_norm(blk.norm1, _attention(blk.attn, x, layer, probs, how, pos), r)
-        return x + apply_norm(blk.norm2, _mlp(blk.mlp, x, r), r)
+        return x + apply_norm(blk.norm2, apply_mlp(blk.mlp, x, r), r)
     if type(blk) is Block:
         x = x + blk.ls1(_attention(blk.attn, apply_norm(blk.norm1, x, r), layer, probs, how, pos))
-        return x + blk.ls2(_mlp(blk.mlp, apply_norm(blk.norm2, x, r), r))
+        return x + blk.ls2(apply_mlp(blk.mlp, apply_norm(blk.norm2, x, r), r))
     x = x + _scaled(blk.gamma_1, _attention(blk.attn, apply_norm(blk.norm1, x, r), layer, probs, how, pos))
-    return x + _scaled(blk.gamma_2, _mlp(blk.mlp, apply_norm(blk.norm2, x, r), r))
+    return x + _scaled(blk.gamma_2, apply_mlp(blk.mlp, apply_norm(blk.norm2, x, r), r))
 
 
 def _probs_only(blk: torch.nn.Module, x: torch.Tensor, layer: int, probs: Probs, how: Interventions,
