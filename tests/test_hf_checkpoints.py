@@ -74,7 +74,7 @@ FAMILIES = {
     "siglip": lambda T: T.SiglipVisionModel(T.SiglipVisionConfig(**{**TINY, "num_attention_heads": 2})),
     "siglip_two_towers": lambda T: _two_tower(T, "siglip"),
 }
-CLS_LESS = {"siglip", "siglip_two_towers"}  # no CLS token: the walk's support for attention pooling is asked first
+CLS_LESS = {"siglip", "siglip_two_towers"}  # no CLS token: the views read the attention-pool head (its readout)
 
 
 def _saved(T, family: str, folder: Path):
@@ -134,17 +134,32 @@ def test_captured_attention_and_tokens_equal_transformers_output_attentions(T, f
     hf = _saved(T, family, tmp_path / family)
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     _want, out = _reference(hf, family, x)
-    try:
-        model, info = get_model(tmp_path / family)
-    except ModelError as exc:
-        if family in CLS_LESS and "CLS" in str(exc):
-            pytest.xfail(f"the walk does not read CLS-less attention-pool models yet: {exc}")
-        raise
+    model, info = get_model(tmp_path / family)
     cap = attention_forward(model, x, tokens=True)
     torch.testing.assert_close(cap.attention[0], torch.stack(out.attentions, 1)[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(cap.tokens, torch.stack(out.hidden_states[1:], 1), rtol=1e-5, atol=1e-5)
     assert info.depth == 2 and info.patch_size == 8 and info.grid == (4, 4)
     assert info.num_heads == out.attentions[0].shape[1]
+    assert info.readout == ("pool" if family in CLS_LESS else "cls")
+
+
+@pytest.mark.parametrize("family", sorted(CLS_LESS))
+def test_a_siglip_towers_readout_is_its_heads_own_attention(T, family, tmp_path):
+    """The readout weights of a SigLIP tower are the attention of transformers' own pooling head (its
+    nn.MultiheadAttention's weights, averaged over heads) over the final tokens."""
+    from vitviz.analysis import analyze
+
+    hf = _saved(T, family, tmp_path / family)
+    model, info = get_model(tmp_path / family)
+    res = analyze(model, Image.fromarray(np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)))
+    x = torch.from_numpy(((res.pixels / 255.0 - np.array(info.mean)) / np.array(info.std)).astype(np.float32))
+    _want, out = _reference(hf, family, x.permute(2, 0, 1)[None])
+    tower = hf.vision_model if hasattr(hf, "vision_model") else hf
+    head = tower.vision_model.head if hasattr(tower, "vision_model") else tower.head
+    last = out.last_hidden_state
+    with torch.no_grad():
+        _pooled, weights = head.attention(head.probe, last, last, need_weights=True, average_attn_weights=True)
+    np.testing.assert_allclose(res.readout, weights[0, 0].numpy(), rtol=1e-4, atol=1e-6)
 
 
 def test_class_names_come_from_id2label_and_placeholders_are_no_names(T, tmp_path):

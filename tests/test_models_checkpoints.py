@@ -106,7 +106,7 @@ UNSUPPORTED = {
     "vit_tiny_patch16_224:no-pos": (dict(embed_dim=32, depth=1, num_heads=2, img_size=32, pos_embed="none"),
                                     r"no absolute position embedding"),
     "vit_tiny_patch16_224:no-cls": (dict(embed_dim=32, depth=1, num_heads=2, img_size=32, class_token=False,
-                                         global_pool="avg"), r"has no CLS token"),
+                                         global_pool="max"), r"has no CLS token and its head pools"),
 }
 
 

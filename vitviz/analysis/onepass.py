@@ -27,8 +27,9 @@ from ..errors import OutOfMemoryError, ResourceError
 from ..inputs.fit import Fit, FittedImage, fit_image, to_tensor, whole_image_size
 from ..inputs.image import LoadedImage
 from ..models import MAX_IMG_SIZE, ModelInfo, describe_model
-from ..walk.capture import attention_forward
+from ..walk.capture import attention_forward, check_capturable
 from .posembed import patch_pos_embed, pos_embed_similarity, position_embedding_note
+from .readout import readout_weights
 
 __all__ = [
     "Analysis",
@@ -81,6 +82,9 @@ class Analysis:
     notes: tuple[str, ...] = field(default=())
     tokens: np.ndarray | None = None  # (L, T, D) every block's output, prefix tokens first; when asked for
     pos_note: str | None = None  # why there is no pos_sim (RoPE, a relative position bias), as a sentence
+    # (T,) the readout's weights over the final tokens for a model without a CLS token (the mean-pooled patches, or
+    # an attention pool's attention on this image), whose rows the maps read; None: the CLS token's row
+    readout: np.ndarray | None = None
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -183,9 +187,10 @@ def analyze_batch(
     x = x.to(device=param.device, dtype=param.dtype)
     fp32 = attention_bytes(depth=info.depth, heads=info.num_heads, tokens=info.num_tokens) * len(images)
     store = torch.float16 if fp32 > HALF_STORAGE_BYTES else torch.float32
+    pooled = check_capturable(model) != "cls"  # the readout's weights come from the final tokens
     t0 = time.perf_counter()
     try:
-        cap = attention_forward(model, x, store_dtype=store, features=False, tokens=tokens)  # no final norm needed
+        cap = attention_forward(model, x, store_dtype=store, features=pooled, tokens=tokens)
     except torch.OutOfMemoryError as exc:  # CUDA (and MPS) allocation failure: free what we can, say so
         del x
         _empty_cache(param.device)
@@ -197,7 +202,9 @@ def analyze_batch(
     sim = _pos_similarity(model)
     kept = cap.tokens.float() if cap.tokens is not None else None  # (B, L, T, D), small beside the attention
     note = position_embedding_note(model)  # a RoPE or relative-bias model has no position vectors to compare
-    return [_result(info, im, f, cap.attention[i], sim, seconds, param, None if kept is None else kept[i], note)
+    w = readout_weights(model, cap.features).cpu() if pooled else None  # (B, T)
+    return [_result(info, im, f, cap.attention[i], sim, seconds, param, None if kept is None else kept[i], note,
+                    None if w is None else w[i])
             for i, (im, f) in enumerate(zip(images, fitted, strict=True))]
 
 
@@ -207,7 +214,8 @@ def _fit(image: LoadedImage | Image.Image, info: ModelInfo, fit: Fit) -> FittedI
 
 
 def _result(info: ModelInfo, image, fitted: FittedImage, attention: torch.Tensor, sim: np.ndarray | None,
-            seconds: float, param: torch.Tensor, tokens: torch.Tensor | None, pos_note: str | None = None) -> Analysis:
+            seconds: float, param: torch.Tensor, tokens: torch.Tensor | None, pos_note: str | None = None,
+            readout: torch.Tensor | None = None) -> Analysis:
     return Analysis(
         info=info,
         pixels=_frozen(fitted.pixels),
@@ -221,6 +229,7 @@ def _result(info: ModelInfo, image, fitted: FittedImage, attention: torch.Tensor
         notes=tuple(image.notes) if isinstance(image, LoadedImage) else (),
         tokens=None if tokens is None else _frozen(tokens.numpy()),
         pos_note=pos_note,
+        readout=None if readout is None else _frozen(readout.numpy()),
     )
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "rollout_row",
     "rollout_all",
     "cls_attention",
+    "readout_row",
     "tokens_to_grid",
     "check_layer_range",
 ]
@@ -73,33 +74,36 @@ def fuse_heads(attn: torch.Tensor, head_fusion: HeadFusion | int = "mean") -> to
     return _per_layer(attn, ops[head_fusion], dtype)
 
 
-def discard_lowest(a: torch.Tensor, ratio: float, *, keep_column: int = 0) -> torch.Tensor:
-    """Zero the lowest ``ratio`` of each (T, T) matrix's entries, never touching column ``keep_column`` (CLS).
+def discard_lowest(a: torch.Tensor, ratio: float, *, keep_column: int | None = 0) -> torch.Tensor:
+    """Zero the lowest ``ratio`` of each (T, T) matrix's entries, never touching column ``keep_column`` (CLS; None:
+    no column is kept, for a model without a CLS token).
 
-    The count is ``int(ratio * T * (T - 1))`` of the T·(T-1) candidate entries, per matrix (per sample, per layer).
-    Equal values at the threshold are dropped in row-major order, so the result does not depend on a sort's whims.
-    Finding the threshold is a selection (``np.partition``, linear time), not a sort or a top-k.
+    The count is ``int(ratio * T * (T - 1))`` of the T·(T-1) candidate entries (``int(ratio * T * T)`` of all T·T
+    without a kept column), per matrix (per sample, per layer). Equal values at the threshold are dropped in
+    row-major order, so the result does not depend on a sort's whims. Finding the threshold is a selection
+    (``np.partition``, linear time), not a sort or a top-k.
     """
     if not 0.0 <= ratio < 1.0:
         raise ParameterError(f"discard ratio must be in [0, 1), got {ratio}")
     T = a.shape[-1]
-    num = int(ratio * T * (T - 1))
+    num = int(ratio * T * (T - 1 if keep_column is not None else T))
     if num == 0:
         return a
     out = a.reshape(-1, T, T).clone(memory_format=torch.contiguous_format)  # (M, T, T), our own, viewable flat
-    cls = out[:, :, keep_column].clone()
-    out[:, :, keep_column] = float("inf")  # protected: never below the threshold (NaN neither: it selects last)
+    keep = slice(0, 0) if keep_column is None else keep_column  # an empty slice: no column protected
+    cls = out[:, :, keep].clone()
+    out[:, :, keep] = float("inf")  # protected: never below the threshold (NaN neither: it selects last)
     flat = out.view(-1, T * T)
     vals = flat.detach().to("cpu", torch.promote_types(flat.dtype, torch.float32))  # exact; any device, bf16 too
     thr = torch.from_numpy(_nth_lowest(vals.numpy(), num - 1)).to(flat)  # (M, 1)
     drop = flat <= thr
-    drop.view(-1, T, T)[:, :, keep_column] = False  # even where real entries are +inf and so is the threshold
+    drop.view(-1, T, T)[:, :, keep] = False  # even where real entries are +inf and so is the threshold
     extra = np.count_nonzero(drop.cpu().numpy(), axis=-1) - num  # > 0 where more values equal the threshold than needed
     for m in np.flatnonzero(extra > 0).tolist():
         ties = (drop[m] & (flat[m] == thr[m])).nonzero().flatten()
         drop[m, ties[len(ties) - int(extra[m]) :]] = False  # keep the last ones: the first are dropped
     flat.masked_fill_(drop, 0.0)
-    out[:, :, keep_column] = cls
+    out[:, :, keep] = cls
     return out.view(a.shape)
 
 
@@ -121,7 +125,7 @@ def rollout_matrices(
         *,
         head_fusion: HeadFusion | int = "mean",
         discard_ratio: float = 0.0,
-        keep_column: int = 0,
+        keep_column: int | None = 0,
         drop_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(L, H, T, T) attention -> (L, T, T) row-stochastic Â_l = norm_rows(discard(fuse(A_l)) + I).
@@ -129,7 +133,8 @@ def rollout_matrices(
     ``drop_tokens`` (artefact-aware rollout): a bool mask of tokens to leave out, (T,) for every layer or (L, T)
     per layer. Their columns of each fused layer are zeroed and the rows renormalised before the discard,
     A'_l = norm_rows(fuse(A_l) · (1 - m_l)), so no other token draws on them and the rollout gives them no mass;
-    the zeroed entries count among the discarded ones (they are the lowest).
+    the zeroed entries count among the discarded ones (they are the lowest). ``keep_column``: the CLS token's
+    column, never discarded nor dropped; None for a model without one.
     """
     a = fuse_heads(attn, head_fusion)
     if isinstance(head_fusion, int):
@@ -141,7 +146,7 @@ def rollout_matrices(
     return a.div_(a.sum(dim=-1, keepdim=True))
 
 
-def _drop_columns(a: torch.Tensor, drop: torch.Tensor, *, keep_column: int) -> torch.Tensor:
+def _drop_columns(a: torch.Tensor, drop: torch.Tensor, *, keep_column: int | None) -> torch.Tensor:
     """Zero the ``drop`` columns of (..., L, T, T) fused layers, in place, and renormalise their rows."""
     T = a.shape[-1]
     L = a.shape[-3] if a.ndim >= 3 else 1
@@ -149,12 +154,13 @@ def _drop_columns(a: torch.Tensor, drop: torch.Tensor, *, keep_column: int) -> t
     if drop.dtype != torch.bool or drop.shape not in ((T,), (L, T)):
         raise ParameterError(f"tokens to drop must be a bool mask of shape ({T},) or ({L}, {T}), got "
                              f"{drop.dtype} {tuple(drop.shape)}")
-    if drop[..., keep_column].any():
+    if keep_column is not None and drop[..., keep_column].any():
         raise ParameterError(f"token {keep_column % T} (the CLS token) cannot be left out of the rollout")
     m = drop.reshape(-1, 1, T) if drop.ndim == 2 else drop  # (L, 1, T) or (T,): broadcast over the rows
     a.masked_fill_(m, 0.0)  # our own tensor (fuse_heads made it, or the clone of one head)
-    # a softmax row is positive, so with the CLS column kept a row sums to 0 only if fp16 storage underflowed it:
-    # such a row stays 0 and becomes the identity's (the token keeps itself) after + I
+    # a softmax row is positive, so with the CLS column kept a row sums to 0 only if fp16 storage underflowed it (or,
+    # without a CLS token, if every token it attends to is dropped): such a row stays 0 and becomes the identity's
+    # (the token keeps itself) after + I
     return a.div_(a.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny))
 
 
@@ -175,15 +181,17 @@ def rollout_row(mats: torch.Tensor, *, start: int, end: int, source: int | torch
     return r
 
 
-def rollout_all(mats: torch.Tensor, *, source: int = 0) -> torch.Tensor:
+def rollout_all(mats: torch.Tensor, *, source: int | torch.Tensor = 0) -> torch.Tensor:
     """Every range at once: (L, T, T) -> (L, L, T) with [a, b] = rollout over a..b for a <= b, NaN for a > b.
 
     Sweeping the start a downward, the rows of all ends b >= a advance together: one (L-a-1, T)·(T, T) product
-    per layer. After step a, rows[b] = e_source · Â_b ··· Â_a.
+    per layer. After step a, rows[b] = e_source · Â_b ··· Â_a; a (T,) ``source`` is a readout's weights w over the
+    rows (:mod:`.readout`): rows[b] = w · Â_b ··· Â_a.
     """
     L, T, _ = mats.shape
     out = torch.full((L, L, T), float("nan"), dtype=mats.dtype, device=mats.device)
-    rows = mats[:, source, :].clone()  # rows[b] starts as the rollout over b..b: the source row of Â_b
+    # rows[b] starts as the rollout over b..b: the source row of Â_b
+    rows = mats[:, source, :].clone() if isinstance(source, int) else readout_row(mats, source).to(mats.dtype)
     for a in range(L - 1, -1, -1):
         if a < L - 1:
             rows[a + 1 :] = rows[a + 1 :] @ mats[a]
@@ -191,9 +199,24 @@ def rollout_all(mats: torch.Tensor, *, source: int = 0) -> torch.Tensor:
     return out
 
 
-def cls_attention(attn: torch.Tensor, *, head_fusion: HeadFusion | int = "mean", source: int = 0) -> torch.Tensor:
-    """Raw attention of the ``source`` token per layer: (L, H, T, T) -> (L, T), no identity, no rollout."""
-    return fuse_heads(attn[..., source, :].unsqueeze(-2), head_fusion)[..., 0, :]  # (L, H, 1, T) -> (L, T)
+def cls_attention(attn: torch.Tensor, *, head_fusion: HeadFusion | int = "mean",
+                  source: int | torch.Tensor = 0) -> torch.Tensor:
+    """Raw attention of the ``source`` token per layer: (L, H, T, T) -> (L, T), no identity, no rollout. A (T,)
+    ``source`` is a readout's weights w: each head's w·A_h, then the heads fused."""
+    rows = attn[..., source, :] if isinstance(source, int) else readout_row(attn, source)  # (L, H, T)
+    return fuse_heads(rows.unsqueeze(-2), head_fusion)[..., 0, :]  # (L, H, 1, T) -> (L, T)
+
+
+def readout_row(matrices: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """The readout's row of (..., T, T) matrices -> (..., T): row 0 as it is for ``weights`` None (the CLS token),
+    else w·M in fp32 at least (one (T, T) matrix at a time, so a half capture is never copied whole)."""
+    if weights is None:
+        return matrices[..., 0, :]
+    dtype = torch.promote_types(matrices.dtype, torch.float32)
+    w = weights.to(device=matrices.device, dtype=dtype)
+    flat = matrices.reshape(-1, *matrices.shape[-2:])
+    out = torch.stack([w @ m.to(dtype) for m in flat]) if len(flat) else flat.new_zeros((0, w.numel()), dtype=dtype)
+    return out.reshape(*matrices.shape[:-2], w.numel())
 
 
 def tokens_to_grid(values: torch.Tensor, *, num_prefix_tokens: int, grid: tuple[int, int]) -> torch.Tensor:

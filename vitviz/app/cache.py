@@ -165,7 +165,7 @@ def rollout_table(key: AnalysisKey, head: str | int, discard: float, drop_artefa
     """(L, L, gh, gw): rollout over every layer range, [a, b] = layers a..b; optionally without the artefacts."""
     drop = token_stats(key, _res).artefacts if drop_artefacts else None
     return maps.rollout_table(_res.attention, info=_res.info, head_fusion=head, discard_ratio=discard,
-                              drop_tokens=drop)
+                              drop_tokens=drop, readout=_res.readout)
 
 
 @dataclass(frozen=True)
@@ -190,14 +190,15 @@ def token_stats(key: AnalysisKey, _res: Analysis) -> TokenStats:
 
 @st.cache_data(max_entries=16, show_spinner=False)
 def raw_maps(key: AnalysisKey, head: str | int, _res: Analysis) -> np.ndarray:
-    """(L, gh, gw): each layer's own CLS attention."""
-    return maps.raw_attention_maps(_res.attention, info=_res.info, head_fusion=head)
+    """(L, gh, gw): each layer's own attention of the readout (the CLS token, or the rows the head pools)."""
+    return maps.raw_attention_maps(_res.attention, info=_res.info, head_fusion=head, readout=_res.readout)
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
 def query_maps(key: AnalysisKey, query: int | None, _res: Analysis) -> np.ndarray:
-    """(L, H, gh, gw): where one query token (None: CLS) attends, per layer and head."""
-    return np.stack([maps.query_attention_maps(_res.attention, info=_res.info, layer=layer, query=query)
+    """(L, H, gh, gw): where one query token (None: the readout, the CLS token or the pooled rows) attends."""
+    return np.stack([maps.query_attention_maps(_res.attention, info=_res.info, layer=layer, query=query,
+                                               readout=_res.readout)
                      for layer in range(_res.info.depth)])
 
 

@@ -18,9 +18,10 @@ from typing import NoReturn
 import streamlit as st
 
 from vitviz import figures as vf
+from vitviz.analysis.readout import readout_name
 from vitviz.errors import VitvizError
 
-__all__ = ["fail", "bug", "guarded", "chart", "clicked_patch", "on_click", "md_escape", "file_stem"]
+__all__ = ["fail", "bug", "guarded", "chart", "clicked_patch", "on_click", "md_escape", "file_stem", "readout_note"]
 
 log = logging.getLogger("vitviz.app")
 
@@ -132,3 +133,11 @@ def chart(fig, key: str, *, stem: str, clickable: bool = True, mosaic: bool = Fa
     name = f"{stem}-{key.removeprefix('fig_').replace('_', '-')}.html"
     st.download_button("Figure as HTML", data=functools.partial(vf.figure_html, fig), file_name=name,
                        mime="text/html", key=f"dl_{key}", on_click="ignore")
+
+
+def readout_note(info) -> str:
+    """"" for a model with a CLS token; else one sentence saying what its maps follow instead (its readout)."""
+    if info.readout == "cls":
+        return ""
+    return (f"This model has no CLS token: its maps follow {readout_name(info.readout)}, the tokens its head pools, "
+            "each token's attention row weighted as the head weights that token.")

@@ -87,7 +87,7 @@ def add_parser(sub, parent: argparse.ArgumentParser) -> None:
 
 
 PNG_SIZES = ("original", "model")
-_NO_TARGET = "where the CLS token's attention flows ({} uses no target)"  # what an attention-only map explains
+_NO_TARGET = "where {}'s attention flows ({} uses no target)"  # what an attention-only map explains
 
 
 @dataclass(frozen=True)
@@ -227,6 +227,7 @@ def _explained(job: _Job, res, rollout) -> dict:
     the analysis's own rollout map, which is the explanation when ``--method`` asks for that very rollout."""
     import numpy as np
 
+    from ..analysis.readout import readout_name
     from ..analysis.tokens import find_outliers, token_norms
     from ..explain import explain
     from ..inputs.image import to_tensor
@@ -235,7 +236,7 @@ def _explained(job: _Job, res, rollout) -> dict:
     info, out = res.info, {}
     if _same_rollout(job, info.depth):
         out.update(map=rollout, map_method=np.array(job.method), map_note=np.array(""),
-                   map_target=np.array(_NO_TARGET.format("rollout")))
+                   map_target=np.array(_NO_TARGET.format(readout_name(info.readout, short=True), "rollout")))
     elif job.method is not None or job.prompts is not None:
         model, _ = get_model(job.settings.model, arch=job.arch, patch_size=job.patch_size, img_size=info.img_size,
                              device=res.device, precision=job.precision if res.device == job.device else "auto")
@@ -248,7 +249,8 @@ def _explained(job: _Job, res, rollout) -> dict:
                        top5_probabilities=np.array([p.probability for p in predictions], dtype=np.float32))
     if job.method is not None and "map" not in out:
         e = explain(model, x, method=job.method, target=target)
-        what = e.target_description if e.uses_target else _NO_TARGET.format(e.method.name)
+        row0 = "the CLS token" if info.has_class_token else "token 0"  # explain's attention-only maps read row 0
+        what = e.target_description if e.uses_target else _NO_TARGET.format(row0, e.method.name)
         out.update(map=e.map, map_method=np.array(e.method.label), map_target=np.array(what),
                    map_note=np.array(" ".join(e.notes)))  # e.g. a constant map: it ranks nothing
     if res.tokens is not None:
@@ -291,7 +293,7 @@ def _write(job: _Job, item, loaded, res) -> dict:
     t0 = time.perf_counter()
     info = res.info
     start, end = job.settings.layer_range(info.depth)
-    heat = rollout_map(res.attention, info=info, settings=job.settings)
+    heat = rollout_map(res.attention, info=info, settings=job.settings, readout=res.readout)
     peak_row, peak_col = divmod(int(np.argmax(heat)), info.grid[1])
     row = dict(image=str(item.path), stem=item.stem, width=loaded.original_size[0], height=loaded.original_size[1],
                box=" ".join(f"{v:.1f}" for v in res.box), input_h=info.img_size[0], input_w=info.img_size[1],
@@ -307,7 +309,9 @@ def _write(job: _Job, item, loaded, res) -> dict:
                top1_p="" if top is None else f"{float(extra['top5_probabilities'][0]):.4f}")
     row.update(map_method=job.method or "", map_note=str(extra.get("map_note", "")),
                outliers=" ".join(str(int(n)) for n in extra["outliers"]) if "outliers" in extra else "")
-    extra.update(run=np.array(job.run), summary=np.array(json.dumps(row)))
+    extra.update(run=np.array(job.run), summary=np.array(json.dumps(row)), readout=np.array(info.readout))
+    if res.readout is not None:  # a model without a CLS token: the weights over the tokens its maps follow
+        extra.update(readout_weights=np.asarray(res.readout, dtype=np.float32))
     arrays = export_arrays(res, heat, settings=used, attention=job.save_attention, extra=extra)
     write_atomic_group({job.out / f"{item.stem}.png": png, job.out / f"{item.stem}.npz": npz_bytes(arrays)})
     return {**row, "status": "ok", "forward_s": f"{res.seconds:.4f}",

@@ -8,7 +8,9 @@ Two ablations, both through the one walk of the blocks (:func:`vitviz.walk.block
   each replaced by their mean over the queries (every token then reads the same average), no new walk argument.
 
 The effect is measured on the target: the class probability and logit when the model has a head (the intact run's
-top-1 class, or a given one), and always the cosine of the embedding the head reads (CLS) with the intact one.
+top-1 class, or a given one), and always the cosine of the embedding the head reads with the intact one: timm's
+``forward_head(pre_logits=True)``, the CLS token, or for a model without one its pooled embedding (the mean of the
+patch tokens, or its attention pool's output).
 A head's *effect* is what the ablation takes away: p_intact − p_ablated for a class, 1 − cosine for a backbone.
 
 The table ablates every head on its own, as one batch of the same image with a per-sample ``head_scale`` (B, L, H)
@@ -24,6 +26,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from ..analysis.readout import readout_weights
 from ..errors import ParameterError
 from ..models.labels import class_name, has_classes
 from ..targets import head_outputs
@@ -66,6 +69,9 @@ class Ablated:
     logit: float | None
     effect: float  # p_intact − p (a class) or 1 − cosine (a backbone)
     attention: np.ndarray | None = None
+    # (T,) with the attention, for a model without a CLS token: its readout's weights under the ablation (the pooled
+    # patches, or its attention pool's attention on the ablated tokens; vitviz.analysis.readout); None: the CLS token
+    readout: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -189,23 +195,25 @@ def reference(model: torch.nn.Module, x: torch.Tensor, *, target: int | None = N
     return Reference(out.embedding[0], logits, cls, class_name(model, cls))
 
 
-def _measures(model: torch.nn.Module, final: torch.Tensor,
-              ref: Reference) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(B,) cosines with the intact embedding, and the target's probabilities and logits (None for a backbone)."""
+def _measures(model: torch.nn.Module, final: torch.Tensor, ref: Reference,
+              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """(B,) cosines with the intact embedding, the target's probabilities and logits (None for a backbone), and the
+    final normed tokens (B, T, C)."""
     out = head_outputs(model, final)
     wide = torch.promote_types(final.dtype, torch.float32)
     cos = torch.nn.functional.cosine_similarity(out.embedding.to(wide), ref.embedding.to(wide)[None], dim=-1)
     if ref.logits is None:
-        return cos, None, None
+        return cos, None, None, out.tokens
     logits = out.logits.to(wide)
-    return cos, logits.softmax(-1)[:, ref.target], logits[:, ref.target]
+    return cos, logits.softmax(-1)[:, ref.target], logits[:, ref.target], out.tokens
 
 
 def ablate(model: torch.nn.Module, x: torch.Tensor, heads: Iterable[Sequence[int]], *, mode: AblationMode = "zero",
            ref: Reference | None = None, target: int | None = None, attention: bool = False) -> Ablated:
     """Ablate ``heads`` ((layer, head) pairs) together on one image ``x`` (1, 3, H, W): the target's measures
     against the intact run ``ref`` (made here when not given, for ``target``), and with ``attention`` every layer's
-    attention (L, H, T, T) as the model computes it under the ablation."""
+    attention (L, H, T, T) as the model computes it under the ablation (and, for a model without a CLS token, its
+    readout's weights under the ablation)."""
     _check_input(model, x, mode)
     chosen = check_heads(model, heads)
     ref = reference(model, x, target=target) if ref is None else ref
@@ -215,11 +223,13 @@ def ablate(model: torch.nn.Module, x: torch.Tensor, heads: Iterable[Sequence[int
         T = tokens.shape[1]
         wide = torch.promote_types(tokens.dtype, torch.float32)
         buf = torch.empty((L, 1, H, T, T), device=x.device, dtype=wide) if attention else None
-        cos, p, logit = _measures(model, _walk(model, tokens, [chosen], mode, buf=buf), ref)
+        cos, p, logit, feats = _measures(model, _walk(model, tokens, [chosen], mode, buf=buf), ref)
+        w = readout_weights(model, feats) if attention else None
     effect = float(1 - cos[0]) if p is None else ref.probability - float(p[0])
     return Ablated(heads=chosen, mode=mode, cosine=float(cos[0]), probability=None if p is None else float(p[0]),
                    logit=None if logit is None else float(logit[0]), effect=effect,
-                   attention=None if buf is None else buf[:, 0].cpu().numpy())
+                   attention=None if buf is None else buf[:, 0].cpu().numpy(),
+                   readout=None if w is None else w[0].cpu().numpy())
 
 
 def head_table(model: torch.nn.Module, x: torch.Tensor, *, mode: AblationMode = "zero", ref: Reference | None = None,
@@ -237,7 +247,7 @@ def head_table(model: torch.nn.Module, x: torch.Tensor, *, mode: AblationMode = 
     with torch.inference_mode():
         tokens = embed(model, x)
         for start in range(0, len(every), batch_size):
-            c, p, lg = _measures(model, _walk(model, tokens, every[start:start + batch_size], mode,
+            c, p, lg, _feats = _measures(model, _walk(model, tokens, every[start:start + batch_size], mode,
                                               interrupt=interrupt), ref)
             cos.append(c.cpu())
             prob.append(p.cpu() if p is not None else None)

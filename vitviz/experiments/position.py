@@ -3,7 +3,10 @@
 A transformer block treats its tokens as a set: permuting the tokens permutes its outputs the same way and nothing
 else (self-attention and the per-token MLP are permutation-equivariant). The position embeddings are the only place
 a ViT learns where a patch sits. So without them, shuffling the patches changes nothing but the order of the
-outputs (the CLS embedding stays the same to float precision), and with them it changes what the model sees.
+outputs (the embedding the head reads stays the same to float precision), and with them it changes what the model
+sees. The embedding is timm's ``forward_head(pre_logits=True)``: the CLS token, or for a model without one its pooled
+embedding (the mean of the patch tokens, or its attention pool's output); the maps follow that readout
+(:mod:`vitviz.analysis.readout`).
 
 Variants, all through the one walk of the blocks (:func:`vitviz.walk.blocks.walk`) in one batch, nothing set on the
 model:
@@ -31,6 +34,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from ..analysis.readout import readout_weights
 from ..analysis.rollout import cls_attention, rollout_matrices, rollout_row, tokens_to_grid
 from ..errors import ModelError, ParameterError
 from ..models.labels import Prediction, class_names, has_classes, top_predictions
@@ -58,9 +62,9 @@ class VariantResult:
 
     name: Variant
     description: str
-    cosine: float  # cosine of the embedding the head reads (CLS) with the intact run's
+    cosine: float  # cosine of the embedding the head reads (CLS, or the pooled one) with the intact run's
     predictions: tuple[Prediction, ...]  # top-k of the head; () for a backbone
-    attention_map: np.ndarray  # (gh, gw) CLS rollout over every layer, or the last layer's CLS attention
+    attention_map: np.ndarray  # (gh, gw) the readout's rollout over every layer, or its last-layer attention
     features: np.ndarray  # (T, C) final normed tokens, prefix tokens first
     embedding: np.ndarray  # (D,) what the head reads (pre-logits)
 
@@ -72,6 +76,7 @@ class PositionExperiment:
     variants: tuple[VariantResult, ...]
     permutation: np.ndarray  # (N,) int
     map_kind: MapKind
+    readout: str = "cls"  # what the embedding and maps read: "cls", "mean" (pooled patches), "pool" (attention pool)
 
     def variant(self, name: Variant) -> VariantResult:
         for v in self.variants:
@@ -124,15 +129,18 @@ def _order(perm: torch.Tensor, num_prefix: int) -> torch.Tensor:
 
 
 def _attention_map(attn: torch.Tensor, *, model: torch.nn.Module, map_kind: MapKind, start: int = 0,
-                   discard: float = 0.0) -> np.ndarray:
-    """(L, H, T, T) attention in the image's order -> (gh, gw): CLS rollout from layer ``start`` to the last
-    (discarding the lowest ``discard`` of each fused matrix), or the last layer's CLS attention."""
+                   discard: float = 0.0, readout: torch.Tensor | None = None) -> np.ndarray:
+    """(L, H, T, T) attention in the image's order -> (gh, gw): the readout's rollout from layer ``start`` to the
+    last (discarding the lowest ``discard`` of each fused matrix), or its last-layer attention. ``readout`` (T,):
+    the weights of a model without a CLS token (None: the CLS token's row)."""
+    source = 0 if readout is None else readout
     if map_kind == "rollout":
         start = min(start, attn.shape[0] - 1)  # a one-layer model has no layer 1
-        mats = rollout_matrices(attn[start:], discard_ratio=discard)
-        row = rollout_row(mats, start=0, end=attn.shape[0] - start - 1, source=0)
+        keep = 0 if readout is None else None  # the CLS column is never discarded; without one, none is kept
+        mats = rollout_matrices(attn[start:], discard_ratio=discard, keep_column=keep)
+        row = rollout_row(mats, start=0, end=attn.shape[0] - start - 1, source=source)
     else:
-        row = cls_attention(attn[-1:])[0]
+        row = cls_attention(attn[-1:], source=source)[0]
     grid = tuple(int(g) for g in model.patch_embed.grid_size)
     return tokens_to_grid(row, num_prefix_tokens=model.num_prefix_tokens, grid=grid).numpy().astype(np.float32)
 
@@ -151,9 +159,10 @@ def position_experiment(
     """Run one image ``x`` (1, 3, H, W) intact and as each of ``variants``, in one batched walk of the blocks.
 
     Returns per variant the cosine of its embedding with the intact one, the top-``k`` predictions when the model
-    has a head, the CLS attention map (``rollout`` from layer ``start`` with the heads averaged and the lowest
-    ``discard`` of each matrix dropped, or the ``last_layer``'s CLS attention) and the final tokens, all in the image's
-    patch order.
+    has a head, the readout's attention map (``rollout`` from layer ``start`` with the heads averaged and the lowest
+    ``discard`` of each matrix dropped, or the ``last_layer``'s attention; the readout is the CLS token, or for a
+    model without one the tokens its head pools, weighted as it pools them on each variant) and the final tokens,
+    all in the image's patch order.
     """
     names = _check(model, x, variants, map_kind)
     gh, gw = model.patch_embed.grid_size
@@ -170,6 +179,7 @@ def position_experiment(
         out = torch.where(shuffled[:, None, None], out[:, order], out)  # back in the image's order
         attn = buf.transpose(0, 1).cpu()  # (V, L, H, T, T)
         outs = head_outputs(model, out)
+        weights = readout_weights(model, outs.tokens)  # (V, T) in the image's order; None: the CLS token
     names_of = class_names(model)
     intact = outs.embedding[0].to(wide)
     results = []
@@ -180,6 +190,8 @@ def position_experiment(
             name=name, description=DESCRIPTIONS[name],
             cosine=float(torch.nn.functional.cosine_similarity(emb, intact, dim=0)),
             predictions=top_predictions(outs.logits[i], names=names_of, k=k) if has_classes(model) else (),
-            attention_map=_attention_map(a, model=model, map_kind=map_kind, start=start, discard=discard),
+            attention_map=_attention_map(a, model=model, map_kind=map_kind, start=start, discard=discard,
+                                         readout=None if weights is None else weights[i].cpu()),
             features=outs.tokens[i].to(wide).cpu().numpy(), embedding=emb.cpu().numpy()))
-    return PositionExperiment(variants=tuple(results), permutation=perm.cpu().numpy(), map_kind=map_kind)
+    return PositionExperiment(variants=tuple(results), permutation=perm.cpu().numpy(), map_kind=map_kind,
+                              readout=check_capturable(model))

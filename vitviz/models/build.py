@@ -94,6 +94,9 @@ class ModelInfo:
     std: tuple[float, float, float]
     interpolation: str
     crop_pct: float
+    # how the head reads the final tokens, whose attention the views follow: "cls" (the CLS token), "mean" (average
+    # pooling of the patch tokens) or "pool" (an attention-pool head, SigLIP's); walk.blocks.check_capturable
+    readout: str = "cls"
 
     @property
     def num_patches(self) -> int:
@@ -111,7 +114,7 @@ def describe_model(
         source: ModelSource | None = None,
 ) -> ModelInfo:
     """Read geometry and preprocessing off ``model`` (timm attributes and data config), nothing assumed."""
-    check_capturable(model)
+    readout = check_capturable(model)
     pe = model.patch_embed
     cfg = timm.data.resolve_model_data_config(model)
     native = _native(source) if source else None
@@ -137,6 +140,7 @@ def describe_model(
         std=tuple(float(v) for v in cfg["std"]),
         interpolation=str(cfg.get("interpolation", "bicubic")),
         crop_pct=float(cfg.get("crop_pct", 0.875)),
+        readout=readout,
     )
 
 

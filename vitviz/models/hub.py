@@ -23,8 +23,9 @@ _VIT_MODULES = ("vision_transformer", "deit", "eva", "beit")
 
 @functools.lru_cache(maxsize=1)
 def list_vit_models() -> tuple[str, ...]:
-    """timm architecture names of the ViT families vitviz walks (a few, e.g. parallel-block or CLS-less ones, are
-    refused with their reason when loaded)."""
+    """timm architecture names of the ViT families vitviz walks (a few, e.g. parallel-block ones or CLS-less ones
+    that max-pool their tokens, are refused with their reason when loaded; CLS-less average- or attention-pooled
+    ones are read through their pooling, :mod:`vitviz.analysis.readout`)."""
     return tuple(name for module in _VIT_MODULES for name in timm.list_models(module=module))
 
 

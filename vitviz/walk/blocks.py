@@ -45,16 +45,31 @@ BLOCKS = (Block, ResPostBlock)
 
 def check_walkable(model: torch.nn.Module) -> None:
     """Raise :class:`ModelError` unless vitviz can walk ``model``'s blocks and read their attention (a model
-    without a CLS token is walkable: the gradient methods read its head; the capture's views need the CLS token,
+    without a CLS token is walkable: the gradient methods read its head; the capture's views read its readout,
     :func:`check_capturable`)."""
     check_family(model)
 
 
-def check_capturable(model: torch.nn.Module) -> None:
-    """Raise :class:`ModelError` unless ``model`` is walkable and has the CLS token whose attention the views read."""
+def check_capturable(model: torch.nn.Module) -> str:
+    """How ``model``'s head reads its final tokens, the *readout* whose attention the capture's views follow:
+    "cls" (the CLS token), "mean" (average pooling of the patch tokens: timm's ``*_gap`` ViTs) or "pool" (an
+    attention-pool head, timm's "map": SigLIP's); a :class:`ModelError` unless ``model`` is walkable and reads its
+    tokens one of these ways."""
     check_walkable(model)
-    if not has_class_token(model):
-        raise ModelError(f"{type(model).__name__} has no CLS token, so there is no CLS attention to roll out")
+    if has_class_token(model):
+        return "cls"
+    name, pool = type(model).__name__, getattr(model, "attn_pool", None)
+    if pool is not None:
+        if not hasattr(pool, "latent"):  # AttentionPoolPrr: parameter-free self-attention, no latent query
+            raise ModelError(f"{name} has no CLS token and pools its tokens with a {type(pool).__name__}, whose "
+                             "weights over the tokens vitviz cannot read yet")
+        return "pool"
+    how = getattr(model, "global_pool", "")
+    if how == "avg":
+        return "mean"
+    raise ModelError(f"{name} has no CLS token and its head pools the tokens by {how or 'nothing'!r}, which no "
+                     "weights over the tokens describe: vitviz's views need a CLS token, average pooling or an "
+                     "attention pool")
 
 
 @dataclass(frozen=True)

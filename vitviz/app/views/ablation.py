@@ -10,13 +10,14 @@ import streamlit as st
 
 from vitviz import figures as vf
 from vitviz.analysis.maps import query_attention_maps, rollout_map
+from vitviz.analysis.readout import embedding_name, readout_name
 from vitviz.experiments.ablation import Ablated, HeadTable, Reference, ablate, head_table, reference
 from vitviz.inputs.image import to_tensor
 from vitviz.models.labels import class_names, has_classes, top_predictions
 
 from .. import cache, jobs
 from ..state import keep
-from ..widgets import chart, md_escape
+from ..widgets import chart, md_escape, readout_note
 
 TITLE = "Head ablation"
 MODES = {"zero": "zero its output", "mean": "replace its output by its mean over the tokens"}
@@ -49,8 +50,8 @@ def _ablated(key: cache.AnalysisKey, heads: tuple, mode: str, target: int | None
 def _target(ctx, built) -> int | None:
     """The class measured: one of the intact run's top 5 (its top-1 first); None for a backbone."""
     if not has_classes(built):
-        st.caption("This model has no classifier head: an ablation's effect is 1 − the cosine of the CLS embedding "
-                   "with the intact one.")
+        st.caption(f"This model has no classifier head: an ablation's effect is 1 − the cosine of "
+                   f"{embedding_name(ctx.info.readout)} with the intact one.")
         return None
     ref = _reference(ctx.key, None, ctx.res, ctx.weights)
     top = top_predictions(ref.logits, names=class_names(built), k=min(5, ref.logits.numel()))
@@ -60,10 +61,10 @@ def _target(ctx, built) -> int | None:
                         format_func=labels.get)
 
 
-def _effect_text(table: HeadTable) -> str:
+def _effect_text(table: HeadTable, readout: str) -> str:
     ref = table.reference
     if table.probability is None:
-        return "effect = 1 − cosine of the CLS embedding with the intact one"
+        return f"effect = 1 − cosine of {embedding_name(readout)} with the intact one"
     return (f"effect = the probability of '{md_escape(ref.target_name)}' lost (intact p = {ref.probability:.3g}); "
             "negative: the class gained")
 
@@ -95,17 +96,21 @@ def _chosen(ctx, table: HeadTable | None, mode: str, target: int | None, ref: Re
     done = _ablated(ctx.key, heads, mode, target, ref, ctx.res, ctx.weights)
     what = (f"p('{md_escape(ref.target_name)}') {ref.probability:.3g} → **{done.probability:.3g}** "
             f"(logit {ref.logit:.3g} → {done.logit:.3g}); " if done.probability is not None else "")
-    st.markdown(f"Without {len(heads)} head(s): {what}cosine of the CLS embedding with the intact one "
-                f"**{done.cosine:.4f}**.")
+    st.markdown(f"Without {len(heads)} head(s): {what}cosine of {embedding_name(info.readout)} with the intact "
+                f"one **{done.cosine:.4f}**.")
+    who = "CLS" if info.readout == "cls" else "readout"  # the readout: the CLS token, or the tokens the head pools
     cols = st.columns(2)
-    for col, attn, label in ((cols[0], ctx.res.attention, "intact"), (cols[1], done.attention, "ablated")):
+    for col, attn, w, label in ((cols[0], ctx.res.attention, ctx.res.readout, "intact"),
+                                (cols[1], done.attention, done.readout, "ablated")):
         with col:
-            st.caption(f"CLS rollout, {label}")
-            chart(vf.overlay_figure(ctx.res.pixels, rollout_map(attn, info=info), patch_size=info.patch_size,
-                                    opacity=d.opacity, colorscale=d.colorscale, colorbar_title="rollout"),
-                  f"fig_ablate_{label}", stem=ctx.stem, toolbar=False)
-    st.caption(f"Each head's CLS attention in the last layer ({info.depth - 1}) with the ablation applied.")
-    chart(vf.head_grid_figure(query_attention_maps(done.attention, info=info, layer=info.depth - 1),
+            st.caption(f"{who} rollout, {label}")
+            chart(vf.overlay_figure(ctx.res.pixels, rollout_map(attn, info=info, readout=w),
+                                    patch_size=info.patch_size, opacity=d.opacity, colorscale=d.colorscale,
+                                    colorbar_title="rollout"), f"fig_ablate_{label}", stem=ctx.stem, toolbar=False)
+    st.caption(f"Each head's attention of {readout_name(info.readout, short=True)} in the last layer "
+               f"({info.depth - 1}) with the ablation applied. {readout_note(info)}")
+    chart(vf.head_grid_figure(query_attention_maps(done.attention, info=info, layer=info.depth - 1,
+                                                   readout=done.readout),
                               patch_size=info.patch_size, pixels=ctx.res.pixels, colorscale=d.colorscale,
                               opacity=d.opacity, shared_scale=True, colorbar_title="attention"),
           "fig_ablate_heads", stem=ctx.stem, toolbar=False)
@@ -130,7 +135,7 @@ def render(ctx) -> None:
         asked.add(wanted)
     table = _table(ctx.key, mode, target, ref, ctx.res, ctx.weights) if wanted in asked else None
     if table is not None:
-        st.markdown(f"**Each head ablated on its own** ({MODES[mode]}): {_effect_text(table)}.")
+        st.markdown(f"**Each head ablated on its own** ({MODES[mode]}): {_effect_text(table, ctx.info.readout)}.")
         chart(vf.layer_head_figure(table.effect, colorbar_title="effect", marked=[r[:2] for r in table.ranked(3)]),
               "fig_ablate_table", stem=ctx.stem, clickable=False)
         _ranked(table)

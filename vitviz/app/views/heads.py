@@ -1,10 +1,12 @@
-"""Heads: each head's attention in one layer, from the CLS token or from the query patch, as small multiples."""
+"""Heads: each head's attention in one layer, from the readout (the CLS token, or the tokens a CLS-less model's
+head pools) or from the query patch, as small multiples."""
 
 from __future__ import annotations
 
 import streamlit as st
 
 from vitviz import figures as vf
+from vitviz.analysis.readout import readout_name
 
 from .. import cache
 from ..widgets import chart
@@ -28,11 +30,13 @@ def head_grid(ctx, maps, key: str) -> None:
 def render(ctx) -> None:
     info, layer = ctx.info, ctx.attention.end  # the section's layer control
     left, right = st.columns(2)
-    source = left.radio("Attention of", ["CLS token", "query patch"], key="heads_source", horizontal=True)
+    readout = readout_name(info.readout, short=True).removeprefix("the ")  # the option's value stays "CLS token"
+    source = left.radio("Attention of", ["CLS token", "query patch"], key="heads_source", horizontal=True,
+                        format_func=lambda o: readout if o == "CLS token" else o)
     right.radio("Colour range", list(SCALES), key="heads_scale", horizontal=True, format_func=SCALES.get)
     query = None if source == "CLS token" else ctx.query
     maps = cache.query_maps(ctx.key, query, ctx.res)[layer]
-    who = "the CLS token" if query is None else f"patch {query}"
+    who = readout_name(info.readout) if query is None else f"patch {query}"
     scale = SCALES[st.session_state["heads_scale"]] + RANGES.get(st.session_state["heads_scale"], "")
     st.markdown(f"Layer {layer} (the end layer above): where {who} attends, each of the {info.num_heads} heads; "
                 f"brighter = more attention, {scale}.")

@@ -1,4 +1,5 @@
-"""Attention rollout: the CLS token's attention through the layers (Abnar & Zuidema 2020), or each layer raw."""
+"""Attention rollout: the readout's attention through the layers (Abnar & Zuidema 2020), or each layer raw. The
+readout is the CLS token, or for a model without one the tokens its head pools (:mod:`vitviz.analysis.readout`)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,16 @@ import numpy as np
 import streamlit as st
 
 from vitviz import figures as vf
+from vitviz.analysis.readout import readout_name
 
 from .. import cache
 from ..state import ALL_HEADS
-from ..widgets import chart
+from ..widgets import chart, readout_note
 
 TITLE = "Attention rollout"
 # the long explanation, one click away (the caption above the figure stays two lines)
-ABOUT = ("**Colours.** Brighter patches get more of the CLS token's attention; each layer's map is coloured from its "
+ABOUT = ("**Colours.** Brighter patches get more of the readout's attention (the CLS token's, or for a model "
+         "without one that of the tokens its head pools); each layer's map is coloured from its "
          "own lowest to its highest value.\n\n"
          "**The slider under the figure** previews the other end layers in your browser only: the layer control "
          "above sets the sentence above the figure, the downloads and the other views of this section.\n\n"
@@ -43,16 +46,19 @@ def describe(ctx) -> str:
     heads = f"all heads ({a.fusion})" if a.head_choice == ALL_HEADS else f"head {a.head}"
     discard = f", discard {a.discard:.2f}" if a.discard and a.view == "rollout" else ""
     artefacts = f", {artefacts_text(ctx)}" if a.drop_artefacts and a.view == "rollout" else ""
-    return f"Attention of the CLS token: {what}, {heads}{discard}{artefacts}."
+    return f"Attention of {readout_name(ctx.info.readout, short=True)}: {what}, {heads}{discard}{artefacts}."
 
 
 def render(ctx) -> None:
     a, d, info = ctx.attention, ctx.display, ctx.info
     maps, labels, active = ctx.cls_maps()
     st.markdown(f"{describe(ctx)} Brighter = more attention; the slider under the figure previews other layers.")
+    if readout_note(info):
+        st.caption(readout_note(info))
     with st.expander("How to read this view"):
         st.markdown(ABOUT)
-    unit = "share of CLS attention" if a.view == "rollout" else "CLS attention"
+    who = "CLS" if info.readout == "cls" else "readout"
+    unit = f"share of {who} attention" if a.view == "rollout" else f"{who} attention"
     chart(vf.layer_scrub_figure(ctx.res.pixels, maps, patch_size=info.patch_size, labels=labels, active=active,
                                 opacity=d.opacity, colorscale=d.colorscale, colorbar_title=unit,
                                 highlight=ctx.query), "fig_rollout", stem=ctx.stem)
