@@ -217,3 +217,18 @@ def test_analyze_cli_on_a_cls_less_checkpoint(tmp_path):
         torch.testing.assert_close(w, readout_weights(model, model.forward_features(x).detach())[0],
                                    rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(d["map"], d["attention_map"])  # --method asked for the analysis's own rollout
+
+
+@pytest.mark.parametrize("kind", ["map_reg", "gap"])
+def test_the_explain_methods_rollout_and_raw_follow_the_readout(kind):
+    from vitviz.explain import explain
+
+    model = cls_less(kind)
+    x = image(7)
+    attn, feats = timm_attention(model, x)
+    w = readout_weights(model, feats[None])[0]
+    p = model.num_prefix_tokens
+    rolled = explain(model, x, method="rollout:start=0,discard=0").map
+    np.testing.assert_allclose(rolled, naive_rollout(attn, w, 0, 1)[p:].reshape(4, 4).numpy(), rtol=1e-5, atol=1e-7)
+    raw = explain(model, x, method="raw:layer=0").map
+    np.testing.assert_allclose(raw, (w @ attn[0].mean(0))[p:].reshape(4, 4).numpy(), rtol=1e-5, atol=1e-7)

@@ -249,8 +249,8 @@ def _explained(job: _Job, res, rollout) -> dict:
                        top5_probabilities=np.array([p.probability for p in predictions], dtype=np.float32))
     if job.method is not None and "map" not in out:
         e = explain(model, x, method=job.method, target=target)
-        row0 = "the CLS token" if info.has_class_token else "token 0"  # explain's attention-only maps read row 0
-        what = e.target_description if e.uses_target else _NO_TARGET.format(row0, e.method.name)
+        who = readout_name(info.readout, short=True)  # the attention-only methods follow the readout too
+        what = e.target_description if e.uses_target else _NO_TARGET.format(who, e.method.name)
         out.update(map=e.map, map_method=np.array(e.method.label), map_target=np.array(what),
                    map_note=np.array(" ".join(e.notes)))  # e.g. a constant map: it ranks nothing
     if res.tokens is not None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..analysis.readout import readout_weights
 from ..errors import ParameterError
 from ..models.labels import has_head
 from ..targets import (
@@ -46,7 +47,8 @@ def _resolved(model: torch.nn.Module, target: Target | str, out: ModelOutputs) -
 
 @dataclass(frozen=True)
 class Capture:
-    """One forward pass keeping every layer's attention: what rollout and raw attention read."""
+    """One forward pass keeping every layer's attention: what rollout and raw attention read (``extra``: the
+    readout's weights (1, T) of a model without a CLS token, :mod:`vitviz.analysis.readout`; None: the CLS row)."""
 
     def text(self, depth: int) -> str:
         return "1 forward (attention only)"
@@ -59,7 +61,7 @@ class Capture:
             out = ModelOutputs(feats, model.forward_head(feats, pre_logits=True),
                                model.forward_head(feats) if has_head(model) else None)
         return PassResult(outputs=out, target=_resolved(model, target, out), attention=cap.attention[0],
-                          passes=self.text(len(model.blocks)))
+                          extra=readout_weights(model, feats), passes=self.text(len(model.blocks)))
 
 
 @dataclass(frozen=True)

@@ -47,14 +47,16 @@ def _rollout(s: RolloutSettings, run: PassResult, geo: Geometry) -> torch.Tensor
     start = 0 if depth == 1 and s.start == 1 else layer_index(s.start, depth, "rollout start layer")
     kept = run.attention[start:]  # a view of the capture's (L, H, T, T), or a tuple of layers
     kept = kept if isinstance(kept, torch.Tensor) else torch.stack(kept)
-    mats = rollout_matrices(kept, head_fusion=s.fusion, discard_ratio=s.discard)
-    return tokens_to_grid(rollout_row(mats, start=0, end=depth - start - 1), num_prefix_tokens=geo.num_prefix_tokens,
-                          grid=geo.grid)
+    w = run.extra  # the readout's weights (1, T) of a model without a CLS token (passes.Capture); None: the CLS row
+    mats = rollout_matrices(kept, head_fusion=s.fusion, discard_ratio=s.discard, keep_column=0 if w is None else None)
+    row = rollout_row(mats, start=0, end=depth - start - 1, source=0 if w is None else w[0])
+    return tokens_to_grid(row, num_prefix_tokens=geo.num_prefix_tokens, grid=geo.grid)
 
 
 def _raw(s: RawSettings, run: PassResult, geo: Geometry) -> torch.Tensor:
     layer = layer_index(s.layer, geo.depth, "raw attention layer")
-    rows = cls_attention(run.attention[layer][None], head_fusion=s.fusion)  # (1, T)
+    source = 0 if run.extra is None else run.extra[0]  # the CLS row, or a CLS-less model's readout weights
+    rows = cls_attention(run.attention[layer][None], head_fusion=s.fusion, source=source)  # (1, T)
     return tokens_to_grid(rows[0], num_prefix_tokens=geo.num_prefix_tokens, grid=geo.grid)
 
 
