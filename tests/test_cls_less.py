@@ -232,3 +232,46 @@ def test_the_explain_methods_rollout_and_raw_follow_the_readout(kind):
     np.testing.assert_allclose(rolled, naive_rollout(attn, w, 0, 1)[p:].reshape(4, 4).numpy(), rtol=1e-5, atol=1e-7)
     raw = explain(model, x, method="raw:layer=0").map
     np.testing.assert_allclose(raw, (w @ attn[0].mean(0))[p:].reshape(4, 4).numpy(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["map_reg", "gap"])
+def test_every_app_view_renders_a_cls_less_model_and_says_what_its_maps_follow(kind, tmp_path, monkeypatch):
+    """AppTest on a CLS-less checkpoint: every view renders without an exception or an error (the Explain view runs
+    the other engineers' methods: no exception there), and the attention views name the readout."""
+    import huggingface_hub.constants
+    import streamlit as st
+    from safetensors.torch import save_file
+
+    from .test_app import SECTION_OF, TABS, captions, ok, show, started, view_text
+
+    model = cls_less(kind, img_size=64)
+    kwargs = dict(embed_dim=32, depth=2, num_heads=2, patch_size=8, img_size=64, num_classes=0, class_token=False,
+                  **KINDS[kind])
+    path = tmp_path / f"{kind}.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
+              metadata={"arch": ARCH, "kwargs": json.dumps(kwargs)})
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    monkeypatch.setenv("VITVIZ_APP_MODEL", str(path))
+    monkeypatch.delenv("VITVIZ_APP_ARCH", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.delenv("VITVIZ_CHECKPOINT_DIR", raising=False)
+    at = started()
+    ok(at)
+    said = {}
+    for tab in TABS:
+        show(at, tab)
+        assert not at.exception, (tab, [e.value for e in at.exception])
+        if tab != "Explain":
+            ok(at)
+        said[tab] = view_text(at) + "\n" + captions(at)
+    name = "the mean-pooled readout" if kind == "gap" else "the attention-pool head"
+    show(at, "Head ablation").multiselect(key="ablate_heads").set_value(["1:0"]).run()  # the maps under ablation
+    ok(at)
+    assert "readout rollout, ablated" in captions(at) and f"Each head's attention of {name}" in captions(at)
+    assert f"Attention of {name}" in said["Attention rollout"] and "no CLS token" in said["Attention rollout"]
+    assert f"where {name}" in said["Heads"]
+    assert show(at, "Attention rollout").radio(key="view").label == "Readout attention"
+    assert ("mean-pooled embedding" if kind == "gap" else "attention-pooled embedding") in said["Remove positions"]
+    assert "CLS" not in said["Patch grid"] and SECTION_OF["Heads"] == "Attention"

@@ -67,7 +67,8 @@ def _layers_widget(depth: int, view: str) -> None:
 
 def _draw_attention(info: ModelInfo) -> None:
     left, layers, heads, rollout = st.columns([1.0, 1.5, 1.1, 1.3])
-    view = left.radio("CLS attention", list(VIEWS_OF_A_MAP), key="view", format_func=VIEWS_OF_A_MAP.get,
+    label = "CLS attention" if info.readout == "cls" else "Readout attention"  # a CLS-less model: what its head pools
+    view = left.radio(label, list(VIEWS_OF_A_MAP), key="view", format_func=VIEWS_OF_A_MAP.get,
                       help="Rollout follows the CLS token's attention through the residual stream over a range of "
                            "layers; raw shows one layer's attention on its own.")
     with layers:

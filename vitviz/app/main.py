@@ -124,7 +124,8 @@ def _downloads(ctx: ViewContext, fit: str) -> None:
     """The Attention section's map as a PNG and as arrays, named after the image; computed only when clicked."""
     sb = st.sidebar
     sb.header("Downloads")
-    what = "rollout" if ctx.attention.view == "rollout" else "raw CLS attention"
+    raw = "raw CLS attention" if ctx.info.readout == "cls" else "raw readout attention"  # a CLS-less model's pooling
+    what = "rollout" if ctx.attention.view == "rollout" else raw
     sb.caption(f"The map the Attention section's settings select (now the {what}), on the part of your image the "
                "model saw, at its original resolution; the arrays as `.npz`.")
     c1, c2 = sb.columns(2)
