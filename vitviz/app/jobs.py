@@ -5,6 +5,10 @@ cannot be updated from inside a cached function (they would be replayed on a cac
 the *job*, not only its result: the first session to ask starts it on a worker thread, every session asking for the
 same (image, model, method, target) waits on that one job and draws its own progress bar from it.
 
+A second job (:func:`measurement`) then measures the finished map a second way, by blurring the removed patches: a
+measure no method here is built on (greedy deletion optimises token removal itself). The page does not wait on it:
+the map and its score by token removal are drawn first, and the page polls this job until its score is ready.
+
 Bounds: at most ``MAX_RUNNING`` jobs compute at once (the others wait for a slot); a job nobody has polled for
 ``ABANDON_S`` seconds (its sessions moved to another method or image) stops before the next block it would walk;
 a job running longer than ``max_job_seconds()`` stops there too, with a message. A failed or stopped job is not
@@ -13,6 +17,7 @@ kept: the first waiter to see the failure clears it, so asking again retries.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import threading
@@ -31,13 +36,16 @@ from vitviz.models import ModelInfo
 
 from . import cache
 
-__all__ = ["Explained", "ExplainJob", "explanation", "max_job_seconds", "MAX_RUNNING", "ABANDON_S"]
+__all__ = ["Explained", "Measured", "ExplainJob", "explanation", "measurement", "max_job_seconds", "MAX_RUNNING",
+           "ABANDON_S"]
 
 MAX_RUNNING = 2  # explanation jobs computing at once, over all sessions (memory and cores are shared)
 ABANDON_S = 10.0  # a job nobody has polled for this long stops before its next block
 DEFAULT_MAX_JOB_S = 300.0  # one explanation's time at most, from its start (waiting for a slot not counted)
 _SLOTS = threading.BoundedSemaphore(MAX_RUNNING)
 _POLL_S = 0.2
+_EXIT_WAIT_S = 30.0  # at exit, how long the running jobs are given to reach their next check
+_EXITING = threading.Event()  # set at interpreter exit: every job stops at its next check
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,16 @@ class Explained:
     explanation: object  # vitviz.explain.Explanation
     curves: object  # vitviz.faithfulness.Curves of the method's map
     random_curves: object  # the mean curves of RANDOM_DRAWS seeded random maps, the baseline
+    random_maps: tuple = ()  # those random maps (gh, gw), measured again by :func:`measurement`
+
+
+@dataclass(frozen=True)
+class Measured:
+    """An explained map measured by blurring the removed patches (σ = ``perturb.BLUR_SIGMA_PX``), read by the same
+    target, beside the same random maps measured the same way."""
+
+    curves: object  # vitviz.faithfulness.Curves of the method's map, perturbation "blur"
+    random_curves: object  # the mean of the random maps' curves by blurring
 
 
 class Abandoned(Exception):
@@ -54,12 +72,13 @@ class Abandoned(Exception):
 
 
 class ExplainJob:
-    """An explanation being computed: how far it is (``fraction``, ``stage``), then its result or its error."""
+    """An explanation (or its measure by blurring) being computed: how far it is (``fraction``, ``stage``), then its
+    result or its error."""
 
-    def __init__(self, method: str) -> None:
+    def __init__(self, method: str, *, waiting: str = "Waiting for another explanation to finish...") -> None:
         self.method = method
         self.fraction = 0.0
-        self.stage = "Waiting for another explanation to finish..."
+        self.stage = waiting  # until it gets a slot
         self.result: Explained | None = None
         self.error: BaseException | None = None
         self.done = threading.Event()
@@ -68,22 +87,58 @@ class ExplainJob:
         self.limit = max_job_seconds()
         self._lock = threading.Lock()
         self._cleared = False
+        self.askers: set[str] = set()  # the sessions that asked for it and have not left it (measures only)
+        self.cancelled = False  # every asker left it, or it left the cache: it stops at its next check
 
     def check(self) -> None:
-        """Stop here (raise :class:`Abandoned`) if no session has waited on the job for ``ABANDON_S``, or with a
-        :class:`ResourceError` once it has computed for longer than ``max_job_seconds()``."""
+        """Stop here (raise :class:`Abandoned`) if no session has waited on the job for ``ABANDON_S`` or it was
+        cancelled, or with a :class:`ResourceError` once it has computed for longer than ``max_job_seconds()``."""
         now = time.monotonic()
+        if _EXITING.is_set():
+            raise Abandoned("the server is stopping")
+        if self.cancelled:
+            raise Abandoned("the measure was left unfinished: its askers moved on")
         if now - self.polled > ABANDON_S:
             raise Abandoned("the explanation was left unfinished: nobody was waiting for it")
         if self.started is not None and now - self.started > self.limit:
             raise ResourceError(f"this explanation was stopped after {self.limit:.0f} s, the longest one job may run "
                                 "on this server: try a faster method, a smaller image size or a smaller model")
 
+    def poll(self) -> bool:
+        """Count as a wait (a job goes on while someone asks for it); True once it has finished."""
+        self.polled = time.monotonic()
+        return self.done.is_set()
+
+    def ask(self, asker: str) -> bool:
+        """``asker`` (a session's token) waits for it: :meth:`poll`, and remember the asker until it leaves."""
+        with self._lock:
+            self.askers.add(asker)
+        return self.poll()
+
+    def leave(self, asker: str) -> None:
+        """``asker`` no longer wants it (its page moved to another method, target or image): once every asker has
+        left an unfinished job, it stops at its next check and frees its slot (not ``ABANDON_S`` later)."""
+        with self._lock:
+            self.askers.discard(asker)
+            if not self.askers and not self.done.is_set():
+                self.cancelled = True
+
     def first_to_clear(self) -> bool:
         """True once: for the first waiter to see a failure, who removes the job from the cache."""
         with self._lock:
             first, self._cleared = not self._cleared, True
             return first
+
+
+@atexit.register
+def _stop_jobs() -> None:
+    """At exit, stop the running jobs at their next check and wait for them: a worker thread still inside a torch
+    operation when the interpreter finalizes aborts the process ("terminate called without an active exception")."""
+    _EXITING.set()
+    deadline = time.monotonic() + _EXIT_WAIT_S
+    for thread in threading.enumerate():
+        if thread.name in ("vitviz-explain", "vitviz-measure"):
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 @functools.cache
@@ -116,30 +171,52 @@ def _step(job: ExplainJob, done: int, total: int) -> None:
     job.stage = f"Greedy deletion: step {done} of {total} (a forward and a backward pass on the patches left)"
 
 
+def _input(built, info: ModelInfo, res: Analysis) -> torch.Tensor:
+    """The analysed image as the model reads it (1, 3, H, W), on its device and in its dtype."""
+    param = next(built.parameters())
+    return to_tensor(res.pixels, mean=info.mean, std=info.std).to(device=param.device, dtype=param.dtype)
+
+
 def _compute(job: ExplainJob, built, info: ModelInfo, target: str, res: Analysis) -> Explained:
     from vitviz.evaluate import RANDOM_DRAWS
     from vitviz.explain import Method, explain_all
     from vitviz.metrics.faithfulness import average_curves, curves
 
-    param = next(built.parameters())
-    x = to_tensor(res.pixels, mean=info.mean, std=info.std).to(device=param.device, dtype=param.dtype)
+    x = _input(built, info, res)
     job.stage = ("Greedy deletion: starting..." if Method.parse(job.method).name == "deletion"
                  else "Explaining: one forward and one backward pass...")
     found, *draws = explain_all(built, x, methods=[job.method, *(f"random:seed={k}" for k in range(RANDOM_DRAWS))],
                                 target=target, progress=lambda i, n: _step(job, i, n), interrupt=job.check)
     job.fraction = max(job.fraction, 0.8)
-    job.stage = f"Measuring faithfulness: 10 steps of token removal, against {RANDOM_DRAWS} random maps..."
+    job.stage = f"Measuring faithfulness by token removal: 10 steps, against {RANDOM_DRAWS} random maps..."
     measured = curves(built, x, [found.map, *(d.map for d in draws)], target=found.target)
-    return Explained(found, measured[0], average_curves(measured[1:]))
+    return Explained(found, measured[0], average_curves(measured[1:]), tuple(d.map for d in draws))
 
 
-def _run(job: ExplainJob, built, info: ModelInfo, target: str, res: Analysis) -> None:
+def _measure(job: ExplainJob, built, x: torch.Tensor, done: Explained) -> Measured:
+    """The map and the random maps by blurring, one map at a time so that the job can stop between them (each is
+    2 x 9 passes over the whole image; the shared unperturbed pass is repeated, one pass in 19)."""
+    from vitviz.metrics.faithfulness import average_curves, curves
+    from vitviz.metrics.perturb import BLUR_SIGMA_PX
+
+    maps = [done.explanation.map, *done.random_maps]
+    measured = []
+    for i, heat in enumerate(maps):
+        job.check()
+        job.fraction = i / len(maps)
+        job.stage = (f"Measuring faithfulness by blurring (σ {BLUR_SIGMA_PX:g} px): "
+                     + ("the map..." if i == 0 else f"random map {i} of {len(maps) - 1}..."))
+        measured += curves(built, x, [heat], target=done.explanation.target, perturbation="blur")
+    return Measured(measured[0], average_curves(measured[1:]))
+
+
+def _run(job: ExplainJob, compute: Callable[[], object]) -> None:
     try:
         while not _SLOTS.acquire(timeout=_POLL_S):
             job.check()
         try:
             job.started = time.monotonic()
-            job.result = _compute(job, built, info, target, res)
+            job.result = compute()
         finally:
             _SLOTS.release()
     except torch.OutOfMemoryError as exc:
@@ -158,8 +235,27 @@ def _run(job: ExplainJob, built, info: ModelInfo, target: str, res: Analysis) ->
 @st.cache_resource(max_entries=16, show_spinner=False)
 def _job(key: cache.AnalysisKey, method: str, target: str, _res: Analysis, _built) -> ExplainJob:
     job = ExplainJob(method)
-    threading.Thread(target=_run, args=(job, *_built, target, _res), daemon=True,
+    threading.Thread(target=_run, args=(job, functools.partial(_compute, job, *_built, target, _res)), daemon=True,
                      name="vitviz-explain").start()  # it calls no Streamlit function
+    return job
+
+
+def _cancel(job: ExplainJob) -> None:
+    """A job that left the cache can be found by nobody: stop it at its next check (a finished one is unchanged)."""
+    if not job.done.is_set():
+        job.cancelled = True
+
+
+@st.cache_resource(max_entries=16, show_spinner=False, on_release=_cancel)
+def _measure_job(key: cache.AnalysisKey, method: str, target: str, _res: Analysis, _built, _done: Explained
+                 ) -> ExplainJob:
+    from vitviz.metrics.perturb import BLUR_SIGMA_PX
+
+    job = ExplainJob(method, waiting=f"Faithfulness by blurring (σ {BLUR_SIGMA_PX:g} px): waiting for another job "
+                                     "to finish...")
+    x = _input(*_built, _res)  # the input, not the analysis: a job left running keeps no analysis alive
+    threading.Thread(target=_run, args=(job, functools.partial(_measure, job, _built[0], x, _done)), daemon=True,
+                     name="vitviz-measure").start()
     return job
 
 
@@ -182,3 +278,24 @@ def explanation(key: cache.AnalysisKey, method: str, target: str, res: Analysis,
             _job.clear(key, method, target, res, built)
         if not isinstance(job.error, Abandoned):  # a job stopped for want of askers: ask it again
             raise job.error
+
+
+def measurement(key: cache.AnalysisKey, method: str, target: str, res: Analysis, weights: cache.Weights,
+                done: Explained, *, asker: str) -> ExplainJob:
+    """The job measuring ``done`` (the explanation of these arguments) by blurring, started by the first asker and
+    shared; never waited on here: the page draws the map first and polls this job (this call and each
+    :meth:`ExplainJob.poll` count as a wait; ``asker`` is the session's token, for :meth:`ExplainJob.leave`). A job
+    stopped or cancelled for want of askers is started afresh; a failed one is returned (``error`` set) and removed
+    from the cache by the first asker to see it, so the next ask retries."""
+    share_cores()
+    built = cache.model(key.model, weights)
+    while True:
+        job = _measure_job(key, method, target, res, built, done)
+        finished = job.ask(asker)
+        stopped = isinstance(job.error, Abandoned) or (job.cancelled and not finished)
+        if finished and job.error is None:
+            return job
+        if (stopped or finished) and job.first_to_clear():
+            _measure_job.clear(key, method, target, res, built, done)
+        if not stopped:
+            return job
