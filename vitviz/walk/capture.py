@@ -4,7 +4,8 @@ The model is never modified: no hook, no flag, no attribute is set on it. The bl
 :func:`vitviz.walk.blocks.walk` with their own weights, each block's attention probabilities computed explicitly
 (softmax(q·kᵀ·scale), after the block's own q/k norms) straight into one preallocated buffer and reused for the block
 output, so the capture costs one forward pass and several browser sessions may share one cached model from several
-threads.
+threads. A model without a CLS token (average or attention pooling) is captured the same way, its prefix tokens
+(registers) first; what its views read instead of the CLS row is :mod:`vitviz.analysis.readout`.
 """
 
 from __future__ import annotations
