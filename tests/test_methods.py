@@ -39,7 +39,7 @@ ROWS = {
     "chefer": Row(None, refuses=frozenset({"attn_pool"})),
     "legrad": Row("legrad:start=-2"),
     "gradxattn": Row(None, refuses=frozenset({"attn_pool"})),
-    "lrp": Row("lrp:at=pixels,gamma=0.0", refuses=frozenset({"attn_pool"})),
+    "lrp": Row("lrp:at=pixels,gamma=0.0"),
     "deletion": Row("deletion:steps=5", fast="deletion:steps=2", refuses=frozenset({"attn_pool"})),
     "random": Row("random:seed=7"),
 }
