@@ -39,6 +39,8 @@ HUB_MODELS = (
     "deit_small_patch16_224",
     "vit_small_patch14_dinov2.lvd142m",
     "vit_small_patch14_reg4_dinov2.lvd142m",
+    "vit_small_patch16_dinov3.lvd1689m",  # Eva blocks: rotary positions, 4 registers
+    "vit_base_patch16_siglip_224.webli",  # no CLS token: read through its attention-pool head
 )
 UPLOAD, OTHER_HUB, DIR_PREFIX = "upload", "hub:other", "dir:"
 TRAINED, TRAINED_KEY = "trained", "_trained_ckpt"  # a model trained or probed on the Train & probe page

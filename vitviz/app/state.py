@@ -27,7 +27,8 @@ COLORSCALE_LABELS = {"Greys_r": "Greys"}
 PERSISTENT = ("example", "model", "arch", "patch_size", "img_size", "fit", "device", "precision", "layers", "view",
               "head", "head_fusion", "discard_ratio", "opacity", "colorscale", "query_patch", "heads_source",
               "hub_name", "heads_scale", "raw_layer", "drop_artefacts", "tokens_layer", "pca_foreground",
-              "explain_target", "explain_method", "explain_prompt", "explain_classes", "section")
+              "explain_target", "explain_method", "explain_prompt", "explain_classes", "explain_curves_by",
+              "section")
 TABS_PREFIX = "tab_"  # each section's open tab, under "tab_<section>": kept too, so a section reopens where it was
 INITIAL: dict[str, Any] = dict(
     model="default", device="auto", precision="auto", img_size=DEFAULTS.img_size,
