@@ -52,21 +52,10 @@ FAMILIES = {
     "avg_pool": ("vit_tiny_patch16_224", dict(global_pool="avg")),
 }
 
-_MAP = "reads no token row"  # gradient-weighted attention on an attention pool
 _NO_CLS = "no CLS token, so there is no CLS attention to roll out"  # rollout and raw read the CLS row
 NO_CLS = ("siglip", "eva_gap")  # no CLS token: the capture's views read the pooling (vitviz.analysis.readout)
 # (family, method) -> a phrase of the sentence it is refused with; every other pair runs
-REFUSED = {
-    ("siglip_like", "chefer"): _MAP,
-    ("siglip_like", "gradxattn"): _MAP,
-    ("siglip_like", "deletion"): "not attention pooling",
-    ("pe_core", "chefer"): _MAP,
-    ("pe_core", "gradxattn"): _MAP,
-    ("pe_core", "deletion"): "not attention pooling",
-    ("siglip", "chefer"): _MAP,
-    ("siglip", "gradxattn"): _MAP,
-    ("siglip", "deletion"): "not attention pooling",
-}
+REFUSED: dict[tuple[str, str], str] = {}  # attention pools: the gradient methods and deletion read the pool too
 FAST = {"deletion": "deletion:steps=2"}
 
 

@@ -36,11 +36,11 @@ class Row:
 ROWS = {
     "rollout": Row("rollout:start=1,discard=0.5,fusion=max"),
     "raw": Row("raw:layer=0,fusion=min"),
-    "chefer": Row(None, refuses=frozenset({"attn_pool"})),
+    "chefer": Row(None),
     "legrad": Row("legrad:start=-2"),
-    "gradxattn": Row(None, refuses=frozenset({"attn_pool"})),
+    "gradxattn": Row(None),
     "lrp": Row("lrp:at=pixels,gamma=0.0"),
-    "deletion": Row("deletion:steps=5", fast="deletion:steps=2", refuses=frozenset({"attn_pool"})),
+    "deletion": Row("deletion:steps=5", fast="deletion:steps=2"),
     "random": Row("random:seed=7"),
 }
 

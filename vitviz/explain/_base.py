@@ -45,20 +45,24 @@ class Geometry:
                    pool_from=0 if getattr(model, "pool_include_prefix", False) else p,
                    distilled=getattr(model, "dist_token", None) is not None)
 
-    def readout(self, target: Target) -> torch.Tensor | None:
+    def readout(self, target: Target, *, pool: torch.Tensor | None = None) -> torch.Tensor | None:
         """How ``target`` reads the final tokens, as weights w (T,) over them: patch p's own token, the CLS token
-        (and the distillation token), or the pooled patches' mean; None for a head no row describes (attention
-        or max pooling)."""
+        (and the distillation token), the pooled patches' mean, or for an attention-pool head ("map") ``pool``, the
+        weights its attention gave the tokens on this image (:func:`.passes.pool_readout`); None for a head no row
+        describes (max pooling, an attention pool without its weights)."""
         T = self.num_prefix_tokens + self.grid[0] * self.grid[1]
         w = torch.zeros(T, dtype=torch.float64)
-        if self.pool not in ("token", "avg"):  # attention or max pooling: weights that differ per image
-            return None
-        if target.kind == "patch":
+        if target.kind == "patch":  # the patch's own feature, whatever the head pools
             w[self.num_prefix_tokens + target.index] = 1.0
-        elif self.pool == "token":
+            return w
+        if self.pool == "map":  # weights that differ per image: read from the pass
+            return pool
+        if self.pool == "token":
             w[: 2 if self.distilled else 1] = 1.0 / (2 if self.distilled else 1)
-        else:  # average pooling
+        elif self.pool == "avg":
             w[self.pool_from :] = 1.0 / (T - self.pool_from)
+        else:  # max pooling: no weights over the tokens
+            return None
         return w
 
 

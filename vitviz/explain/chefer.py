@@ -1,5 +1,16 @@
 """Gradient-weighted attention: Chefer, Gur & Wolf 2021 (ICCV, "generic") and its last layer alone (gradient ×
-attention), from one forward + one backward (:class:`.passes.Gradients`, total gradients ∂s/∂A_l)."""
+attention), from one forward + one backward (:class:`.passes.Gradients`, total gradients ∂s/∂A_l).
+
+Both read one row of the token mixing, the row of what the target reads: the CLS token (Chefer et al.'s choice),
+the pooled patches' mean (average pooling), a patch target's own token, or for an attention-pool head (timm's
+"map": SigLIP's and Perception Encoder's towers) the pool's own attention over the final tokens, averaged over its
+heads and latents (:func:`.passes.pool_readout`), read from the same pass. That row w is a constant of the
+backward: it only selects which rows of R (or Ā) are read, as the CLS index does; the gradients ∂s/∂A_l flow
+through the pool (its attention, values and MLP) like through any layer. A model with a CLS token beside an
+attention pool reads the pool's weights too, not the CLS row: timm's ViT pools the patches only (w is zero on the
+CLS token, whose last-layer row has zero gradient, as the head never reads it), Eva's (PE's) pool weighs the CLS
+token among the others.
+"""
 
 from __future__ import annotations
 
@@ -21,9 +32,10 @@ def chefer_map(attention: torch.Tensor | Sequence[torch.Tensor], gradients: torc
 
         Ā_l = E_h[(∇A_l ⊙ A_l)⁺],   R⁰ = I,   R^l = R^{l-1} + Ā_l · R^{l-1}   (l = 1..L)
 
-    and the map is R^L's CLS row over the patch tokens: the row of the token the target reads (``readout``: a
-    token index, or weights w (T,) over the tokens for a head that averages several; Chefer et al. read the CLS
-    token). R^L = (I + Ā_L) ··· (I + Ā_1), so only that row is formed, as vector–matrix products (O(L·T²)).
+    and the map is w·R^L over the patch tokens, w the row the target reads (``readout``: a token index, or weights
+    w (T,) over the tokens: an average pool's 1/N, an attention pool's own attention, see the module docstring);
+    Chefer et al. read the CLS token, the default. R^L = (I + Ā_L) ··· (I + Ā_1), so only that row is formed, as
+    vector–matrix products (O(L·T²)).
     (L, H, T, T) attention and total gradients (or L tensors of (H, T, T) each) -> (gh, gw).
     """
     abar = torch.stack([(g * a).clamp(min=0).mean(dim=0) for a, g in zip(attention, gradients, strict=True)])
@@ -40,7 +52,7 @@ def grad_attention_map(attention: torch.Tensor, gradient: torch.Tensor, *, num_p
 
     Chefer et al.'s Ā_l alone, without the propagation through the earlier layers; w the row the target reads
     (``readout``, as in :func:`chefer_map`; the CLS row by default). Another row's gradient is zero when the
-    target reads only w's tokens, so any other row would give a flat map.
+    target reads only w's tokens, so any other row would give a flat map (the CLS row beside an attention pool).
     """
     abar = (gradient * attention).clamp(min=0).mean(dim=0)  # (T, T)
     row = abar[readout] if isinstance(readout, int) else readout.to(abar.dtype) @ abar
@@ -48,7 +60,7 @@ def grad_attention_map(attention: torch.Tensor, gradient: torch.Tensor, *, num_p
 
 
 def _readout(run: PassResult, geo: Geometry) -> torch.Tensor:
-    w = geo.readout(run.target)
+    w = geo.readout(run.target, pool=run.extra.readout)
     if w is None:
         raise ModelError(f"a {geo.pool!r}-pooling head reads no token row that gradient-weighted attention could "
                          "follow: choose another method")

@@ -14,10 +14,13 @@ patch carries what it carried), so the removal is greedy, and each step looks ag
 with n_i = k_{i+1} - k_i, k_i = floor(i·N/S + ½) (the last step takes what is left). y is what the curves
 measure: the cosine of the embedding (patch p's feature) with the full image's, or the class probability. As
 m_j → 0 token j receives no attention anywhere and nothing reads its own stream: exactly its removal (an
-average-pooling head, which reads every patch's own stream, averages with the same weights m_j; other pools over
-the patches are refused). The gradient is taken with every kept patch half present, the midpoint rule of the
-path from present to removed (a one-point integrated gradient); at m = 1 a cosine is at its maximum, its gradient
-zero, and it would rank nothing.
+average-pooling head, which reads every patch's own stream, averages with the same weights m_j; an attention-pool
+head, SigLIP's and PE's, gets the same bias b_j on its latent queries' logits, through timm's own pool and its
+``attn_mask`` argument; max pooling and attention pools with their own position embedding are refused). The
+gradient is taken with every kept patch half present, the midpoint rule of the path from present to removed (a
+one-point integrated gradient); at m = 1 a cosine is at its maximum, its gradient zero, and it would rank nothing.
+For the same reason the embedding of a model without prefix tokens (SigLIP's towers, timm's ``*_gap`` ViTs) is
+refused: with no token fixed at m = 1, all patches half present is the full image again.
 
 The map: a patch removed at step i, the r-th of n_i, gets
 
@@ -115,22 +118,51 @@ def _kept_score(model: torch.nn.Module, tokens: torch.Tensor, kept: torch.Tensor
 
 
 def _check_pool(model: torch.nn.Module) -> None:
-    """Greedy deletion reads presence through attention, and through an average pool: refuse other pools."""
-    if getattr(model, "attn_pool", None) is not None or model.global_pool not in ("token", "avg"):
-        pool = "attention" if getattr(model, "attn_pool", None) is not None else repr(model.global_pool)
-        raise ModelError(f"greedy deletion needs a head reading the CLS token or averaging the patches, not {pool} "
-                         "pooling: choose another method")
+    """Greedy deletion reads presence through attention, an average pool and a latent-query attention pool: refuse
+    other pools (max pooling, a pool without a latent, a pool adding its own position embedding to each place)."""
+    pool = getattr(model, "attn_pool", None)
+    if pool is not None and (not hasattr(pool, "latent") or getattr(pool, "pos_embed", None) is not None):
+        raise ModelError(f"greedy deletion cannot remove tokens from this {type(pool).__name__} head (it has no "
+                         "latent query or adds its own position embedding to each token's place): choose another "
+                         "method")
+    if pool is None and model.global_pool not in ("token", "avg"):
+        raise ModelError(f"greedy deletion needs a head reading the CLS token, averaging the patches or pooling them "
+                         f"by attention, not {model.global_pool!r} pooling: choose another method")
+
+
+def _check_anchor(model: torch.nn.Module, target: Target) -> None:
+    """The embedding's cosine needs a token that stays fully present (a prefix token): without one, every patch
+    half present is the full image again (the pools and every softmax normalise the presence away), so the first
+    step's gradient is that of a cosine at its maximum, zero, and would rank the patches by rounding noise."""
+    if target.kind == "embedding" and int(model.num_prefix_tokens) == 0:
+        raise ModelError("greedy deletion cannot rank the patches of this model's own embedding: without a CLS or "
+                         "other prefix token, all patches half present read as the full image, so the first step "
+                         "has no gradient; choose a class, prompt or patch target, or another method")
 
 
 def _weighted_outputs(model: torch.nn.Module, t: torch.Tensor, bias: torch.Tensor) -> ModelOutputs:
-    """:func:`head_outputs` of tokens ``t`` (1, T', C), an average pool weighting each token by exp(``bias``) (T'),
-    its presence, as token removal drops it from the mean (a CLS-token head: unchanged)."""
+    """:func:`head_outputs` of tokens ``t`` (1, T', C) with every token weighted by its presence exp(``bias``) (T'),
+    as token removal drops it: from an average pool's mean, from an attention pool's softmax (a CLS-token head:
+    unchanged)."""
+    if getattr(model, "attn_pool", None) is not None:
+        return _attention_pooled(model, t, bias)
     if model.global_pool != "avg":
         return head_outputs(model, t)
     feats = model.norm(t)
     start = 0 if getattr(model, "pool_include_prefix", False) else int(model.num_prefix_tokens)
     w = bias[:, start:].exp().to(feats.dtype)[..., None]  # (1, T' - start, 1)
     embedding = model.head_drop(model.fc_norm((feats[:, start:] * w).sum(1) / w.sum(1)))
+    return ModelOutputs(tokens=feats, embedding=embedding, logits=model.head(embedding) if has_head(model) else None)
+
+
+def _attention_pooled(model: torch.nn.Module, t: torch.Tensor, bias: torch.Tensor) -> ModelOutputs:
+    """timm's ``forward_head`` (pool, fc_norm, head) with the key bias added to the pool's logits too: the latents'
+    softmax(q·kᵀ·scale + b) over the pooled tokens, so the pool weighs token j by m_j as every block does."""
+    feats = model.norm(t)
+    # timm's ViT pools the patches unless pool_include_prefix; Eva's (PE's) pool reads every token
+    start = 0 if getattr(model, "pool_include_prefix", True) else int(model.num_prefix_tokens)
+    mask = bias[:, None, None, start:].to(feats.dtype)  # (1, 1, 1, N) over the pool's (B, H, Q, N) logits
+    embedding = model.head_drop(model.fc_norm(model.attn_pool(feats[:, start:], attn_mask=mask)))
     return ModelOutputs(tokens=feats, embedding=embedding, logits=model.head(embedding) if has_head(model) else None)
 
 
@@ -168,6 +200,7 @@ def deletion_order(model: torch.nn.Module, x: torch.Tensor, *, target: Target | 
         tokens = embed_tokens(model, x)  # (1, T, C)
         full = head_outputs(model, run_blocks(model, tokens))
     resolved = resolve_target(model, target, None if full.logits is None else full.logits[0])
+    _check_anchor(model, resolved)
     protect = resolved.index if resolved.kind == "patch" else None
     ref = target_reference(model, resolved, full)
     kept = torch.tensor([j for j in range(gh * gw) if j != protect], device=x.device)

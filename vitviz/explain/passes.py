@@ -32,11 +32,12 @@ from ..targets import (
     target_reference,
     target_score,
 )
-from ..walk.blocks import Interventions, KeptProbs, run_blocks, walk
+from ..walk.blocks import Interventions, KeptProbs, pool_attention, run_blocks, walk
 from ..walk.capture import attention_forward
 from ._base import PassResult, Progress
 
-__all__ = ["Capture", "Plain", "Gradients", "AttentionGradients", "attention_gradients", "merge_passes"]
+__all__ = ["Capture", "Plain", "Gradients", "AttentionGradients", "attention_gradients", "merge_passes",
+           "pool_readout"]
 
 Interrupt = Callable[[], None]
 
@@ -78,12 +79,34 @@ class Plain:
         return PassResult(outputs=out, target=_resolved(model, target, out), passes=self.text(len(model.blocks)))
 
 
+def pool_readout(model: torch.nn.Module, features: torch.Tensor) -> torch.Tensor | None:
+    """An attention-pool head's weights over the final tokens: ``features`` (1, T, C), normed -> (T,), summing to 1.
+
+    The pool's own attention (:func:`vitviz.walk.blocks.pool_attention`) averaged over its heads and latents, zero on
+    the tokens it does not pool (timm's ViT skips the prefix tokens unless ``pool_include_prefix``; Eva's pool, PE's,
+    reads them all): :func:`vitviz.analysis.readout.readout_weights`'s weights, here also for a head that pools
+    beside a CLS token it never reads (whose readout the capture's views take as that token). Computed without
+    autograd in the features' precision (fp32 at least); None for a head without a latent-query attention pool.
+    """
+    pool = getattr(model, "attn_pool", None)
+    if pool is None or not hasattr(pool, "latent"):  # average, token or max pooling; AttentionPoolPrr
+        return None
+    start = 0 if getattr(model, "pool_include_prefix", True) else int(model.num_prefix_tokens)
+    dtype = torch.promote_types(features.dtype, torch.float32)
+    w = torch.zeros(features.shape[1], dtype=dtype, device=features.device)
+    with torch.no_grad():
+        w[start:] = pool_attention(model, features[:, start:].detach())[0].to(dtype).mean(dim=(0, 1))
+    return w
+
+
 @dataclass(frozen=True)
 class AttentionGradients:
     """One forward and one backward: every layer's attention A_l (H, T, T each) and the gradients of some layers.
 
     ``gradients_by_layer`` holds ∂s/∂A_l (H, T, T) for l in ``layers``; with ``per_layer`` LeGrad's ∂s_l/∂A_l,
     s_l the target read from layer l's own output tokens. All detached, kept per layer as the walk made them.
+    ``readout``: an attention-pool head's weights (T,) over this pass's final tokens (:func:`pool_readout`), the row
+    the gradient-weighted maps read for it; None for other heads.
     """
 
     attention_by_layer: tuple[torch.Tensor, ...]
@@ -93,6 +116,7 @@ class AttentionGradients:
     score: float  # the target's value s(x) on the image
     outputs: ModelOutputs  # final outputs, detached
     per_layer: bool
+    readout: torch.Tensor | None = None
 
     @property
     def attention(self) -> torch.Tensor:
@@ -163,6 +187,7 @@ def attention_gradients(
         attention_by_layer=tuple(p.detach()[0] for p in probs.kept),
         gradients_by_layer=tuple(g.detach()[0] for g in grads),
         layers=wanted, target=resolved, score=float(score.detach()), outputs=_detached(final), per_layer=per_layer,
+        readout=pool_readout(model, final.tokens),
     )
 
 

@@ -1,5 +1,9 @@
-"""Attention-only maps: attention rollout (Abnar & Zuidema 2020) and one layer's raw CLS attention, from one captured
-pass (:mod:`vitviz.analysis.rollout` holds the arithmetic). They do not depend on the target."""
+"""Attention-only maps: attention rollout (Abnar & Zuidema 2020) and one layer's raw attention, of the readout's row,
+from one captured pass (:mod:`vitviz.analysis.rollout` holds the arithmetic). They do not depend on the target.
+
+The row is the model's readout (:mod:`vitviz.analysis.readout`): the CLS token's, or for a model without one the
+mean-pooled readout's or the attention-pool head's weights over the tokens; the titles name none of them, since
+one title serves every model."""
 
 from __future__ import annotations
 
@@ -60,7 +64,7 @@ def _raw(s: RawSettings, run: PassResult, geo: Geometry) -> torch.Tensor:
     return tokens_to_grid(rows[0], num_prefix_tokens=geo.num_prefix_tokens, grid=geo.grid)
 
 
-ROLLOUT = MethodSpec(name="rollout", title="attention rollout of the CLS token", settings=RolloutSettings,
+ROLLOUT = MethodSpec(name="rollout", title="attention rollout of the head's readout", settings=RolloutSettings,
                      uses_target=False, needs=lambda s, geo: Capture(), map=_rollout)
-RAW = MethodSpec(name="raw", title="one layer's raw CLS attention", settings=RawSettings, uses_target=False,
-                 needs=lambda s, geo: Capture(), map=_raw)
+RAW = MethodSpec(name="raw", title="one layer's raw attention of the head's readout", settings=RawSettings,
+                 uses_target=False, needs=lambda s, geo: Capture(), map=_raw)
