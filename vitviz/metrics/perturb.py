@@ -52,19 +52,25 @@ def blur_fill(x: torch.Tensor, removed: torch.Tensor, blurred: torch.Tensor | No
     return torch.where(removed, gaussian_blur(x) if blurred is None else blurred, x)
 
 
-def _ring_sum(q: torch.Tensor) -> torch.Tensor:
-    """Each inner pixel's 3x3 neighbourhood in the zero-bordered ``q`` (..., H+2, W+2) weighted [1 2 1]ᵀ[1 2 1]: 12×
-    the 8-neighbour sum plus 4× the centre, as two 1-D passes of two tensor ops each (memory-bound on the CPU: the
-    eight shifted slices, or a grouped 3x3 convolution, cost several times more)."""
-    v = q[..., :-2, :] + q[..., 2:, :]
-    v.add_(q[..., 1:-1, :], alpha=2)
-    s = v[..., :-2] + v[..., 2:]
-    return s.add_(v[..., 1:-1], alpha=2)
+def _ring_sum(q: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Each inner pixel's 3x3 neighbourhood in the zero-bordered ``q`` (..., H+2, W+2) weighted [1 2 1]ᵀ[1 2 1] (12×
+    the 8-neighbour sum plus 4× the centre) into ``out``, the same shape, by way of ``v``. Two 1-D passes of two
+    tensor ops each over the flat storage, where a shift by a row is a contiguous slice (memory-bound on the CPU: the
+    eight shifted 2-D slices, or a grouped 3x3 convolution, cost several times more). Border entries come out
+    finite but meaningless; the operator's weights are zero there. ``v``'s and ``out``'s ends are never written."""
+    n, w = q.numel(), q.shape[-1]
+    f, v, o = q.view(-1), v.view(-1), out.view(-1)
+    torch.add(f[: n - 2 * w], f[2 * w :], out=v[w : n - w])
+    v[w : n - w].add_(f[w : n - w], alpha=2)
+    torch.add(v[: n - 2], v[2:], out=o[1 : n - 1])
+    o[1 : n - 1].add_(v[1 : n - 1], alpha=2)
+    return out
 
 
 def _neighbours(v: torch.Tensor) -> torch.Tensor:
     """Σ_n w_n v_n over each pixel's 8 neighbours inside the image (zero padding: outside counts nothing)."""
-    return (_ring_sum(F.pad(v, (1, 1, 1, 1))) - 4 * v) / 12
+    q = F.pad(v, (1, 1, 1, 1))
+    return (_inner(_ring_sum(q, torch.zeros_like(q), torch.zeros_like(q))) - 4 * v) / 12
 
 
 def road_noise(x: torch.Tensor, *, seed: int = 0, noise: float = ROAD_NOISE) -> torch.Tensor:
@@ -79,20 +85,24 @@ def _inner(q: torch.Tensor) -> torch.Tensor:
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Σ a·b per image (B, 1, 1, 1) (a product and a sum: faster than vecdot or einsum on the CPU)."""
+    """Σ a·b per image (B, 1, 1, 1): one BLAS dot for one image, a product and a sum for a batch (faster there than
+    a batched matmul, vecdot or einsum on the CPU)."""
+    if a.shape[0] == 1:
+        return torch.dot(a.view(-1), b.view(-1)).view(1, 1, 1, 1)
     return (a * b).view(a.shape[0], -1).sum(dim=1).view(-1, 1, 1, 1)
 
 
 def _cg(u: torch.Tensor, rhs: torch.Tensor, c: torch.Tensor, m12: torch.Tensor, *, steps: int, tol: float):
     """Conjugate gradients on A u = rhs for each image of the batch at once, with A u = c·u − m12·ring_sum(u) (SPD on
-    the holes). Every vector is zero-bordered (B, C, H+2, W+2), so the stencil reads it without padding and the vector
-    operations run on contiguous memory, in place. Each image stops at its own relative residual ``tol`` (a solved
-    image's step is zero), so a batch gives what its images give alone."""
-    ap = torch.zeros_like(u)
+    the holes). Every vector is zero-bordered (B, C, H+2, W+2), ``c`` and ``m12`` too (B, 1, H+2, W+2), so the
+    stencil reads it without padding and the vector operations run on contiguous memory, in place. Each image stops
+    at its own relative residual ``tol`` (a solved image's step is zero): a batch gives what its images give alone."""
+    ap, v, ring = torch.zeros_like(u), torch.zeros_like(u), torch.zeros_like(u)
 
-    def apply(q: torch.Tensor) -> None:  # ap = A q, inside the border
-        torch.mul(_inner(q), c, out=_inner(ap))
-        _inner(ap).addcmul_(_ring_sum(q), m12, value=-1)
+    def apply(q: torch.Tensor) -> None:  # ap = A q
+        _ring_sum(q, v, ring)
+        torch.mul(q, c, out=ap)
+        ap.addcmul_(ring, m12, value=-1)
 
     apply(u)
     r = rhs - ap
@@ -107,7 +117,7 @@ def _cg(u: torch.Tensor, rhs: torch.Tensor, c: torch.Tensor, m12: torch.Tensor, 
         u.addcmul_(alpha, p)
         r.addcmul_(alpha, ap, value=-1)
         rr_new = _dot(r, r)
-        p.mul_(torch.where(active, rr_new / rr.clamp(min=1e-30), 0.0)).add_(r)
+        torch.addcmul(r, torch.where(active, rr_new / rr.clamp(min=1e-30), 0.0), p, out=p)  # p = r + β p
         rr = rr_new
     return u
 
@@ -117,7 +127,8 @@ def _solve(known: torch.Tensor, m: torch.Tensor, u0: torch.Tensor, *, steps: int
     removed. A u = m·(d·u − Σ_n w_n u_n) = m·(d + 1/3)·u − m/12·ring_sum(u) for u zero outside the holes."""
     degree = _neighbours(torch.ones_like(m[:1]))
     rhs = F.pad(_neighbours(known) * m, (1, 1, 1, 1))
-    u = _cg(F.pad(u0 * m, (1, 1, 1, 1)), rhs, (degree + 1 / 3) * m, m / 12, steps=steps, tol=tol)
+    c, m12 = (F.pad(w * m, (1, 1, 1, 1)) for w in (degree + 1 / 3, 1 / 12))
+    u = _cg(F.pad(u0 * m, (1, 1, 1, 1)), rhs, c, m12, steps=steps, tol=tol)
     return _inner(u)
 
 
