@@ -318,8 +318,10 @@ def test_pools_deletion_cannot_read_are_refused():
     model = pool_model("siglip")
     prr = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
                             depth=2, num_heads=2, class_token=False, global_pool="prr", num_classes=3).eval()
-    for method in ("chefer", "gradxattn", "deletion:steps=2"):
-        with pytest.raises(ModelError, match="choose another method"):
+    for method, says in (("chefer", "without a latent query reads no token row"), ("gradxattn", "no token row"),
+                         ("deletion:steps=2", "cannot remove tokens from this AttentionPoolPrr")):
+        with pytest.raises(ModelError, match="choose another method") as err:
             explain(prr, torch.randn(1, 3, 32, 32), method=method, target="class:0")
+        assert says in str(err.value)
     e = explain(model, image(), method="deletion:steps=2", target="class:0")  # a latent-query pool: it runs
     assert e.map.shape == (4, 4) and np.isfinite(e.map).all() and e.passes.startswith("2 steps")

@@ -62,8 +62,9 @@ def grad_attention_map(attention: torch.Tensor, gradient: torch.Tensor, *, num_p
 def _readout(run: PassResult, geo: Geometry) -> torch.Tensor:
     w = geo.readout(run.target, pool=run.extra.readout)
     if w is None:
-        raise ModelError(f"a {geo.pool!r}-pooling head reads no token row that gradient-weighted attention could "
-                         "follow: choose another method")
+        head = "an attention-pool head without a latent query" if geo.pool == "map" else f"a {geo.pool!r}-pooling head"
+        raise ModelError(f"{head} reads no token row that gradient-weighted attention could follow: choose another "
+                         "method")
     return w
 
 
