@@ -75,6 +75,78 @@ def test_the_default_road_fill_is_close_to_the_exact_solution_of_patch_aligned_h
         assert (fast - exact).abs().max() < 0.03 * float(x.max() - x.min()), frac
 
 
+def road_residual(filled: np.ndarray, removed: np.ndarray) -> float:
+    """ROAD's relative residual |A u − b| / |b| of a filled image (C, H, W), by shifted copies: for each removed pixel,
+    Σ_n w_n (u_i − v_n) over its neighbours inside the image, against b_i = Σ_{n kept} w_n x_n."""
+    H, W = removed.shape
+    pad = np.pad(filled, ((0, 0), (1, 1), (1, 1)))
+    inside = np.pad(np.ones((H, W)), 1)
+    kept = np.pad(~removed, 1).astype(float)
+    res, rhs = np.zeros_like(filled), np.zeros_like(filled)
+    for (dr, dc), w in OFFSETS.items():
+        nb = pad[:, 1 + dr : 1 + dr + H, 1 + dc : 1 + dc + W]
+        res += w * inside[1 + dr : 1 + dr + H, 1 + dc : 1 + dc + W] * (filled - nb)
+        rhs += w * kept[1 + dr : 1 + dr + H, 1 + dc : 1 + dc + W] * nb
+    return float(np.linalg.norm(res * removed) / np.linalg.norm(rhs * removed))
+
+
+def patch_holes(g: torch.Generator, n: int, shape: tuple[int, int], patch: int, frac: float) -> torch.Tensor:
+    """n masks of whole removed patches (the last row and column of patches cut by the border where it does)."""
+    gh, gw = (-(-s // patch) for s in shape)
+    coarse = torch.rand(n, 1, gh, gw, generator=g) < frac
+    return coarse.repeat_interleave(patch, 2).repeat_interleave(patch, 3)[..., : shape[0], : shape[1]]
+
+
+@pytest.mark.parametrize(("patch", "shape"), [(14, (56, 42)), (16, (48, 64)), (14, (47, 33)), (16, (37, 50))])
+def test_the_cascade_stops_at_the_residual_of_the_pixel_system(patch, shape):
+    """From the block-mean cascade (14 -> 7 -> 2 -> 1, 16 -> 8 -> 4 -> 2 -> 1), the default fill of patch-aligned holes
+    meets the pixel system's stopping rule (relative residual 1e-4, measured here independently) and is as close to
+    the exact fill as the default stop allows, also on shapes the patches do not divide."""
+    g = torch.Generator().manual_seed(patch + shape[0])
+    x = F.interpolate(torch.randn(1, 3, 5, 5, generator=g, dtype=torch.float64), size=shape, mode="bilinear")
+    x = x + 0.1 * torch.randn(x.shape, generator=g, dtype=torch.float64)  # texture the coarse levels cannot see
+    removed = patch_holes(g, 3, shape, patch, 0.6)
+    fast = road_fill(x.float(), removed, patch=patch).double()
+    exact = road_fill(x, removed, steps=5000, tol=1e-10)
+    for b in range(3):
+        assert road_residual(fast[b].numpy(), removed[b, 0].numpy()) <= 1.5e-4
+        assert road_residual(exact[b].numpy(), removed[b, 0].numpy()) <= 1e-9
+    assert (fast - exact).abs().max() < 0.03 * float(x.max() - x.min())
+    torch.testing.assert_close(fast[~removed.expand_as(fast)], x.expand_as(fast)[~removed.expand_as(fast)],
+                               rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("patch", [None, 1, 5, 16, 12])
+def test_a_start_from_blocks_that_cut_the_holes_still_solves_the_same_system(patch):
+    """Holes aligned to patches of 14 filled with another ``patch``: blocks are then partly removed (a level's
+    blocks are no longer wholly removed or kept), or no level is used; only the start changes, so the same system
+    is solved to the same residual."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 3, 42, 56, generator=g, dtype=torch.float64)
+    removed = patch_holes(g, 2, (42, 56), 14, 0.5)
+    exact = road_fill(x, removed, steps=5000, tol=1e-10)
+    got = road_fill(x, removed, patch=patch, steps=5000, tol=1e-10)
+    torch.testing.assert_close(got, exact, rtol=0, atol=1e-7)
+    fast = road_fill(x, removed, patch=patch)
+    for b in range(2):
+        assert road_residual(fast[b].numpy(), removed[b, 0].numpy()) <= 1e-4 * (1 + 1e-6)
+
+
+def test_a_batch_of_holes_is_filled_as_each_alone():
+    """Each image stops at its own residual: a batch solved at once (the path off the CPU) equals each image alone."""
+    from vitviz.metrics.perturb import _fill_holes
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 3, 42, 56, generator=g, dtype=torch.float64)
+    m = torch.zeros(2, 1, 42, 56, dtype=torch.float64)
+    m[0, :, 14:28, 14:28] = 1  # one patch: solved in a few iterations
+    m[1, :, :, :42] = 1  # three quarters of the image: many more
+    known = x * (1 - m)
+    together = _fill_holes(known, m, 14, steps=100, tol=1e-4)
+    alone = torch.cat([_fill_holes(known[b : b + 1], m[b : b + 1], 14, steps=100, tol=1e-4) for b in range(2)])
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-12)
+
+
 def test_the_gaussian_blur_is_the_reflected_convolution_by_loops():
     x = torch.randn(1, 2, 9, 11, dtype=torch.float64)
     sigma = 1.5
