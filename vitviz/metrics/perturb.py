@@ -22,10 +22,9 @@ __all__ = ["BLUR_SIGMA_PX", "ROAD_NOISE", "mean_fill", "blur_fill", "road_fill",
 
 BLUR_SIGMA_PX = 10.0
 ROAD_NOISE = 0.01  # absolute, in the normalised input space, as ROAD's own code
-_CG_STEPS = 100  # conjugate-gradient iterations at most, from the patch-level start (tests/test_perturbations.py)
+_CG_STEPS = 100  # conjugate-gradient iterations at most, from the cascade's start (tests/test_perturbations.py)
 _CG_TOL = 1e-4  # relative residual at which a system counts as solved
-_COARSE_TOL = 1e-3  # the same on block means: a start, tighter costs more than it saves
-
+_COARSE_TOL = 1e-3  # the same on block means: only a start, a tighter one costs more than it saves
 
 
 def mean_fill(x: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
@@ -52,12 +51,17 @@ def blur_fill(x: torch.Tensor, removed: torch.Tensor, blurred: torch.Tensor | No
     return torch.where(removed, gaussian_blur(x) if blurred is None else blurred, x)
 
 
+def _inner(q: torch.Tensor) -> torch.Tensor:
+    return q[..., 1:-1, 1:-1]
+
+
 def _ring_sum(q: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Each inner pixel's 3x3 neighbourhood in the zero-bordered ``q`` (..., H+2, W+2) weighted [1 2 1]ᵀ[1 2 1] (12×
     the 8-neighbour sum plus 4× the centre) into ``out``, the same shape, by way of ``v``. Two 1-D passes of two
-    tensor ops each over the flat storage, where a shift by a row is a contiguous slice (memory-bound on the CPU: the
-    eight shifted 2-D slices, or a grouped 3x3 convolution, cost several times more). Border entries come out
-    finite but meaningless; the operator's weights are zero there. ``v``'s and ``out``'s ends are never written."""
+    tensor ops each over the flat storage, where a shift by a row is a contiguous slice (the stencil is memory-bound
+    on the CPU: this reads memory fewer times than eight shifted 2-D slices or a grouped 3x3 convolution). Border
+    entries come out finite but meaningless; the operator's weights are zero there. ``v``'s and ``out``'s ends are
+    never written."""
     n, w = q.numel(), q.shape[-1]
     f, v, o = q.view(-1), v.view(-1), out.view(-1)
     torch.add(f[: n - 2 * w], f[2 * w :], out=v[w : n - w])
@@ -78,10 +82,6 @@ def road_noise(x: torch.Tensor, *, seed: int = 0, noise: float = ROAD_NOISE) -> 
     draw in every perturbed copy, so equal masks give equal inputs (a constant map's two orders agree)."""
     gen = torch.Generator().manual_seed(seed)
     return (noise * torch.randn(x.shape, generator=gen, dtype=torch.float64)).to(x.device)
-
-
-def _inner(q: torch.Tensor) -> torch.Tensor:
-    return q[..., 1:-1, 1:-1]
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -169,7 +169,7 @@ def _cascade_start(known: torch.Tensor, m: torch.Tensor, patch: int) -> torch.Te
             means, holes = _block_means(known, m, b)
             filled = _upsample(filled, sizes[i - 1] / b, tuple(holes.shape[-2:]))
         filled = means + _solve(means, holes, filled, steps=4 * max(holes.shape[-2:]), tol=_COARSE_TOL)
-    return _upsample(filled, sizes[-2] / 1, tuple(m.shape[-2:]))
+    return _upsample(filled, float(sizes[-2]), tuple(m.shape[-2:]))
 
 
 def _kept_mean(known: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -192,13 +192,14 @@ def road_fill(x: torch.Tensor, removed: torch.Tensor, *, noise: torch.Tensor | N
     The removed values u solve, for every removed pixel i, d_i·u_i − Σ_{n removed} w_n u_n = Σ_{n kept} w_n x_n
     (d_i: the weights of i's neighbours inside the image), a symmetric positive definite system (a weighted graph
     Laplacian with the kept pixels as boundary values), solved by conjugate gradients to a relative residual of
-    ``tol`` or ``steps`` iterations. ``patch``: removals aligned to patches of this size start from the solution
-    on patch means (much faster; the same system is solved).
+    ``tol`` or ``steps`` iterations. ``patch``: removals aligned to patches of this size start from the same
+    system solved on block means, coarse to fine (faster, and closer at the iteration cap; the same system is solved).
     """
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     m = removed.to(dtype)  # 1 where unknown
     known = x.to(dtype) * (1 - m)
-    # one image at a time on the CPU: its vectors stay in cache (a batch's iterations cost ~2x more per image)
+    # one image at a time on the CPU: its vectors stay in cache, and a batch's vectors would be walked in full at
+    # every iteration until its slowest image is solved
     parts = [slice(i, i + 1) for i in range(len(m))] if x.device.type == "cpu" else [slice(None)]
     u = torch.cat([_fill_holes(known[s], m[s], patch, steps=steps, tol=tol) for s in parts])
     if noise is not None:
