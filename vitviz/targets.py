@@ -187,8 +187,10 @@ def describe_target(model: torch.nn.Module, target: Target, logits: torch.Tensor
         return f"patch {target.index}'s own feature (row {row}, column {col})"
     if getattr(model, "dist_token", None) is not None:
         return "the image's own embedding (mean of its CLS and distillation tokens)"
-    if getattr(model, "global_pool", "token") != "token":
-        return f"the image's own {model.global_pool}-pooled embedding"
+    pool = getattr(model, "global_pool", "token")
+    if pool != "token":  # timm's names: "avg", "map" (an attention pool), "max", "avgmax"
+        how = {"avg": "mean", "map": "attention"}.get(pool, pool)
+        return f"the image's own {how}-pooled embedding"
     return "the image's own CLS embedding" + (" (pre-logits)" if has_head(model) else "")
 
 
