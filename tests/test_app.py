@@ -635,7 +635,8 @@ def test_explain_view_states_its_target_and_faithfulness_and_never_a_missing_cla
     text = view_text(at)
     assert "explains **the image's own CLS embedding**" in text and "8 random maps score" in text
     assert "Faithfulness by token removal" in text  # the measure is named beside the score
-    assert "attention rollout of the head's readout (start=1,discard=0.9) — default" in text
+    assert ("attention rollout of the CLS token (without one, of the head's readout) (start=1,discard=0.9) — default"
+            in text)
     assert "1 forward (attention only)" in text and "still to go" not in text
     assert "Predictions" not in captions(at)
     curves = json.loads(chart_proto(at, "fig_explain_curves").spec)

@@ -20,7 +20,7 @@ from vitviz.analysis import analyze
 from vitviz.analysis.maps import query_attention_maps, raw_attention_maps, rollout_map, rollout_table
 from vitviz.analysis.readout import readout_weights
 from vitviz.analysis.rollout import discard_lowest
-from vitviz.errors import ModelError
+from vitviz.errors import ModelError, ParameterError
 from vitviz.experiments.ablation import ablate, reference
 from vitviz.experiments.position import position_experiment
 from vitviz.models import describe_model
@@ -165,6 +165,8 @@ def test_artefact_rollout_leaves_the_dropped_tokens_out_of_the_readout_too():
     table = rollout_table(res.attention, info=info, readout=res.readout, drop_tokens=drop)
     assert table[0, 1].reshape(-1)[[0, 5]].tolist() == [0.0, 0.0]
     np.testing.assert_allclose(table[0, 1].sum(), 1.0, rtol=1e-5)
+    with pytest.raises(ParameterError, match="one set of dropped tokens"):  # per-layer masks: no one readout row
+        rollout_table(res.attention, info=info, readout=res.readout, drop_tokens=np.stack([drop] * info.depth))
 
 
 def test_without_a_cls_column_discard_counts_every_entry():
@@ -275,3 +277,52 @@ def test_every_app_view_renders_a_cls_less_model_and_says_what_its_maps_follow(k
     assert show(at, "Attention rollout").radio(key="view").label == "Readout attention"
     assert ("mean-pooled embedding" if kind == "gap" else "attention-pooled embedding") in said["Remove positions"]
     assert "CLS" not in said["Patch grid"] and SECTION_OF["Heads"] == "Attention"
+
+
+@pytest.mark.parametrize("pool_type", ["token", "avg"])
+def test_a_pool_of_several_latents_is_read_as_its_output_reads_them(pool_type):
+    """timm's AttentionPoolLatent with 2 latents returns latent 0 ("token") or their mean ("avg"): the readout
+    weights are that latent's attention, or the latents' mean, averaged over the heads (by hand, as pool_by_hand)."""
+    from timm.layers import AttentionPoolLatent
+
+    model = cls_less("map")
+    torch.manual_seed(5)
+    model.attn_pool = AttentionPoolLatent(32, num_heads=2, latent_len=2, pool_type=pool_type).eval()
+    with torch.no_grad():
+        model.attn_pool.latent.normal_()
+    feats = model.forward_features(image(4)).detach()
+    pool, C, H = model.attn_pool, 32, 2
+    q = torch.nn.functional.linear(pool.latent[0], pool.q.weight, pool.q.bias).reshape(2, H, C // H)
+    k = torch.nn.functional.linear(feats[0], pool.kv.weight[:C], pool.kv.bias[:C]).reshape(-1, H, C // H)
+    a = (torch.einsum("qhd,nhd->hqn", q, k) * (C // H) ** -0.5).softmax(-1)  # (H, 2, T)
+    want = (a[:, 0] if pool_type == "token" else a.mean(1)).mean(0)
+    torch.testing.assert_close(readout_weights(model, feats)[0], want, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(a[:, 0].mean(0), a[:, 1].mean(0), atol=1e-3)  # the two latents differ
+
+
+def test_latents_left_unpooled_are_refused_with_the_reason():
+    from timm.layers import AttentionPoolLatent
+
+    model = cls_less("map")
+    model.attn_pool = AttentionPoolLatent(32, num_heads=2, latent_len=2, pool_type="").eval()
+    with pytest.raises(ModelError, match="latents unpooled"):
+        check_capturable(model)
+
+
+def test_the_experiments_name_the_embedding_the_head_pools_not_the_readout():
+    """A model with a CLS token whose head averages its patches (as DINOv3's): the views follow the CLS row, the
+    experiments compare forward_head(pre_logits=True), the mean of the patch tokens, and say so."""
+    from vitviz.analysis.readout import embedding_name
+
+    torch.manual_seed(0)
+    model = timm.create_model(ARCH, pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                              num_classes=0, global_pool="avg").eval()
+    info = describe_model(model)
+    assert info.readout == "cls" and info.pooling == "avg"
+    assert embedding_name(info.pooling) == "the mean-pooled embedding"
+    feats = model.forward_features(image(1))
+    torch.testing.assert_close(model.forward_head(feats, pre_logits=True), model.fc_norm(feats[:, 1:].mean(1)))
+    assert embedding_name(describe_model(cls_less("map")).pooling) == "the attention-pooled embedding"
+    assert embedding_name(describe_model(timm.create_model(ARCH, pretrained=False, img_size=32, patch_size=8,
+                                                           embed_dim=32, depth=1, num_heads=2)).pooling) == \
+        "the CLS embedding"

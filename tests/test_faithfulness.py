@@ -238,3 +238,27 @@ def test_curves_leave_the_model_alone_and_refuse_bad_input():
                          (np.ones((4, 4)), {"readout": "entropy"})]:
         with pytest.raises(ParameterError):
             faithfulness(model, x, heat, **kwargs)
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("perturbation", ["tokens", "blur"])
+def test_the_curves_ask_the_interrupt_before_every_batch_and_stop_when_it_raises(perturbation):
+    """An abandoned job stops inside its curves: interrupt() is asked before each batch of perturbed passes (at least
+    once per step), a raise stops the passes there, and asking changes no score."""
+    model = layout_model("cls")
+    x = layout_image(model)
+    heat = np.random.default_rng(0).random(tuple(int(v) for v in model.patch_embed.grid_size))
+    asked = []
+    got = curves(model, x, [heat], target="embedding", perturbation=perturbation, steps=4,
+                 interrupt=lambda: asked.append(1))
+    want = curves(model, x, [heat], target="embedding", perturbation=perturbation, steps=4)
+    assert len(asked) >= 1 and got[0].score == want[0].score
+
+    def stop():
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        curves(model, x, [heat], target="embedding", perturbation=perturbation, steps=4, interrupt=stop)

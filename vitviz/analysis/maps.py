@@ -67,6 +67,9 @@ def rollout_table(
     token (None: the CLS token's row).
     """
     drop = None if drop_tokens is None else torch.from_numpy(np.asarray(drop_tokens, dtype=bool))
+    if drop is not None and drop.ndim != 1 and readout is not None:
+        raise ParameterError("a readout's artefact-aware rollout takes one set of dropped tokens (T,) for every "
+                             f"layer, got an array of shape {tuple(drop.shape)}")
     mats = rollout_matrices(torch.from_numpy(attention), head_fusion=head_fusion, discard_ratio=discard_ratio,
                             drop_tokens=drop, keep_column=_keep(info))
     source = _source(readout)

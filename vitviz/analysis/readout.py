@@ -20,7 +20,7 @@ import torch
 from ..walk.blocks import check_capturable, pool_attention
 from .rollout import readout_row
 
-__all__ = ["READOUTS", "readout_weights", "readout_row", "readout_name", "embedding_name"]
+__all__ = ["READOUTS", "readout_weights", "latent_weights", "readout_row", "readout_name", "embedding_name"]
 
 READOUTS = {  # what each readout is, for a person: "Attention of {name}"
     "cls": "the CLS token",
@@ -28,8 +28,8 @@ READOUTS = {  # what each readout is, for a person: "Attention of {name}"
     "pool": "the attention-pool head (its attention over the final tokens as weights)",
 }
 _SHORT = {"cls": "the CLS token", "mean": "the mean-pooled readout", "pool": "the attention-pool head"}
-_EMBEDDINGS = {"cls": "the CLS embedding", "mean": "the mean-pooled embedding",
-               "pool": "the attention-pooled embedding"}
+_EMBEDDINGS = {"token": "the CLS embedding", "avg": "the mean-pooled embedding",
+               "map": "the attention-pooled embedding"}
 
 
 def readout_name(readout: str, *, short: bool = False) -> str:
@@ -37,10 +37,12 @@ def readout_name(readout: str, *, short: bool = False) -> str:
     return (_SHORT if short else READOUTS)[readout]
 
 
-def embedding_name(readout: str) -> str:
-    """"the CLS embedding", "the mean-pooled embedding" or "the attention-pooled embedding": what the head reads
-    (timm's ``forward_head(pre_logits=True)``), which the experiments compare."""
-    return _EMBEDDINGS[readout]
+def embedding_name(pooling: str) -> str:
+    """What the head pools into the embedding the experiments compare (timm's ``forward_head(pre_logits=True)``),
+    from its ``global_pool`` (:attr:`vitviz.models.ModelInfo.pooling`): "the CLS embedding", "the mean-pooled
+    embedding", "the attention-pooled embedding". Not the readout the views follow: DINOv3 keeps a CLS token, whose
+    attention the views show, and averages its patches into the embedding."""
+    return _EMBEDDINGS.get(pooling, f"the {pooling}-pooled embedding")
 
 
 def _pool_from(model: torch.nn.Module, readout: str) -> int:
@@ -71,5 +73,11 @@ def readout_weights(model: torch.nn.Module, features: torch.Tensor) -> torch.Ten
         return w
     with torch.no_grad():
         a = pool_attention(model, features[:, start:])  # (B, H, Q, T - start), rows sum to 1
-    w[:, start:] = a.float().mean(dim=(1, 2))
+    w[:, start:] = latent_weights(model.attn_pool, a.float()).mean(dim=1)
     return w
+
+
+def latent_weights(pool: torch.nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """An attention pool's (B, H, Q, T) probabilities -> (B, H, T), as its output reads its Q latents: the first
+    only (``pool="token"``) or their mean (``"avg"``; SigLIP's one latent is both)."""
+    return a[:, :, 0] if pool.pool == "token" else a.mean(dim=2)

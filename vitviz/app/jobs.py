@@ -75,8 +75,10 @@ class ExplainJob:
     """An explanation (or its measure by blurring) being computed: how far it is (``fraction``, ``stage``), then its
     result or its error."""
 
-    def __init__(self, method: str, *, waiting: str = "Waiting for another explanation to finish...") -> None:
+    def __init__(self, method: str, *, waiting: str = "Waiting for another explanation to finish...",
+                 too_long: str = "try a faster method, a smaller image size or a smaller model") -> None:
         self.method = method
+        self.too_long = too_long  # what to do about the time limit, in the sentence that says it was reached
         self.fraction = 0.0
         self.stage = waiting  # until it gets a slot
         self.result: Explained | None = None
@@ -101,8 +103,8 @@ class ExplainJob:
         if now - self.polled > ABANDON_S:
             raise Abandoned("the explanation was left unfinished: nobody was waiting for it")
         if self.started is not None and now - self.started > self.limit:
-            raise ResourceError(f"this explanation was stopped after {self.limit:.0f} s, the longest one job may run "
-                                "on this server: try a faster method, a smaller image size or a smaller model")
+            raise ResourceError(f"this job was stopped after {self.limit:.0f} s, the longest one job may run on this "
+                                f"server: {self.too_long}")
 
     def poll(self) -> bool:
         """Count as a wait (a job goes on while someone asks for it); True once it has finished."""
@@ -189,13 +191,13 @@ def _compute(job: ExplainJob, built, info: ModelInfo, target: str, res: Analysis
                                 target=target, progress=lambda i, n: _step(job, i, n), interrupt=job.check)
     job.fraction = max(job.fraction, 0.8)
     job.stage = f"Measuring faithfulness by token removal: 10 steps, against {RANDOM_DRAWS} random maps..."
-    measured = curves(built, x, [found.map, *(d.map for d in draws)], target=found.target)
+    measured = curves(built, x, [found.map, *(d.map for d in draws)], target=found.target, interrupt=job.check)
     return Explained(found, measured[0], average_curves(measured[1:]), tuple(d.map for d in draws))
 
 
 def _measure(job: ExplainJob, built, x: torch.Tensor, done: Explained) -> Measured:
-    """The map and the random maps by blurring, one map at a time so that the job can stop between them (each is
-    2 x 9 passes over the whole image; the shared unperturbed pass is repeated, one pass in 19)."""
+    """The map and the random maps by blurring, one map at a time (each is 2 x 9 passes over the whole image; the
+    shared unperturbed pass is repeated, one pass in 19); the job may stop before any batch of passes."""
     from vitviz.metrics.faithfulness import average_curves, curves
     from vitviz.metrics.perturb import BLUR_SIGMA_PX
 
@@ -206,7 +208,8 @@ def _measure(job: ExplainJob, built, x: torch.Tensor, done: Explained) -> Measur
         job.fraction = i / len(maps)
         job.stage = (f"Measuring faithfulness by blurring (σ {BLUR_SIGMA_PX:g} px): "
                      + ("the map..." if i == 0 else f"random map {i} of {len(maps) - 1}..."))
-        measured += curves(built, x, [heat], target=done.explanation.target, perturbation="blur")
+        measured += curves(built, x, [heat], target=done.explanation.target, perturbation="blur",
+                           interrupt=job.check)
     return Measured(measured[0], average_curves(measured[1:]))
 
 
@@ -252,7 +255,9 @@ def _measure_job(key: cache.AnalysisKey, method: str, target: str, _res: Analysi
     from vitviz.metrics.perturb import BLUR_SIGMA_PX
 
     job = ExplainJob(method, waiting=f"Faithfulness by blurring (σ {BLUR_SIGMA_PX:g} px): waiting for another job "
-                                     "to finish...")
+                                     "to finish...",
+                     too_long="its cost does not depend on the method; a smaller image size or a smaller model "
+                              "measures faster")
     x = _input(*_built, _res)  # the input, not the analysis: a job left running keeps no analysis alive
     threading.Thread(target=_run, args=(job, functools.partial(_measure, job, _built[0], x, _done)), daemon=True,
                      name="vitviz-measure").start()

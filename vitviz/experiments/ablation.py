@@ -9,8 +9,8 @@ Two ablations, both through the one walk of the blocks (:func:`vitviz.walk.block
 
 The effect is measured on the target: the class probability and logit when the model has a head (the intact run's
 top-1 class, or a given one), and always the cosine of the embedding the head reads with the intact one: timm's
-``forward_head(pre_logits=True)``, the CLS token, or for a model without one its pooled embedding (the mean of the
-patch tokens, or its attention pool's output).
+``forward_head(pre_logits=True)``: the CLS token for a token-pooling head, else what the head pools (the mean of
+the patch tokens, or its attention pool's output), with or without a CLS token beside it (DINOv3 averages).
 A head's *effect* is what the ablation takes away: p_intact − p_ablated for a class, 1 − cosine for a backbone.
 
 The table ablates every head on its own, as one batch of the same image with a per-sample ``head_scale`` (B, L, H)

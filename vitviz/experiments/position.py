@@ -4,9 +4,9 @@ A transformer block treats its tokens as a set: permuting the tokens permutes it
 else (self-attention and the per-token MLP are permutation-equivariant). The position embeddings are the only place
 a ViT learns where a patch sits. So without them, shuffling the patches changes nothing but the order of the
 outputs (the embedding the head reads stays the same to float precision), and with them it changes what the model
-sees. The embedding is timm's ``forward_head(pre_logits=True)``: the CLS token, or for a model without one its pooled
-embedding (the mean of the patch tokens, or its attention pool's output); the maps follow that readout
-(:mod:`vitviz.analysis.readout`).
+sees. The embedding is timm's ``forward_head(pre_logits=True)``: the CLS token for a token-pooling head, else what
+the head pools (the mean of the patch tokens, or its attention pool's output), with or without a CLS token beside
+it; the maps follow the readout (the CLS token, else what the head reads: :mod:`vitviz.analysis.readout`).
 
 Variants, all through the one walk of the blocks (:func:`vitviz.walk.blocks.walk`) in one batch, nothing set on the
 model:

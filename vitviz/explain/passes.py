@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..analysis.readout import readout_weights
+from ..analysis.readout import latent_weights, readout_weights
 from ..errors import ParameterError
 from ..models.labels import has_head
 from ..targets import (
@@ -82,20 +82,22 @@ class Plain:
 def pool_readout(model: torch.nn.Module, features: torch.Tensor) -> torch.Tensor | None:
     """An attention-pool head's weights over the final tokens: ``features`` (1, T, C), normed -> (T,), summing to 1.
 
-    The pool's own attention (:func:`vitviz.walk.blocks.pool_attention`) averaged over its heads and latents, zero on
-    the tokens it does not pool (timm's ViT skips the prefix tokens unless ``pool_include_prefix``; Eva's pool, PE's,
-    reads them all): :func:`vitviz.analysis.readout.readout_weights`'s weights, here also for a head that pools
-    beside a CLS token it never reads (whose readout the capture's views take as that token). Computed without
-    autograd in the features' precision (fp32 at least); None for a head without a latent-query attention pool.
+    The pool's own attention (:func:`vitviz.walk.blocks.pool_attention`) averaged over its heads, its latents read
+    as the pool reads them (:func:`vitviz.analysis.readout.latent_weights`), zero on the tokens it does not pool
+    (timm's ViT skips the prefix tokens unless ``pool_include_prefix``; Eva's pool, PE's, reads them all):
+    :func:`vitviz.analysis.readout.readout_weights`'s weights, here also for a head that pools beside a CLS token
+    it never reads (whose readout the capture's views take as that token). Computed without autograd in the
+    features' precision (fp32 at least); None for a head without a latent-query attention pool.
     """
     pool = getattr(model, "attn_pool", None)
-    if pool is None or not hasattr(pool, "latent"):  # average, token or max pooling; AttentionPoolPrr
-        return None
+    if pool is None or not hasattr(pool, "latent") or pool.pool not in ("token", "avg"):
+        return None  # average, token or max pooling; AttentionPoolPrr; latents left unpooled
     start = 0 if getattr(model, "pool_include_prefix", True) else int(model.num_prefix_tokens)
     dtype = torch.promote_types(features.dtype, torch.float32)
     w = torch.zeros(features.shape[1], dtype=dtype, device=features.device)
     with torch.no_grad():
-        w[start:] = pool_attention(model, features[:, start:].detach())[0].to(dtype).mean(dim=(0, 1))
+        a = pool_attention(model, features[:, start:].detach()).to(dtype)
+        w[start:] = latent_weights(pool, a)[0].mean(dim=0)
     return w
 
 

@@ -64,7 +64,8 @@ def _raw(s: RawSettings, run: PassResult, geo: Geometry) -> torch.Tensor:
     return tokens_to_grid(rows[0], num_prefix_tokens=geo.num_prefix_tokens, grid=geo.grid)
 
 
-ROLLOUT = MethodSpec(name="rollout", title="attention rollout of the head's readout", settings=RolloutSettings,
+_OF = "the CLS token (without one, of the head's readout)"
+ROLLOUT = MethodSpec(name="rollout", title=f"attention rollout of {_OF}", settings=RolloutSettings,
                      uses_target=False, needs=lambda s, geo: Capture(), map=_rollout)
-RAW = MethodSpec(name="raw", title="one layer's raw attention of the head's readout", settings=RawSettings,
+RAW = MethodSpec(name="raw", title=f"one layer's raw attention of {_OF}", settings=RawSettings,
                  uses_target=False, needs=lambda s, geo: Capture(), map=_raw)

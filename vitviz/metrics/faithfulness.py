@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -259,7 +259,7 @@ def _tables(steps: int, columns: int, s0, l0) -> tuple[np.ndarray, np.ndarray | 
     return scores, logits
 
 
-def _token_steps(model, x, orders, counts, target, protect, readers):
+def _token_steps(model, x, orders, counts, target, protect, readers, interrupt=None):
     """Scores (S, 2M) per reader (and logits), each step's 2M sequences run in chunks; step 0 once."""
     dev = x.device
     tokens = embed_tokens(model, x)  # (1, T, C)
@@ -271,6 +271,8 @@ def _token_steps(model, x, orders, counts, target, protect, readers):
         kept = torch.from_numpy(_kept_sets(orders, int(k), protect)).to(dev)  # (2M, K)
         size = _chunk(model, p + kept.shape[1])
         for a in range(0, kept.shape[0], size):
+            if interrupt is not None:
+                interrupt()
             sub = kept[a : a + size]
             pos = p + (sub == protect).int().argmax(dim=1) if protect is not None else None
             out = run_kept(model, tokens, sub)
@@ -293,7 +295,7 @@ def _filler(perturbation: Perturbation, x: torch.Tensor, seed: int, patch: int):
     return lambda removed: road_fill(x, removed, noise=noise, patch=patch)
 
 
-def _pixel_steps(model, x, orders, counts, target, protect, readers, perturbation="pixels", seed=0):
+def _pixel_steps(model, x, orders, counts, target, protect, readers, perturbation="pixels", seed=0, interrupt=None):
     """As :func:`_token_steps`, with removed patches filled in the image (:mod:`.perturb`)."""
     gh, gw = (int(v) for v in model.patch_embed.grid_size)
     ps = int(model.patch_embed.patch_size[0])
@@ -306,6 +308,8 @@ def _pixel_steps(model, x, orders, counts, target, protect, readers, perturbatio
     fill = _filler(perturbation, x, seed, ps)
     size = _chunk(model, p + gh * gw)
     for a in range(0, len(jobs), size):
+        if interrupt is not None:
+            interrupt()
         chunk = jobs[a : a + size]
         masks = torch.zeros((len(chunk), gh * gw), dtype=torch.bool, device=x.device)
         for r, (_i, _j, removed) in enumerate(chunk):
@@ -347,6 +351,7 @@ def curves_by_readout(
         readouts: Sequence[Readout] = ("target",),
         steps: int = 10,
         seed: int = 0,
+        interrupt: Callable[[], None] | None = None,
 ) -> dict[str, list[Curves]]:
     """:func:`curves` under several read-outs at once: every read-out reads the same perturbed passes."""
     for readout in readouts:
@@ -358,10 +363,10 @@ def curves_by_readout(
     t0 = time.perf_counter()
     with torch.inference_mode():
         if perturbation == "tokens":
-            tables, resolved, readers = _token_steps(model, x, orders, counts, target, protect, readouts)
+            tables, resolved, readers = _token_steps(model, x, orders, counts, target, protect, readouts, interrupt)
         else:
             tables, resolved, readers = _pixel_steps(model, x, orders, counts, target, protect, readouts,
-                                                     perturbation, seed)
+                                                     perturbation, seed, interrupt)
     seconds = (time.perf_counter() - t0) / len(maps)
     return {r.readout: _curves(table, counts, r, perturbation, resolved, seconds, steps)
             for r, table in zip(readers, tables, strict=True)}
@@ -392,14 +397,16 @@ def curves(
         readout: Readout = "target",
         steps: int = 10,
         seed: int = 0,
+        interrupt: Callable[[], None] | None = None,
 ) -> list[Curves]:
     """MoRF and LeRF curves of several (gh, gw) maps of one image ``x`` (1, 3, H, W), sharing the passes.
 
     ``target`` as in :mod:`vitviz.explain` (pass an explanation's resolved target to score what it explained);
-    ``readout`` what the score reads (module docstring); ``seed`` ROAD's noise.
+    ``readout`` what the score reads (module docstring); ``seed`` ROAD's noise; ``interrupt()`` is called before
+    every batch of perturbed passes and may raise to stop them (an abandoned job).
     """
     return curves_by_readout(model, x, maps, target=target, perturbation=perturbation, readouts=(readout,),
-                             steps=steps, seed=seed)[readout]
+                             steps=steps, seed=seed, interrupt=interrupt)[readout]
 
 
 def average_curves(measured: Sequence[Curves]) -> Curves:

@@ -97,6 +97,9 @@ class ModelInfo:
     # how the head reads the final tokens, whose attention the views follow: "cls" (the CLS token), "mean" (average
     # pooling of the patch tokens) or "pool" (an attention-pool head, SigLIP's); walk.blocks.check_capturable
     readout: str = "cls"
+    # what the head pools into the embedding (forward_head(pre_logits=True)): timm's global_pool, "token" (the CLS
+    # token; a distilled DeiT's two tokens), "avg", "map" (an attention pool), ...; independent of the readout above
+    pooling: str = "token"
 
     @property
     def num_patches(self) -> int:
@@ -141,6 +144,7 @@ def describe_model(
         interpolation=str(cfg.get("interpolation", "bicubic")),
         crop_pct=float(cfg.get("crop_pct", 0.875)),
         readout=readout,
+        pooling=str(getattr(model, "global_pool", "token") or "token"),
     )
 
 

@@ -63,6 +63,9 @@ def check_capturable(model: torch.nn.Module) -> str:
         if not hasattr(pool, "latent"):  # AttentionPoolPrr: parameter-free self-attention, no latent query
             raise ModelError(f"{name} has no CLS token and pools its tokens with a {type(pool).__name__}, whose "
                              "weights over the tokens vitviz cannot read yet")
+        if pool.pool not in ("token", "avg"):  # every latent kept apart: no one summary of the image
+            raise ModelError(f"{name} has no CLS token and its attention pool returns its {pool.latent_len} "
+                             "latents unpooled, so no one row of weights over the tokens describes what it reads")
         return "pool"
     how = getattr(model, "global_pool", "")
     if how == "avg":
@@ -177,7 +180,8 @@ def embed(model: torch.nn.Module, x: torch.Tensor, *, pos_embed: torch.Tensor | 
 
 def _qkv(attn: Attention, x: torch.Tensor, rules: Rules | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (B, T, C) -> q, k, v, each (B, H, T, d), with the attention's own q/k norms applied."""
-    B, T, C = x.shape
+    B, T, _ = x.shape
+    C = attn.num_heads * attn.head_dim  # the attention's width, which timm lets differ from the tokens'
     if rules is not None and rules.constant_attention and rules.gamma != 0.0:
         # CP-LRP: relevance reaches q and k nowhere (the probabilities are constants), so the γ-rule's second
         # product is needed for the value rows only

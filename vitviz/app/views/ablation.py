@@ -51,7 +51,7 @@ def _target(ctx, built) -> int | None:
     """The class measured: one of the intact run's top 5 (its top-1 first); None for a backbone."""
     if not has_classes(built):
         st.caption(f"This model has no classifier head: an ablation's effect is 1 − the cosine of "
-                   f"{embedding_name(ctx.info.readout)} with the intact one.")
+                   f"{embedding_name(ctx.info.pooling)} with the intact one.")
         return None
     ref = _reference(ctx.key, None, ctx.res, ctx.weights)
     top = top_predictions(ref.logits, names=class_names(built), k=min(5, ref.logits.numel()))
@@ -61,10 +61,10 @@ def _target(ctx, built) -> int | None:
                         format_func=labels.get)
 
 
-def _effect_text(table: HeadTable, readout: str) -> str:
+def _effect_text(table: HeadTable, pooling: str) -> str:
     ref = table.reference
     if table.probability is None:
-        return f"effect = 1 − cosine of {embedding_name(readout)} with the intact one"
+        return f"effect = 1 − cosine of {embedding_name(pooling)} with the intact one"
     return (f"effect = the probability of '{md_escape(ref.target_name)}' lost (intact p = {ref.probability:.3g}); "
             "negative: the class gained")
 
@@ -96,7 +96,7 @@ def _chosen(ctx, table: HeadTable | None, mode: str, target: int | None, ref: Re
     done = _ablated(ctx.key, heads, mode, target, ref, ctx.res, ctx.weights)
     what = (f"p('{md_escape(ref.target_name)}') {ref.probability:.3g} → **{done.probability:.3g}** "
             f"(logit {ref.logit:.3g} → {done.logit:.3g}); " if done.probability is not None else "")
-    st.markdown(f"Without {len(heads)} head(s): {what}cosine of {embedding_name(info.readout)} with the intact "
+    st.markdown(f"Without {len(heads)} head(s): {what}cosine of {embedding_name(info.pooling)} with the intact "
                 f"one **{done.cosine:.4f}**.")
     who = "CLS" if info.readout == "cls" else "readout"  # the readout: the CLS token, or the tokens the head pools
     cols = st.columns(2)
@@ -135,7 +135,7 @@ def render(ctx) -> None:
         asked.add(wanted)
     table = _table(ctx.key, mode, target, ref, ctx.res, ctx.weights) if wanted in asked else None
     if table is not None:
-        st.markdown(f"**Each head ablated on its own** ({MODES[mode]}): {_effect_text(table, ctx.info.readout)}.")
+        st.markdown(f"**Each head ablated on its own** ({MODES[mode]}): {_effect_text(table, ctx.info.pooling)}.")
         chart(vf.layer_head_figure(table.effect, colorbar_title="effect", marked=[r[:2] for r in table.ranked(3)]),
               "fig_ablate_table", stem=ctx.stem, clickable=False)
         _ranked(table)

@@ -163,6 +163,9 @@ def _failure_text(exc: BaseException) -> str:
     """Why there is no score by blurring, in a sentence (a bug is logged, never shown as a traceback)."""
     if isinstance(exc, VitvizError):
         return f"No faithfulness {CURVES_BY['blur']}: {md_escape(str(exc))}"
+    if isinstance(exc, jobs.Abandoned):  # left by every session or by the cache, or the server is stopping
+        return (f"The faithfulness {CURVES_BY['blur']} was stopped before it finished ({md_escape(str(exc))}); "
+                "it is measured again when the page next runs.")
     log.error("internal error measuring faithfulness by blurring", exc_info=exc)
     return (f"No faithfulness {CURVES_BY['blur']}: an internal error, a bug in vitviz, not a problem with your image "
             "or settings. It was logged on the server; the map and its score by token removal above are unaffected.")
@@ -178,7 +181,7 @@ def _blur_score(job: jobs.ExplainJob, unit: str, polling: bool) -> None:
     if polling:
         st.rerun()
     if job.error is not None:
-        st.error(_failure_text(job.error))
+        (st.info if isinstance(job.error, jobs.Abandoned) else st.error)(_failure_text(job.error))
         return
     st.markdown(_score_text(job.result.curves, job.result.random_curves, unit)
                 + " No method here is built on this measure.")

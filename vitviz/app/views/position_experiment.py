@@ -46,11 +46,11 @@ def _map_label(kind: str, readout: str) -> str:
     return f"{MAPS[kind]} of {readout_name(readout, short=True)}"
 
 
-def _variant_text(v, readout: str) -> str:
+def _variant_text(v, pooling: str) -> str:
     same = ("the reference the others are compared with" if v.name == "intact" else
             f"**{cosine_text(v.cosine)}**")
     lines = [f"**{SHORT[v.name]}**: {DESCRIPTIONS[v.name]}.",
-             f"Cosine of {embedding_name(readout)} with the intact run: {same}."]
+             f"Cosine of {embedding_name(pooling)} with the intact run: {same}."]
     if v.predictions:
         lines.append("Predicts " + "; ".join(p.describe() for p in v.predictions[:3]) + ".")
     return "  \n".join(lines)
@@ -62,7 +62,7 @@ def render(ctx) -> None:
                 "where a patch sits. Here the same image runs with them removed (zeroed), with its patches shuffled "
                 "(each patch's content moved to another place, the position embeddings left where they are), and "
                 "both. Without positions a shuffle changes nothing but the order: "
-                f"{embedding_name(info.readout)} stays the same.")
+                f"{embedding_name(info.pooling)} stays the same.")
     if res.pos_sim is None:  # positions inside attention (RoPE, a relative bias): no learned embedding to remove
         st.info(res.pos_note or "This model has no learned position embeddings to take away.")
         return
@@ -76,7 +76,7 @@ def render(ctx) -> None:
     cols = [c for _ in range(0, len(done.variants), 2) for c in st.columns(2)]  # two a row: maps large enough to read
     for col, v in zip(cols, done.variants, strict=False):
         with col:
-            st.markdown(_variant_text(v, info.readout))
+            st.markdown(_variant_text(v, info.pooling))
             chart(vf.overlay_figure(res.pixels, v.attention_map, patch_size=info.patch_size, opacity=d.opacity,
                                     colorscale=d.colorscale, colorbar_title="attention"),
                   f"fig_posx_{v.name}", stem=ctx.stem, toolbar=False)
