@@ -226,3 +226,24 @@ def peak_rss_growth(fn) -> tuple[int, object]:
     with open("/proc/self/status") as f:
         peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
     return peak - start, out
+
+
+def app_serves(monkeypatch, model: torch.nn.Module, path: Path, *, arch: str, kwargs: dict) -> Path:
+    """Save ``model`` at ``path`` as a safetensors checkpoint naming ``arch`` and ``kwargs``, and make it the app's
+    model for this test (fresh Streamlit caches, the Hub offline, no checkpoint folder): the AppTests' set-up."""
+    import json
+
+    import huggingface_hub
+    import streamlit as st
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
+              metadata={"arch": arch, "kwargs": json.dumps(kwargs)})
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    monkeypatch.setenv("VITVIZ_APP_MODEL", str(path))
+    monkeypatch.delenv("VITVIZ_APP_ARCH", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.delenv("VITVIZ_CHECKPOINT_DIR", raising=False)
+    return path

@@ -15,7 +15,6 @@ import threading
 import time
 from pathlib import Path
 
-import huggingface_hub.constants
 import numpy as np
 import pytest
 import streamlit as st
@@ -25,6 +24,8 @@ from streamlit.testing.v1 import AppTest
 
 import vitviz.metrics.faithfulness as faithfulness
 from vitviz.errors import ResourceError
+
+from .helpers import app_serves
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 ARCH = "vit_tiny_patch16_224"
@@ -38,22 +39,11 @@ RANDOM = r"8 random maps score ([-+0-9.e]+) on average"
 def app_env(monkeypatch, tmp_path):
     """Fresh caches, a tiny random classifier as the app's default model, and jobs that are never abandoned while a
     test waits on them (nobody polls a job while the test joins its thread)."""
-    from safetensors.torch import save_file
-
     from vitviz.app import jobs
 
     torch.manual_seed(0)
     model = timm.create_model(ARCH, pretrained=False, num_classes=3, img_size=64, **KWARGS)
-    path = tmp_path / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
-              metadata={"arch": ARCH, "kwargs": json.dumps(KWARGS)})
-    st.cache_data.clear()
-    st.cache_resource.clear()
-    monkeypatch.setenv("VITVIZ_APP_MODEL", str(path))
-    monkeypatch.delenv("VITVIZ_APP_ARCH", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.delenv("VITVIZ_CHECKPOINT_DIR", raising=False)
+    path = app_serves(monkeypatch, model, tmp_path / "tiny.safetensors", arch=ARCH, kwargs=KWARGS)
     monkeypatch.setattr(jobs, "ABANDON_S", 600.0)
     yield path
     st.cache_resource.clear()

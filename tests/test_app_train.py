@@ -9,16 +9,14 @@ import re
 import zipfile
 from pathlib import Path
 
-import huggingface_hub.constants
 import numpy as np
 import pytest
-import streamlit as st
 import timm
 import torch
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from tests.helpers import require_extra
+from tests.helpers import app_serves, require_extra
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 ARCH = "vit_tiny_patch16_224"
@@ -30,19 +28,8 @@ def app_env(monkeypatch, tmp_path):
     torch.manual_seed(0)
     model = timm.create_model(ARCH, pretrained=False, num_classes=0, img_size=64, embed_dim=32, depth=2,
                               num_heads=2)
-    path = tmp_path / "tiny.safetensors"
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
-              metadata={"arch": ARCH, "kwargs": '{"embed_dim": 32, "depth": 2, "num_heads": 2}'})
-    st.cache_data.clear()
-    st.cache_resource.clear()
-    monkeypatch.setenv("VITVIZ_APP_MODEL", str(path))
-    monkeypatch.delenv("VITVIZ_APP_ARCH", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.delenv("VITVIZ_CHECKPOINT_DIR", raising=False)
-    return path
+    return app_serves(monkeypatch, model, tmp_path / "tiny.safetensors", arch=ARCH,
+                      kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2})
 
 
 def _page(at: AppTest) -> AppTest:

@@ -240,25 +240,13 @@ def test_the_explain_methods_rollout_and_raw_follow_the_readout(kind):
 def test_every_app_view_renders_a_cls_less_model_and_says_what_its_maps_follow(kind, tmp_path, monkeypatch):
     """AppTest on a CLS-less checkpoint: every view renders without an exception or an error (the Explain view runs
     the other engineers' methods: no exception there), and the attention views name the readout."""
-    import huggingface_hub.constants
-    import streamlit as st
-    from safetensors.torch import save_file
-
+    from .helpers import app_serves
     from .test_app import SECTION_OF, TABS, captions, ok, show, started, view_text
 
     model = cls_less(kind, img_size=64)
     kwargs = dict(embed_dim=32, depth=2, num_heads=2, patch_size=8, img_size=64, num_classes=0, class_token=False,
                   **KINDS[kind])
-    path = tmp_path / f"{kind}.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
-              metadata={"arch": ARCH, "kwargs": json.dumps(kwargs)})
-    st.cache_data.clear()
-    st.cache_resource.clear()
-    monkeypatch.setenv("VITVIZ_APP_MODEL", str(path))
-    monkeypatch.delenv("VITVIZ_APP_ARCH", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.delenv("VITVIZ_CHECKPOINT_DIR", raising=False)
+    app_serves(monkeypatch, model, tmp_path / f"{kind}.safetensors", arch=ARCH, kwargs=kwargs)
     at = started()
     ok(at)
     said = {}
