@@ -20,7 +20,8 @@ import torch
 from ..walk.blocks import check_capturable, pool_attention
 from .rollout import readout_row
 
-__all__ = ["READOUTS", "readout_weights", "latent_weights", "readout_row", "readout_name", "embedding_name"]
+__all__ = ["READOUTS", "readout_weights", "pool_weights", "latent_weights", "readout_row", "readout_name",
+           "embedding_name"]
 
 READOUTS = {  # what each readout is, for a person: "Attention of {name}"
     "cls": "the CLS token",
@@ -65,15 +66,27 @@ def readout_weights(model: torch.nn.Module, features: torch.Tensor) -> torch.Ten
     readout = check_capturable(model)
     if readout == "cls":
         return None
+    if readout == "pool":
+        return pool_weights(model, features).float()
     B, T, _ = features.shape
     start = _pool_from(model, readout)
     w = torch.zeros((B, T), dtype=torch.float32, device=features.device)
-    if readout == "mean":
-        w[:, start:] = 1.0 / (T - start)
-        return w
+    w[:, start:] = 1.0 / (T - start)
+    return w
+
+
+def pool_weights(model: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """An attention-pool head's weights over the final normed tokens (B, T, C) -> (B, T), in their precision (fp32
+    at least): its attention (:func:`vitviz.walk.blocks.pool_attention`) averaged over its heads, its latents read as
+    its output reads them (:func:`latent_weights`), zero on the tokens it does not pool (timm's ViT skips its prefix
+    tokens unless ``pool_include_prefix``; Eva's pool reads them all). Also for a pool beside a CLS token."""
+    B, T, _ = features.shape
+    start = _pool_from(model, "pool")
+    dtype = torch.promote_types(features.dtype, torch.float32)
+    w = torch.zeros((B, T), dtype=dtype, device=features.device)
     with torch.no_grad():
-        a = pool_attention(model, features[:, start:])  # (B, H, Q, T - start), rows sum to 1
-    w[:, start:] = latent_weights(model.attn_pool, a.float()).mean(dim=1)
+        a = pool_attention(model, features[:, start:].detach()).to(dtype)  # (B, H, Q, T - start), rows sum to 1
+    w[:, start:] = latent_weights(model.attn_pool, a).mean(dim=1)
     return w
 
 

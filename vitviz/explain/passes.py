@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..analysis.readout import latent_weights, readout_weights
+from ..analysis.readout import pool_weights, readout_weights
 from ..errors import ParameterError
 from ..models.labels import has_head
 from ..targets import (
@@ -32,7 +32,7 @@ from ..targets import (
     target_reference,
     target_score,
 )
-from ..walk.blocks import Interventions, KeptProbs, pool_attention, run_blocks, walk
+from ..walk.blocks import Interventions, KeptProbs, run_blocks, walk
 from ..walk.capture import attention_forward
 from ._base import PassResult, Progress
 
@@ -80,25 +80,14 @@ class Plain:
 
 
 def pool_readout(model: torch.nn.Module, features: torch.Tensor) -> torch.Tensor | None:
-    """An attention-pool head's weights over the final tokens: ``features`` (1, T, C), normed -> (T,), summing to 1.
-
-    The pool's own attention (:func:`vitviz.walk.blocks.pool_attention`) averaged over its heads, its latents read
-    as the pool reads them (:func:`vitviz.analysis.readout.latent_weights`), zero on the tokens it does not pool
-    (timm's ViT skips the prefix tokens unless ``pool_include_prefix``; Eva's pool, PE's, reads them all):
-    :func:`vitviz.analysis.readout.readout_weights`'s weights, here also for a head that pools beside a CLS token
-    it never reads (whose readout the capture's views take as that token). Computed without autograd in the
-    features' precision (fp32 at least); None for a head without a latent-query attention pool.
-    """
+    """An attention-pool head's weights over this pass's final tokens ``features`` (1, T, C) -> (T,)
+    (:func:`vitviz.analysis.readout.pool_weights`), here also for a head that pools beside a CLS token it never
+    reads (whose readout the capture's views take as that token); None for a head without a latent-query attention
+    pool that pools its latents."""
     pool = getattr(model, "attn_pool", None)
     if pool is None or not hasattr(pool, "latent") or pool.pool not in ("token", "avg"):
         return None  # average, token or max pooling; AttentionPoolPrr; latents left unpooled
-    start = 0 if getattr(model, "pool_include_prefix", True) else int(model.num_prefix_tokens)
-    dtype = torch.promote_types(features.dtype, torch.float32)
-    w = torch.zeros(features.shape[1], dtype=dtype, device=features.device)
-    with torch.no_grad():
-        a = pool_attention(model, features[:, start:].detach()).to(dtype)
-        w[start:] = latent_weights(pool, a)[0].mean(dim=0)
-    return w
+    return pool_weights(model, features)[0]
 
 
 @dataclass(frozen=True)
