@@ -139,6 +139,28 @@ def test_with_zero_biases_the_gamma_rule_still_conserves_the_score(layout):
         explain(model, x, method="lrp:gamma=-1")
 
 
+@pytest.mark.parametrize("layout", ["cls", "registers"])
+def test_the_gamma_rule_in_some_blocks_only_conserves_and_lies_between(layout):
+    """γ in the first block only (``gamma_to=0``): conservation still holds with zero biases, the map is neither
+    LRP-0's nor the all-block γ map's, and the same range said from the end (gamma_from=-depth) gives the same map.
+    Ranges outside the model, or empty, are refused with a ParameterError. (The walk's per-block rules are checked
+    against a hand forward in test_walk.py.)"""
+    model = _model(layout, zero_bias=True)
+    depth = len(model.blocks)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    first, _out, _t, score = relevance(model, x, target="class", gamma=0.25, gamma_to=0)
+    assert float(first.sum()) == pytest.approx(score, rel=1e-9, abs=1e-12)
+    every, *_ = relevance(model, x, target="class", gamma=0.25)
+    plain, *_ = relevance(model, x, target="class", gamma=0.0)
+    for other in (every, plain):
+        assert (first - other).abs().max() > 1e-6 * other.abs().max()
+    same, *_ = relevance(model, x, target="class", gamma=0.25, gamma_from=-depth, gamma_to=-depth)
+    torch.testing.assert_close(same, first, rtol=0, atol=0)
+    for bad in (f"gamma_from={depth}", "gamma_from=1,gamma_to=0", f"gamma_to={-depth - 1}"):
+        with pytest.raises(ParameterError, match="block"):
+            explain(model, x, method=f"lrp:{bad}")
+
+
 def test_a_gated_mlp_after_a_rmsnorm_passes_relevance_as_its_rules_written_out_say():
     """RmsNorm then timm's SwiGLU, relevance passed message by message (LRP-0 through each linear layer:
     R_i = Σ_k x_i·w_ki / z_k · R_k with z_k the layer's output, bias included; the identity rule through the norm and

@@ -40,25 +40,27 @@ def _linear(x, lin, gamma: float):
 def hand_forward(model, t, *, scale=None, rules: Rules | None = None):
     """Pre-norm timm blocks written out: per head softmax(q_h·k_hᵀ/√d)·v_h, each head's output times scale[l, h];
     under ``rules`` the softmax, 1/σ of each LayerNorm and GELU's slope are detached, by these formulas, and every
-    linear layer (all of qkv too) follows the γ-rule."""
+    linear layer (all of qkv too) follows the γ-rule, in the blocks of ``rules.gamma_blocks`` only."""
     r = rules or Rules(False, False, False)
     for layer, blk in enumerate(model.blocks):
+        first, last = r.gamma_blocks or (0, len(model.blocks))
+        gamma = r.gamma if first <= layer <= last else 0.0
         a = blk.attn
         h = _layer_norm(blk.norm1, t, r.constant_norms)
         T, H, d = h.shape[1], a.num_heads, a.head_dim
-        qkv = _linear(h[0], a.qkv, r.gamma).reshape(T, 3, H, d)
+        qkv = _linear(h[0], a.qkv, gamma).reshape(T, 3, H, d)
         heads = []
         for j in range(H):
             q, k, v = qkv[:, 0, j], qkv[:, 1, j], qkv[:, 2, j]
             p = torch.softmax(q @ k.T / math.sqrt(d), dim=-1)
             out = (p.detach() if r.constant_attention else p) @ v
             heads.append(out * (1.0 if scale is None else scale[layer, j]))
-        t = t + blk.ls1(_linear(torch.cat(heads, -1), a.proj, r.gamma)[None])
-        z = _linear(_layer_norm(blk.norm2, t, r.constant_norms), blk.mlp.fc1, r.gamma)
+        t = t + blk.ls1(_linear(torch.cat(heads, -1), a.proj, gamma)[None])
+        z = _linear(_layer_norm(blk.norm2, t, r.constant_norms), blk.mlp.fc1, gamma)
         g = torch.nn.functional.gelu(z)
         if r.identity_activations:
             g = z * (g / z).detach()
-        t = t + blk.ls2(_linear(g, blk.mlp.fc2, r.gamma))
+        t = t + blk.ls2(_linear(g, blk.mlp.fc2, gamma))
     return t
 
 
@@ -134,7 +136,8 @@ def test_without_position_embeddings_a_vit_is_permutation_equivariant():
 
 
 @pytest.mark.parametrize("rules", [Rules(), Rules(True, False, False), Rules(False, True, False),
-                                   Rules(False, False, True), Rules(gamma=0.5), Rules(False, False, False, 0.25)])
+                                   Rules(False, False, True), Rules(gamma=0.5), Rules(False, False, False, 0.25),
+                                   Rules(gamma=0.5, gamma_blocks=(0, 0)), Rules(gamma=0.5, gamma_blocks=(1, 1))])
 def test_relevance_rules_change_the_backward_only_as_their_formulas_say(rules):
     model = _model()
     g = torch.Generator().manual_seed(3)

@@ -1,12 +1,13 @@
 """Relevance propagation: AttnLRP (Achtibat et al., ICML 2024) with CP-LRP inside attention, from one forward and
 one backward.
 
-The relevance of an input is input × the gradient of a walk whose backward follows LRP's rules instead of the chain
-rule (:class:`vitviz.walk.blocks.Rules`): the softmax probabilities are constants (CP-LRP: relevance flows through
-the values), each LayerNorm's 1/σ is a constant (the identity rule for normalisation), GELU passes relevance on
-unchanged (the identity rule); ``gamma`` > 0 adds the γ-rule on the blocks' linear layers (each output's
-contributions of its own sign weighted 1 + γ). What stays is linear in the tokens given those constants, so with
-the layers' biases at zero the relevance of all tokens sums to the score exactly (Euler: s = Σ_i t_i·∂s/∂t_i);
+The relevance of an input is input × the gradient of a walk whose backward follows LRP's rules instead of the chain rule
+(:class:`vitviz.walk.blocks.Rules`): the softmax probabilities are constants (CP-LRP: relevance flows through the
+values), each LayerNorm's 1/σ is a constant (the identity rule for normalisation), GELU passes relevance on unchanged
+(the identity rule); ``gamma`` > 0 adds the γ-rule on the blocks' linear layers (each output's contributions of its own
+sign weighted 1 + γ), in blocks ``gamma_from`` … ``gamma_to`` only if asked (LRP-0 in the others, a composite as in
+Montavon et al. 2019; the head follows the last block). What stays is linear in the tokens given those constants, so
+with the layers' biases at zero the relevance of all tokens sums to the score exactly (Euler: s = Σ_i t_i·∂s/∂t_i);
 biases absorb the rest (tests/test_lrp.py measures both). The map sums each patch token's relevance over its channels:
 
     R_j = Σ_c t_{j,c} · ∂̃s/∂t_{j,c}       (``at="tokens"``: the embedded tokens, position embeddings included)
@@ -32,7 +33,7 @@ from ..models.labels import has_head
 from ..targets import ModelOutputs, Target, check_one_image, resolve_target, target_reference, target_score
 from ..walk.blocks import Interventions, embed, softmax_probs, walk
 from ..walk.rules import Rules, apply_linear, apply_mlp, apply_norm, gamma_rule
-from ._base import Geometry, MethodSpec, PassResult, Progress
+from ._base import Geometry, MethodSpec, PassResult, Progress, layer_index
 
 __all__ = ["LRP", "LrpSettings", "RelevancePass", "relevance"]
 
@@ -46,6 +47,8 @@ DEFAULT_GAMMA = 0.25
 class LrpSettings:
     at: str = "tokens"  # where input × gradient is taken: the embedded tokens or the pixels
     gamma: float = DEFAULT_GAMMA  # the γ-rule on the blocks' linear layers (Rules.gamma); 0: LRP-0
+    gamma_from: int = 0  # the γ-rule in blocks gamma_from … gamma_to only (negative: from the end), LRP-0 elsewhere
+    gamma_to: int = -1  # the head follows the last block
 
     def __post_init__(self) -> None:
         if self.at not in _AT:
@@ -107,22 +110,31 @@ def _readout(model: torch.nn.Module, t: torch.Tensor, rules: Rules) -> ModelOutp
                         logits=model.forward_head(feats) if has_head(model) else None)
 
 
+def _rules(gamma: float, gamma_from: int, gamma_to: int, depth: int) -> Rules:
+    first = layer_index(gamma_from, depth, "the γ-rule's first block")
+    last = layer_index(gamma_to, depth, "the γ-rule's last block")
+    if first > last:
+        raise ParameterError(f"lrp: the γ-rule's blocks run from {gamma_from} to {gamma_to}, which is none of them")
+    return Rules(gamma=gamma, gamma_blocks=None if (first, last) == (0, depth - 1) else (first, last))
+
+
 def relevance(model: torch.nn.Module, x: torch.Tensor, *, target: Target | str = "auto", at: str = "tokens",
-              gamma: float = DEFAULT_GAMMA, interrupt: Callable[[], None] | None = None,
-              ) -> tuple[torch.Tensor, ModelOutputs, Target, float]:
+              gamma: float = DEFAULT_GAMMA, gamma_from: int = 0, gamma_to: int = -1,
+              interrupt: Callable[[], None] | None = None) -> tuple[torch.Tensor, ModelOutputs, Target, float]:
     """AttnLRP's relevance of every token (1, T) (``at="tokens"``) or pixel (1, H, W), the outputs, the resolved
     target and its score, from one forward and one backward of the walk under :class:`Rules` (``gamma``: the
-    γ-rule on the blocks' linear layers)."""
-    LrpSettings(at, gamma)
+    γ-rule on the linear layers of blocks ``gamma_from`` … ``gamma_to``, and of the head if it covers the last)."""
+    LrpSettings(at, gamma, gamma_from, gamma_to)
     check_one_image(model, x)
-    rules = Rules(gamma=gamma)
+    rules = _rules(gamma, gamma_from, gamma_to, len(model.blocks))
     with torch.inference_mode(False), torch.enable_grad():
         x = x.clone().requires_grad_(at == "pixels")
         t = embed(model, x)
         if at == "tokens":
             t = t.detach().requires_grad_()
         out = _readout(model, walk(model, t, probs=softmax_probs,
-                                   interventions=Interventions(rules=rules, interrupt=interrupt)), rules)
+                                   interventions=Interventions(rules=rules, interrupt=interrupt)),
+                       rules.at(len(model.blocks) - 1))
         resolved = resolve_target(model, target, None if out.logits is None else out.logits[0].detach())
         score = target_score(model, resolved, out, target_reference(model, resolved, out))[0]
         leaf = t if at == "tokens" else x
@@ -139,6 +151,8 @@ class RelevancePass:
 
     at: str
     gamma: float = DEFAULT_GAMMA
+    gamma_from: int = 0
+    gamma_to: int = -1
 
     def text(self, depth: int) -> str:
         return "1 forward + 1 backward (relevance rules)"
@@ -146,7 +160,7 @@ class RelevancePass:
     def run(self, model: torch.nn.Module, x: torch.Tensor, target: Target | str, *, progress: Progress | None = None,
             interrupt: Callable[[], None] | None = None) -> PassResult:
         rel, out, resolved, _score = relevance(model, x, target=target, at=self.at, gamma=self.gamma,
-                                               interrupt=interrupt)
+                                               gamma_from=self.gamma_from, gamma_to=self.gamma_to, interrupt=interrupt)
         return PassResult(outputs=out, target=resolved, extra=rel[0], passes=self.text(len(model.blocks)))
 
 
@@ -160,4 +174,5 @@ def _map(s: LrpSettings, run: PassResult, geo: Geometry) -> torch.Tensor:
 
 
 LRP = MethodSpec(name="lrp", title="AttnLRP (Achtibat et al. 2024), CP-LRP in attention: relevance per patch",
-                 settings=LrpSettings, needs=lambda s, geo: RelevancePass(s.at, s.gamma), map=_map)
+                 settings=LrpSettings, map=_map,
+                 needs=lambda s, geo: RelevancePass(s.at, s.gamma, s.gamma_from, s.gamma_to))

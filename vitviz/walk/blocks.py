@@ -25,7 +25,7 @@ refuses anything else with the reason.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from timm.layers import Attention
@@ -284,6 +284,13 @@ def _probs_only(blk: torch.nn.Module, x: torch.Tensor, layer: int, probs: Probs,
     probs(layer, q, k, blk.attn.scale, _logit_bias(blk.attn, pos, how))
 
 
+def _at_layer(how: Interventions, layer: int) -> Interventions:
+    """``how`` with block ``layer``'s rules (the γ-rule may cover some blocks only)."""
+    if how.rules is None or how.rules.gamma_blocks is None:
+        return how
+    return replace(how, rules=how.rules.at(layer))
+
+
 def walk(
         model: torch.nn.Module,
         tokens: torch.Tensor,
@@ -309,7 +316,7 @@ def walk(
         if layer == depth - 1 and not last_block:
             _probs_only(blk, x, layer, probs, how, pos)
             return tokens
-        tokens = _block(blk, x, layer, probs, how, pos)
+        tokens = _block(blk, x, layer, probs, _at_layer(how, layer), pos)
         if taps is not None:
             taps(layer, tokens)
     return tokens

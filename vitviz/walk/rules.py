@@ -11,7 +11,7 @@ relevance), and optionally the generalised γ-rule on the linear layers (Montavo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -36,16 +36,30 @@ class Rules:
     generalised γ-rule on the blocks' linear layers (the value projection, the attention's output projection, the
     MLP's): each output's contributions x_j·w_jk of its own sign are weighted 1 + γ, so relevance favours what
     supports the output over what cancels (Montavon et al. 2019; γ = 0 is LRP-0, the plain gradient × input).
+    ``gamma_blocks`` (first, last): the γ-rule in these blocks only (counted from 0, both included), LRP-0 in the
+    others, as in Montavon et al.'s composites that give layers of different depth different rules; ``None``: every
+    block. The walk asks :meth:`at` for each block's rules.
     """
 
     constant_attention: bool = True
     constant_norms: bool = True
     identity_activations: bool = True
     gamma: float = 0.0
+    gamma_blocks: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if not (self.gamma >= 0.0 and math.isfinite(self.gamma)):
             raise ParameterError(f"gamma must be a finite number of at least 0, got {self.gamma!r}")
+        if self.gamma_blocks is not None and not 0 <= self.gamma_blocks[0] <= self.gamma_blocks[1]:
+            raise ParameterError(f"the γ-rule's blocks must be a range first <= last from 0, got {self.gamma_blocks}")
+
+    def at(self, layer: int) -> Rules:
+        """The rules of block ``layer``: these, or LRP-0 outside ``gamma_blocks``."""
+        if self.gamma_blocks is None:
+            return self
+        first, last = self.gamma_blocks
+        return replace(self, gamma_blocks=None) if first <= layer <= last else replace(self, gamma=0.0,
+                                                                                       gamma_blocks=None)
 
 
 def apply_norm(norm: torch.nn.Module, x: torch.Tensor, rules: Rules | None) -> torch.Tensor:
