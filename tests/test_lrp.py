@@ -142,8 +142,9 @@ def test_with_zero_biases_the_gamma_rule_still_conserves_the_score(layout):
 @pytest.mark.parametrize("layout", ["cls", "registers"])
 def test_the_gamma_rule_in_some_blocks_only_conserves_and_lies_between(layout):
     """γ in the first block only (``gamma_to=0``): conservation still holds with zero biases, the map is neither
-    LRP-0's nor the all-block γ map's, and the same range said from the end (gamma_from=-depth) gives the same map.
-    Ranges outside the model, or empty, are refused with a ParameterError. (The walk's per-block rules are checked
+    LRP-0's nor the all-block γ map's, and the same range said from the end (gamma_from=-depth) gives the same map;
+    the last k blocks of a model with fewer are all of them. Other ranges outside the model, or empty, are refused
+    with a ParameterError. (The walk's per-block rules are checked
     against a hand forward in test_walk.py.)"""
     model = _model(layout, zero_bias=True)
     depth = len(model.blocks)
@@ -156,6 +157,8 @@ def test_the_gamma_rule_in_some_blocks_only_conserves_and_lies_between(layout):
         assert (first - other).abs().max() > 1e-6 * other.abs().max()
     same, *_ = relevance(model, x, target="class", gamma=0.25, gamma_from=-depth, gamma_to=-depth)
     torch.testing.assert_close(same, first, rtol=0, atol=0)
+    more, *_ = relevance(model, x, target="class", gamma=0.25, gamma_from=-depth - 2)  # "the last k": all there are
+    torch.testing.assert_close(more, every, rtol=0, atol=0)
     for bad in (f"gamma_from={depth}", "gamma_from=1,gamma_to=0", f"gamma_to={-depth - 1}"):
         with pytest.raises(ParameterError, match="block"):
             explain(model, x, method=f"lrp:{bad}")

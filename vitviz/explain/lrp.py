@@ -47,7 +47,7 @@ DEFAULT_GAMMA = 0.25
 class LrpSettings:
     at: str = "tokens"  # where input × gradient is taken: the embedded tokens or the pixels
     gamma: float = DEFAULT_GAMMA  # the γ-rule on the blocks' linear layers (Rules.gamma); 0: LRP-0
-    gamma_from: int = 0  # the γ-rule in blocks gamma_from … gamma_to only (negative: from the end), LRP-0 elsewhere
+    gamma_from: int = 0  # the γ-rule in blocks gamma_from … gamma_to only, LRP-0 elsewhere; -k: the last k blocks
     gamma_to: int = -1  # the head follows the last block
 
     def __post_init__(self) -> None:
@@ -111,7 +111,8 @@ def _readout(model: torch.nn.Module, t: torch.Tensor, rules: Rules) -> ModelOutp
 
 
 def _rules(gamma: float, gamma_from: int, gamma_to: int, depth: int) -> Rules:
-    first = layer_index(gamma_from, depth, "the γ-rule's first block")
+    # gamma_from=-k: the last k blocks, every block of a model with fewer
+    first = max(gamma_from + depth, 0) if gamma_from < 0 else layer_index(gamma_from, depth, "the γ-rule's first block")
     last = layer_index(gamma_to, depth, "the γ-rule's last block")
     if first > last:
         raise ParameterError(f"lrp: the γ-rule's blocks run from {gamma_from} to {gamma_to}, which is none of them")
