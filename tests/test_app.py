@@ -635,16 +635,18 @@ def test_explain_view_states_its_target_and_faithfulness_and_never_a_missing_cla
     text = view_text(at)
     assert "explains **the image's own CLS embedding**" in text and "8 random maps score" in text
     assert "Faithfulness by token removal" in text  # the measure is named beside the score
-    assert ("attention rollout of the CLS token (without one, of the head's readout) (start=1,discard=0.9) — default"
-            in text)
-    assert "1 forward (attention only)" in text and "still to go" not in text
+    assert "AttnLRP (Achtibat et al. 2024), CP-LRP in attention: relevance per patch (gamma_from=-4) — default" in text
+    assert "1 forward + 1 backward (relevance rules)" in text and "still to go" not in text
     assert "Predictions" not in captions(at)
     curves = json.loads(chart_proto(at, "fig_explain_curves").spec)
     assert [tr["name"] for tr in curves["data"]][2:] == ["random MoRF (mean of 8)", "random LeRF (mean of 8)"]
     at.selectbox(key="explain_method").set_value("chefer").run()
     ok(at)
     assert "Chefer" in view_text(at) and len(calls) == 1  # the explanation pass is its own
-    assert "ranked best among the fast methods" in view_text(at)
+    assert "ranked best among the methods that cost at most three passes" in view_text(at)
+    at.selectbox(key="explain_method").set_value("rollout:start=1,discard=0.9").run()
+    assert "attention rollout of the CLS token (without one, of the head's readout) (start=1,discard=0.9)" in (
+        view_text(at)) and "1 forward (attention only)" in view_text(at)
     at.selectbox(key="explain_method").set_value("legrad").run()
     assert "LeGrad (Bousselham et al. 2024)" in view_text(at)
     at.selectbox(key="explain_method").set_value("deletion").run()  # greedy deletion: on demand

@@ -207,9 +207,9 @@ def test_analyze_stores_the_default_explanation_and_the_tokens(tmp_path, ckpt):
     assert main(["analyze", str(src), "--out", str(out), "--model", str(ckpt), "--img-size", "32", "--quiet",
                  "--save-features", "--method", "default"]) == 0
     with np.load(out / "a.npz") as d:
-        assert str(d["map_method"]) == DEFAULT_METHOD and "attention" in str(d["map_target"])
         model, info = get_model(str(ckpt), img_size=32, device="cpu")
         want = explain(model, to_tensor(d["pixels"], mean=info.mean, std=info.std), method=DEFAULT_METHOD)
+        assert str(d["map_method"]) == DEFAULT_METHOD and str(d["map_target"]) == want.target_description
         np.testing.assert_allclose(d["map"], want.map, rtol=1e-5, atol=1e-7)
         assert d["tokens"].shape == (3, 17, 32)
         np.testing.assert_allclose(d["token_norms"], token_norms(torch.from_numpy(d["tokens"])), rtol=1e-6)
@@ -430,13 +430,14 @@ def test_the_png_is_drawn_as_the_app_draws_it_at_either_size(tmp_path, ckpt):
 
 
 def test_method_rollout_equal_to_the_analysis_reuses_it_without_a_second_pass(tmp_path, ckpt, monkeypatch):
-    """Issue 19, 15: '--method default' (= rollout from layer 1, discard 0.9, the analysis's own settings) is the
-    rollout already drawn: no explanation pass runs, and the stored map equals the library's explanation of it."""
+    """Issue 19, 15: '--method rollout:start=1,discard=0.9' (the analysis's own settings) is the rollout already
+    drawn: no explanation pass runs, and the stored map equals the library's explanation of it; '--method default'
+    (AttnLRP since issue 20's measurement) and any other method run their pass."""
     import timm
     import torch
 
     import vitviz.explain
-    from vitviz.explain import explain
+    from vitviz.explain import DEFAULT_METHOD, explain
     from vitviz.inputs.image import to_tensor
     from vitviz.models import get_model
 
@@ -444,12 +445,12 @@ def test_method_rollout_equal_to_the_analysis_reuses_it_without_a_second_pass(tm
     calls = []
     real = vitviz.explain.explain
     monkeypatch.setattr(vitviz.explain, "explain", lambda *a, **k: calls.append(k["method"]) or real(*a, **k))
-    for method in ("default", "rollout:start=1,discard=0.9", "chefer"):
+    for method in ("rollout:start=1,discard=0.9", "default", "chefer"):
         out = tmp_path / method.replace(":", "_").replace(",", "_").replace("=", "")
         assert main(["analyze", str(img), "--out", str(out), "--model", str(ckpt), "--img-size", "32",
                      "--method", method, "--quiet"]) == 0
-    assert calls == ["chefer"], "only the method that is not the drawn rollout runs a pass"
-    d = np.load(tmp_path / "default" / "p.npz")
+    assert calls == [DEFAULT_METHOD, "chefer"], "only the methods that are not the drawn rollout run a pass"
+    d = np.load(tmp_path / "rollout_start1_discard0.9" / "p.npz")
     assert str(d["map_method"]) == "rollout:start=1,discard=0.9" and "attention" in str(d["map_target"])
     model, info = get_model(str(ckpt), patch_size=8, img_size=(32, 32))
     assert isinstance(model, timm.models.vision_transformer.VisionTransformer)

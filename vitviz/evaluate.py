@@ -54,6 +54,8 @@ DEFAULT_METHODS: tuple[str, ...] = (
     "chefer",
     "legrad",
     "gradxattn",
+    "lrp",
+    "lrp:gamma_from=-4",
     "deletion",
     "deletion:steps=16",
     "random",

@@ -21,9 +21,10 @@ __all__ = ["METHODS", "METHOD_NAMES", "DEFAULT_METHOD", "Method", "method_spec"]
 METHODS: tuple[MethodSpec, ...] = (ROLLOUT, RAW, CHEFER, LEGRAD, GRADXATTN, LRP, DELETION, RANDOM)
 METHOD_NAMES: tuple[str, ...] = tuple(m.name for m in METHODS)
 # the app's default explanation (and analyze's --method default): the best mean rank over the faithfulness measures
-# no method optimizes, among the methods that cost at most 3 forward passes (benchmarks/results-measures.md); greedy
-# deletion ranks first there too but costs tens of passes, so it is offered on demand
-DEFAULT_METHOD = "rollout:start=1,discard=0.9"
+# no method optimizes, among the methods that cost at most 3 forward passes (benchmarks/results-measures.md): AttnLRP
+# with the γ-rule in the last 4 blocks only (the γ-rule everywhere ranks alike but costs more than 3 forwards; greedy
+# deletion costs tens of passes and is offered on demand)
+DEFAULT_METHOD = "lrp:gamma_from=-4"
 _BY_NAME = {m.name: m for m in METHODS}
 
 

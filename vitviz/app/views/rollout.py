@@ -23,9 +23,8 @@ ABOUT = ("**Colours.** Brighter patches get more of the readout's attention (the
          "**Attention is not explanation.** The Explain section shows what the model's answer depends on and "
          "measures how faithful each map is, by measures no method is built on (blurring the patches a map ranks "
          "first, among others). On the photos we measured, rollout from layer 1 with the weakest 90% of each "
-         "layer's attention discarded ranked best of the maps that cost at most three passes, so it is Explain's "
-         "default; greedy token deletion scores higher by token removal, the very measure it optimises "
-         "(the README has the table).")
+         "layer's attention discarded ranked below AttnLRP (Explain's default) and "
+         "greedy token deletion (the README has the table).")
 LISTED = 8  # artefact tokens named one by one; more are counted
 
 
