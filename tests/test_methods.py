@@ -39,7 +39,7 @@ ROWS = {
     "chefer": Row(None),
     "legrad": Row("legrad:start=-2"),
     "gradxattn": Row(None),
-    "lrp": Row("lrp:at=pixels,gamma=0.0"),
+    "lrp": Row("lrp:at=pixels,gamma=0.0,gamma_from=1,gamma_to=-2"),
     "deletion": Row("deletion:steps=5", fast="deletion:steps=2"),
     "random": Row("random:seed=7"),
 }
