@@ -22,8 +22,8 @@ METHODS: tuple[MethodSpec, ...] = (ROLLOUT, RAW, CHEFER, LEGRAD, GRADXATTN, LRP,
 METHOD_NAMES: tuple[str, ...] = tuple(m.name for m in METHODS)
 # the app's default explanation (and analyze's --method default): the best mean rank over the faithfulness measures
 # no method optimizes, among the methods that cost at most 3 forward passes (benchmarks/results-measures.md): AttnLRP
-# with the γ-rule in the last 4 blocks only (the γ-rule everywhere ranks alike but costs more than 3 forwards; greedy
-# deletion costs tens of passes and is offered on demand)
+# with the γ-rule in the last 4 blocks only (the γ-rule in every block ranks higher but costs more than 3 forwards;
+# greedy deletion costs tens of passes and is offered on demand)
 DEFAULT_METHOD = "lrp:gamma_from=-4"
 _BY_NAME = {m.name: m for m in METHODS}
 
